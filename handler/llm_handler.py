@@ -1,0 +1,189 @@
+"""TorchServe entry point: a thin adapter between TorchServe's batches and the llmserve engine.
+Request-level batching (default): each handle() call runs its batch to completion.
+Continuous batching (`continuousBatching: true`): each handle() call is one engine step; running
+requests come back by id without payload and finish through context.stopping_criteria.
+The only module that imports TorchServe."""
+
+import json
+import logging
+import os
+from dataclasses import replace
+
+from ts.handler_utils.utils import send_intermediate_predict_response
+from ts.torch_handler.base_handler import BaseHandler
+
+from llmserve.config import EngineConfig
+from llmserve.engine import Engine
+from llmserve.request import Request, RequestError, parse_request
+
+logger = logging.getLogger(__name__)
+JSON = "application/json"
+NDJSON = "application/x-ndjson"
+
+
+def stream_delta(r: Request) -> str:
+    """Text the client has not seen yet, holding back an unfinished UTF-8 character or what may be
+    the start of a stop string; everything once the request is finished."""
+    text = r.text
+    end = len(text)
+    if not r.is_finished:
+        while end > r.num_sent_chars and text[end - 1] == "\ufffd":
+            end -= 1
+        for stop in r.params.stop:
+            for n in range(min(len(stop) - 1, end - r.num_sent_chars), 0, -1):
+                if text[end - n:end] == stop[:n]:
+                    end -= n
+                    break
+    delta = text[r.num_sent_chars:end]
+    r.num_sent_chars = end
+    return delta
+
+
+def chunk(r: Request) -> str:
+    """One streamed JSON line ("" when there is nothing new); the last carries finish_reason,
+    usage and timings."""
+    body = {"text": stream_delta(r)}
+    if not r.is_finished and not body["text"]:
+        return ""
+    if r.is_finished:
+        body.update({k: v for k, v in r.result().items() if k != "text"})
+    return json.dumps(body) + "\n"
+
+
+class LLMHandler(BaseHandler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.engine: Engine | None = None
+        self.continuous = False
+        self.live: dict[str, Request] = {}     # continuous mode: request id -> its running request
+        self.opened: set[str] = set()          # continuous mode: ids whose first response went out
+        self.closing: dict[str, str] = {}      # continuous mode: id -> last body still to send
+
+    def initialize(self, context) -> None:
+        yaml_config = context.model_yaml_config or {}
+        section = dict(yaml_config.get("handler") or {})
+        config = EngineConfig.from_dict(section)
+        model_dir = context.system_properties.get("model_dir") or "."
+        if not os.path.isabs(config.model_path):
+            config = replace(config, model_path=os.path.join(model_dir, config.model_path))
+        self.continuous = bool(yaml_config.get("continuousBatching", False))
+        batch_size = int(yaml_config.get("batchSize", 1))
+        if self.continuous and batch_size > config.max_num_seqs:
+            raise ValueError(f"batchSize {batch_size} exceeds handler.max_num_seqs {config.max_num_seqs}")
+        self.engine = Engine.from_config(config)
+        self.initialized = True
+        logger.info("llm engine ready: %s, continuous=%s, %s", config, self.continuous, self.engine.facts)
+
+    def handle(self, data, context):
+        if self.continuous:
+            return self.handle_step(data, context)
+        return self.handle_batch(data, context)
+
+    def _parse(self, idx: int, row: dict, context) -> Request:
+        request_id = context.get_request_id(idx) or f"req-{idx}"
+        body = row.get("body") if row.get("body") is not None else row.get("data")
+        if body is None and row:
+            raise RequestError("body", "no JSON body found; send a JSON object with Content-Type: application/json")
+        return parse_request(request_id, body, self.engine.config, self.engine.tokenizer)
+
+    # -- request-level batching ---------------------------------------------------------------------
+    def handle_batch(self, data: list, context) -> list:
+        responses: list = [None] * len(data)
+        requests: dict[int, Request] = {}
+        for idx, row in enumerate(data):
+            try:
+                requests[idx] = self._parse(idx, row, context)
+            except RequestError as e:
+                responses[idx] = self._error(context, idx, 400, e.to_dict())
+        try:
+            for r in requests.values():
+                self.engine.add_request(r)
+            while any(not r.is_finished for r in requests.values()):
+                self.engine.step()
+                self._send_stream_chunks(requests, context)
+        except Exception as e:  # one failure must still answer every request of the batch
+            logger.exception("generation failed")
+            for idx, r in requests.items():
+                self.engine.abort(r.request_id)
+                responses[idx] = self._error(context, idx, 500, {"error": f"generation failed: {e}", "field": None})
+            return responses
+        for idx, r in requests.items():
+            context.set_response_content_type(idx, NDJSON if r.stream else JSON)
+            responses[idx] = chunk(r) if r.stream else json.dumps(r.result())
+        return responses
+
+    def _send_stream_chunks(self, requests: dict[int, Request], context) -> None:
+        pending = {idx: r for idx, r in requests.items() if r.stream and not r.is_finished}
+        if not pending:
+            return
+        lines = {idx: line for idx, r in pending.items() if (line := chunk(r))}
+        if lines:
+            for idx in lines:
+                context.set_response_content_type(idx, NDJSON)
+            send_intermediate_predict_response(lines, {idx: requests[idx].request_id for idx in lines},
+                                               "Intermediate Prediction success", 200, context)
+
+    # -- continuous batching ------------------------------------------------------------------------
+    def handle_step(self, data: list, context) -> list:
+        ids = [context.get_request_id(idx) for idx in range(len(data))]
+        for gone in (set(self.live) | set(self.closing)) - set(ids):   # the client went away
+            self.engine.abort(gone)
+            self.live.pop(gone, None)
+            self.closing.pop(gone, None)
+            self.opened.discard(gone)
+        responses: list = [None] * len(data)
+        for idx, row in enumerate(data):
+            rid = ids[idx]
+            if rid in self.live or rid in self.closing:
+                continue
+            try:
+                r = self._parse(idx, row, context)
+            except RequestError as e:
+                self.closing[rid] = ""
+                responses[idx] = self._error(context, idx, 400, e.to_dict())
+                continue
+            self.live[rid] = r
+            self.engine.add_request(r)
+            context.set_response_content_type(idx, NDJSON if r.stream else JSON)
+        try:
+            if self.engine.has_unfinished():
+                self.engine.step()
+        except Exception as e:
+            logger.exception("generation step failed")
+            for rid, r in list(self.live.items()):
+                self.engine.abort(rid)
+                self.closing[rid] = json.dumps({"error": f"generation failed: {e}", "field": None})
+            self.live.clear()
+
+        # TorchServe sends a response's head with its first streamed part, so a request cannot finish
+        # in its first response: one that does is closed with an empty last part in the next step.
+        done = [False] * len(data)
+        for idx, rid in enumerate(ids):
+            if responses[idx] is not None:            # rejected in this step
+                continue
+            if rid in self.closing:
+                responses[idx], done[idx] = self.closing.pop(rid), True
+                self.opened.discard(rid)
+                continue
+            r = self.live[rid]
+            if r.stream:
+                responses[idx] = chunk(r)
+            else:
+                responses[idx] = json.dumps(r.result()) if r.is_finished else ""
+            if not r.is_finished:
+                self.opened.add(rid)
+                continue
+            del self.live[rid]
+            if rid in self.opened:
+                done[idx] = True
+                self.opened.discard(rid)
+            else:
+                self.closing[rid] = ""
+        context.stopping_criteria = [lambda _, d=d: d for d in done]
+        return responses
+
+    @staticmethod
+    def _error(context, idx: int, status: int, body: dict) -> str:
+        context.set_response_status(status, "Bad Request" if status == 400 else "Internal Server Error", idx=idx)
+        context.set_response_content_type(idx, JSON)
+        return json.dumps(body)

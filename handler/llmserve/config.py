@@ -1,0 +1,61 @@
+"""The engine's one frozen config, built from the `handler:` section of model-config.yaml or from
+a script's flags, validated once. Facts learned at start-up live in ModelFacts, never here."""
+
+from dataclasses import dataclass, fields
+
+QUANTIZATION_MODES = ("fp32", "fp16", "bf16", "int8", "nf4", "fp4")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model_path: str                   # local Hugging Face directory; nothing is fetched from a hub
+    quantization: str = "bf16"        # one of QUANTIZATION_MODES
+    device: str = "auto"              # auto = cuda when available, else cpu
+    max_model_len: int = 2048         # prompt + generated tokens per sequence (KV cache rows)
+    max_num_seqs: int = 64            # sequences decoded together at most (KV cache slots)
+    kv_budget_tokens: int = 0         # tokens the KV cache may hold in all; 0 = slots x max_model_len
+    max_prefill_tokens: int = 4096    # prompt tokens prefilled in one step (at least one prompt)
+    max_new_tokens_cap: int = 1024    # largest max_new_tokens a request may ask for
+    default_max_new_tokens: int = 128 # used when a request does not say
+    num_threads: int = 0              # torch intra-op threads on CPU; 0 = leave torch's default
+
+    def __post_init__(self) -> None:
+        if self.quantization not in QUANTIZATION_MODES:
+            raise ValueError(f"quantization must be one of {QUANTIZATION_MODES}, got {self.quantization!r}")
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
+        if not isinstance(self.model_path, str) or not self.model_path:
+            raise ValueError(f"model_path must be a non-empty string, got {self.model_path!r}")
+        for name in ("max_model_len", "max_num_seqs", "max_prefill_tokens", "max_new_tokens_cap",
+                     "default_max_new_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("kv_budget_tokens", "num_threads"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+        if self.default_max_new_tokens > self.max_new_tokens_cap:
+            raise ValueError(f"default_max_new_tokens ({self.default_max_new_tokens}) exceeds "
+                             f"max_new_tokens_cap ({self.max_new_tokens_cap})")
+        if self.kv_budget_tokens and self.kv_budget_tokens < self.max_model_len:
+            raise ValueError(f"kv_budget_tokens ({self.kv_budget_tokens}) must hold one whole sequence "
+                             f"(max_model_len={self.max_model_len})")
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        return self.kv_budget_tokens or self.max_num_seqs * self.max_model_len
+
+    @classmethod
+    def from_dict(cls, section: dict) -> "EngineConfig":
+        """Build from the `handler:` section; unknown keys are an error, not a silent no-op."""
+        if not isinstance(section, dict):
+            raise ValueError(f"handler section must be a mapping, got {type(section).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(section) - known)
+        if unknown:
+            raise ValueError(f"unknown handler config keys {unknown}; known keys are {sorted(known)}")
+        if "model_path" not in section:
+            raise ValueError("handler config needs model_path")
+        return cls(**section)

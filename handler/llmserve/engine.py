@@ -1,0 +1,148 @@
+"""The engine: requests in, tokens out. Each step() is schedule -> run -> postprocess: the
+scheduler picks who runs, the runner prefills newcomers and decodes everyone else in one batch,
+and postprocess appends tokens, finishes requests and frees their KV rows at once. Request-level
+batching is `generate()` (run a batch to completion); continuous batching calls step() itself."""
+
+import time
+
+import torch
+
+from .config import EngineConfig
+from .kv_cache import KVCache
+from .load import ModelFacts, load_model
+from .request import Request
+from .runner import ModelRunner
+from .sampling import make_generator, sample
+from .scheduler import Scheduler
+
+
+class Engine:
+    def __init__(self, model, tokenizer, config: EngineConfig, facts: ModelFacts) -> None:
+        self.config = config
+        self.facts = facts
+        self.tokenizer = tokenizer
+        self.cache = KVCache(facts.num_layers, config.max_num_seqs, facts.num_kv_heads, config.max_model_len,
+                             facts.head_dim, facts.dtype, facts.device)
+        self.runner = ModelRunner(model, self.cache)
+        self.scheduler = Scheduler(config.max_num_seqs, config.max_prefill_tokens, config.kv_capacity_tokens)
+        self.rows: list[Request] = []          # rows[i] is the request in KV row i
+        self.generators: dict[str, torch.Generator | None] = {}
+        self.requests: dict[str, Request] = {}
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> "Engine":
+        model, tokenizer, facts = load_model(config)
+        return cls(model, tokenizer, config, facts)
+
+    # -- public API -----------------------------------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        assert request.request_id not in self.requests, f"duplicate request id {request.request_id}"
+        self.requests[request.request_id] = request
+        self.generators[request.request_id] = make_generator(request.params, self.facts.device)
+        self.scheduler.add(request)
+
+    def abort(self, request_id: str) -> None:
+        """Drop a request (e.g. its client went away); its KV row is freed at once."""
+        request = self.requests.get(request_id)
+        if request is not None and not request.is_finished:
+            self._finish(request, "abort")
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.num_unfinished > 0
+
+    def generate(self, requests: list[Request]) -> list[Request]:
+        """Request-level batching: run these to completion; each finishes as soon as it is done."""
+        for r in requests:
+            self.add_request(r)
+        while any(not r.is_finished for r in requests):
+            self.step()
+        return requests
+
+    def step(self) -> list[Request]:
+        """One iteration; returns the requests that got a token or finished in it."""
+        out = self.scheduler.schedule()
+        for r in out.preempted:
+            self._release_row(r)
+        touched = []
+        if out.decode:
+            B = len(out.decode)
+            assert all(r.row < B for r in out.decode)
+            logits = self.runner.decode(B)
+            ordered = self.rows[:B]
+            self._postprocess(ordered, logits, batch_size=B + len(out.prefill))
+            touched += ordered
+        if out.prefill:
+            self._prefill(out.prefill)
+            touched += out.prefill
+        return touched
+
+    # -- internals --------------------------------------------------------------------------------
+    def _prefill(self, requests: list[Request]) -> None:
+        """Left-pad prompts into groups of similar length so padding costs little compute."""
+        budget = self.config.max_prefill_tokens
+        pending = sorted(requests, key=lambda r: r.num_tokens)
+        while pending:
+            group = [pending.pop(0)]
+            while pending and (len(group) + 1) * pending[0].num_tokens <= budget:
+                group.append(pending.pop(0))
+            start = len(self.rows)
+            for i, r in enumerate(group):
+                r.row = start + i
+                self.rows.append(r)
+            t0 = time.perf_counter()
+            logits = self.runner.prefill(slice(start, start + len(group)),
+                                         [r.prompt_ids + r.output_ids for r in group])
+            self._postprocess(group, logits, batch_size=len(self.rows))
+            ms = (time.perf_counter() - t0) * 1000
+            for r in group:
+                r.prefill_ms += ms
+
+    def _postprocess(self, requests: list[Request], logits: torch.Tensor, batch_size: int) -> None:
+        rows = slice(requests[0].row, requests[0].row + len(requests))
+        tokens = sample(logits, [r.params for r in requests], [self.generators[r.request_id] for r in requests])
+        self.cache.last_tokens[rows] = tokens
+        now = time.perf_counter()
+        stop_ids = self.facts.stop_token_ids
+        for r, token in zip(requests, tokens.tolist()):   # the one device-to-host copy of the step
+            r.output_ids.append(token)
+            if r.first_token_time is None:
+                r.first_token_time = now
+            r.max_batch_size = max(r.max_batch_size, batch_size)
+            if token in stop_ids:
+                self._finish(r, "stop")
+            elif r.params.stop and self.text_of(r)[1]:
+                self._finish(r, "stop")
+            elif len(r.output_ids) >= r.params.max_new_tokens:
+                self._finish(r, "length")
+            elif r.stream:
+                r.text = self.text_of(r)[0]
+
+    def text_of(self, r: Request) -> tuple[str, bool]:
+        """r's output as text, cut before the first stop string; and whether one was found."""
+        text = self.tokenizer.decode(r.output_ids, skip_special_tokens=True)
+        hits = [text.find(s) for s in r.params.stop if s in text]
+        return (text[:min(hits)], True) if hits else (text, False)
+
+    def _finish(self, r: Request, reason: str) -> None:
+        r.text = self.text_of(r)[0]
+        r.finish_time = time.perf_counter()
+        self.scheduler.finish(r, reason)
+        self._release_row(r)
+        self._forget(r)
+
+    def _release_row(self, r: Request) -> None:
+        """Free r's KV row, moving the last row into the hole so running rows stay 0..n-1."""
+        if r.row < 0:
+            return
+        last = len(self.rows) - 1
+        if r.row != last:
+            moved = self.rows[last]
+            self.cache.move_row(last, r.row)
+            moved.row = r.row
+            self.rows[r.row] = moved
+        self.rows.pop()
+        r.row = -1
+
+    def _forget(self, r: Request) -> None:
+        self.requests.pop(r.request_id, None)
+        self.generators.pop(r.request_id, None)

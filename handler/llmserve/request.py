@@ -1,0 +1,196 @@
+"""What one request is: its validated parameters, token ids, status and timings. Parses the JSON
+body and rejects bad input with a RequestError naming the field. Knows no torch and no server."""
+
+import json
+import time
+from dataclasses import dataclass, field
+
+from .config import EngineConfig
+
+KNOWN_FIELDS = ("prompt", "messages", "max_new_tokens", "temperature", "top_p", "top_k", "seed",
+                "stop", "stream")
+MAX_STOP_STRINGS = 8
+
+
+class RequestError(ValueError):
+    """A client error: becomes HTTP 400 with {"error": message, "field": field}."""
+
+    def __init__(self, field_name: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field_name
+        self.message = message
+
+    def to_dict(self) -> dict:
+        return {"error": self.message, "field": self.field}
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int
+    temperature: float = 0.0          # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0                    # 0 = no top-k cut
+    seed: int | None = None           # own random stream: same seed, same sample, whatever the batch
+    stop: tuple[str, ...] = ()
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    stream: bool = False
+    output_ids: list[int] = field(default_factory=list)
+    status: str = "waiting"           # waiting -> running -> finished (running -> waiting on preemption)
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    text: str = ""                    # decoded output, cut before a stop string
+    num_sent_chars: int = 0           # streaming: how much of text the client already has
+    row: int = -1                     # KV cache row while running
+    arrival_time: float = field(default_factory=time.perf_counter)
+    first_token_time: float | None = None
+    finish_time: float | None = None
+    prefill_ms: float = 0.0
+    max_batch_size: int = 0           # most sequences this request was decoded together with
+    num_preemptions: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == "finished"
+
+    def timings(self) -> dict:
+        end = self.finish_time or time.perf_counter()
+        first = self.first_token_time or end
+        return {
+            "prefill_ms": round(self.prefill_ms, 2),
+            "decode_ms": round((end - first) * 1000, 2),
+            "ttft_ms": round((first - self.arrival_time) * 1000, 2),
+            "total_ms": round((end - self.arrival_time) * 1000, 2),
+            "batch_size": self.max_batch_size,
+        }
+
+    def result(self) -> dict:
+        return {
+            "text": self.text,
+            "finish_reason": self.finish_reason,
+            "usage": {"prompt_tokens": len(self.prompt_ids), "completion_tokens": len(self.output_ids)},
+            "timings": self.timings(),
+        }
+
+
+def decode_body(body) -> dict:
+    """The raw HTTP body (bytes, or what TorchServe already decoded from JSON) as a dict."""
+    if isinstance(body, str):
+        body = body.encode("utf-8")
+    if isinstance(body, (bytes, bytearray)):
+        if not body.strip():
+            raise RequestError("body", "request body is empty; send a JSON object with a prompt")
+        try:
+            text = bytes(body).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise RequestError("body", f"request body is not valid UTF-8 ({e.reason} at byte {e.start})")
+        try:
+            body = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise RequestError("body", f"request body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}")
+    if body is None or body == "":
+        raise RequestError("body", "request body is empty; send a JSON object with a prompt")
+    if not isinstance(body, dict):
+        raise RequestError("body", f"request body must be a JSON object, got {type(body).__name__}")
+    return body
+
+
+def _int(body: dict, name: str, default, lo: int, hi: int | None = None):
+    value = body.get(name, default)
+    if value is None and default is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise RequestError(name, f"{name} must be an integer, got {json.dumps(value)}")
+    if value < lo or (hi is not None and value > hi):
+        bound = f"between {lo} and {hi}" if hi is not None else f"at least {lo}"
+        raise RequestError(name, f"{name} must be {bound}, got {value}")
+    return value
+
+
+def _float(body: dict, name: str, default: float) -> float:
+    value = body.get(name, default)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise RequestError(name, f"{name} must be a number, got {json.dumps(value)}")
+    if value != value or value in (float("inf"), float("-inf")):
+        raise RequestError(name, f"{name} must be finite, got {value}")
+    return float(value)
+
+
+def _stop(body: dict) -> tuple[str, ...]:
+    stop = body.get("stop", [])
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+        raise RequestError("stop", "stop must be a non-empty string or a list of non-empty strings")
+    if len(stop) > MAX_STOP_STRINGS:
+        raise RequestError("stop", f"stop takes at most {MAX_STOP_STRINGS} strings, got {len(stop)}")
+    return tuple(stop)
+
+
+def _messages(body: dict) -> list[dict]:
+    messages = body["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise RequestError("messages", "messages must be a non-empty list of {role, content} objects")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or set(m) != {"role", "content"}:
+            raise RequestError("messages", f"messages[{i}] must be an object with exactly role and content")
+        if m["role"] not in ("system", "user", "assistant"):
+            raise RequestError("messages", f"messages[{i}].role must be system, user or assistant, got {json.dumps(m['role'])}")
+        if not isinstance(m["content"], str):
+            raise RequestError("messages", f"messages[{i}].content must be a string")
+    return messages
+
+
+def parse_request(request_id: str, body, config: EngineConfig, tokenizer) -> Request:
+    """Validate a request body and tokenize it. Raises RequestError on any bad input."""
+    body = decode_body(body)
+    unknown = [k for k in body if k not in KNOWN_FIELDS]
+    if unknown:
+        raise RequestError(unknown[0], f"unknown field {unknown[0]!r}; known fields are {list(KNOWN_FIELDS)}")
+    if ("prompt" in body) == ("messages" in body):
+        raise RequestError("prompt", "send exactly one of prompt or messages")
+    params = SamplingParams(
+        max_new_tokens=_int(body, "max_new_tokens", config.default_max_new_tokens, 1, config.max_new_tokens_cap),
+        temperature=_float(body, "temperature", 0.0),
+        top_p=_float(body, "top_p", 1.0),
+        top_k=_int(body, "top_k", 0, 0),
+        seed=_int(body, "seed", None, 0, 2**63 - 1),
+        stop=_stop(body),
+    )
+    if params.temperature < 0:
+        raise RequestError("temperature", f"temperature must be >= 0, got {params.temperature}")
+    if not 0 < params.top_p <= 1:
+        raise RequestError("top_p", f"top_p must be in (0, 1], got {params.top_p}")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise RequestError("stream", f"stream must be true or false, got {json.dumps(stream)}")
+
+    if "prompt" in body:
+        if not isinstance(body["prompt"], str) or not body["prompt"]:
+            raise RequestError("prompt", "prompt must be a non-empty string")
+        prompt_ids = tokenizer(body["prompt"])["input_ids"]
+        name = "prompt"
+    else:
+        prompt_ids = tokenizer.apply_chat_template(_messages(body), add_generation_prompt=True, tokenize=True,
+                                                   return_dict=True)["input_ids"]
+        name = "messages"
+    if not prompt_ids:
+        raise RequestError(name, f"{name} tokenizes to nothing")
+    if len(prompt_ids) >= config.max_model_len:
+        raise RequestError(name, f"{name} is {len(prompt_ids)} tokens; the context holds {config.max_model_len}")
+    if len(prompt_ids) + params.max_new_tokens > config.max_model_len:
+        raise RequestError("max_new_tokens", f"prompt ({len(prompt_ids)} tokens) + max_new_tokens "
+                           f"({params.max_new_tokens}) exceeds the context of {config.max_model_len} tokens")
+    return Request(request_id=request_id, prompt_ids=list(prompt_ids), params=params, stream=stream)

@@ -1,0 +1,90 @@
+"""Runs the model over the KV cache: batched prefill of new sequences (left padded) and one
+batched decode step for all running ones. Reuses the Hugging Face modules (so quantized linear
+layers work unchanged) but owns attention and the cache, so sequences join and leave freely.
+Knows nothing about requests, sampling or scheduling."""
+
+import torch
+import torch.nn.functional as F
+
+from .kv_cache import KVCache
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: [B, H, T, D]; cos, sin: [B, 1, T, D]
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class ModelRunner:
+    def __init__(self, model, cache: KVCache) -> None:
+        self.model = model
+        self.cache = cache
+        self.decoder = model.model
+        cfg = model.config
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+    @torch.inference_mode()
+    def prefill(self, rows: slice, token_lists: list[list[int]]) -> torch.Tensor:
+        """Prefill rows[i] with token_lists[i] (left padded to one length); logits of each last token."""
+        c = self.cache
+        dev = c.k.device
+        B, T = len(token_lists), max(len(t) for t in token_lists)
+        assert T <= c.max_len and rows.stop - rows.start == B
+        pads = torch.tensor([T - len(t) for t in token_lists], device=dev)                  # [B]
+        tokens = torch.tensor([[0] * (T - len(t)) + t for t in token_lists], device=dev)    # [B, T]
+        pos = c.positions[:T]
+        positions = (pos[None, :] - pads[:, None]).clamp(min=0)                              # [B, T]
+        causal = pos[None, :, None] >= pos[None, None, :]                                    # [1, T(q), T(k)]
+        mask = causal & (pos[None, None, :] >= pads[:, None, None])                          # [B, T, T]
+        mask |= torch.eye(T, dtype=torch.bool, device=dev)   # padding queries see themselves: no NaN rows
+        def write(layer: int, k: torch.Tensor, v: torch.Tensor):
+            c.k[layer, rows, :, :T] = k
+            c.v[layer, rows, :, :T] = v
+            return c.k[layer, rows, :, :T], c.v[layer, rows, :, :T]
+        logits = self._forward(tokens, positions, mask[:, None], write)
+        c.set_prefilled(rows, T, pads)
+        return logits
+
+    @torch.inference_mode()
+    def decode(self, num_rows: int) -> torch.Tensor:
+        """One token for each of rows 0..num_rows-1, fed from cache.last_tokens; returns logits [B, V]."""
+        c = self.cache
+        B = num_rows
+        Tk = int(c.row_lengths[:B].max()) + 1
+        lengths, starts = c.lengths[:B], c.starts[:B]                                        # [B]
+        tokens = c.last_tokens[:B, None]                                                     # [B, 1]
+        positions = (lengths - starts)[:, None]                                              # [B, 1]
+        pos = c.positions[:Tk]
+        mask = (pos[None, :] >= starts[:, None]) & (pos[None, :] <= lengths[:, None])        # [B, Tk]
+        rows = torch.arange(B, device=c.k.device)
+        def write(layer: int, k: torch.Tensor, v: torch.Tensor):
+            c.k[layer, rows, :, lengths] = k[:, :, 0]
+            c.v[layer, rows, :, lengths] = v[:, :, 0]
+            return c.k[layer, :B, :, :Tk], c.v[layer, :B, :, :Tk]
+        logits = self._forward(tokens, positions, mask[:, None, None, :], write)
+        c.advance(B)
+        return logits
+
+    def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, write) -> torch.Tensor:
+        B, T = tokens.shape
+        H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
+        x = self.decoder.embed_tokens(tokens)                                   # [B, T, C]
+        cos, sin = self.decoder.rotary_emb(x, positions)                        # [B, T, D]
+        cos, sin = cos[:, None], sin[:, None]                                   # [B, 1, T, D]
+        for i, layer in enumerate(self.decoder.layers):
+            attn = layer.self_attn
+            h = layer.input_layernorm(x)
+            q = attn.q_proj(h).view(B, T, H, D).transpose(1, 2)                 # [B, H, T, D]
+            k = attn.k_proj(h).view(B, T, Hkv, D).transpose(1, 2)               # [B, Hkv, T, D]
+            v = attn.v_proj(h).view(B, T, Hkv, D).transpose(1, 2)
+            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+            k_all, v_all = write(i, k, v)                                       # [B, Hkv, Tk, D]
+            o = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, scale=attn.scaling,
+                                               enable_gqa=H != Hkv)             # [B, H, T, D]
+            x = x + attn.o_proj(o.transpose(1, 2).reshape(B, T, H * D))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        x = self.decoder.norm(x[:, -1])                                         # [B, C]
+        return self.model.lm_head(x).float()                                    # [B, V]

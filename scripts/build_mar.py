@@ -1,0 +1,75 @@
+"""Build a TorchServe archive (model_store/<name>.mar) from handler/ and config/model-config.yaml.
+
+The archive holds the handler and the llmserve package; the weights stay in the local model
+directory, whose path is written into the archive's model-config.yaml as an absolute path.
+Overrides make a variant of the same model, e.g. an int8 one to register beside the default:
+    python scripts/build_mar.py --name llm-int8 --set quantization=int8
+    python scripts/build_mar.py --name llm-cb --continuous --batch-size 16
+"""
+
+import argparse
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "handler"))
+from llmserve.config import EngineConfig  # noqa: E402
+
+
+def parse_value(text: str):
+    return yaml.safe_load(text)
+
+
+def render_config(args) -> dict:
+    config = yaml.safe_load(args.config.read_text())
+    handler = dict(config.get("handler") or {})
+    for item in args.set:
+        key, _, value = item.partition("=")
+        handler[key] = parse_value(value)
+    path = Path(handler.get("model_path", ""))
+    handler["model_path"] = str(path if path.is_absolute() else (ROOT / path).resolve())
+    EngineConfig.from_dict(handler)   # fail here, not in a worker, on a bad key or value
+    config["handler"] = handler
+    if args.continuous is not None:
+        config["continuousBatching"] = args.continuous
+    if args.batch_size is not None:
+        config["batchSize"] = args.batch_size
+    if args.max_batch_delay is not None:
+        config["maxBatchDelay"] = args.max_batch_delay
+    return config
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--name", default="llm")
+    parser.add_argument("--config", type=Path, default=ROOT / "config/model-config.yaml")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a key of the handler: section")
+    parser.add_argument("--continuous", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--max-batch-delay", type=int)
+    parser.add_argument("--export-path", type=Path, default=ROOT / "model_store")
+    args = parser.parse_args()
+
+    stage = ROOT / "build" / f"mar-{args.name}"
+    shutil.rmtree(stage, ignore_errors=True)
+    shutil.copytree(ROOT / "handler" / "llmserve", stage / "extra" / "llmserve",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    (stage / "model-config.yaml").write_text(yaml.safe_dump(render_config(args), sort_keys=False))
+    args.export_path.mkdir(parents=True, exist_ok=True)
+    subprocess.run([
+        str(Path(sys.executable).parent / "torch-model-archiver"), "--model-name", args.name, "--version", "1.0",
+        "--handler", str(ROOT / "handler" / "llm_handler.py"),
+        "--extra-files", str(stage / "extra"),
+        "--config-file", str(stage / "model-config.yaml"),
+        "--export-path", str(args.export_path), "--force",
+    ], check=True)
+    print(args.export_path / f"{args.name}.mar")
+
+
+if __name__ == "__main__":
+    main()

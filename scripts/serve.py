@@ -1,0 +1,126 @@
+"""Start or stop TorchServe with this repo's config and wait until the model answers.
+
+    python scripts/serve.py start    # background; prints the endpoint and a curl example
+    python scripts/serve.py stop
+The tests use TorchServeProcess to run their own server on other ports.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def http_json(url: str, method: str = "GET", timeout: float = 10):
+    req = urllib.request.Request(url, method=method)
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        return json.loads(resp.read() or b"null")
+
+
+def wait_ready(mgmt_url: str, model: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
+    """Until every worker of `model` is READY (TorchServe answers before the worker has loaded)."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"TorchServe exited with {proc.returncode}; see its logs")
+        try:
+            workers = http_json(f"{mgmt_url}/models/{model}", timeout=5)[0]["workers"]
+            last = [w["status"] for w in workers]
+            if workers and all(s == "READY" for s in last):
+                return
+        except Exception as e:  # not up yet
+            last = repr(e)
+        time.sleep(1)
+    raise TimeoutError(f"model {model} not ready after {timeout:.0f}s (last status: {last})")
+
+
+class TorchServeProcess:
+    """A TorchServe in the foreground as a child process, with its own ports, temp dir and logs."""
+
+    def __init__(self, workdir: Path, port: int, models: str = "llm=llm.mar", model_store: Path = ROOT / "model_store",
+                 extra_config: dict | None = None, env: dict | None = None) -> None:
+        self.workdir = Path(workdir)
+        self.inference_url = f"http://127.0.0.1:{port}"
+        self.management_url = f"http://127.0.0.1:{port + 1}"
+        self.metrics_url = f"http://127.0.0.1:{port + 2}"
+        self.models = models
+        self.model_store = model_store
+        self.extra_config = extra_config or {}
+        self.env = env or {}
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 300) -> "TorchServeProcess":
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        tmp = self.workdir / "tmp"
+        tmp.mkdir(exist_ok=True)
+        props = (ROOT / "config" / "config.properties").read_text().splitlines()
+        overrides = {"inference_address": self.inference_url, "management_address": self.management_url,
+                     "metrics_address": self.metrics_url, "model_store": str(self.model_store),
+                     "load_models": self.models, **self.extra_config}
+        lines = [p for p in props if p.split("=", 1)[0].strip() not in overrides]
+        lines += [f"{k}={v}" for k, v in overrides.items()]
+        config = self.workdir / "config.properties"
+        config.write_text("\n".join(lines) + "\n")
+        env = {**os.environ, "TMPDIR": str(tmp), "LOG_LOCATION": str(self.workdir / "logs"),
+               "METRICS_LOCATION": str(self.workdir / "logs"), "PATH": f"{BIN}:{os.environ['PATH']}", **self.env}
+        self.log = open(self.workdir / "torchserve.out", "w")
+        self.proc = subprocess.Popen([str(BIN / "torchserve"), "--foreground", "--ncs", "--ts-config", str(config)],
+                                     cwd=self.workdir, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        for spec in self.models.split(","):
+            if spec and spec != "ALL":
+                wait_ready(self.management_url, spec.split("=")[0], timeout, self.proc)
+        return self
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, 15)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, 9)
+        if self.proc:
+            self.log.close()
+
+
+def start() -> None:
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "TMPDIR": str(ROOT / "build" / "ts-tmp"),
+           "LOG_LOCATION": str(ROOT / "logs"), "METRICS_LOCATION": str(ROOT / "logs")}
+    (ROOT / "build" / "ts-tmp").mkdir(parents=True, exist_ok=True)
+    try:
+        http_json("http://127.0.0.1:8081/models/llm", timeout=2)
+        print("TorchServe is already running; `make stop` first to restart it")
+    except Exception:
+        (ROOT / "logs").mkdir(exist_ok=True)
+        with open(ROOT / "logs" / "torchserve.out", "a") as log:
+            subprocess.run([str(BIN / "torchserve"), "--start", "--ncs", "--ts-config", "config/config.properties"],
+                           cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
+    wait_ready("http://127.0.0.1:8081", "llm", timeout=300)
+    print("llm is ready: http://127.0.0.1:8080/predictions/llm")
+    print("""try:
+  curl -s http://127.0.0.1:8080/predictions/llm -H 'Content-Type: application/json' \\
+       -d '{"messages": [{"role": "user", "content": "What is the capital of France?"}], "max_new_tokens": 32}'""")
+
+
+def stop() -> None:
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "TMPDIR": str(ROOT / "build" / "ts-tmp")}
+    subprocess.run([str(BIN / "torchserve"), "--stop"], cwd=ROOT, env=env, check=False)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("action", choices=["start", "stop"])
+    args = parser.parse_args()
+    start() if args.action == "start" else stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "handler"))
+sys.path.insert(0, str(ROOT / "scripts"))
+MODEL_DIR = ROOT / "models" / "smollm2-135m-instruct"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "e2e: runs a real TorchServe with the real model")
+    config.addinivalue_line("markers", "gpu: needs a CUDA device")
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The real SmolLM2 tokenizer (local files made by scripts/prepare_model.py)."""
+    if not (MODEL_DIR / "tokenizer.json").is_file():
+        pytest.skip("model not prepared: run make mar")
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(MODEL_DIR, local_files_only=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer):
+    """A tiny randomly initialised Llama with the real tokenizer, saved as a local HF directory."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         initializer_range=0.3, eos_token_id=tokenizer.eos_token_id, bos_token_id=1,
+                         pad_token_id=tokenizer.eos_token_id, tie_word_embeddings=True)
+    model = LlamaForCausalLM(config)
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -1,0 +1,46 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from llmserve.config import EngineConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_repo_model_config_parses():
+    section = yaml.safe_load((ROOT / "config/model-config.yaml").read_text())["handler"]
+    config = EngineConfig.from_dict(section)
+    assert config.quantization == "bf16"
+    assert config.kv_capacity_tokens == config.max_num_seqs * config.max_model_len
+
+
+def test_unknown_key_is_rejected():
+    with pytest.raises(ValueError, match="unknown handler config keys \\['quantisation'\\]"):
+        EngineConfig.from_dict({"model_path": "m", "quantisation": "int8"})
+
+
+def test_model_path_required():
+    with pytest.raises(ValueError, match="model_path"):
+        EngineConfig.from_dict({"quantization": "bf16"})
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("quantization", "int4", "quantization must be one of"),
+    ("device", "tpu", "device must be one of"),
+    ("max_num_seqs", 0, "max_num_seqs must be a positive integer"),
+    ("max_model_len", "2048", "max_model_len must be a positive integer"),
+    ("max_new_tokens_cap", True, "max_new_tokens_cap must be a positive integer"),
+    ("kv_budget_tokens", -1, "kv_budget_tokens must be a non-negative integer"),
+    ("kv_budget_tokens", 100, "must hold one whole sequence"),
+    ("default_max_new_tokens", 5000, "exceeds max_new_tokens_cap"),
+])
+def test_bad_values_are_rejected(key, value, match):
+    with pytest.raises(ValueError, match=match):
+        EngineConfig.from_dict({"model_path": "m", key: value})
+
+
+def test_config_is_frozen():
+    config = EngineConfig(model_path="m")
+    with pytest.raises(Exception):
+        config.quantization = "fp32"

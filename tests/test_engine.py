@@ -1,0 +1,130 @@
+"""The engine on a tiny random Llama (fp32, CPU): batching, the KV cache, joining mid-way and
+preemption must not change a greedy request's tokens."""
+
+import pytest
+import torch
+
+from llmserve.config import EngineConfig
+from llmserve.engine import Engine
+from llmserve.request import Request, SamplingParams
+
+PROMPTS = ["Hello there", "The quick brown fox jumps over", "1 2 3", "A much longer prompt about many things, "
+           "with commas, words and more words to pad it out", "x"]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir):
+    return Engine.from_config(EngineConfig(model_path=str(tiny_model_dir), quantization="fp32", max_model_len=128,
+                                           max_num_seqs=8))
+
+
+def make(engine, i, prompt, max_new=12, **kw) -> Request:
+    ids = engine.tokenizer(prompt)["input_ids"]
+    return Request(request_id=f"{i}-{prompt[:5]}-{kw}", prompt_ids=ids, params=SamplingParams(max_new_tokens=max_new, **kw))
+
+
+def alone(engine, prompt, max_new=12, **kw) -> list[int]:
+    r = make(engine, "alone", prompt, max_new, **kw)
+    engine.generate([r])
+    return r.output_ids
+
+
+def reference_no_cache(engine, prompt, max_new=12) -> list[int]:
+    """Hugging Face's own forward over the whole sequence at every step, no KV cache."""
+    model = engine.runner.model
+    ids = engine.tokenizer(prompt)["input_ids"]
+    out = []
+    with torch.inference_mode():
+        for _ in range(max_new):
+            logits = model(torch.tensor([ids + out]), use_cache=False).logits[0, -1]
+            out.append(int(logits.argmax()))
+            if out[-1] in engine.facts.stop_token_ids:
+                break
+    return out
+
+
+def test_cached_equals_uncached(engine):
+    for p in PROMPTS:
+        assert alone(engine, p) == reference_no_cache(engine, p)
+
+
+def test_batched_equals_one_at_a_time(engine):
+    expected = [alone(engine, p) for p in PROMPTS]
+    batch = [make(engine, i, p) for i, p in enumerate(PROMPTS)]
+    engine.generate(batch)
+    assert [r.output_ids for r in batch] == expected
+    assert all(r.max_batch_size == len(PROMPTS) for r in batch)
+
+
+def test_early_finisher_gets_exactly_its_tokens(engine):
+    short = make(engine, 0, PROMPTS[0], max_new=3)
+    long = make(engine, 1, PROMPTS[1], max_new=12)
+    engine.generate([short, long])
+    assert short.output_ids == alone(engine, PROMPTS[0], max_new=3) and len(short.output_ids) == 3
+    assert short.finish_reason == "length"
+    assert long.output_ids == alone(engine, PROMPTS[1])
+    assert short.result()["usage"] == {"prompt_tokens": len(short.prompt_ids), "completion_tokens": 3}
+
+
+def test_joining_mid_way_does_not_change_output(engine):
+    expected = {p: alone(engine, p, max_new=20) for p in PROMPTS}
+    first = make(engine, 0, PROMPTS[1], max_new=20)
+    engine.add_request(first)
+    late = []
+    for step in range(40):
+        if step in (2, 5, 9):   # requests enter while others run and leave
+            r = make(engine, step, PROMPTS[step % len(PROMPTS)], max_new=20)
+            engine.add_request(r)
+            late.append(r)
+        if not engine.has_unfinished():
+            break
+        engine.step()
+    for r in [first] + late:
+        assert r.is_finished
+        prompt = engine.tokenizer.decode(r.prompt_ids)
+        assert r.output_ids == expected[prompt], prompt
+
+
+def test_preemption_recomputes_to_the_same_output(tiny_model_dir):
+    small = Engine.from_config(EngineConfig(model_path=str(tiny_model_dir), quantization="fp32", max_model_len=64,
+                                            max_num_seqs=4, kv_budget_tokens=64))
+    expected = [alone(small, p, max_new=20) for p in PROMPTS[:3]]
+    batch = [make(small, i, p, max_new=20) for i, p in enumerate(PROMPTS[:3])]
+    small.generate(batch)
+    assert [r.output_ids for r in batch] == expected
+    assert sum(r.num_preemptions for r in batch) > 0
+
+
+def test_stop_string_cuts_text(engine):
+    full = make(engine, 0, PROMPTS[1], max_new=12)
+    engine.generate([full])
+    text = engine.tokenizer.decode(full.output_ids, skip_special_tokens=True)
+    stop = text[len(text) // 2:len(text) // 2 + 3]
+    assert stop.strip()
+    r = make(engine, 1, PROMPTS[1], max_new=12, stop=(stop,))
+    engine.generate([r])
+    assert r.finish_reason == "stop" and r.text == text[:text.find(stop)]
+    assert len(r.output_ids) < 12
+
+
+def test_seeded_sampling_is_independent_of_batch(engine):
+    kw = dict(temperature=0.9, top_p=0.95, top_k=50, seed=1234)
+    solo = alone(engine, PROMPTS[2], **kw)
+    batch = [make(engine, 0, PROMPTS[0]), make(engine, 1, PROMPTS[2], **kw),
+             make(engine, 2, PROMPTS[3], temperature=1.0)]
+    engine.generate(batch)
+    assert batch[1].output_ids == solo
+    assert alone(engine, PROMPTS[2], **{**kw, "seed": 99}) != solo
+
+
+def test_abort_frees_the_row(engine):
+    a, b = make(engine, 0, PROMPTS[0], max_new=30), make(engine, 1, PROMPTS[1], max_new=5)
+    engine.add_request(a)
+    engine.add_request(b)
+    engine.step()
+    assert len(engine.rows) == 2
+    engine.abort(a.request_id)
+    assert a.finish_reason == "abort" and len(engine.rows) == 1 and b.row == 0
+    while engine.has_unfinished():
+        engine.step()
+    assert b.output_ids == alone(engine, PROMPTS[1], max_new=5)

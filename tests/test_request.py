@@ -1,0 +1,84 @@
+import pytest
+
+from llmserve.config import EngineConfig
+from llmserve.request import RequestError, parse_request
+
+CONFIG = EngineConfig(model_path="m", max_model_len=64, max_new_tokens_cap=32, default_max_new_tokens=8)
+
+
+class FakeTokenizer:
+    """One token per character; the chat template joins role: content lines."""
+
+    def __call__(self, text):
+        return {"input_ids": [ord(c) % 1000 for c in text]}
+
+    def apply_chat_template(self, messages, add_generation_prompt, tokenize, return_dict):
+        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
+        return self(text)
+
+
+def parse(body):
+    return parse_request("r1", body, CONFIG, FakeTokenizer())
+
+
+def field_of(body) -> str:
+    with pytest.raises(RequestError) as e:
+        parse(body)
+    assert e.value.to_dict()["error"]
+    return e.value.field
+
+
+def test_defaults():
+    r = parse({"prompt": "hello"})
+    assert r.prompt_ids == [ord(c) for c in "hello"]
+    assert r.params.max_new_tokens == 8 and r.params.is_greedy and r.params.top_p == 1.0
+    assert not r.stream
+
+
+def test_raw_bytes_and_chat():
+    r = parse(b'{"messages": [{"role": "user", "content": "hi"}], "max_new_tokens": 3, "stop": "x"}')
+    assert r.params.max_new_tokens == 3 and r.params.stop == ("x",)
+    assert len(r.prompt_ids) == len("user: hi\nassistant: ")
+
+
+def test_all_sampling_params():
+    r = parse({"prompt": "a", "temperature": 0.7, "top_p": 0.9, "top_k": 40, "seed": 3, "stop": ["a", "b"],
+               "stream": True})
+    p = r.params
+    assert (p.temperature, p.top_p, p.top_k, p.seed, p.stop) == (0.7, 0.9, 40, 3, ("a", "b")) and r.stream
+
+
+@pytest.mark.parametrize("body,field", [
+    (b"", "body"),
+    (b"   ", "body"),
+    (b"{not json", "body"),
+    (b"\xff\xfe", "body"),
+    ([1, 2], "body"),
+    ({}, "prompt"),
+    ({"prompt": "a", "messages": []}, "prompt"),
+    ({"prompt": ""}, "prompt"),
+    ({"prompt": 5}, "prompt"),
+    ({"prompt": "a", "colour": 1}, "colour"),
+    ({"prompt": "a", "max_new_tokens": 0}, "max_new_tokens"),
+    ({"prompt": "a", "max_new_tokens": -3}, "max_new_tokens"),
+    ({"prompt": "a", "max_new_tokens": 33}, "max_new_tokens"),
+    ({"prompt": "a", "max_new_tokens": "5"}, "max_new_tokens"),
+    ({"prompt": "a", "max_new_tokens": 2.5}, "max_new_tokens"),
+    ({"prompt": "a", "max_new_tokens": True}, "max_new_tokens"),
+    ({"prompt": "a", "temperature": -0.1}, "temperature"),
+    ({"prompt": "a", "temperature": "hot"}, "temperature"),
+    ({"prompt": "a", "top_p": 0}, "top_p"),
+    ({"prompt": "a", "top_p": 1.5}, "top_p"),
+    ({"prompt": "a", "top_k": -1}, "top_k"),
+    ({"prompt": "a", "seed": "x"}, "seed"),
+    ({"prompt": "a", "stop": [1]}, "stop"),
+    ({"prompt": "a", "stop": [""]}, "stop"),
+    ({"prompt": "a", "stream": "yes"}, "stream"),
+    ({"messages": "hi"}, "messages"),
+    ({"messages": [{"role": "robot", "content": "x"}]}, "messages"),
+    ({"messages": [{"role": "user", "content": 3}]}, "messages"),
+    ({"prompt": "x" * 64}, "prompt"),
+    ({"prompt": "x" * 60, "max_new_tokens": 10}, "max_new_tokens"),
+])
+def test_bad_input_names_the_field(body, field):
+    assert field_of(body) == field

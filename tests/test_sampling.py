@@ -1,0 +1,48 @@
+import torch
+
+from llmserve.request import SamplingParams
+from llmserve.sampling import make_generator, sample
+
+LOGITS = torch.tensor([[0.0, 3.0, 1.0, 2.0], [5.0, 0.0, 0.0, 4.9]])
+
+
+def test_greedy_is_argmax():
+    params = [SamplingParams(max_new_tokens=1)] * 2
+    assert sample(LOGITS.clone(), params, [None, None]).tolist() == [1, 0]
+
+
+def test_top_k_one_is_greedy_even_when_hot():
+    params = [SamplingParams(max_new_tokens=1, temperature=5.0, top_k=1)] * 2
+    for _ in range(20):
+        assert sample(LOGITS.clone(), params, [None, None]).tolist() == [1, 0]
+
+
+def test_small_top_p_keeps_only_the_best():
+    params = [SamplingParams(max_new_tokens=1, temperature=1.0, top_p=0.01)] * 2
+    for _ in range(20):
+        assert sample(LOGITS.clone(), params, [None, None]).tolist() == [1, 0]
+
+
+def test_top_k_restricts_support():
+    p = SamplingParams(max_new_tokens=1, temperature=100.0, top_k=2)
+    seen = {tuple(sample(LOGITS.clone(), [p, p], [None, None]).tolist()) for _ in range(200)}
+    assert {t[0] for t in seen} <= {1, 3} and {t[1] for t in seen} <= {0, 3}
+    assert len({t[0] for t in seen}) == 2   # both kept tokens do get drawn
+
+
+def test_mixed_rows_keep_their_own_params():
+    greedy, hot = SamplingParams(max_new_tokens=1), SamplingParams(max_new_tokens=1, temperature=50.0)
+    firsts = {sample(LOGITS.clone(), [greedy, hot], [None, None])[0].item() for _ in range(50)}
+    assert firsts == {1}
+
+
+def test_seed_reproduces_whatever_the_batch():
+    p = SamplingParams(max_new_tokens=1, temperature=1.0, seed=7)
+    other = SamplingParams(max_new_tokens=1, temperature=1.0)
+    logits = torch.randn(3, 1000)
+    g1 = make_generator(p, torch.device("cpu"))
+    alone = [sample(logits[1:2].clone(), [p], [g1]).item() for _ in range(10)]
+    g2 = make_generator(p, torch.device("cpu"))
+    batched = [sample(logits.clone(), [other, p, other], [None, g2, None])[1].item() for _ in range(10)]
+    assert alone == batched
+    assert make_generator(SamplingParams(max_new_tokens=1), torch.device("cpu")) is None
