@@ -9,7 +9,9 @@ TS_URL := http://127.0.0.1:8080
 MGMT_URL := http://127.0.0.1:8081
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: serve stop test test-unit status measure mar clean
+PROFILE ?= quick
+
+.PHONY: serve stop test test-unit status measure mar clean sweep bench
 
 $(VENV)/.installed: requirements.txt
 	$(PY_SYS) -m venv $(VENV)
@@ -45,6 +47,12 @@ test-unit: $(VENV)/.installed
 
 measure: $(MAR)
 	$(PY) scripts/measure_modes.py
+
+sweep: $(MAR)
+	$(PY) loadtest/sweep.py --profile $(PROFILE)
+
+bench: $(VENV)/.installed $(MODEL_DIR)/prepared.json
+	$(PY) scripts/bench.py --profile $(PROFILE)
 
 clean:
 	rm -rf build model_store/*.mar logs
