@@ -5,6 +5,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 MODEL_DIR := models/smollm2-135m-instruct
 MAR := model_store/llm.mar
+MAR_CB := model_store/llm-cb.mar
+SOURCES := config/model-config.yaml scripts/build_mar.py $(wildcard handler/*.py handler/llmserve/*.py)
 TS_URL := http://127.0.0.1:8080
 MGMT_URL := http://127.0.0.1:8081
 export PATH := $(abspath $(VENV))/bin:$(PATH)
@@ -25,10 +27,15 @@ $(VENV)/.installed: requirements.txt
 $(MODEL_DIR)/prepared.json: $(VENV)/.installed scripts/prepare_model.py
 	$(PY) scripts/prepare_model.py --out $(MODEL_DIR)
 
-$(MAR): $(VENV)/.installed $(MODEL_DIR)/prepared.json config/model-config.yaml scripts/build_mar.py $(wildcard handler/*.py handler/llmserve/*.py)
+# The same handler and config in two archives: request-level batching, and continuous batching
+# (TorchServe 0.12 reads continuousBatching only from the archive's model-config.yaml).
+$(MAR): $(VENV)/.installed $(MODEL_DIR)/prepared.json $(SOURCES)
 	$(PY) scripts/build_mar.py --name llm
 
-mar: $(MAR)
+$(MAR_CB): $(VENV)/.installed $(MODEL_DIR)/prepared.json $(SOURCES)
+	$(PY) scripts/build_mar.py --name llm-cb --continuous
+
+mar: $(MAR) $(MAR_CB)
 
 serve: $(MAR)
 	@$(PY) scripts/serve.py start
@@ -39,7 +46,7 @@ stop:
 status:
 	@curl -s $(MGMT_URL)/models/llm
 
-test: $(MAR)
+test: $(MAR) $(MAR_CB)
 	$(PY) -m pytest -q tests
 
 test-unit: $(VENV)/.installed
@@ -48,7 +55,7 @@ test-unit: $(VENV)/.installed
 measure: $(MAR)
 	$(PY) scripts/measure_modes.py
 
-sweep: $(MAR)
+sweep: $(MAR) $(MAR_CB)
 	$(PY) loadtest/sweep.py --profile $(PROFILE)
 
 bench: $(VENV)/.installed $(MODEL_DIR)/prepared.json

@@ -131,7 +131,12 @@ class LLMHandler(BaseHandler):
             self.live.pop(gone, None)
             self.closing.pop(gone, None)
             self.opened.discard(gone)
+        # TorchServe's stream protocol: the first part carries the HTTP head, so a 200 request cannot
+        # finish in its first response (it is closed with an empty last part in the next step); an
+        # error goes out as one whole response (done=None: no stream header), since TorchServe closes
+        # the connection after a 4xx/5xx head and would drop any part that follows.
         responses: list = [None] * len(data)
+        done: list[bool | None] = [False] * len(data)
         for idx, row in enumerate(data):
             rid = ids[idx]
             if rid in self.live or rid in self.closing:
@@ -139,34 +144,36 @@ class LLMHandler(BaseHandler):
             try:
                 r = self._parse(idx, row, context)
             except RequestError as e:
-                self.closing[rid] = ""
-                responses[idx] = self._error(context, idx, 400, e.to_dict())
+                responses[idx], done[idx] = self._error(context, idx, 400, e.to_dict()), None
+                self.closing[rid] = ""        # should the frontend send it back once more
                 continue
             self.live[rid] = r
             self.engine.add_request(r)
             context.set_response_content_type(idx, NDJSON if r.stream else JSON)
+        failed = {}
         try:
             if self.engine.has_unfinished():
                 self.engine.step()
-        except Exception as e:
+        except Exception as e:  # answer every running request, then carry on with an empty engine
             logger.exception("generation step failed")
-            for rid, r in list(self.live.items()):
+            for rid in list(self.live):
                 self.engine.abort(rid)
-                self.closing[rid] = json.dumps({"error": f"generation failed: {e}", "field": None})
-            self.live.clear()
+                failed[rid] = {"error": f"generation failed: {e}", "field": None}
 
-        # TorchServe sends a response's head with its first streamed part, so a request cannot finish
-        # in its first response: one that does is closed with an empty last part in the next step.
-        done = [False] * len(data)
         for idx, rid in enumerate(ids):
-            if responses[idx] is not None:            # rejected in this step
+            if responses[idx] is not None:
                 continue
             if rid in self.closing:
                 responses[idx], done[idx] = self.closing.pop(rid), True
                 self.opened.discard(rid)
                 continue
             r = self.live[rid]
-            if r.stream:
+            if rid in failed and rid not in self.opened:
+                responses[idx], done[idx] = self._error(context, idx, 500, failed[rid]), None
+                self.closing[rid] = ""
+            elif rid in failed:
+                responses[idx] = json.dumps(failed[rid]) + "\n"
+            elif r.stream:
                 responses[idx] = chunk(r)
             else:
                 responses[idx] = json.dumps(r.result()) if r.is_finished else ""
@@ -177,7 +184,7 @@ class LLMHandler(BaseHandler):
             if rid in self.opened:
                 done[idx] = True
                 self.opened.discard(rid)
-            else:
+            elif rid not in failed:
                 self.closing[rid] = ""
         context.stopping_criteria = [lambda _, d=d: d for d in done]
         return responses

@@ -8,6 +8,7 @@ The tests use TorchServeProcess to run their own server on other ports.
 import argparse
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -48,6 +49,7 @@ class TorchServeProcess:
     def __init__(self, workdir: Path, port: int, models: str = "llm=llm.mar", model_store: Path = ROOT / "model_store",
                  extra_config: dict | None = None, env: dict | None = None) -> None:
         self.workdir = Path(workdir)
+        self.port = port
         self.inference_url = f"http://127.0.0.1:{port}"
         self.management_url = f"http://127.0.0.1:{port + 1}"
         self.metrics_url = f"http://127.0.0.1:{port + 2}"
@@ -63,8 +65,11 @@ class TorchServeProcess:
         tmp.mkdir(exist_ok=True)
         props = (ROOT / "config" / "config.properties").read_text().splitlines()
         overrides = {"inference_address": self.inference_url, "management_address": self.management_url,
-                     "metrics_address": self.metrics_url, "model_store": str(self.model_store),
-                     "load_models": self.models, **self.extra_config}
+                     "metrics_address": self.metrics_url, "grpc_inference_port": self.port + 3,
+                     "grpc_management_port": self.port + 4, "model_store": str(self.model_store),
+                     "load_models": self.models,
+                     # worker sockets live in java.io.tmpdir: a private one keeps two servers apart
+                     "vmargs": f"-Djava.io.tmpdir={tmp}", **self.extra_config}
         lines = [p for p in props if p.split("=", 1)[0].strip() not in overrides]
         lines += [f"{k}={v}" for k, v in overrides.items()]
         config = self.workdir / "config.properties"
@@ -75,10 +80,20 @@ class TorchServeProcess:
         self.proc = subprocess.Popen([str(BIN / "torchserve"), "--foreground", "--ncs", "--ts-config", str(config)],
                                      cwd=self.workdir, env=env, stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while not self._is_listening():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"TorchServe did not come up; see {self.workdir / 'torchserve.out'}")
+            time.sleep(0.5)
         for spec in self.models.split(","):
             if spec and spec != "ALL":
                 wait_ready(self.management_url, spec.split("=")[0], timeout, self.proc)
         return self
+
+    def _is_listening(self) -> bool:
+        host, port = self.management_url.rsplit("/", 1)[-1].split(":")
+        with socket.socket() as sock:
+            return sock.connect_ex((host, int(port))) == 0
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:

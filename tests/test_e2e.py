@@ -1,0 +1,207 @@
+"""End to end: a real TorchServe on loopback with the real .mar files and the real model.
+Traffic goes to 127.0.0.1 only, in bounded numbers."""
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+
+from serve import ROOT, TorchServeProcess, wait_ready
+
+pytestmark = pytest.mark.e2e
+FRANCE = {"messages": [{"role": "user", "content": "What is the capital of France?"}], "max_new_tokens": 24}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    for mar in ("llm.mar", "llm-cb.mar"):
+        if not (ROOT / "model_store" / mar).is_file():
+            pytest.skip(f"model_store/{mar} missing: run make mar")
+    ts = TorchServeProcess(tmp_path_factory.mktemp("ts"), port=18080, models="llm=llm.mar,llm-cb=llm-cb.mar")
+    ts.start()
+    yield ts
+    ts.stop()
+
+
+def post(server, body, model="llm", **kw) -> requests.Response:
+    data = body if isinstance(body, (bytes, str)) else json.dumps(body)
+    return requests.post(f"{server.inference_url}/predictions/{model}", data=data,
+                         headers={"Content-Type": "application/json"}, timeout=300, **kw)
+
+
+@pytest.mark.parametrize("model", ["llm", "llm-cb"])
+def test_capital_of_france(server, model):
+    r = post(server, FRANCE, model)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert "Paris" in out["text"]
+    assert out["finish_reason"] == "stop"
+    assert out["usage"]["completion_tokens"] > 0 and out["usage"]["prompt_tokens"] > 10
+    assert out["timings"]["batch_size"] >= 1 and out["timings"]["prefill_ms"] > 0
+
+
+def test_concurrent_requests_are_batched(server):
+    prompts = [{"prompt": f"Count from {i} to {i + 20}:", "max_new_tokens": 32} for i in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(lambda b: post(server, b), prompts))
+    assert [r.status_code for r in responses] == [200] * 8
+    sizes = [r.json()["timings"]["batch_size"] for r in responses]
+    assert max(sizes) > 1, sizes
+
+
+BAD = [
+    (b"{not json", "body"),
+    (b"", "body"),
+    ({"max_new_tokens": 5}, "prompt"),
+    ({"prompt": 42}, "prompt"),
+    ({"prompt": "hi", "max_new_tokens": 0}, "max_new_tokens"),
+    ({"prompt": "hi", "max_new_tokens": 100000}, "max_new_tokens"),
+    ({"prompt": "hi", "temperature": -1}, "temperature"),
+    ({"prompt": "hi", "top_p": 1.5}, "top_p"),
+    ({"prompt": "hi", "colour": "red"}, "colour"),
+    ({"prompt": "word " * 3000}, "prompt"),
+    (b'{"prompt": "\xff\xfe"}', "body"),
+]
+
+
+@pytest.mark.parametrize("model", ["llm", "llm-cb"])
+def test_bad_inputs_do_not_harm_a_good_request(server, model):
+    alone = post(server, FRANCE, model).json()["text"]
+    with ThreadPoolExecutor(len(BAD) + 1) as pool:
+        good = pool.submit(post, server, FRANCE, model)
+        bad = [pool.submit(post, server, body, model) for body, _ in BAD]
+        good, bad = good.result(), [f.result() for f in bad]
+    assert good.status_code == 200 and good.json()["text"] == alone
+    for (body, field), r in zip(BAD, bad):
+        assert r.status_code == 400, (body, r.status_code, r.text)
+        assert r.json()["field"] == field and r.json()["error"]
+
+
+def stream(server, body, model="llm-cb") -> list[tuple[float, dict]]:
+    """(arrival time, part) for each streamed JSON line."""
+    parts = []
+    with post(server, {**body, "stream": True}, model, stream=True) as r:
+        assert r.status_code == 200 and r.headers.get("Transfer-Encoding") == "chunked"
+        for line in r.iter_lines():
+            if line:
+                parts.append((time.perf_counter(), json.loads(line)))
+    return parts
+
+
+@pytest.mark.parametrize("model", ["llm-cb", "llm"])
+def test_streaming_parts_arrive_incrementally(server, model):
+    body = {"messages": [{"role": "user", "content": "Write a long story about a dragon."}], "max_new_tokens": 64}
+    whole = post(server, body, model).json()
+    t0 = time.perf_counter()
+    parts = stream(server, body, model)
+    assert len(parts) > 10
+    assert "".join(p["text"] for _, p in parts) == whole["text"]
+    last = parts[-1][1]
+    assert last["finish_reason"] == whole["finish_reason"] and last["usage"] == whole["usage"]
+    assert "ttft_ms" in last["timings"]
+    first_at, last_at = parts[0][0] - t0, parts[-1][0] - t0
+    assert first_at < 0.5 * last_at, (first_at, last_at)
+
+
+def test_many_concurrent_streams(server):
+    # bf16 results depend slightly on batch shape, so each stream is checked against itself
+    bodies = [{"messages": [{"role": "user", "content": f"List {n + 2} animals."}], "max_new_tokens": 24 + 4 * n}
+              for n in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda b: stream(server, b), bodies))
+    for body, parts in zip(bodies, results):
+        last = parts[-1][1]
+        assert len(parts) > 2 and all("finish_reason" not in p for _, p in parts[:-1])
+        assert "".join(p["text"] for _, p in parts).strip()
+        assert last["finish_reason"] in ("stop", "length")
+        assert last["usage"]["completion_tokens"] <= body["max_new_tokens"]
+    assert max(parts[-1][1]["timings"]["batch_size"] for parts in results) > 1
+
+
+def test_joining_a_busy_batch_gets_its_first_token_early(server):
+    long_body = {"prompt": "Once upon a time", "max_new_tokens": 200, "temperature": 0.8, "seed": 1}
+    done = {}
+    def run_long():
+        r = post(server, long_body, "llm-cb")
+        done["long"] = (time.perf_counter(), r.json())
+    threads = [threading.Thread(target=run_long) for _ in range(3)]
+    for t in threads:
+        t.start()
+    time.sleep(1.5)                                  # the long requests are decoding now
+    parts = stream(server, {"messages": [{"role": "user", "content": "Say hi."}], "max_new_tokens": 8})
+    first_token_at = parts[0][0]
+    for t in threads:
+        t.join()
+    assert done["long"][1]["usage"]["completion_tokens"] > 50
+    assert first_token_at < done["long"][0]
+    assert parts[-1][1]["timings"]["batch_size"] > 1
+
+
+def test_client_disconnect_frees_its_slot(server):
+    with post(server, {"prompt": "Once upon a time", "max_new_tokens": 500, "temperature": 0.8, "stream": True}, "llm-cb",
+              stream=True) as r:
+        next(r.iter_lines())                         # the stream has started; now hang up
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:               # the slot frees long before 500 tokens are done
+        if post(server, FRANCE, "llm-cb").json()["timings"]["batch_size"] == 1:
+            break
+        time.sleep(0.5)
+    else:
+        pytest.fail("a disconnected stream kept its slot")
+
+
+def test_scale_workers(server):
+    url = f"{server.management_url}/models/llm"
+    r = requests.put(f"{url}?min_worker=2&synchronous=true", timeout=300)
+    assert r.status_code == 200, r.text
+    wait_ready(server.management_url, "llm", timeout=300)
+    assert len(requests.get(url, timeout=10).json()[0]["workers"]) == 2
+    with ThreadPoolExecutor(4) as pool:
+        responses = list(pool.map(lambda _: post(server, FRANCE), range(4)))
+    assert all(r.status_code == 200 and "Paris" in r.json()["text"] for r in responses)
+    requests.put(f"{url}?min_worker=1&max_worker=1&synchronous=true", timeout=300)
+
+
+def test_register_int8_variant(server):
+    subprocess.run([sys.executable, str(ROOT / "scripts/build_mar.py"), "--name", "llm-int8",
+                    "--set", "quantization=int8", "--set", "max_num_seqs=4"], check=True, capture_output=True)
+    r = requests.post(f"{server.management_url}/models?url=llm-int8.mar&model_name=llm-int8"
+                      "&initial_workers=1&synchronous=true", timeout=300)
+    assert r.status_code == 200, r.text
+    try:
+        out = post(server, FRANCE, "llm-int8")
+        assert out.status_code == 200 and "Paris" in out.json()["text"], out.text
+        names = [m["modelName"] for m in requests.get(f"{server.management_url}/models", timeout=10).json()["models"]]
+        assert {"llm", "llm-int8"} <= set(names)
+    finally:
+        requests.delete(f"{server.management_url}/models/llm-int8", timeout=60)
+
+
+def test_metrics_are_prometheus(server):
+    r = requests.get(f"{server.metrics_url}/metrics", timeout=10)
+    assert r.status_code == 200 and "ts_inference_requests_total" in r.text
+
+
+def test_token_authorization_switch(tmp_path):
+    ts = TorchServeProcess(tmp_path, port=18090, models="", env={"TS_DISABLE_TOKEN_AUTHORIZATION": "false"})
+    ts.start()
+    try:
+        keys, deadline = None, time.monotonic() + 60
+        while keys is None and time.monotonic() < deadline:
+            try:
+                keys = json.loads((tmp_path / "key_file.json").read_text())
+            except (FileNotFoundError, json.JSONDecodeError):   # not written yet
+                time.sleep(0.5)
+        refused = requests.get(f"{ts.management_url}/models", timeout=10)
+        assert refused.status_code in (400, 401), refused.status_code
+        allowed = requests.get(f"{ts.management_url}/models", timeout=10,
+                               headers={"Authorization": f"Bearer {keys['management']['key']}"})
+        assert allowed.status_code == 200
+    finally:
+        ts.stop()

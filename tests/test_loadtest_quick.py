@@ -1,0 +1,91 @@
+"""The load-test sweep: its recommendation rules on hand-built rows, then the quick profile end to
+end against a real TorchServe (small user and request counts, a few minutes on 2 cores), checking
+every output file and that results.csv agrees with Locust's own stats CSV."""
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "loadtest"))
+from measure import percentile  # noqa: E402
+from prompts import WIKITEXT_DIR  # noqa: E402
+from report import baseline_ratio, recommend  # noqa: E402
+
+NUM_USERS, NUM_REQUESTS = 6, 12
+PLOTS = ("throughput.png", "latency_percentiles.png", "latency_histograms.png")
+
+
+def row(batch_size: int, requests_per_s: float, p99_ms: float, num_failures: int = 0) -> dict:
+    return {"label": "llm", "batch_size": batch_size, "max_batch_delay_ms": 50, "config": f"llm_b{batch_size}_d50",
+            "requests_per_s": requests_per_s, "output_tokens_per_s": 64 * requests_per_s,
+            "latency_p99_ms": p99_ms, "num_failures": num_failures}
+
+
+def test_percentile_uses_locusts_rank_rule():
+    values = [float(v) for v in range(1, 101)]
+    assert percentile(values, 0.5) == 51 and percentile(values, 0.99) == 100 and percentile(values, 1.0) == 100
+    assert percentile([3.0], 0.95) == 3.0 and percentile([], 0.5) is None
+
+
+def test_recommendation_is_fastest_within_target_without_failures():
+    rows = [row(1, 0.2, 5_000), row(4, 0.6, 9_000), row(16, 1.0, 30_000), row(64, 2.0, 8_000, num_failures=3)]
+    best, text = recommend(rows, p99_target_ms=10_000)
+    assert best["batch_size"] == 4 and "batch 4" in text
+    best, text = recommend(rows, p99_target_ms=1_000)
+    assert best is None and "No configuration meets p99 <= 1 s" in text and "5.00 s" in text
+    fastest, baseline, text = baseline_ratio(rows)
+    assert (fastest["batch_size"], baseline["batch_size"]) == (16, 1) and "5.00x the requests/s" in text
+
+
+def locust_rounding_ms(ms: float) -> float:
+    """Half the bucket Locust rounds a response time into (exact below 100 ms, then 2 digits)."""
+    return 0.5 if ms < 100 else 5 if ms < 1000 else 50 if ms < 10_000 else 500
+
+
+@pytest.mark.e2e
+def test_quick_profile_end_to_end(tmp_path):
+    if not (ROOT / "model_store" / "llm.mar").is_file():
+        pytest.skip("no model_store/llm.mar: run make mar")
+    if not (WIKITEXT_DIR / "valid.txt").is_file():
+        pytest.skip(f"no WikiText-2 at {WIKITEXT_DIR}")
+    cmd = [sys.executable, str(ROOT / "loadtest" / "sweep.py"), "--profile", "quick", "--users", str(NUM_USERS),
+           "--requests", str(NUM_REQUESTS), "--max-new-tokens", "12", "--port", "18190", "--run-id", "test",
+           "--results-dir", str(tmp_path), "--p99-target-ms", "600000"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    last = json.loads(proc.stdout.strip().splitlines()[-1])
+    run_dir = tmp_path / "test"
+    assert Path(last["run_dir"]) == run_dir and (tmp_path / "latest").resolve() == run_dir.resolve()
+    assert last["best_vs_batch1_requests_ratio"] > 0
+
+    for name in ("results.csv", "summary.md", *PLOTS):
+        assert (run_dir / name).stat().st_size > 0, name
+    summary = (run_dir / "summary.md").read_text()
+    assert "x the requests/s" in summary and "Recommended (p99 <= 600 s" in summary and "torchserve: 0.12" in summary
+
+    with open(run_dir / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["config"] for r in rows] == ["llm_b1_d50", "llm_b4_d50", "llm_b16_d50"]
+    for r in rows:
+        prefix = run_dir / "raw" / r["config"]
+        for suffix in ("_stats.csv", "_stats_history.csv", "_failures.csv", "_requests.jsonl", "_locust.log"):
+            assert Path(f"{prefix}{suffix}").is_file(), f"{prefix}{suffix}"
+        with open(f"{prefix}_stats.csv", newline="") as f:
+            (locust,) = [s for s in csv.DictReader(f) if s["Type"] == "POST" and s["Name"] == "generate"]
+        assert int(r["num_requests"]) == int(locust["Request Count"]) == NUM_REQUESTS
+        assert int(r["num_failures"]) == int(locust["Failure Count"]) == 0, r["errors"]
+        for ours, theirs in (("latency_p50_ms", "50%"), ("latency_p95_ms", "95%"), ("latency_p99_ms", "99%")):
+            ours_ms, locust_ms = float(r[ours]), float(locust[theirs])
+            assert abs(ours_ms - locust_ms) <= locust_rounding_ms(locust_ms) + 0.1, (r["config"], ours, ours_ms, locust_ms)
+        assert float(r["latency_max_ms"]) == pytest.approx(float(locust["Max Response Time"]), abs=0.1)
+        assert float(r["mean_output_tokens"]) == pytest.approx(float(locust["Average Content Size"]), abs=0.1)
+        assert float(r["requests_per_s"]) == pytest.approx(float(locust["Requests/s"]), rel=0.1)
+        assert 1 <= float(r["mean_server_batch_size"]) <= min(int(r["batch_size"]), NUM_USERS)
+        assert float(r["peak_worker_rss_mb"]) > 100
+        assert float(r["usd_per_1k_requests"]) > 0 and r["meets_p99_target"] in ("True", "False")
+    assert float(rows[0]["mean_server_batch_size"]) == 1
