@@ -16,6 +16,28 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return x * cos + rotated * sin
 
 
+def fuse_linears(linears: list[torch.nn.Linear]) -> torch.nn.Linear | None:
+    """One Linear computing all of `linears` side by side; the originals' weights become views into
+    it, so the model keeps working and no memory is added. None for quantized (non-Linear) layers."""
+    if not all(type(m) is torch.nn.Linear for m in linears):
+        return None
+    first = linears[0]
+    fused = torch.nn.Linear(first.in_features, sum(m.out_features for m in linears), bias=first.bias is not None,
+                            device=first.weight.device, dtype=first.weight.dtype)
+    with torch.no_grad():
+        fused.weight.copy_(torch.cat([m.weight for m in linears]))
+        if first.bias is not None:
+            fused.bias.copy_(torch.cat([m.bias for m in linears]))
+    start = 0
+    for m in linears:
+        end = start + m.out_features
+        m.weight = torch.nn.Parameter(fused.weight[start:end], requires_grad=False)
+        if m.bias is not None:
+            m.bias = torch.nn.Parameter(fused.bias[start:end], requires_grad=False)
+        start = end
+    return fused
+
+
 class ModelRunner:
     def __init__(self, model, cache: KVCache) -> None:
         self.model = model
@@ -25,6 +47,10 @@ class ModelRunner:
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        # fewer, larger matrix products per layer: q|k|v in one, gate|up in one (float weights only)
+        self.qkv = [fuse_linears([l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj]) for l in self.decoder.layers]
+        self.gate_up = [fuse_linears([l.mlp.gate_proj, l.mlp.up_proj]) if cfg.hidden_act == "silu" else None
+                        for l in self.decoder.layers]
 
     @torch.inference_mode()
     def prefill(self, rows: slice, token_lists: list[list[int]]) -> torch.Tensor:
@@ -77,14 +103,23 @@ class ModelRunner:
         for i, layer in enumerate(self.decoder.layers):
             attn = layer.self_attn
             h = layer.input_layernorm(x)
-            q = attn.q_proj(h).view(B, T, H, D).transpose(1, 2)                 # [B, H, T, D]
-            k = attn.k_proj(h).view(B, T, Hkv, D).transpose(1, 2)               # [B, Hkv, T, D]
-            v = attn.v_proj(h).view(B, T, Hkv, D).transpose(1, 2)
+            if self.qkv[i] is not None:
+                q, k, v = self.qkv[i](h).split([H * D, Hkv * D, Hkv * D], dim=-1)
+            else:
+                q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+            q = q.view(B, T, H, D).transpose(1, 2)                              # [B, H, T, D]
+            k = k.view(B, T, Hkv, D).transpose(1, 2)                            # [B, Hkv, T, D]
+            v = v.view(B, T, Hkv, D).transpose(1, 2)
             q, k = rotate(q, cos, sin), rotate(k, cos, sin)
             k_all, v_all = write(i, k, v)                                       # [B, Hkv, Tk, D]
             o = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, scale=attn.scaling,
                                                enable_gqa=H != Hkv)             # [B, H, T, D]
             x = x + attn.o_proj(o.transpose(1, 2).reshape(B, T, H * D))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            h = layer.post_attention_layernorm(x)
+            if self.gate_up[i] is not None:
+                gate, up = self.gate_up[i](h).chunk(2, dim=-1)
+                x = x + layer.mlp.down_proj(F.silu(gate) * up)
+            else:
+                x = x + layer.mlp(h)
         x = self.decoder.norm(x[:, -1])                                         # [B, C]
         return self.model.lm_head(x).float()                                    # [B, V]

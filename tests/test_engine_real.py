@@ -1,0 +1,56 @@
+"""The real SmolLM2 weights in fp32, in process: greedy output must not depend on who else is in
+the batch or when a request joins it. (bf16 matrix products round differently for different
+batch shapes, so exact equality is checked in fp32, where the engine adds no difference.)"""
+
+import pytest
+
+from conftest import MODEL_DIR
+from llmserve.config import EngineConfig
+from llmserve.engine import Engine
+from llmserve.request import parse_request
+
+QUESTIONS = ["What is the capital of France?", "Name three primary colors.", "Write a haiku about rain.",
+             "What is 12 times 12?", "Give me a fun fact about octopuses."]
+
+
+@pytest.fixture(scope="module")
+def engine():
+    if not (MODEL_DIR / "config.json").is_file():
+        pytest.skip("model not prepared: run make mar")
+    return Engine.from_config(EngineConfig(model_path=str(MODEL_DIR), quantization="fp32", max_model_len=512,
+                                           max_num_seqs=8))
+
+
+def chat(engine, rid: str, question: str, max_new_tokens: int = 24):
+    body = {"messages": [{"role": "user", "content": question}], "max_new_tokens": max_new_tokens}
+    return parse_request(rid, body, engine.config, engine.tokenizer)
+
+
+def test_joining_a_running_batch_mid_way_gives_the_same_tokens(engine):
+    alone = {}
+    for q in QUESTIONS:
+        r = chat(engine, f"alone-{q}", q)
+        engine.generate([r])
+        alone[q] = r.output_ids
+    assert "Paris" in engine.tokenizer.decode(alone[QUESTIONS[0]])
+
+    running = [chat(engine, f"early-{q}", q) for q in QUESTIONS[1:3]]
+    for r in running:
+        engine.add_request(r)
+    joiners = {3: chat(engine, "late-0", QUESTIONS[0]), 7: chat(engine, "late-3", QUESTIONS[3]),
+               12: chat(engine, "late-4", QUESTIONS[4])}
+    step = 0
+    while engine.has_unfinished() or joiners:
+        if step in joiners:
+            r = joiners.pop(step)
+            engine.add_request(r)
+            running.append(r)
+        engine.step()
+        step += 1
+    by_id = {r.request_id: r for r in running}
+    assert by_id["late-0"].output_ids == alone[QUESTIONS[0]]
+    assert by_id["late-3"].output_ids == alone[QUESTIONS[3]]
+    assert by_id["late-4"].output_ids == alone[QUESTIONS[4]]
+    assert by_id[f"early-{QUESTIONS[1]}"].output_ids == alone[QUESTIONS[1]]
+    assert by_id[f"early-{QUESTIONS[2]}"].output_ids == alone[QUESTIONS[2]]
+    assert max(r.max_batch_size for r in running) >= 3
