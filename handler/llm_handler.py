@@ -67,7 +67,8 @@ class LLMHandler(BaseHandler):
         if not os.path.isabs(config.model_path):
             config = replace(config, model_path=os.path.join(model_dir, config.model_path))
         self.continuous = bool(yaml_config.get("continuousBatching", False))
-        batch_size = int(yaml_config.get("batchSize", 1))
+        # the management API's batch_size (in system_properties) wins over the archive's batchSize
+        batch_size = int(context.system_properties.get("batch_size") or yaml_config.get("batchSize", 1))
         if self.continuous and batch_size > config.max_num_seqs:
             raise ValueError(f"batchSize {batch_size} exceeds handler.max_num_seqs {config.max_num_seqs}")
         self.engine = Engine.from_config(config)

@@ -48,7 +48,7 @@ class TorchServeProcess:
 
     def __init__(self, workdir: Path, port: int, models: str = "llm=llm.mar", model_store: Path = ROOT / "model_store",
                  extra_config: dict | None = None, env: dict | None = None) -> None:
-        self.workdir = Path(workdir)
+        self.workdir = Path(workdir).resolve()
         self.port = port
         self.inference_url = f"http://127.0.0.1:{port}"
         self.management_url = f"http://127.0.0.1:{port + 1}"

@@ -16,7 +16,7 @@ from measure import percentile  # noqa: E402
 from prompts import WIKITEXT_DIR  # noqa: E402
 from report import baseline_ratio, recommend  # noqa: E402
 
-NUM_USERS, NUM_REQUESTS = 6, 12
+NUM_USERS, NUM_REQUESTS = 8, 16
 PLOTS = ("throughput.png", "latency_percentiles.png", "latency_histograms.png")
 
 
@@ -54,7 +54,7 @@ def test_quick_profile_end_to_end(tmp_path):
     if not (WIKITEXT_DIR / "valid.txt").is_file():
         pytest.skip(f"no WikiText-2 at {WIKITEXT_DIR}")
     cmd = [sys.executable, str(ROOT / "loadtest" / "sweep.py"), "--profile", "quick", "--users", str(NUM_USERS),
-           "--requests", str(NUM_REQUESTS), "--max-new-tokens", "12", "--port", "18190", "--run-id", "test",
+           "--requests", str(NUM_REQUESTS), "--max-new-tokens", "16", "--port", "18190", "--run-id", "test",
            "--results-dir", str(tmp_path), "--p99-target-ms", "600000"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

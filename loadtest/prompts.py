@@ -1,0 +1,102 @@
+"""The load test's workload: a seeded mix of short chat questions, code requests and "summarize
+this article" prompts filled from WikiText-2, and the max_new_tokens distribution (a fixed value
+or a uniform range such as 16-256). Knows nothing about Locust, HTTP or the server."""
+
+import random
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+WIKITEXT_DIR = ROOT.parent / "shared" / "data" / "wikitext-2"
+
+CHAT_QUESTIONS = (
+    "What is the capital of France?",
+    "Why is the sky blue?",
+    "How many legs does a spider have?",
+    "What is the difference between weather and climate?",
+    "Give me three tips for sleeping better.",
+    "Who wrote Pride and Prejudice?",
+    "What does a bee do in a hive?",
+    "How do I boil an egg?",
+    "What is photosynthesis?",
+    "Name three planets in the solar system.",
+    "Why do leaves change colour in autumn?",
+    "What is a good name for a pet goldfish?",
+    "How far is the Moon from the Earth?",
+    "What is the boiling point of water at sea level?",
+    "Explain what a rainbow is in one sentence.",
+    "What are the primary colours?",
+)
+
+CODE_REQUESTS = (
+    "Write a Python function that reverses a string.",
+    "Write a Python function that checks whether a number is prime.",
+    "Write a SQL query that counts the rows of a table named orders.",
+    "Write a JavaScript function that returns the largest number in an array.",
+    "Write a Python function that reads a CSV file and prints the first line.",
+    "Explain what a Python list comprehension is, with an example.",
+    "Write a bash command that counts the lines in every .txt file of a folder.",
+    "Write a Python class for a stack with push and pop.",
+    "Write a Python function that computes the factorial of n.",
+    "Write a regular expression that matches an email address.",
+)
+
+HEADING = re.compile(r"^ = [^=].* = $")   # a top-level WikiText heading: one article starts here
+
+
+def clean(text: str) -> str:
+    """Undo WikiText's tokenization of numbers and hyphens ("1 @,@ 000" -> "1,000")."""
+    return text.replace(" @-@ ", "-").replace(" @,@ ", ",").replace(" @.@ ", ".").strip()
+
+
+def load_articles(path: Path, num_words: int = 200, max_articles: int = 200) -> list[str]:
+    """The opening num_words words of each WikiText article that has that many."""
+    if not path.is_file():
+        raise ValueError(f"WikiText file {str(path)!r} not found; set --wikitext to its path")
+    articles, current = [], []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if HEADING.match(line):
+            articles.append(current)
+            current = []
+        elif line.strip() and not line.strip().startswith("="):
+            current.extend(clean(line).split())
+    articles.append(current)
+    texts = [" ".join(words[:num_words]) for words in articles if len(words) >= num_words]
+    if not texts:
+        raise ValueError(f"no article of {num_words} words or more in {str(path)!r}")
+    return texts[:max_articles]
+
+
+def parse_tokens_spec(spec: str) -> tuple[int, int]:
+    """"64" -> (64, 64); "16-256" -> (16, 256): max_new_tokens is drawn uniformly from the range."""
+    low, _, high = str(spec).partition("-")
+    try:
+        bounds = (int(low), int(high or low))
+    except ValueError:
+        raise ValueError(f"max_new_tokens must be N or LOW-HIGH, got {spec!r}") from None
+    if not 1 <= bounds[0] <= bounds[1]:
+        raise ValueError(f"max_new_tokens must satisfy 1 <= LOW <= HIGH, got {spec!r}")
+    return bounds
+
+
+class PromptMix:
+    """One user's seeded stream of request bodies: the same seed gives the same sequence."""
+
+    def __init__(self, seed: int, articles: list[str], max_new_tokens: tuple[int, int]) -> None:
+        self.rng = random.Random(seed)
+        self.articles = articles
+        self.max_new_tokens = max_new_tokens
+
+    def _body(self, content: str) -> dict:
+        return {"messages": [{"role": "user", "content": content}],
+                "max_new_tokens": self.rng.randint(*self.max_new_tokens)}
+
+    def chat(self) -> dict:
+        return self._body(self.rng.choice(CHAT_QUESTIONS))
+
+    def code(self) -> dict:
+        return self._body(self.rng.choice(CODE_REQUESTS))
+
+    def summarize(self) -> dict:
+        article = self.rng.choice(self.articles)
+        return self._body(f"Summarize this article in three sentences.\n\n{article}")

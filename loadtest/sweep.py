@@ -1,0 +1,219 @@
+"""Server batch-size sweep: what throughput, tail latency, memory and cost each TorchServe
+batchSize / maxBatchDelay gives under a fixed number of concurrent Locust users.
+
+    python loadtest/sweep.py --profile quick                          # make sweep (minutes)
+    python loadtest/sweep.py --profile full --p99-target-ms 60000     # make sweep PROFILE=full (long)
+    python loadtest/sweep.py --mar llm.mar --mar llm-cb.mar:continuous --workload mixed
+
+It starts its own TorchServe on 127.0.0.1 (ports --port..--port+4). For each model archive, batch
+size and delay it registers the model through the management API (API values beat the archive's
+model-config.yaml), waits until the worker is READY, warms up with two full batches, runs Locust
+headless (loadtest/locustfile.py) for a bounded number of requests while sampling the worker's
+memory, and unregisters. Batch size 1 (no batching) is the baseline and runs once per archive.
+Results go to loadtest/results/<run-id>/ (results.csv, summary.md, plots, Locust's raw CSVs),
+and loadtest/results/latest points at the newest run. The last printed line is one JSON object.
+"""
+
+import argparse
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from measure import check_against_locust, load_price, read_locust_row, read_request_log, summarize
+from plots import write_plots
+from prompts import WIKITEXT_DIR
+from report import baseline_ratio, format_table, machine, recommend, write_csv, write_summary
+from server import PeakRSS, register, start_server, unregister, warm_up
+
+ROOT = Path(__file__).resolve().parent.parent
+LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
+PROFILES = {
+    "quick": {"batch_sizes": [1, 4, 16], "users": 16, "requests": 48, "fixed_tokens": 32},
+    "full": {"batch_sizes": [1, 2, 4, 8, 16, 32, 64], "users": 64, "requests": 640, "fixed_tokens": 64},
+}
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--profile", choices=sorted(PROFILES), default="quick")
+    p.add_argument("--batch-sizes", type=int, nargs="+", help="override the profile's batch sizes")
+    p.add_argument("--max-batch-delays", type=int, nargs="+", default=[50], metavar="MS",
+                   help="maxBatchDelay values to sweep at every batch size above 1")
+    p.add_argument("--mar", action="append", metavar="ARCHIVE[:LABEL]",
+                   help="archive in model_store/ to sweep, repeatable (default llm.mar), e.g. llm-cb.mar:continuous")
+    p.add_argument("--users", type=int, help="concurrent Locust users (profile: quick 16, full 64)")
+    p.add_argument("--spawn-rate", type=float, help="users started per second (default: all in one second)")
+    p.add_argument("--requests", type=int, help="generation requests per configuration, after warm-up")
+    p.add_argument("--workload", choices=["fixed", "mixed"], default="fixed",
+                   help="max_new_tokens: fixed (the profile's length) or mixed (uniform 16-256)")
+    p.add_argument("--max-new-tokens", help="override the workload: N or LOW-HIGH")
+    p.add_argument("--stream", action="store_true", help="stream responses (client-side time to first token)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the prompt mix")
+    p.add_argument("--p99-target-ms", type=float, help="recommend the best configuration with p99 within this")
+    p.add_argument("--instance", default="cpu-2vcpu", help="price entry in loadtest/prices.yaml")
+    p.add_argument("--model-store", type=Path, default=ROOT / "model_store", help="folder holding the archives")
+    p.add_argument("--port", type=int, default=18180, help="first of five loopback ports for TorchServe")
+    p.add_argument("--results-dir", type=Path, default=ROOT / "loadtest" / "results")
+    p.add_argument("--run-id", help="name of the run's folder (default: time and profile)")
+    p.add_argument("--max-run-time", type=int, default=3600, help="seconds one configuration may run at most")
+    p.add_argument("--mlflow", action="store_true", help="log each configuration as an MLflow run in mlruns/")
+    p.add_argument("--mlflow-experiment", default="torchserve-batch-sweep")
+    return p.parse_args()
+
+
+def plan(args: argparse.Namespace) -> list[dict]:
+    """Every configuration to measure, in order: per archive, batch size 1 once, then each larger
+    batch size with each delay."""
+    if not (WIKITEXT_DIR / "valid.txt").is_file():
+        raise ValueError(f"WikiText-2 not found at {WIKITEXT_DIR}; the summarize prompts need it")
+    configs = []
+    for spec in args.mar or ["llm.mar"]:
+        mar, _, label = spec.partition(":")
+        if not (args.model_store / mar).is_file():
+            raise ValueError(f"archive {mar!r} not found in {args.model_store}; build it first (make mar)")
+        label = label or mar.removesuffix(".mar")
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", label):
+            raise ValueError(f"label must be letters, digits, '_', '.', '-', got {label!r}")
+        for batch_size in args.batch_sizes:
+            for delay in args.max_batch_delays[:1] if batch_size == 1 else args.max_batch_delays:
+                configs.append({"config": f"{label}_b{batch_size}_d{delay}", "label": label, "mar": mar,
+                                "batch_size": batch_size, "max_batch_delay_ms": delay})
+    return configs
+
+
+def run_locust(args, server, model: str, raw: Path, config: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--only-summary",
+           "-u", str(args.users), "-r", str(args.spawn_rate), "--host", server.inference_url,
+           "--run-time", f"{args.max_run_time}s", "--exit-code-on-error", "0",
+           "--csv", str(raw / config), "--logfile", str(raw / f"{config}_locust.log"),
+           "--model", model, "--max-new-tokens", args.max_new_tokens, "--max-requests", str(args.requests),
+           "--seed", str(args.seed), "--request-log", str(raw / f"{config}_requests.jsonl")]
+    cmd += ["--stream"] if args.stream else []
+    with open(raw / f"{config}_locust.txt", "w") as out:
+        return subprocess.run(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, timeout=args.max_run_time + 120)
+
+
+def measure_config(args, server, config: dict, raw: Path, settings: dict) -> tuple[dict, list[float]]:
+    """Register, warm up, load, unregister; returns the row and every request's latency."""
+    model = f"sweep-{config['config']}".replace("_", "-")
+    register(server, config["mar"], model, config["batch_size"], config["max_batch_delay_ms"])
+    try:
+        warm_up(server, model, min(config["batch_size"], args.users))
+        with PeakRSS(server, model) as rss:
+            proc = run_locust(args, server, model, raw, config["config"])
+    finally:
+        unregister(server, model)
+    if proc.returncode != 0:
+        raise RuntimeError(f"locust exited with {proc.returncode}; see {raw / config['config']}_locust.txt")
+    records = read_request_log(raw / f"{config['config']}_requests.jsonl")
+    row = {**{k: settings[k] for k in ("run_id", "users", "max_new_tokens", "stream", "seed", "instance",
+                                       "usd_per_hour")},
+           **config, "max_requests": args.requests, **summarize(records, settings["usd_per_hour"]),
+           "ttft_source": "client, first streamed part" if args.stream else "server timings.ttft_ms",
+           "peak_worker_rss_mb": round(rss.peak_bytes / 2**20, 1)}
+    for problem in check_against_locust(row, read_locust_row(raw / f"{config['config']}_stats.csv")):
+        tqdm.write(f"warning: {config['config']}: {problem}")
+    failed = [r for r in records if not r["ok"]]
+    if failed:
+        tqdm.write(f"warning: {config['config']}: {len(failed)} failed ({row['errors']}), "
+                   f"e.g. {failed[0].get('detail', failed[0]['kind'])}")
+    if row["num_requests"] != args.requests:
+        tqdm.write(f"warning: {config['config']}: {row['num_requests']} of {args.requests} requests answered "
+                   f"within --max-run-time {args.max_run_time}s")
+    return row, [r["latency_ms"] for r in records]
+
+
+def point_latest(results_dir: Path, run_id: str) -> None:
+    link = results_dir / "latest"
+    tmp = results_dir / f".latest-{os.getpid()}"
+    tmp.symlink_to(run_id)
+    os.replace(tmp, link)
+
+
+def apply_profile(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill what the flags left open from the profile."""
+    profile = PROFILES[args.profile]
+    args.batch_sizes = args.batch_sizes or profile["batch_sizes"]
+    args.users = args.users or profile["users"]
+    args.spawn_rate = args.spawn_rate or args.users
+    args.requests = args.requests or profile["requests"]
+    if args.max_new_tokens is None:
+        args.max_new_tokens = str(profile["fixed_tokens"]) if args.workload == "fixed" else "16-256"
+    args.run_id = args.run_id or f"{time.strftime('%Y%m%d-%H%M%S')}-{args.profile}"
+    return args
+
+
+def run_settings(args: argparse.Namespace) -> dict:
+    return {"run_id": args.run_id, "command": shlex.join(["python", "loadtest/sweep.py", *sys.argv[1:]]),
+            "profile": args.profile, "archives": " ".join(args.mar or ["llm.mar"]),
+            "batch_sizes": args.batch_sizes, "max_batch_delays_ms": args.max_batch_delays,
+            "users": args.users, "spawn_rate": args.spawn_rate, "requests_per_config": args.requests,
+            "workload": args.workload, "max_new_tokens": args.max_new_tokens, "stream": args.stream,
+            "seed": args.seed, "p99_target_ms": args.p99_target_ms, "instance": args.instance,
+            "usd_per_hour": load_price(args.instance),
+            "load_average_before_start": " ".join(f"{x:.2f}" for x in os.getloadavg())}   # was the machine busy?
+
+
+def run_sweep(args, configs: list[dict], run_dir: Path, settings: dict) -> tuple[list[dict], dict]:
+    server = start_server(ROOT / "build" / "sweep-torchserve" / args.run_id, args.port, args.model_store)
+    rows, latencies = [], {}
+    try:
+        for config in tqdm(configs, desc="sweep", unit="config"):
+            row, latencies[config["config"]] = measure_config(args, server, config, run_dir / "raw", settings)
+            rows.append(row)
+            write_csv(rows, run_dir / "results.csv")   # a long sweep that fails later keeps what it measured
+            tqdm.write(f"{config['config']}: {row['requests_per_s']:.3f} req/s, "
+                       f"{row['output_tokens_per_s']:.1f} tok/s, p99 {row['latency_p99_ms'] / 1000:.2f} s")
+    finally:
+        server.stop()
+    return rows, latencies
+
+
+def write_outputs(args, rows: list[dict], latencies: dict, run_dir: Path, settings: dict) -> dict:
+    """results.csv, plots, summary.md, the latest link and MLflow; returns the run's outcome."""
+    best, text = recommend(rows, args.p99_target_ms)
+    fastest, baseline, ratio_text = baseline_ratio(rows)
+    for r in rows:
+        r["meets_p99_target"] = ("" if args.p99_target_ms is None
+                                 else r["num_failures"] == 0 and r["latency_p99_ms"] <= args.p99_target_ms)
+    write_csv(rows, run_dir / "results.csv")
+    plots = write_plots(rows, latencies, run_dir)
+    write_summary(run_dir / "summary.md", rows, settings, text, ratio_text, plots, machine())
+    point_latest(args.results_dir, args.run_id)
+    tracking_uri = None
+    if args.mlflow:
+        from tracking import log_to_mlflow
+        tracking_uri = log_to_mlflow(rows, run_dir, args.mlflow_experiment)
+    return {"run_dir": str(run_dir), "recommendation": text, "ratio": ratio_text,
+            "recommended": best["config"] if best else None, "best_config": fastest["config"] if fastest else None,
+            "best_vs_batch1_requests_ratio":
+                round(fastest["requests_per_s"] / baseline["requests_per_s"], 3) if fastest else None,
+            "mlflow": tracking_uri}
+
+
+def main() -> None:
+    args = apply_profile(parse_args())
+    configs = plan(args)
+    settings = run_settings(args)
+    run_dir = args.results_dir / args.run_id
+    (run_dir / "raw").mkdir(parents=True)
+    rows, latencies = run_sweep(args, configs, run_dir, settings)
+    outcome = write_outputs(args, rows, latencies, run_dir, settings)
+    print(format_table(rows))
+    print(outcome["recommendation"])
+    print(outcome["ratio"])
+    print(f"results: {run_dir}")
+    keys = ("requests_per_s", "output_tokens_per_s", "latency_p50_ms", "latency_p99_ms", "mean_server_batch_size",
+            "num_failures")
+    print(json.dumps({**outcome, "configs": {r["config"]: {k: r[k] for k in keys} for r in rows}}))
+
+
+if __name__ == "__main__":
+    main()
