@@ -43,6 +43,7 @@ WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2" / "test.txt"
 PRECISION_ORDER = ("fp32", "fp16", "bf16", "int8", "nf4", "fp4")   # perplexity baseline: first that ran
 GRID_KEYS = {"modes", "context_lengths", "kv_cache", "num_prompts", "warmup_runs", "timed_runs",
              "max_new_tokens", "seed", "perplexity"}
+RUN_COUNTS = ("num_prompts", "warmup_runs", "timed_runs")   # the optional no_cache section may lower these
 EVENT = "@bench "            # prefix of the worker's event lines on its stdout
 METRICS = ("prefill_ms", "decode_ms", "decode_tokens_s", "total_ms", "peak_mem_mb")
 COLUMNS = ("mode", "context_len", "kv_cache", "template", "prompt_index", "run_index", "prompt_tokens",
@@ -75,8 +76,12 @@ def load_grid(path: Path, profile: str, modes: str) -> dict:
     if profile not in profiles:
         raise ValueError(f"profile {profile!r} is not in {path}; it has {sorted(profiles)}")
     grid = profiles[profile]
-    if set(grid) != GRID_KEYS:
-        raise ValueError(f"profile {profile!r} must have exactly the keys {sorted(GRID_KEYS)}, got {sorted(grid)}")
+    if not GRID_KEYS <= set(grid) <= GRID_KEYS | {"no_cache"}:
+        raise ValueError(f"profile {profile!r} must have the keys {sorted(GRID_KEYS)} (and may have no_cache), "
+                         f"got {sorted(grid)}")
+    no_cache = grid.get("no_cache", {})
+    if not set(no_cache) <= set(RUN_COUNTS) or no_cache.get("num_prompts", 0) > grid["num_prompts"]:
+        raise ValueError(f"no_cache in profile {profile!r} may only lower {RUN_COUNTS}, got {no_cache}")
     bad = [m for m in grid["modes"] if m not in QUANTIZATION_MODES]
     if bad:
         raise ValueError(f"unknown modes {bad} in profile {profile!r}; known: {QUANTIZATION_MODES}")
@@ -86,6 +91,12 @@ def load_grid(path: Path, profile: str, modes: str) -> dict:
             raise ValueError(f"--modes {modes!r} must be a subset of {grid['modes']}")
         grid = {**grid, "modes": wanted}
     return grid
+
+
+def run_counts(grid: dict, kv_cache: bool) -> dict:
+    """num_prompts, warmup_runs and timed_runs of one KV setting."""
+    counts = {k: grid[k] for k in RUN_COUNTS}
+    return counts if kv_cache else {**counts, **grid.get("no_cache", {})}
 
 
 def build_shape_model(shape: str, tokenizer_dir: Path, shape_dir: Path) -> Path:
@@ -102,6 +113,8 @@ def build_shape_model(shape: str, tokenizer_dir: Path, shape_dir: Path) -> Path:
         AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True).save_pretrained(path)
         (path / "random-weights.json").write_text(json.dumps({"shape": shape, "seed": 0}))
         del model
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()    # the workers need the GPU memory, not this process
     return path
 
 
@@ -133,17 +146,16 @@ def run_worker(mode: str, grid: dict, args: argparse.Namespace) -> None:
     engine = Engine(model, tokenizer, config, dataclasses.replace(facts, stop_token_ids=frozenset()))
     wiki = WIKITEXT.read_text()
     ppl = grid["perplexity"]
-    ppl_ids = [] if args.model_shape else tokenizer(
-        wiki[:ppl["max_tokens"] * 8] if ppl["max_tokens"] else wiki, add_special_tokens=False)["input_ids"]
-    ppl_ids = ppl_ids[:ppl["max_tokens"]] if ppl["max_tokens"] else ppl_ids
+    ppl_ids = [] if args.model_shape else measure.perplexity_ids(tokenizer, wiki, ppl["max_tokens"])
     emit("plan", num_steps=measure.num_windows(len(ppl_ids), ppl["window"], ppl["stride"]) if ppl_ids else 0)
 
     peak = measure.PeakMemory(facts.device)
-    num_prompts, num_warmup = grid["num_prompts"], grid["warmup_runs"]
     for length in lengths:
-        prompts = [measure.make_prompt(tokenizer, wiki, i, length) for i in range(num_prompts)]
+        prompts = [measure.make_prompt(tokenizer, wiki, i, length) for i in range(grid["num_prompts"])]
         for kv_cache in grid["kv_cache"]:
-            for step in range(num_warmup + num_prompts * grid["timed_runs"]):
+            counts = run_counts(grid, kv_cache)
+            num_prompts, num_warmup = counts["num_prompts"], counts["warmup_runs"]
+            for step in range(num_warmup + num_prompts * counts["timed_runs"]):
                 k = step if step < num_warmup else step - num_warmup
                 template, ids = prompts[k % num_prompts]
                 peak.reset()
@@ -244,7 +256,7 @@ def print_table(summary: list[dict], report: dict) -> None:
     at = {(s["mode"], s["context_len"], s["kv_cache"]): s for s in summary}
     print(f"\n{'mode':5} {'ctx':>5} {'prefill ms':>10} {'decode ms':>9} {'tok/s':>7} {'tok/s no KV':>11} "
           f"{'KV x':>6} {'peak MB':>8} {'weights MB':>10} {'ppl':>8} {'ppl +%':>7}")
-    for (mode, n, kv), s in sorted(at.items(), key=lambda kv: (PRECISION_ORDER.index(kv[0][0]), kv[0][1])):
+    for (mode, n, kv), s in sorted(at.items(), key=lambda item: (PRECISION_ORDER.index(item[0][0]), item[0][1])):
         if not kv:
             continue
         off = at.get((mode, n, False), {}).get("decode_tokens_s", float("nan"))
@@ -256,17 +268,12 @@ def print_table(summary: list[dict], report: dict) -> None:
         print(f"{mode:5} skipped: {reason}")
 
 
-def main() -> None:
-    args = parse_args()
-    grid = load_grid(args.grid, args.profile, args.modes)
-    if args.worker:
-        return run_worker(args.worker, grid, args)
+def run_modes(grid: dict, args: argparse.Namespace, model_path: Path) -> tuple[list[dict], dict]:
+    """Every mode in turn, each in a fresh process; returns all timed rows and each mode's end event."""
     from tqdm import tqdm
 
-    start = time.perf_counter()
-    model_path = build_shape_model(args.model_shape, args.model_path, args.shape_dir) if args.model_shape else args.model_path
-    runs_per_mode = len(grid["context_lengths"]) * len(grid["kv_cache"]) * (
-        grid["warmup_runs"] + grid["num_prompts"] * grid["timed_runs"])
+    runs_per_mode = len(grid["context_lengths"]) * sum(
+        c["warmup_runs"] + c["num_prompts"] * c["timed_runs"] for c in (run_counts(grid, kv) for kv in grid["kv_cache"]))
     rows, ends = [], {}
     with tqdm(total=runs_per_mode * len(grid["modes"]), desc="bench", unit="step", file=sys.stderr) as bar:
         for mode in grid["modes"]:
@@ -277,14 +284,25 @@ def main() -> None:
                 rows += [{**r, "dtype": end["dtype"], "weight_mb": end["weight_mb"], "device": end["device"],
                           "model": model_path.name, "seed": grid["seed"]} for r in mode_rows]
             bar.total = bar.n + runs_per_mode * (len(grid["modes"]) - len(ends))
+    return rows, ends
+
+
+def main() -> None:
+    args = parse_args()
+    grid = load_grid(args.grid, args.profile, args.modes)
+    if args.worker:
+        return run_worker(args.worker, grid, args)
+    start = time.perf_counter()
+    model_path = build_shape_model(args.model_shape, args.model_path, args.shape_dir) if args.model_shape else args.model_path
+    rows, ends = run_modes(grid, args, model_path)
     summary = summarize(rows)
     report = build_report(summary, ends, grid, args, model_path.name)
     files = write_outputs(args.out, rows, summary, report)
     print_table(summary, report)
-    top = max(grid["context_lengths"])
+    top, modes = max(grid["context_lengths"]), [m for m in grid["modes"] if m in report]
     print(json.dumps({"profile": args.profile, "wall_s": round(time.perf_counter() - start, 1), "device": report["device"],
-                      "num_timed_runs": len(rows), f"tokens_s_{top}": {m: report[m][f"tokens_s_{top}"] for m in ends if m in report},
-                      "ppl": {m: report[m]["ppl"] for m in ends if m in report}, "skipped": report["skipped"],
+                      "num_timed_runs": len(rows), f"tokens_s_{top}": {m: report[m][f"tokens_s_{top}"] for m in modes},
+                      "ppl": {m: report[m]["ppl"] for m in modes}, "skipped": report["skipped"],
                       "files": [str(f) for f in files]}))
 
 
