@@ -33,7 +33,7 @@ $(MAR): $(VENV)/.installed $(MODEL_DIR)/prepared.json $(SOURCES)
 	$(PY) scripts/build_mar.py --name llm
 
 $(MAR_CB): $(VENV)/.installed $(MODEL_DIR)/prepared.json $(SOURCES)
-	$(PY) scripts/build_mar.py --name llm-cb --continuous
+	$(PY) scripts/build_mar.py --name llm-cb --continuous --batch-size 64 --max-batch-delay 10
 
 mar: $(MAR) $(MAR_CB)
 

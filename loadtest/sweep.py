@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
 PROFILES = {
     "quick": {"batch_sizes": [1, 4, 16], "users": 16, "requests": 48, "fixed_tokens": 32},
-    "full": {"batch_sizes": [1, 2, 4, 8, 16, 32, 64], "users": 64, "requests": 256, "fixed_tokens": 64},
+    "full": {"batch_sizes": [1, 2, 4, 8, 16, 32, 64], "users": 64, "requests": 192, "fixed_tokens": 64},
 }
 
 
