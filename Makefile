@@ -37,7 +37,7 @@ $(MAR_CB): $(VENV)/.installed $(MODEL_DIR)/prepared.json $(SOURCES)
 
 mar: $(MAR) $(MAR_CB)
 
-serve: $(MAR)
+serve: $(MAR) $(MAR_CB)
 	@$(PY) scripts/serve.py start
 
 stop:
