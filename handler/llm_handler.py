@@ -72,6 +72,9 @@ class LLMHandler(BaseHandler):
         if self.continuous and batch_size > config.max_num_seqs:
             raise ValueError(f"batchSize {batch_size} exceeds handler.max_num_seqs {config.max_num_seqs}")
         self.engine = Engine.from_config(config)
+        # one tiny request at start-up, so the first user does not pay for the kernels' set-up
+        warmup = parse_request("warmup", {"prompt": "Hello", "max_new_tokens": 2}, config, self.engine.tokenizer)
+        self.engine.generate([warmup])
         self.initialized = True
         logger.info("llm engine ready: %s, continuous=%s, %s", config, self.continuous, self.engine.facts)
 
