@@ -48,16 +48,14 @@ def test_prefill_budget_stops_fifo():
 
 
 def test_kv_budget_limits_admission():
-    s = Scheduler(max_num_seqs=8, max_prefill_tokens=1000, kv_capacity_tokens=20)
-    a, b = req("a", 9), req("b", 9)
-    s.add(a)
-    s.add(b)
-    assert s.schedule().prefill == [a, b]       # 10 + 10 = 20 fits
-    c = req("c", 1)
-    s.add(c)
-    decode_one(s)
+    s = Scheduler(max_num_seqs=8, max_prefill_tokens=1000, kv_capacity_tokens=21)
+    a, b, c = req("a", 9), req("b", 9), req("c", 1)
+    for r in (a, b, c):
+        s.add(r)
     out = s.schedule()
-    assert c not in out.prefill
+    assert out.prefill == [a, b] and list(s.waiting) == [c]   # 10 + 10 fit; c's 2 more would make 22
+    s.finish(a, "stop")
+    assert s.schedule().prefill == [c]
 
 
 def test_preemption_evicts_newest_and_requeues_first():
