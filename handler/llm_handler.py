@@ -100,11 +100,7 @@ class LLMHandler(BaseHandler):
             except RequestError as e:
                 responses[idx] = self._error(context, idx, 400, e.to_dict())
         try:
-            for r in requests.values():
-                self.engine.add_request(r)
-            while any(not r.is_finished for r in requests.values()):
-                self.engine.step()
-                self._send_stream_chunks(requests, context)
+            self.engine.generate(list(requests.values()), on_step=lambda: self._send_stream_chunks(requests, context))
         except Exception as e:  # one failure must still answer every request of the batch
             logger.exception("generation failed")
             for idx, r in requests.items():

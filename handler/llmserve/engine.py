@@ -4,6 +4,7 @@ and postprocess appends tokens, finishes requests and frees their KV rows at onc
 batching is `generate()` (run a batch to completion); continuous batching calls step() itself."""
 
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -50,31 +51,28 @@ class Engine:
     def has_unfinished(self) -> bool:
         return self.scheduler.num_unfinished > 0
 
-    def generate(self, requests: list[Request]) -> list[Request]:
-        """Request-level batching: run these to completion; each finishes as soon as it is done."""
+    def generate(self, requests: list[Request], on_step: Callable[[], None] | None = None) -> list[Request]:
+        """Request-level batching: run these to completion; each finishes as soon as it is done.
+        on_step runs after every step (the handler streams parts from it)."""
         for r in requests:
             self.add_request(r)
         while any(not r.is_finished for r in requests):
             self.step()
+            if on_step is not None:
+                on_step()
         return requests
 
-    def step(self) -> list[Request]:
-        """One iteration; returns the requests that got a token or finished in it."""
+    def step(self) -> None:
+        """One iteration: decode every running sequence (rows 0..B-1), then prefill newcomers."""
         out = self.scheduler.schedule()
         for r in out.preempted:
             self._release_row(r)
-        touched = []
         if out.decode:
             B = len(out.decode)
-            assert all(r.row < B for r in out.decode)
             logits = self.runner.decode(B)
-            ordered = self.rows[:B]
-            self._postprocess(ordered, logits, batch_size=B + len(out.prefill))
-            touched += ordered
+            self._postprocess(self.rows[:B], logits, batch_size=B + len(out.prefill))
         if out.prefill:
             self._prefill(out.prefill)
-            touched += out.prefill
-        return touched
 
     # -- internals --------------------------------------------------------------------------------
     def _prefill(self, requests: list[Request]) -> None:

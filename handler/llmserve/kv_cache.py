@@ -25,17 +25,12 @@ class KVCache:
         self.k = zeros(shape, dtype, device)
         self.v = zeros(shape, dtype, device)
         self.max_len = max_len
-        self.num_rows = num_rows
         # per row: cache positions written so far, and how many of the first are left padding
         self.lengths = torch.zeros(num_rows, dtype=torch.long, device=device)     # [S]
         self.starts = torch.zeros(num_rows, dtype=torch.long, device=device)      # [S]
         self.last_tokens = torch.zeros(num_rows, dtype=torch.long, device=device) # [S] next decode input
         self.row_lengths = np.zeros(num_rows, dtype=np.int64)  # the same on the host: sizes a step without a sync
         self.positions = torch.arange(max_len, device=device)                     # [T]
-
-    @property
-    def nbytes(self) -> int:
-        return 2 * self.k.numel() * self.k.element_size()
 
     def move_row(self, src: int, dst: int) -> None:
         n = int(self.row_lengths[src])

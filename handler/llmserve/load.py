@@ -45,6 +45,7 @@ def weight_bytes(model: torch.nn.Module) -> int:
 
 def load_model(config: EngineConfig):
     """Returns (model, tokenizer, facts)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")   # before transformers may look at a hub
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = Path(config.model_path)
@@ -56,7 +57,6 @@ def load_model(config: EngineConfig):
     hf_config = AutoConfig.from_pretrained(path, local_files_only=True)
     if hf_config.model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"model type {hf_config.model_type!r} is not supported; supported: {SUPPORTED_MODEL_TYPES}")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     kwargs = from_pretrained_kwargs(config.quantization, device)
     model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **kwargs)
     if "device_map" not in kwargs:

@@ -58,8 +58,7 @@ class ModelRunner:
         self.decoder = model.model
         cfg = model.config
         self.num_heads = cfg.num_attention_heads
-        self.num_kv_heads = cfg.num_key_value_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        _, _, self.num_kv_heads, _, self.head_dim = cache.k.shape              # [L, S, Hkv, T, D]
         # fewer, larger matrix products per layer: q|k|v in one, gate|up in one (float weights only)
         self.qkv = [fuse_linears([l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj]) for l in self.decoder.layers]
         self.gate_up = [fuse_linears([l.mlp.gate_proj, l.mlp.up_proj]) if cfg.hidden_act == "silu" else None
