@@ -101,7 +101,7 @@ class ModelRunner:
         def write(layer: int, k: torch.Tensor, v: torch.Tensor):
             c.k[layer, rows, :, lengths] = k[:, :, 0]
             c.v[layer, rows, :, lengths] = v[:, :, 0]
-            return c.k[layer, :B, :, :Tk], c.v[layer, :B, :, :Tk]
+            return c.k[layer, :B, :, :Tk].contiguous(), c.v[layer, :B, :, :Tk].contiguous()
         logits = self._forward(tokens, positions, mask[:, None, None, :], write)
         c.advance(B)
         return logits
