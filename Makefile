@@ -5,7 +5,6 @@ VENV := .venv
 PY := $(VENV)/bin/python
 MODEL_DIR := models/smollm2-135m-instruct
 MAR := model_store/llm.mar
-MAR_CB := model_store/llm-cb.mar
 SOURCES := config/model-config.yaml scripts/build_mar.py $(wildcard handler/*.py handler/llmserve/*.py)
 TS_URL := http://127.0.0.1:8080
 MGMT_URL := http://127.0.0.1:8081
@@ -27,17 +26,13 @@ $(VENV)/.installed: requirements.txt
 $(MODEL_DIR)/prepared.json: $(VENV)/.installed scripts/prepare_model.py
 	$(PY) scripts/prepare_model.py --out $(MODEL_DIR)
 
-# The same handler and config in two archives: request-level batching, and continuous batching
-# (TorchServe 0.12 reads continuousBatching only from the archive's model-config.yaml).
+# One archive serves both batching modes (handler.batching, or handler= when registering).
 $(MAR): $(VENV)/.installed $(MODEL_DIR)/prepared.json $(SOURCES)
 	$(PY) scripts/build_mar.py --name llm
 
-$(MAR_CB): $(VENV)/.installed $(MODEL_DIR)/prepared.json $(SOURCES)
-	$(PY) scripts/build_mar.py --name llm-cb --continuous --batch-size 64 --max-batch-delay 10
+mar: $(MAR)
 
-mar: $(MAR) $(MAR_CB)
-
-serve: $(MAR) $(MAR_CB)
+serve: $(MAR)
 	@$(PY) scripts/serve.py start
 
 stop:
@@ -46,7 +41,7 @@ stop:
 status:
 	@curl -s $(MGMT_URL)/models/llm
 
-test: $(MAR) $(MAR_CB)
+test: $(MAR)
 	$(PY) -m pytest -q tests
 
 test-unit: $(VENV)/.installed
@@ -55,7 +50,7 @@ test-unit: $(VENV)/.installed
 measure: $(MAR)
 	$(PY) scripts/measure_modes.py
 
-sweep: $(MAR) $(MAR_CB)
+sweep: $(MAR)
 	$(PY) loadtest/sweep.py --profile $(PROFILE)
 
 bench: $(VENV)/.installed $(MODEL_DIR)/prepared.json

@@ -1,7 +1,12 @@
 """TorchServe entry point: a thin adapter between TorchServe's batches and the llmserve engine.
-Request-level batching (default): each handle() call runs its batch to completion.
-Continuous batching (`continuousBatching: true`): each handle() call is one engine step; running
-requests come back by id without payload and finish through context.stopping_criteria.
+With `continuousBatching: true` in the archive (the default) each handle() call is one engine
+step: requests still running come back by id without payload and finish through
+context.stopping_criteria. The engine's scheduler then applies `handler.batching`: `continuous`
+(newcomers join the running batch at the next step) or `request_level` (newcomers wait until the
+whole running batch is done). One archive serves both: register it with
+handler=llm_handler:continuous or handler=llm_handler:request_level to choose per registration.
+With `continuousBatching: false` (TorchServe's classic batching, the one that scales to several
+workers in TorchServe 0.12) each handle() call runs its batch to completion: request-level only.
 The only module that imports TorchServe."""
 
 import json
@@ -51,13 +56,14 @@ def chunk(r: Request) -> str:
 
 
 class LLMHandler(BaseHandler):
-    def __init__(self) -> None:
+    def __init__(self, batching: str | None = None) -> None:
         super().__init__()
+        self.batching = batching               # None: handler.batching from model-config.yaml
         self.engine: Engine | None = None
-        self.continuous = False
-        self.live: dict[str, Request] = {}     # continuous mode: request id -> its running request
-        self.opened: set[str] = set()          # continuous mode: ids whose first response went out
-        self.closing: dict[str, str] = {}      # continuous mode: id -> last body still to send
+        self.stepwise = True                   # TorchServe's continuous-batching protocol
+        self.live: dict[str, Request] = {}     # request id -> its running request
+        self.opened: set[str] = set()          # ids whose first response went out
+        self.closing: dict[str, str] = {}      # id -> last body still to send
 
     def initialize(self, context) -> None:
         yaml_config = context.model_yaml_config or {}
@@ -66,22 +72,22 @@ class LLMHandler(BaseHandler):
         model_dir = context.system_properties.get("model_dir") or "."
         if not os.path.isabs(config.model_path):
             config = replace(config, model_path=os.path.join(model_dir, config.model_path))
-        self.continuous = bool(yaml_config.get("continuousBatching", False))
+        if self.batching:
+            config = replace(config, batching=self.batching)
+        self.stepwise = bool(yaml_config.get("continuousBatching", False))
+        if not self.stepwise and config.batching == "continuous":
+            raise ValueError("handler.batching: continuous needs continuousBatching: true in model-config.yaml; "
+                             "with continuousBatching: false set handler.batching: request_level")
         # the management API's batch_size (in system_properties) wins over the archive's batchSize
         batch_size = int(context.system_properties.get("batch_size") or yaml_config.get("batchSize", 1))
-        if self.continuous and batch_size > config.max_num_seqs:
+        if self.stepwise and batch_size > config.max_num_seqs:
             raise ValueError(f"batchSize {batch_size} exceeds handler.max_num_seqs {config.max_num_seqs}")
         self.engine = Engine.from_config(config)
         # one tiny request at start-up, so the first user does not pay for the kernels' set-up
         warmup = parse_request("warmup", {"prompt": "Hello", "max_new_tokens": 2}, config, self.engine.tokenizer)
         self.engine.generate([warmup])
         self.initialized = True
-        logger.info("llm engine ready: %s, continuous=%s, %s", config, self.continuous, self.engine.facts)
-
-    def handle(self, data, context):
-        if self.continuous:
-            return self.handle_step(data, context)
-        return self.handle_batch(data, context)
+        logger.info("llm engine ready: %s, %s", config, self.engine.facts)
 
     def _parse(self, idx: int, row: dict, context) -> Request:
         request_id = context.get_request_id(idx) or f"req-{idx}"
@@ -90,7 +96,7 @@ class LLMHandler(BaseHandler):
             raise RequestError("body", "no JSON body found; send a JSON object with Content-Type: application/json")
         return parse_request(request_id, body, self.engine.config, self.engine.tokenizer)
 
-    # -- request-level batching ---------------------------------------------------------------------
+    # -- TorchServe's classic batching: the batch runs to completion in one call ---------------------
     def handle_batch(self, data: list, context) -> list:
         responses: list = [None] * len(data)
         requests: dict[int, Request] = {}
@@ -113,17 +119,19 @@ class LLMHandler(BaseHandler):
         return responses
 
     def _send_stream_chunks(self, requests: dict[int, Request], context) -> None:
-        pending = {idx: r for idx, r in requests.items() if r.stream and not r.is_finished}
-        if not pending:
-            return
-        lines = {idx: line for idx, r in pending.items() if (line := chunk(r))}
+        lines = {idx: line for idx, r in requests.items() if r.stream and not r.is_finished and (line := chunk(r))}
         if lines:
             for idx in lines:
                 context.set_response_content_type(idx, NDJSON)
             send_intermediate_predict_response(lines, {idx: requests[idx].request_id for idx in lines},
                                                "Intermediate Prediction success", 200, context)
 
-    # -- continuous batching ------------------------------------------------------------------------
+    # -- TorchServe's continuous-batching protocol: one engine step per call -------------------------
+    def handle(self, data: list, context) -> list:
+        if not self.stepwise:
+            return self.handle_batch(data, context)
+        return self.handle_step(data, context)
+
     def handle_step(self, data: list, context) -> list:
         ids = [context.get_request_id(idx) for idx in range(len(data))]
         for gone in (set(self.live) | set(self.closing)) - set(ids):   # the client went away
@@ -194,3 +202,23 @@ class LLMHandler(BaseHandler):
         context.set_response_status(status, "Bad Request" if status == 400 else "Internal Server Error", idx=idx)
         context.set_response_content_type(idx, JSON)
         return json.dumps(body)
+
+
+# Entry points for the management API's handler= parameter: the same archive with another policy.
+_handlers: dict[str, LLMHandler] = {}
+
+
+def _serve(batching: str, data, context):
+    if batching not in _handlers:          # TorchServe initialises a function entry point with data=None
+        handler = LLMHandler(batching)
+        handler.initialize(context)
+        _handlers[batching] = handler
+    return None if data is None else _handlers[batching].handle(data, context)
+
+
+def continuous(data, context):
+    return _serve("continuous", data, context)
+
+
+def request_level(data, context):
+    return _serve("request_level", data, context)

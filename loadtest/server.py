@@ -29,11 +29,12 @@ def start_server(workdir: Path, port: int, model_store: Path) -> TorchServeProce
 
 
 def register(server: TorchServeProcess, mar: str, name: str, batch_size: int, max_batch_delay: int,
-             timeout: float = 600) -> None:
-    """API values beat the .mar's model-config.yaml, so every configuration is the one we ask for."""
-    query = urllib.parse.urlencode({"url": mar, "model_name": name, "batch_size": batch_size,
-                                    "max_batch_delay": max_batch_delay, "initial_workers": 1,
-                                    "synchronous": "true"})
+             handler: str = "", timeout: float = 600) -> None:
+    """API values beat the .mar's model-config.yaml, so every configuration is the one we ask for;
+    handler (e.g. llm_handler:request_level) replaces the archive's entry point."""
+    params = {"url": mar, "model_name": name, "batch_size": batch_size, "max_batch_delay": max_batch_delay,
+              "initial_workers": 1, "synchronous": "true"}
+    query = urllib.parse.urlencode({**params, **({"handler": handler} if handler else {})})
     http_json(f"{server.management_url}/models?{query}", method="POST", timeout=timeout)
     wait_ready(server.management_url, name, timeout, server.proc)
     described = http_json(f"{server.management_url}/models/{name}")[0]

@@ -3,7 +3,8 @@ batchSize / maxBatchDelay gives under a fixed number of concurrent Locust users.
 
     python loadtest/sweep.py --profile quick                          # make sweep (minutes)
     python loadtest/sweep.py --profile full --p99-target-ms 60000     # make sweep PROFILE=full (long)
-    python loadtest/sweep.py --mar llm.mar --mar llm-cb.mar:continuous --workload mixed
+    python loadtest/sweep.py --mar llm.mar:request-level@llm_handler:request_level \
+        --mar llm.mar:continuous@llm_handler:continuous --workload mixed    # one archive, two policies
 
 It starts its own TorchServe on 127.0.0.1 (ports --port..--port+4). For each model archive, batch
 size and delay it registers the model through the management API (API values beat the archive's
@@ -46,8 +47,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batch-sizes", type=int, nargs="+", help="override the profile's batch sizes")
     p.add_argument("--max-batch-delays", type=int, nargs="+", default=[50], metavar="MS",
                    help="maxBatchDelay values to sweep at every batch size above 1")
-    p.add_argument("--mar", action="append", metavar="ARCHIVE[:LABEL]",
-                   help="archive in model_store/ to sweep, repeatable (default llm.mar), e.g. llm-cb.mar:continuous")
+    p.add_argument("--mar", action="append", metavar="ARCHIVE[:LABEL][@HANDLER]",
+                   help="archive in model_store/ to sweep, repeatable (default llm.mar); @HANDLER registers it "
+                        "with the management API's handler=, e.g. llm.mar:rl@llm_handler:request_level")
     p.add_argument("--users", type=int, help="concurrent Locust users (profile: quick 16, full 64)")
     p.add_argument("--spawn-rate", type=float, help="users started per second (default: all in one second)")
     p.add_argument("--requests", type=int, help="generation requests per configuration, after warm-up")
@@ -75,6 +77,7 @@ def plan(args: argparse.Namespace) -> list[dict]:
         raise ValueError(f"WikiText-2 not found at {WIKITEXT_DIR}; the summarize prompts need it")
     configs = []
     for spec in args.mar or ["llm.mar"]:
+        spec, _, handler = spec.partition("@")
         mar, _, label = spec.partition(":")
         if not (args.model_store / mar).is_file():
             raise ValueError(f"archive {mar!r} not found in {args.model_store}; build it first (make mar)")
@@ -84,7 +87,7 @@ def plan(args: argparse.Namespace) -> list[dict]:
         for batch_size in args.batch_sizes:
             for delay in args.max_batch_delays[:1] if batch_size == 1 else args.max_batch_delays:
                 configs.append({"config": f"{label}_b{batch_size}_d{delay}", "label": label, "mar": mar,
-                                "batch_size": batch_size, "max_batch_delay_ms": delay})
+                                "handler": handler, "batch_size": batch_size, "max_batch_delay_ms": delay})
     return configs
 
 
@@ -103,7 +106,7 @@ def run_locust(args, server, model: str, raw: Path, config: str) -> subprocess.C
 def measure_config(args, server, config: dict, raw: Path, settings: dict) -> tuple[dict, list[float]]:
     """Register, warm up, load, unregister; returns the row and every request's latency."""
     model = f"sweep-{config['config']}".replace("_", "-")
-    register(server, config["mar"], model, config["batch_size"], config["max_batch_delay_ms"])
+    register(server, config["mar"], model, config["batch_size"], config["max_batch_delay_ms"], config["handler"])
     try:
         warm_up(server, model, min(config["batch_size"], args.users))
         with PeakRSS(server, model) as rss:

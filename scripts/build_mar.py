@@ -4,7 +4,11 @@ The archive holds the handler and the llmserve package; the weights stay in the 
 directory, whose path is written into the archive's model-config.yaml as an absolute path.
 Overrides make a variant of the same model, e.g. an int8 one to register beside the default:
     python scripts/build_mar.py --name llm-int8 --set quantization=int8
-    python scripts/build_mar.py --name llm-cb --continuous --batch-size 16
+    python scripts/build_mar.py --name llm-small --batch-size 16 --set max_num_seqs=16
+One archive serves both continuous and request-level batching (see handler/llm_handler.py).
+--no-continuous-batching builds an archive for TorchServe's classic batching instead, the one
+that scales to several workers per model in TorchServe 0.12 (request-level only):
+    python scripts/build_mar.py --name llm-classic --no-continuous-batching --set batching=request_level
 """
 
 import argparse
@@ -32,10 +36,12 @@ def render_config(args) -> dict:
         handler[key] = parse_value(value)
     path = Path(handler.get("model_path", ""))
     handler["model_path"] = str(path if path.is_absolute() else (ROOT / path).resolve())
-    EngineConfig.from_dict(handler)   # fail here, not in a worker, on a bad key or value
+    engine_config = EngineConfig.from_dict(handler)   # fail here, not in a worker, on a bad key or value
     config["handler"] = handler
-    if args.continuous is not None:
-        config["continuousBatching"] = args.continuous
+    if args.continuous_batching is not None:
+        config["continuousBatching"] = args.continuous_batching
+    if not config.get("continuousBatching") and engine_config.batching == "continuous":
+        raise SystemExit("continuousBatching: false needs --set batching=request_level")
     if args.batch_size is not None:
         config["batchSize"] = args.batch_size
     if args.max_batch_delay is not None:
@@ -49,7 +55,8 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=ROOT / "config/model-config.yaml")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a key of the handler: section")
-    parser.add_argument("--continuous", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--continuous-batching", action=argparse.BooleanOptionalAction, default=None,
+                        help="override the config's continuousBatching")
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--max-batch-delay", type=int)
     parser.add_argument("--export-path", type=Path, default=ROOT / "model_store")

@@ -1,4 +1,6 @@
-"""End to end: a real TorchServe on loopback with the real .mar files and the real model.
+"""End to end: a real TorchServe on loopback with the real archive and the real model. One
+archive, llm.mar, is served twice: as "llm" (its model-config.yaml: continuous batching) and,
+registered through the management API with handler=llm_handler:request_level, as "llm-rl".
 Traffic goes to 127.0.0.1 only, in bounded numbers."""
 
 import json
@@ -20,13 +22,18 @@ FRANCE = {"messages": [{"role": "user", "content": "What is the capital of Franc
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    for mar in ("llm.mar", "llm-cb.mar"):
-        if not (ROOT / "model_store" / mar).is_file():
-            pytest.skip(f"model_store/{mar} missing: run make mar")
-    ts = TorchServeProcess(tmp_path_factory.mktemp("ts"), port=18080, models="llm=llm.mar,llm-cb=llm-cb.mar")
+    if not (ROOT / "model_store" / "llm.mar").is_file():
+        pytest.skip("model_store/llm.mar missing: run make mar")
+    ts = TorchServeProcess(tmp_path_factory.mktemp("ts"), port=18080, models="llm=llm.mar")
     ts.start()
-    yield ts
-    ts.stop()
+    try:
+        r = requests.post(f"{ts.management_url}/models?url=llm.mar&model_name=llm-rl"
+                          "&handler=llm_handler:request_level&initial_workers=1&synchronous=true", timeout=300)
+        assert r.status_code == 200, r.text
+        wait_ready(ts.management_url, "llm-rl", timeout=300)
+        yield ts
+    finally:
+        ts.stop()
 
 
 def post(server, body, model="llm", **kw) -> requests.Response:
@@ -35,7 +42,7 @@ def post(server, body, model="llm", **kw) -> requests.Response:
                          headers={"Content-Type": "application/json"}, timeout=300, **kw)
 
 
-@pytest.mark.parametrize("model", ["llm", "llm-cb"])
+@pytest.mark.parametrize("model", ["llm", "llm-rl"])
 def test_capital_of_france(server, model):
     r = post(server, FRANCE, model)
     assert r.status_code == 200, r.text
@@ -46,10 +53,11 @@ def test_capital_of_france(server, model):
     assert out["timings"]["batch_size"] >= 1 and out["timings"]["prefill_ms"] > 0
 
 
-def test_concurrent_requests_are_batched(server):
+@pytest.mark.parametrize("model", ["llm", "llm-rl"])
+def test_concurrent_requests_are_batched(server, model):
     prompts = [{"prompt": f"Count from {i} to {i + 20}:", "max_new_tokens": 32} for i in range(8)]
     with ThreadPoolExecutor(8) as pool:
-        responses = list(pool.map(lambda b: post(server, b), prompts))
+        responses = list(pool.map(lambda b: post(server, b, model), prompts))
     assert [r.status_code for r in responses] == [200] * 8
     sizes = [r.json()["timings"]["batch_size"] for r in responses]
     assert max(sizes) > 1, sizes
@@ -70,7 +78,7 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize("model", ["llm", "llm-cb"])
+@pytest.mark.parametrize("model", ["llm", "llm-rl"])
 def test_bad_inputs_do_not_harm_a_good_request(server, model):
     alone = post(server, FRANCE, model).json()["text"]
     with ThreadPoolExecutor(len(BAD) + 1) as pool:
@@ -83,7 +91,7 @@ def test_bad_inputs_do_not_harm_a_good_request(server, model):
         assert r.json()["field"] == field and r.json()["error"]
 
 
-def stream(server, body, model="llm-cb") -> list[tuple[float, dict]]:
+def stream(server, body, model="llm") -> list[tuple[float, dict]]:
     """(arrival time, part) for each streamed JSON line."""
     parts = []
     with post(server, {**body, "stream": True}, model, stream=True) as r:
@@ -94,7 +102,7 @@ def stream(server, body, model="llm-cb") -> list[tuple[float, dict]]:
     return parts
 
 
-@pytest.mark.parametrize("model", ["llm-cb", "llm"])
+@pytest.mark.parametrize("model", ["llm", "llm-rl"])
 def test_streaming_parts_arrive_incrementally(server, model):
     body = {"messages": [{"role": "user", "content": "Write a long story about a dragon."}], "max_new_tokens": 64}
     whole = post(server, body, model).json()
@@ -124,53 +132,77 @@ def test_many_concurrent_streams(server):
     assert max(parts[-1][1]["timings"]["batch_size"] for parts in results) > 1
 
 
-def test_joining_a_busy_batch_gets_its_first_token_early(server):
-    long_body = {"prompt": "Once upon a time", "max_new_tokens": 200, "temperature": 0.8, "seed": 1}
-    done = {}
+def join_busy_batch(server, model) -> tuple[float, list[float], list]:
+    """Three long requests decoding, then a short streamed one: (its first token's time, the
+    long ones' ends, its parts)."""
+    long_body = {"prompt": "Count from 1 to 1000: 1, 2, 3, 4,", "max_new_tokens": 200}   # greedy: counts on
+    ends = []
     def run_long():
-        r = post(server, long_body, "llm-cb")
-        done["long"] = (time.perf_counter(), r.json())
+        r = post(server, long_body, model)
+        assert r.json()["usage"]["completion_tokens"] == 200, r.text
+        ends.append(time.perf_counter())
     threads = [threading.Thread(target=run_long) for _ in range(3)]
     for t in threads:
         t.start()
     time.sleep(1.5)                                  # the long requests are decoding now
-    parts = stream(server, {"messages": [{"role": "user", "content": "Say hi."}], "max_new_tokens": 8})
-    first_token_at = parts[0][0]
+    parts = stream(server, {"messages": [{"role": "user", "content": "Say hi."}], "max_new_tokens": 8}, model)
     for t in threads:
         t.join()
-    assert done["long"][1]["usage"]["completion_tokens"] > 50
-    assert first_token_at < done["long"][0]
+    assert len(ends) == 3
+    return parts[0][0], sorted(ends), parts
+
+
+def test_joining_a_busy_batch_gets_its_first_token_early(server):
+    first_token_at, ends, parts = join_busy_batch(server, "llm")
+    assert first_token_at < ends[0]                  # before any long request is done
     assert parts[-1][1]["timings"]["batch_size"] > 1
 
 
+def test_request_level_newcomer_waits_for_the_busy_batch(server):
+    # the long ones may have formed one batch or two; either way the newcomer starts once one is over
+    first_token_at, ends, parts = join_busy_batch(server, "llm-rl")
+    assert first_token_at > ends[0]
+
+
 def test_client_disconnect_frees_its_slot(server):
-    with post(server, {"prompt": "Once upon a time", "max_new_tokens": 500, "temperature": 0.8, "stream": True}, "llm-cb",
+    with post(server, {"prompt": "Once upon a time", "max_new_tokens": 500, "temperature": 0.8, "stream": True}, "llm",
               stream=True) as r:
         next(r.iter_lines())                         # the stream has started; now hang up
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:               # the slot frees long before 500 tokens are done
-        if post(server, FRANCE, "llm-cb").json()["timings"]["batch_size"] == 1:
+        if post(server, FRANCE, "llm").json()["timings"]["batch_size"] == 1:
             break
         time.sleep(0.5)
     else:
         pytest.fail("a disconnected stream kept its slot")
 
 
-def test_scale_workers(server):
-    url = f"{server.management_url}/models/llm"
-    r = requests.put(f"{url}?min_worker=2&synchronous=true", timeout=300)
+def test_scale_workers_of_a_classic_archive(server):
+    # TorchServe 0.12's ContinuousBatching stalls a busy worker while another waits for work (the
+    # idle one holds the model's queue lock), so several workers need the classic archive
+    subprocess.run([sys.executable, str(ROOT / "scripts/build_mar.py"), "--name", "llm-classic",
+                    "--no-continuous-batching", "--set", "batching=request_level"], check=True, capture_output=True)
+    url = f"{server.management_url}/models/llm-classic"
+    r = requests.post(f"{server.management_url}/models?url=llm-classic.mar&initial_workers=1&synchronous=true",
+                      timeout=300)
     assert r.status_code == 200, r.text
-    wait_ready(server.management_url, "llm", timeout=300)
-    assert len(requests.get(url, timeout=10).json()[0]["workers"]) == 2
-    with ThreadPoolExecutor(4) as pool:
-        responses = list(pool.map(lambda _: post(server, FRANCE), range(4)))
-    assert all(r.status_code == 200 and "Paris" in r.json()["text"] for r in responses)
-    requests.put(f"{url}?min_worker=1&max_worker=1&synchronous=true", timeout=300)
+    try:
+        r = requests.put(f"{url}?min_worker=2&synchronous=true", timeout=300)
+        assert r.status_code == 200, r.text
+        wait_ready(server.management_url, "llm-classic", timeout=300)
+        assert len(requests.get(url, timeout=10).json()[0]["workers"]) == 2
+        with ThreadPoolExecutor(4) as pool:
+            responses = list(pool.map(lambda _: post(server, FRANCE, "llm-classic"), range(4)))
+        assert all(r.status_code == 200 and "Paris" in r.json()["text"] for r in responses)
+        parts = stream(server, FRANCE, "llm-classic")
+        assert len(parts) > 2 and "Paris" in "".join(p["text"] for _, p in parts)
+    finally:
+        requests.delete(url, timeout=60)
 
 
 def test_register_int8_variant(server):
     subprocess.run([sys.executable, str(ROOT / "scripts/build_mar.py"), "--name", "llm-int8",
-                    "--set", "quantization=int8", "--set", "max_num_seqs=4"], check=True, capture_output=True)
+                    "--set", "quantization=int8", "--set", "max_num_seqs=4", "--batch-size", "4"], check=True, capture_output=True)
     r = requests.post(f"{server.management_url}/models?url=llm-int8.mar&model_name=llm-int8"
                       "&initial_workers=1&synchronous=true", timeout=300)
     assert r.status_code == 200, r.text

@@ -1,5 +1,6 @@
-"""The TorchServe handler through a mock context (no server): both batching modes, bad requests
-beside good ones, streaming parts. The real-server counterpart is tests/test_e2e.py."""
+"""The TorchServe handler through a mock context (no server) driven like TorchServe's
+ContinuousBatching: both batching policies, bad requests beside good ones, streaming parts,
+disconnects. The real-server counterpart is tests/test_e2e.py."""
 
 import json
 
@@ -32,12 +33,13 @@ class MockContext:
         self.content_types[idx] = value
 
 
-def make_handler(model_dir, continuous: bool) -> tuple[LLMHandler, MockContext]:
-    ctx = MockContext({"batchSize": 4, "continuousBatching": continuous,
+def make_handler(model_dir, entry_point: str | None = None, yaml: dict | None = None,
+                 **handler_keys) -> tuple[LLMHandler, MockContext]:
+    ctx = MockContext({"batchSize": 4, "continuousBatching": True, **(yaml or {}),
                        "handler": {"model_path": str(model_dir), "quantization": "fp32", "max_model_len": 128,
                                    "max_num_seqs": 4, "max_new_tokens_cap": 64,
-                                   "default_max_new_tokens": 16}})
-    h = LLMHandler()
+                                   "default_max_new_tokens": 16, **handler_keys}})
+    h = LLMHandler(entry_point)
     h.initialize(ctx)
     return h, ctx
 
@@ -46,42 +48,52 @@ def body(prompt: str, **kw) -> dict:
     return {"body": json.dumps({"prompt": prompt, **kw}).encode()}
 
 
+def whole(responses: list) -> dict:
+    """A non-streamed request's JSON: empty parts until the one body at the end."""
+    assert all(r == "" for r, _ in responses[:-1])
+    return json.loads(responses[-1][0])
+
+
 @pytest.fixture(scope="module")
-def batch_handler(tiny_model_dir):
-    return make_handler(tiny_model_dir, continuous=False)
+def continuous(tiny_model_dir):
+    return make_handler(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def request_level(tiny_model_dir):
+    return make_handler(tiny_model_dir, entry_point="request_level")
 
 
 def test_unknown_handler_key_fails_start_up(tiny_model_dir):
-    ctx = MockContext({"handler": {"model_path": str(tiny_model_dir), "batch": 3}})
     with pytest.raises(ValueError, match="unknown handler config keys"):
-        LLMHandler().initialize(ctx)
+        make_handler(tiny_model_dir, batch=3)
 
 
-def test_bad_request_does_not_harm_its_batch(batch_handler):
-    h, ctx = batch_handler
+def test_classic_archive_needs_request_level_batching(tiny_model_dir):
+    with pytest.raises(ValueError, match="needs continuousBatching: true"):
+        make_handler(tiny_model_dir, yaml={"continuousBatching": False})
+
+
+@pytest.fixture(scope="module")
+def classic(tiny_model_dir):
+    """continuousBatching: false: TorchServe's classic batching, one whole batch per handle() call."""
+    return make_handler(tiny_model_dir, yaml={"continuousBatching": False}, batching="request_level")
+
+
+def test_classic_bad_request_does_not_harm_its_batch(classic):
+    h, ctx = classic
     ctx.new_batch(["solo"])
     alone = json.loads(h.handle([body("Hello there", max_new_tokens=10)], ctx)[0])
-    ctx.new_batch(["a", "b", "c", "d"])
-    out = h.handle([body("Hello there", max_new_tokens=10), {"body": b"{oops"},
-                    body("Hi", max_new_tokens=0), {"body": b'{"prompt": "x", "max_tokens": 3}'}], ctx)
+    ctx.new_batch(["a", "b", "c"])
+    out = h.handle([body("Hello there", max_new_tokens=10), {"body": b"{oops"}, body("Hi", top_k=-1)], ctx)
     good = json.loads(out[0])
     assert good["text"] == alone["text"] and good["usage"] == alone["usage"]
-    assert set(good) == {"text", "finish_reason", "usage", "timings"}
-    assert set(good["timings"]) >= {"prefill_ms", "decode_ms", "batch_size"}
-    assert ctx.status == {1: 400, 2: 400, 3: 400}
-    assert [json.loads(o)["field"] for o in out[1:]] == ["body", "max_new_tokens", "max_tokens"]
+    assert ctx.status == {1: 400, 2: 400}
+    assert [json.loads(o)["field"] for o in out[1:]] == ["body", "top_k"]
 
 
-def test_request_level_batch_reports_its_size(batch_handler):
-    h, ctx = batch_handler
-    ctx.new_batch(["a", "b", "c"])
-    out = [json.loads(o) for o in h.handle([body("one"), body("two words"), body("three more words")], ctx)]
-    assert [o["timings"]["batch_size"] for o in out] == [3, 3, 3]
-    assert all(o["finish_reason"] in ("stop", "length") for o in out)
-
-
-def test_request_level_streaming_sends_parts(batch_handler, monkeypatch):
-    h, ctx = batch_handler
+def test_classic_streaming_sends_parts(classic, monkeypatch):
+    h, ctx = classic
     sent = []
     monkeypatch.setattr(llm_handler, "send_intermediate_predict_response",
                         lambda ret, ids, msg, code, context: sent.append((dict(ret), dict(ids))))
@@ -89,14 +101,30 @@ def test_request_level_streaming_sends_parts(batch_handler, monkeypatch):
     out = h.handle([body("Hello there", max_new_tokens=10, stream=True), body("Hello there", max_new_tokens=10)], ctx)
     assert sent and all(set(ids) == {0} for _, ids in sent)    # only the streaming request gets parts
     parts = [json.loads(ret[0]) for ret, _ in sent] + [json.loads(out[0])]
-    whole = json.loads(out[1])
-    assert "".join(p["text"] for p in parts) == whole["text"]
-    assert parts[-1]["finish_reason"] == whole["finish_reason"] and "usage" in parts[-1]
+    whole_body = json.loads(out[1])
+    assert "".join(p["text"] for p in parts) == whole_body["text"]
+    assert parts[-1]["finish_reason"] == whole_body["finish_reason"] and "usage" in parts[-1]
     assert ctx.content_types[0] == "application/x-ndjson"
 
 
-def run_continuous(h, ctx, arrivals: dict[int, dict]) -> dict[str, list]:
-    """Drive handle_step like TorchServe's ContinuousBatching: new requests bring a payload, running
+def test_batch_size_over_max_num_seqs_fails_start_up(tiny_model_dir):
+    with pytest.raises(ValueError, match="exceeds handler.max_num_seqs"):
+        make_handler(tiny_model_dir, yaml={"batchSize": 8})
+
+
+def test_policy_comes_from_yaml_unless_the_entry_point_names_one(tiny_model_dir, continuous, request_level):
+    assert not continuous[0].engine.scheduler.request_level
+    assert request_level[0].engine.scheduler.request_level
+    from_yaml, _ = make_handler(tiny_model_dir, batching="request_level")
+    assert from_yaml.engine.scheduler.request_level
+    overridden, _ = make_handler(tiny_model_dir, entry_point="continuous", batching="request_level")
+    assert not overridden.engine.scheduler.request_level
+    with pytest.raises(ValueError, match="batching must be one of"):
+        make_handler(tiny_model_dir, batching="sometimes")
+
+
+def run_steps(h, ctx, arrivals: dict[int, dict]) -> dict[str, list]:
+    """Drive handle() like TorchServe's ContinuousBatching: new requests bring a payload, running
     ones come back by id with none, and a request leaves once its stopping criterion says so
     (True: last streamed part; None: a whole response, which closes an error's connection)."""
     active: list[str] = []
@@ -124,20 +152,52 @@ def run_continuous(h, ctx, arrivals: dict[int, dict]) -> dict[str, list]:
     return responses
 
 
-def test_continuous_mode_matches_request_level(tiny_model_dir, batch_handler):
-    h, ctx = batch_handler
-    ctx.new_batch(["x"])
-    expected = json.loads(h.handle([body("The quick brown fox jumps over", max_new_tokens=16)], ctx)[0])
-    hc, cctx = make_handler(tiny_model_dir, continuous=True)
-    responses = run_continuous(hc, cctx, {
+def test_bad_requests_do_not_harm_their_batch(request_level):
+    h, ctx = request_level
+    alone = whole(run_steps(h, ctx, {0: {"solo": body("Hello there", max_new_tokens=10)}})["solo"])
+    responses = run_steps(h, ctx, {0: {"a": body("Hello there", max_new_tokens=10), "b": {"body": b"{oops"},
+                                       "c": body("Hi", max_new_tokens=0),
+                                       "d": {"body": b'{"prompt": "x", "max_tokens": 3}'}}})
+    good = whole(responses["a"])
+    assert good["text"] == alone["text"] and good["usage"] == alone["usage"]
+    assert set(good) == {"text", "finish_reason", "usage", "timings"}
+    assert set(good["timings"]) >= {"prefill_ms", "decode_ms", "batch_size"}
+    for rid, field in (("b", "body"), ("c", "max_new_tokens"), ("d", "max_tokens")):
+        assert len(responses[rid]) == 1 and responses[rid][0][1] == 400
+        assert json.loads(responses[rid][0][0])["field"] == field
+
+
+def test_request_level_newcomer_waits_for_the_whole_batch(request_level):
+    h, ctx = request_level
+    responses = run_steps(h, ctx, {0: {"a": body("one", max_new_tokens=12), "b": body("two words", max_new_tokens=12)},
+                                   2: {"late": body("three more words", max_new_tokens=4)}})
+    first = [whole(responses[rid]) for rid in ("a", "b")]
+    late = whole(responses["late"])
+    assert [o["timings"]["batch_size"] for o in first] == [2, 2]
+    assert late["timings"]["batch_size"] == 1                  # never decoded beside a or b
+    assert len(responses["late"]) > max(len(responses["a"]), len(responses["b"]))
+
+
+def test_continuous_newcomer_joins_the_running_batch(continuous):
+    h, ctx = continuous
+    responses = run_steps(h, ctx, {0: {"a": body("one", max_new_tokens=12, stop=["zzz"])},
+                                   2: {"late": body("three more words", max_new_tokens=4)}})
+    assert whole(responses["late"])["timings"]["batch_size"] == 2
+    assert len(responses["late"]) < len(responses["a"])         # left before a finished
+
+
+def test_both_policies_give_the_same_greedy_text(continuous, request_level):
+    h, ctx = request_level
+    expected = whole(run_steps(h, ctx, {0: {"x": body("The quick brown fox jumps over", max_new_tokens=16)}})["x"])
+    hc, cctx = continuous
+    responses = run_steps(hc, cctx, {
         0: {"a": body("Hello there", max_new_tokens=16)},
         3: {"b": body("The quick brown fox jumps over", max_new_tokens=16), "bad": body("x", top_p=2)},
         4: {"s": body("The quick brown fox jumps over", max_new_tokens=16, stream=True)},
     })
-    final = json.loads("".join(r for r, _ in responses["b"]))
+    final = whole(responses["b"])
     assert final["text"] == expected["text"] and final["usage"] == expected["usage"]
     assert final["timings"]["batch_size"] >= 2
-    assert all(r == "" for r, _ in responses["b"][:-1])          # non-streaming: one body at the end
     lines = [json.loads(line) for r, _ in responses["s"] for line in r.splitlines() if line]
     assert "".join(p["text"] for p in lines) == expected["text"] and lines[-1]["finish_reason"]
     assert len(lines) > 1
@@ -146,11 +206,22 @@ def test_continuous_mode_matches_request_level(tiny_model_dir, batch_handler):
     assert not hc.live and not hc.closing and not hc.opened and not hc.engine.has_unfinished()
 
 
-def test_continuous_disconnect_frees_the_slot(tiny_model_dir):
-    h, ctx = make_handler(tiny_model_dir, continuous=True)
+def test_disconnect_frees_the_slot(tiny_model_dir):
+    h, ctx = make_handler(tiny_model_dir)
     ctx.new_batch(["a", "b"])
     h.handle([body("Hello there", max_new_tokens=50), body("Hi", max_new_tokens=50)], ctx)
     assert len(h.engine.rows) == 2
     ctx.new_batch(["b"])                      # the frontend dropped a: its client went away
     h.handle([{}], ctx)
     assert "a" not in h.live and len(h.engine.rows) == 1
+
+
+def test_entry_points_pick_the_policy(tiny_model_dir, monkeypatch):
+    monkeypatch.setattr(llm_handler, "_handlers", {})
+    _, ctx = make_handler(tiny_model_dir)
+    assert llm_handler.request_level(None, ctx) is None          # TorchServe's initialise call
+    assert llm_handler._handlers["request_level"].engine.scheduler.request_level
+    ctx.new_batch(["a"])
+    out = llm_handler.request_level([body("Hello there", max_new_tokens=3)], ctx)
+    assert out == [""] and ctx.stopping_criteria[0](out[0]) is False   # the head goes out first
+    assert llm_handler._handlers["request_level"].live

@@ -87,3 +87,82 @@ def test_finish_while_waiting_and_abort_free_the_queue():
     assert s.num_unfinished == 1
     s.finish(a, "stop")
     assert s.num_unfinished == 0 and s.schedule().decode == []
+
+
+def test_continuous_admits_newcomers_into_the_running_batch():
+    s = Scheduler(max_num_seqs=4, max_prefill_tokens=1000, kv_capacity_tokens=1000)
+    a = req("a", 3)
+    s.add(a)
+    s.schedule()
+    decode_one(s)
+    late = req("late", 3)
+    s.add(late)
+    out = s.schedule()
+    assert out.decode == [a] and out.prefill == [late]
+
+
+def test_request_level_newcomers_wait_for_the_whole_batch():
+    s = Scheduler(max_num_seqs=4, max_prefill_tokens=1000, kv_capacity_tokens=1000, request_level=True)
+    a, b = req("a", 3), req("b", 3)
+    s.add(a)
+    s.add(b)
+    assert s.schedule().prefill == [a, b]
+    decode_one(s)
+    late = req("late", 3)
+    s.add(late)
+    assert s.schedule().prefill == []          # a free slot, but the batch a+b is still running
+    s.finish(a, "stop")
+    assert s.schedule().prefill == []          # b still running
+    s.finish(b, "length")
+    out = s.schedule()
+    assert out.prefill == [late] and out.decode == []
+
+
+def test_request_level_batch_split_by_prefill_budget_stays_one_batch():
+    s = Scheduler(max_num_seqs=4, max_prefill_tokens=6, kv_capacity_tokens=1000, request_level=True)
+    a, b, c = req("a", 5), req("b", 5), req("c", 5)
+    for r in (a, b, c):
+        s.add(r)
+    assert s.schedule().prefill == [a]
+    late = req("late", 1)
+    s.add(late)                                # arrives after the batch a, b, c was formed
+    assert s.schedule().prefill == [b]
+    assert s.schedule().prefill == [c]
+    assert s.schedule().prefill == []
+    for r in (a, b, c):
+        s.finish(r, "stop")
+    assert s.schedule().prefill == [late]
+
+
+def test_request_level_member_aborted_before_admission_frees_no_place_for_a_newcomer():
+    s = Scheduler(max_num_seqs=4, max_prefill_tokens=5, kv_capacity_tokens=1000, request_level=True)
+    a, b = req("a", 5), req("b", 5)
+    s.add(a)
+    s.add(b)
+    assert s.schedule().prefill == [a]         # b waits for the prefill budget, still in a's batch
+    late = req("late", 1)
+    s.add(late)
+    s.finish(b, "abort")
+    assert s.schedule().prefill == []          # late does not take b's place in the running batch
+    s.finish(a, "stop")
+    assert s.schedule().prefill == [late]
+
+
+def test_request_level_preempted_member_returns_to_its_batch():
+    s = Scheduler(max_num_seqs=8, max_prefill_tokens=1000, kv_capacity_tokens=22, request_level=True)
+    a, b = req("a", 9), req("b", 9)
+    s.add(a)
+    s.add(b)
+    s.schedule()
+    decode_one(s)
+    s.schedule()
+    decode_one(s)
+    late = req("late", 1)
+    s.add(late)
+    out = s.schedule()
+    assert out.preempted == [b] and out.prefill == []
+    s.finish(a, "length")
+    out = s.schedule()
+    assert out.prefill == [b]                  # b, not late: late waits until b is done
+    s.finish(b, "stop")
+    assert s.schedule().prefill == [late]

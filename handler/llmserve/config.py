@@ -5,6 +5,7 @@ from dataclasses import dataclass, fields
 
 QUANTIZATION_MODES = ("fp32", "fp16", "bf16", "int8", "nf4", "fp4")
 DEVICES = ("auto", "cpu", "cuda")
+BATCHING_MODES = ("continuous", "request_level")
 
 
 @dataclass(frozen=True)
@@ -12,6 +13,8 @@ class EngineConfig:
     model_path: str                   # local Hugging Face directory; nothing is fetched from a hub
     quantization: str = "bf16"        # one of QUANTIZATION_MODES
     device: str = "auto"              # auto = cuda when available, else cpu
+    batching: str = "continuous"      # continuous: join the running batch at the next step;
+                                      # request_level: wait until the whole running batch is done
     max_model_len: int = 2048         # prompt + generated tokens per sequence (KV cache rows)
     max_num_seqs: int = 64            # sequences decoded together at most (KV cache slots)
     kv_budget_tokens: int = 0         # tokens the KV cache may hold in all; 0 = slots x max_model_len
@@ -23,6 +26,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.quantization not in QUANTIZATION_MODES:
             raise ValueError(f"quantization must be one of {QUANTIZATION_MODES}, got {self.quantization!r}")
+        if self.batching not in BATCHING_MODES:
+            raise ValueError(f"batching must be one of {BATCHING_MODES}, got {self.batching!r}")
         if self.device not in DEVICES:
             raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
         if not isinstance(self.model_path, str) or not self.model_path:

@@ -1,7 +1,9 @@
 """The engine: requests in, tokens out. Each step() is schedule -> run -> postprocess: the
 scheduler picks who runs, the runner prefills newcomers and decodes everyone else in one batch,
-and postprocess appends tokens, finishes requests and frees their KV rows at once. Request-level
-batching is `generate()` (run a batch to completion); continuous batching calls step() itself."""
+and postprocess appends tokens, finishes requests and frees their KV rows at once. A server under
+TorchServe's continuous-batching protocol calls add_request() and step(); generate() runs given
+requests to completion (TorchServe's classic batching, scripts, tests). config.batching picks the
+admission policy (see scheduler.py)."""
 
 import time
 from collections.abc import Callable
@@ -25,7 +27,8 @@ class Engine:
         self.cache = KVCache(facts.num_layers, config.max_num_seqs, facts.num_kv_heads, config.max_model_len,
                              facts.head_dim, facts.dtype, facts.device)
         self.runner = ModelRunner(model, self.cache)
-        self.scheduler = Scheduler(config.max_num_seqs, config.max_prefill_tokens, config.kv_capacity_tokens)
+        self.scheduler = Scheduler(config.max_num_seqs, config.max_prefill_tokens, config.kv_capacity_tokens,
+                                   request_level=config.batching == "request_level")
         self.rows: list[Request] = []          # rows[i] is the request in KV row i
         self.generators: dict[str, torch.Generator | None] = {}
         self.requests: dict[str, Request] = {}

@@ -1,6 +1,8 @@
 """Which requests run in the next step. Pure Python policy, no torch: FIFO admission up to
 max_num_seqs running sequences, a per-step prefill token budget and a KV-cache token budget;
-when running sequences outgrow the KV budget the newest is preempted (recomputed later)."""
+when running sequences outgrow the KV budget the newest is preempted (recomputed later).
+Continuous batching admits newcomers at every step; request-level batching admits a batch (the
+requests waiting when the engine went idle) and nothing else until that whole batch is done."""
 
 from collections import deque
 from dataclasses import dataclass, field
@@ -16,8 +18,11 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, max_num_seqs: int, max_prefill_tokens: int, kv_capacity_tokens: int) -> None:
+    def __init__(self, max_num_seqs: int, max_prefill_tokens: int, kv_capacity_tokens: int,
+                 request_level: bool = False) -> None:
         self.max_num_seqs = max_num_seqs
+        self.request_level = request_level
+        self.batch_quota = 0                # request-level: members of the current batch not yet admitted
         self.max_prefill_tokens = max_prefill_tokens
         self.kv_capacity_tokens = kv_capacity_tokens
         self.waiting: deque[Request] = deque()
@@ -43,10 +48,16 @@ class Scheduler:
             out.preempted.append(victim)
             self.waiting.appendleft(victim)
         out.decode = list(self.running)
+        if self.request_level:
+            self.batch_quota += len(out.preempted)      # an evicted member stays in its batch
+            if not self.running and not self.batch_quota:
+                self.batch_quota = min(len(self.waiting), self.max_num_seqs)   # the next batch
 
         kv_used = self._kv_needed(self.running)
         num_prefill_tokens = 0
         while self.waiting and len(self.running) < self.max_num_seqs:
+            if self.request_level and not self.batch_quota:
+                break
             request = self.waiting[0]
             if request in out.preempted:
                 break   # do not re-admit in the step that evicted it
@@ -59,6 +70,7 @@ class Scheduler:
             request.status = "running"
             self.running.append(request)
             out.prefill.append(request)
+            self.batch_quota = max(self.batch_quota - 1, 0)
             num_prefill_tokens += tokens
             kv_used += tokens + 1
         return out
@@ -70,6 +82,8 @@ class Scheduler:
         if request in self.running:
             self.running.remove(request)
         elif request in self.waiting:
+            if self.waiting.index(request) < self.batch_quota:   # a batch member that never ran
+                self.batch_quota -= 1
             self.waiting.remove(request)
 
     @staticmethod
