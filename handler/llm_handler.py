@@ -96,6 +96,11 @@ class LLMHandler(BaseHandler):
             raise RequestError("body", "no JSON body found; send a JSON object with Content-Type: application/json")
         return parse_request(request_id, body, self.engine.config, self.engine.tokenizer)
 
+    def handle(self, data: list, context) -> list:
+        if not self.stepwise:
+            return self.handle_batch(data, context)
+        return self.handle_step(data, context)
+
     # -- TorchServe's classic batching: the batch runs to completion in one call ---------------------
     def handle_batch(self, data: list, context) -> list:
         responses: list = [None] * len(data)
@@ -127,11 +132,6 @@ class LLMHandler(BaseHandler):
                                                "Intermediate Prediction success", 200, context)
 
     # -- TorchServe's continuous-batching protocol: one engine step per call -------------------------
-    def handle(self, data: list, context) -> list:
-        if not self.stepwise:
-            return self.handle_batch(data, context)
-        return self.handle_step(data, context)
-
     def handle_step(self, data: list, context) -> list:
         ids = [context.get_request_id(idx) for idx in range(len(data))]
         for gone in (set(self.live) | set(self.closing)) - set(ids):   # the client went away
