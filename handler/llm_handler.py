@@ -205,15 +205,17 @@ class LLMHandler(BaseHandler):
 
 
 # Entry points for the management API's handler= parameter: the same archive with another policy.
-_handlers: dict[str, LLMHandler] = {}
+# A worker process serves one model through one entry point, so it holds one handler.
+_handler: LLMHandler | None = None
 
 
 def _serve(batching: str, data, context):
-    if batching not in _handlers:          # TorchServe initialises a function entry point with data=None
-        handler = LLMHandler(batching)
-        handler.initialize(context)
-        _handlers[batching] = handler
-    return None if data is None else _handlers[batching].handle(data, context)
+    global _handler
+    if data is None:                       # TorchServe initialises a function entry point with data=None
+        _handler = LLMHandler(batching)
+        _handler.initialize(context)
+        return None
+    return _handler.handle(data, context)
 
 
 def continuous(data, context):

@@ -34,7 +34,9 @@ def register(server: TorchServeProcess, mar: str, name: str, batch_size: int, ma
     handler (e.g. llm_handler:request_level) replaces the archive's entry point."""
     params = {"url": mar, "model_name": name, "batch_size": batch_size, "max_batch_delay": max_batch_delay,
               "initial_workers": 1, "synchronous": "true"}
-    query = urllib.parse.urlencode({**params, **({"handler": handler} if handler else {})})
+    if handler:
+        params["handler"] = handler
+    query = urllib.parse.urlencode(params)
     http_json(f"{server.management_url}/models?{query}", method="POST", timeout=timeout)
     wait_ready(server.management_url, name, timeout, server.proc)
     described = http_json(f"{server.management_url}/models/{name}")[0]

@@ -217,11 +217,11 @@ def test_disconnect_frees_the_slot(tiny_model_dir):
 
 
 def test_entry_points_pick_the_policy(tiny_model_dir, monkeypatch):
-    monkeypatch.setattr(llm_handler, "_handlers", {})
+    monkeypatch.setattr(llm_handler, "_handler", None)
     _, ctx = make_handler(tiny_model_dir)
     assert llm_handler.request_level(None, ctx) is None          # TorchServe's initialise call
-    assert llm_handler._handlers["request_level"].engine.scheduler.request_level
+    assert llm_handler._handler.engine.scheduler.request_level
     ctx.new_batch(["a"])
     out = llm_handler.request_level([body("Hello there", max_new_tokens=3)], ctx)
     assert out == [""] and ctx.stopping_criteria[0](out[0]) is False   # the head goes out first
-    assert llm_handler._handlers["request_level"].live
+    assert llm_handler._handler.live

@@ -8,6 +8,15 @@ def req(name: str, prompt_len: int, max_new: int = 10) -> Request:
     return Request(request_id=name, prompt_ids=[1] * prompt_len, params=SamplingParams(max_new_tokens=max_new))
 
 
+def queued(*requests: Request, max_num_seqs: int = 8, max_prefill_tokens: int = 1000,
+           kv_capacity_tokens: int = 1000, request_level: bool = False) -> Scheduler:
+    """A scheduler with these requests waiting, in this order."""
+    s = Scheduler(max_num_seqs, max_prefill_tokens, kv_capacity_tokens, request_level=request_level)
+    for r in requests:
+        s.add(r)
+    return s
+
+
 def decode_one(sched: Scheduler) -> None:
     """Pretend the runner produced one token for every running request."""
     for r in sched.running:
@@ -90,9 +99,8 @@ def test_finish_while_waiting_and_abort_free_the_queue():
 
 
 def test_continuous_admits_newcomers_into_the_running_batch():
-    s = Scheduler(max_num_seqs=4, max_prefill_tokens=1000, kv_capacity_tokens=1000)
     a = req("a", 3)
-    s.add(a)
+    s = queued(a, max_num_seqs=4)
     s.schedule()
     decode_one(s)
     late = req("late", 3)
@@ -102,10 +110,8 @@ def test_continuous_admits_newcomers_into_the_running_batch():
 
 
 def test_request_level_newcomers_wait_for_the_whole_batch():
-    s = Scheduler(max_num_seqs=4, max_prefill_tokens=1000, kv_capacity_tokens=1000, request_level=True)
     a, b = req("a", 3), req("b", 3)
-    s.add(a)
-    s.add(b)
+    s = queued(a, b, max_num_seqs=4, request_level=True)
     assert s.schedule().prefill == [a, b]
     decode_one(s)
     late = req("late", 3)
@@ -119,10 +125,8 @@ def test_request_level_newcomers_wait_for_the_whole_batch():
 
 
 def test_request_level_batch_split_by_prefill_budget_stays_one_batch():
-    s = Scheduler(max_num_seqs=4, max_prefill_tokens=6, kv_capacity_tokens=1000, request_level=True)
     a, b, c = req("a", 5), req("b", 5), req("c", 5)
-    for r in (a, b, c):
-        s.add(r)
+    s = queued(a, b, c, max_num_seqs=4, max_prefill_tokens=6, request_level=True)
     assert s.schedule().prefill == [a]
     late = req("late", 1)
     s.add(late)                                # arrives after the batch a, b, c was formed
@@ -135,10 +139,8 @@ def test_request_level_batch_split_by_prefill_budget_stays_one_batch():
 
 
 def test_request_level_member_aborted_before_admission_frees_no_place_for_a_newcomer():
-    s = Scheduler(max_num_seqs=4, max_prefill_tokens=5, kv_capacity_tokens=1000, request_level=True)
     a, b = req("a", 5), req("b", 5)
-    s.add(a)
-    s.add(b)
+    s = queued(a, b, max_num_seqs=4, max_prefill_tokens=5, request_level=True)
     assert s.schedule().prefill == [a]         # b waits for the prefill budget, still in a's batch
     late = req("late", 1)
     s.add(late)
@@ -149,10 +151,8 @@ def test_request_level_member_aborted_before_admission_frees_no_place_for_a_newc
 
 
 def test_request_level_preempted_member_returns_to_its_batch():
-    s = Scheduler(max_num_seqs=8, max_prefill_tokens=1000, kv_capacity_tokens=22, request_level=True)
     a, b = req("a", 9), req("b", 9)
-    s.add(a)
-    s.add(b)
+    s = queued(a, b, kv_capacity_tokens=22, request_level=True)
     s.schedule()
     decode_one(s)
     s.schedule()

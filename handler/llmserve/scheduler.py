@@ -70,7 +70,8 @@ class Scheduler:
             request.status = "running"
             self.running.append(request)
             out.prefill.append(request)
-            self.batch_quota = max(self.batch_quota - 1, 0)
+            if self.request_level:
+                self.batch_quota -= 1
             num_prefill_tokens += tokens
             kv_used += tokens + 1
         return out
@@ -82,7 +83,7 @@ class Scheduler:
         if request in self.running:
             self.running.remove(request)
         elif request in self.waiting:
-            if self.waiting.index(request) < self.batch_quota:   # a batch member that never ran
+            if self.batch_quota and self.waiting.index(request) < self.batch_quota:   # a member that never ran
                 self.batch_quota -= 1
             self.waiting.remove(request)
 
