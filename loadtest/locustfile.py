@@ -21,7 +21,7 @@ from locust.exception import StopUser
 from locust.runners import WorkerRunner
 from locust.stats import CSV_STATS_INTERVAL_SEC
 
-from prompts import WIKITEXT_DIR, PromptMix, load_articles, parse_tokens_spec
+from loadtest.prompts import WIKITEXT_DIR, PromptMix, load_articles, parse_tokens_spec
 
 NAME = "generate"          # the one stats row of the generation requests
 METRIC = "METRIC"          # request_type of the time-to-first-token rows

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-WIKITEXT_DIR = ROOT.parent / "shared" / "data" / "wikitext-2"
+WIKITEXT_DIR = ROOT / "data" / "wikitext-2"
 
 CHAT_QUESTIONS = (
     "What is the capital of France?",

@@ -1,10 +1,9 @@
-"""The sweep's side of TorchServe: one loopback server (scripts/serve.py starts it), models
+"""The sweep's side of TorchServe: one loopback server (scripts.serve starts it), models
 registered and unregistered per batch configuration through the management API, warm-up
 requests, and a sampler of the worker processes' resident memory. Knows nothing about Locust."""
 
 import json
 import socket
-import sys
 import threading
 import urllib.parse
 import urllib.request
@@ -13,9 +12,7 @@ from pathlib import Path
 
 import psutil
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-from serve import TorchServeProcess, http_json, wait_ready  # noqa: E402
+from scripts.serve import TorchServeProcess, http_json, wait_ready
 
 
 def start_server(workdir: Path, port: int, model_store: Path) -> TorchServeProcess:

@@ -27,11 +27,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from measure import check_against_locust, load_price, read_locust_row, read_request_log, summarize
-from plots import write_plots
-from prompts import WIKITEXT_DIR
-from report import baseline_ratio, format_table, machine, recommend, write_csv, write_summary
-from server import PeakRSS, register, start_server, unregister, warm_up
+from loadtest.measure import check_against_locust, load_price, read_locust_row, read_request_log, summarize
+from loadtest.plots import write_plots
+from loadtest.prompts import WIKITEXT_DIR
+from loadtest.report import baseline_ratio, format_table, machine, recommend, write_csv, write_summary
+from loadtest.server import PeakRSS, register, start_server, unregister, warm_up
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
@@ -192,7 +192,7 @@ def write_outputs(args, rows: list[dict], latencies: dict, run_dir: Path, settin
     point_latest(args.results_dir, args.run_id)
     tracking_uri = None
     if args.mlflow:
-        from tracking import log_to_mlflow
+        from loadtest.tracking import log_to_mlflow
         tracking_uri = log_to_mlflow(rows, run_dir, args.mlflow_experiment)
     return {"run_dir": str(run_dir), "recommendation": text, "ratio": ratio_text,
             "recommended": best["config"] if best else None, "best_config": fastest["config"] if fastest else None,

@@ -33,13 +33,10 @@ from pathlib import Path
 
 import yaml
 
+from llmserve.config import QUANTIZATION_MODES
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "handler"))
-sys.path.insert(0, str(ROOT))
-
-from llmserve.config import QUANTIZATION_MODES  # noqa: E402
-
-WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2" / "test.txt"
+WIKITEXT = ROOT / "data" / "wikitext-2" / "test.txt"
 PRECISION_ORDER = ("fp32", "fp16", "bf16", "int8", "nf4", "fp4")   # perplexity baseline: first that ran
 GRID_KEYS = {"modes", "context_lengths", "kv_cache", "num_prompts", "warmup_runs", "timed_runs",
              "max_new_tokens", "seed", "perplexity"}

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import yaml
 
+from llmserve.config import EngineConfig
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "handler"))
-from llmserve.config import EngineConfig  # noqa: E402
 
 
 def parse_value(text: str):

@@ -10,17 +10,16 @@ import argparse
 import gc
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 
 import torch
 
+from llmserve.config import QUANTIZATION_MODES, EngineConfig
+from llmserve.engine import Engine
+from llmserve.request import parse_request
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "handler"))
-from llmserve.config import QUANTIZATION_MODES, EngineConfig  # noqa: E402
-from llmserve.engine import Engine  # noqa: E402
-from llmserve.request import parse_request  # noqa: E402
 
 PROMPT = {"messages": [{"role": "user", "content": "Write a short story about a robot who learns to paint."}]}
 

@@ -1,17 +1,9 @@
-import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "handler"))
-sys.path.insert(0, str(ROOT / "scripts"))
 MODEL_DIR = ROOT / "models" / "smollm2-135m-instruct"
-
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "e2e: runs a real TorchServe with the real model")
-    config.addinivalue_line("markers", "gpu: needs a CUDA device")
 
 
 @pytest.fixture(scope="session")

@@ -14,8 +14,8 @@ import pytest
 import torch
 import yaml
 
-import bench
 from benchmarks import measure
+from scripts import bench
 
 ROOT = Path(__file__).resolve().parent.parent
 FIGURES = ("prefill_vs_decode", "tokens_per_s", "memory", "ppl_degradation", "kv_cache", "summary_table")

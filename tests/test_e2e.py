@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from serve import ROOT, TorchServeProcess, wait_ready
+from scripts.serve import ROOT, TorchServeProcess, wait_ready
 
 pytestmark = pytest.mark.e2e
 FRANCE = {"messages": [{"role": "user", "content": "What is the capital of France?"}], "max_new_tokens": 24}

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from loadtest.measure import percentile
+from loadtest.prompts import WIKITEXT_DIR
+from loadtest.report import baseline_ratio, recommend
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "loadtest"))
-from measure import percentile  # noqa: E402
-from prompts import WIKITEXT_DIR  # noqa: E402
-from report import baseline_ratio, recommend  # noqa: E402
 
 NUM_USERS, NUM_REQUESTS = 8, 16
 PLOTS = ("throughput.png", "latency_percentiles.png", "latency_histograms.png")

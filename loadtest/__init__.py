@@ -1,0 +1,1 @@
+"""The Locust load test and the TorchServe batch-size sweep built on it."""
