@@ -1,3 +1,4 @@
+from dataclasses import FrozenInstanceError
 from pathlib import Path
 
 import pytest
@@ -42,5 +43,6 @@ def test_bad_values_are_rejected(key, value, match):
 
 def test_config_is_frozen():
     config = EngineConfig(model_path="m")
-    with pytest.raises(Exception):
+    with pytest.raises(FrozenInstanceError, match="cannot assign to field 'quantization'"):
         config.quantization = "fp32"
+    assert config.quantization == "bf16"
