@@ -19,40 +19,12 @@ from ts.torch_handler.base_handler import BaseHandler
 
 from llmserve.config import EngineConfig
 from llmserve.engine import Engine
-from llmserve.request import Request, RequestError, parse_request
+from llmserve.exchange import Exchange, chunk
+from llmserve.request import RequestError, parse_request
 
 logger = logging.getLogger(__name__)
 JSON = "application/json"
 NDJSON = "application/x-ndjson"
-
-
-def stream_delta(r: Request) -> str:
-    """Text the client has not seen yet, holding back an unfinished UTF-8 character or what may be
-    the start of a stop string; everything once the request is finished."""
-    text = r.text
-    end = len(text)
-    if not r.is_finished:
-        while end > r.num_sent_chars and text[end - 1] == "\ufffd":
-            end -= 1
-        for stop in r.params.stop:
-            for n in range(min(len(stop) - 1, end - r.num_sent_chars), 0, -1):
-                if text[end - n:end] == stop[:n]:
-                    end -= n
-                    break
-    delta = text[r.num_sent_chars:end]
-    r.num_sent_chars = end
-    return delta
-
-
-def chunk(r: Request) -> str:
-    """One streamed JSON line ("" when there is nothing new); the last carries finish_reason,
-    usage and timings."""
-    body = {"text": stream_delta(r)}
-    if not r.is_finished and not body["text"]:
-        return ""
-    if r.is_finished:
-        body.update({k: v for k, v in r.result().items() if k != "text"})
-    return json.dumps(body) + "\n"
 
 
 class LLMHandler(BaseHandler):
@@ -61,9 +33,7 @@ class LLMHandler(BaseHandler):
         self.batching = batching               # None: handler.batching from model-config.yaml
         self.engine: Engine | None = None
         self.stepwise = True                   # TorchServe's continuous-batching protocol
-        self.live: dict[str, Request] = {}     # request id -> its running request
-        self.opened: set[str] = set()          # ids whose first response went out
-        self.closing: dict[str, str] = {}      # id -> last body still to send
+        self.exchanges: dict[str, Exchange] = {}   # request id -> its protocol state
 
     def initialize(self, context) -> None:
         yaml_config = context.model_yaml_config or {}
@@ -89,113 +59,116 @@ class LLMHandler(BaseHandler):
         self.initialized = True
         logger.info("llm engine ready: %s, %s", config, self.engine.facts)
 
-    def _parse(self, idx: int, row: dict, context) -> Request:
-        request_id = context.get_request_id(idx) or f"req-{idx}"
-        body = row.get("body") if row.get("body") is not None else row.get("data")
-        if body is None and row:
-            raise RequestError("body", "no JSON body found; send a JSON object with Content-Type: application/json")
-        return parse_request(request_id, body, self.engine.config, self.engine.tokenizer)
-
     def handle(self, data: list, context) -> list:
         if not self.stepwise:
             return self.handle_batch(data, context)
         return self.handle_step(data, context)
 
+    # -- per request, isolated: nothing one request does can fail another ---------------------------
+    def _admit(self, idx: int, row: dict, context) -> Exchange | str:
+        """Parse, tokenize and queue one request: its Exchange, or its whole error response. Any
+        exception is that request's own: RequestError is a 400 naming the field, anything else a 500."""
+        try:
+            request_id = context.get_request_id(idx) or f"req-{idx}"
+            body = row.get("body") if row.get("body") is not None else row.get("data")
+            if body is None and row:
+                raise RequestError("body", "no JSON body found; send a JSON object with Content-Type: application/json")
+            r = parse_request(request_id, body, self.engine.config, self.engine.tokenizer)
+            self.engine.add_request(r)
+        except RequestError as e:
+            return self._error(context, idx, 400, e.to_dict())
+        except Exception as e:
+            logger.exception("could not take request %s", idx)
+            return self._error(context, idx, 500, {"error": f"could not take the request: {type(e).__name__}: {e}",
+                                                   "field": None})
+        context.set_response_content_type(idx, NDJSON if r.stream else JSON)
+        return Exchange(r)
+
+    def _step(self) -> None:
+        """One engine step; if it raises, only the requests it was running fail, each with the error."""
+        try:
+            if self.engine.has_unfinished():
+                self.engine.step()
+        except Exception as e:
+            logger.exception("engine step failed")
+            self.engine.fail_step(f"generation failed: {type(e).__name__}: {e}")
+
+    def _body(self, idx: int, ex: Exchange, context) -> str:
+        """What ex's request sends now: its error (a whole 500 response unless a part already went
+        out), its new text when streaming, or its whole result once finished."""
+        r = ex.request
+        if r.finish_reason == "error":
+            error = {"error": r.error, "field": None}
+            return json.dumps(error) + "\n" if ex.is_open else self._error(context, idx, 500, error)
+        if r.stream:
+            return chunk(r)
+        return json.dumps(r.result()) if r.is_finished else ""
+
     # -- TorchServe's classic batching: the batch runs to completion in one call ---------------------
     def handle_batch(self, data: list, context) -> list:
-        responses: list = [None] * len(data)
-        requests: dict[int, Request] = {}
-        for idx, row in enumerate(data):
-            try:
-                requests[idx] = self._parse(idx, row, context)
-            except RequestError as e:
-                responses[idx] = self._error(context, idx, 400, e.to_dict())
-        try:
-            self.engine.generate(list(requests.values()), on_step=lambda: self._send_stream_chunks(requests, context))
-        except Exception as e:  # one failure must still answer every request of the batch
-            logger.exception("generation failed")
-            for idx, r in requests.items():
-                self.engine.abort(r.request_id)
-                responses[idx] = self._error(context, idx, 500, {"error": f"generation failed: {e}", "field": None})
-            return responses
-        for idx, r in requests.items():
-            context.set_response_content_type(idx, NDJSON if r.stream else JSON)
-            responses[idx] = chunk(r) if r.stream else json.dumps(r.result())
-        return responses
+        admitted = {idx: self._admit(idx, row, context) for idx, row in enumerate(data)}
+        exchanges = {idx: ex for idx, ex in admitted.items() if isinstance(ex, Exchange)}
+        while any(not ex.request.is_finished for ex in exchanges.values()):
+            self._step()
+            self._send_stream_chunks(exchanges, context)
+        return [self._body(idx, admitted[idx], context) if idx in exchanges else admitted[idx]
+                for idx in range(len(data))]
 
-    def _send_stream_chunks(self, requests: dict[int, Request], context) -> None:
-        lines = {idx: line for idx, r in requests.items() if r.stream and not r.is_finished and (line := chunk(r))}
+    def _send_stream_chunks(self, exchanges: dict[int, Exchange], context) -> None:
+        lines = {idx: line for idx, ex in exchanges.items()
+                 if ex.request.stream and not ex.request.is_finished and (line := chunk(ex.request))}
+        for idx in lines:
+            exchanges[idx].is_open = True
         if lines:
-            for idx in lines:
-                context.set_response_content_type(idx, NDJSON)
-            send_intermediate_predict_response(lines, {idx: requests[idx].request_id for idx in lines},
+            send_intermediate_predict_response(lines, {idx: exchanges[idx].request.request_id for idx in lines},
                                                "Intermediate Prediction success", 200, context)
 
     # -- TorchServe's continuous-batching protocol: one engine step per call -------------------------
     def handle_step(self, data: list, context) -> list:
         ids = [context.get_request_id(idx) for idx in range(len(data))]
-        for gone in (set(self.live) | set(self.closing)) - set(ids):   # the client went away
-            self.engine.abort(gone)
-            self.live.pop(gone, None)
-            self.closing.pop(gone, None)
-            self.opened.discard(gone)
-        # TorchServe's stream protocol: the first part carries the HTTP head, so a 200 request cannot
-        # finish in its first response (it is closed with an empty last part in the next step); an
-        # error goes out as one whole response (done=None: no stream header), since TorchServe closes
-        # the connection after a 4xx/5xx head and would drop any part that follows.
-        responses: list = [None] * len(data)
-        done: list[bool | None] = [False] * len(data)
-        for idx, row in enumerate(data):
-            rid = ids[idx]
-            if rid in self.live or rid in self.closing:
-                continue
-            try:
-                r = self._parse(idx, row, context)
-            except RequestError as e:
-                responses[idx], done[idx] = self._error(context, idx, 400, e.to_dict()), None
-                self.closing[rid] = ""        # should the frontend send it back once more
-                continue
-            self.live[rid] = r
-            self.engine.add_request(r)
-            context.set_response_content_type(idx, NDJSON if r.stream else JSON)
-        failed = {}
-        try:
-            if self.engine.has_unfinished():
-                self.engine.step()
-        except Exception as e:  # answer every running request, then carry on with an empty engine
-            logger.exception("generation step failed")
-            for rid in list(self.live):
-                self.engine.abort(rid)
-                failed[rid] = {"error": f"generation failed: {e}", "field": None}
-
+        for gone in set(self.exchanges) - set(ids):      # the frontend dropped it: its client went away
+            ex = self.exchanges.pop(gone)
+            if ex.request is not None:
+                self.engine.abort(ex.request.request_id)
+        replies: dict[int, tuple[str, bool | None]] = {}  # idx -> (body, is_last); None: a whole response
         for idx, rid in enumerate(ids):
-            if responses[idx] is not None:
-                continue
-            if rid in self.closing:
-                responses[idx], done[idx] = self.closing.pop(rid), True
-                self.opened.discard(rid)
-                continue
-            r = self.live[rid]
-            if rid in failed and rid not in self.opened:
-                responses[idx], done[idx] = self._error(context, idx, 500, failed[rid]), None
-                self.closing[rid] = ""
-            elif rid in failed:
-                responses[idx] = json.dumps(failed[rid]) + "\n"
-            elif r.stream:
-                responses[idx] = chunk(r)
-            else:
-                responses[idx] = json.dumps(r.result()) if r.is_finished else ""
-            if not r.is_finished:
-                self.opened.add(rid)
-                continue
-            del self.live[rid]
-            if rid in self.opened:
-                done[idx] = True
-                self.opened.discard(rid)
-            elif rid not in failed:
-                self.closing[rid] = ""
-        context.stopping_criteria = [lambda _, d=d: d for d in done]
-        return responses
+            if rid not in self.exchanges:
+                ex = self._admit(idx, data[idx], context)
+                if isinstance(ex, str):
+                    replies[idx] = (ex, None)
+                    ex = Exchange(None, is_closing=True)   # should the frontend send it back once more
+                self.exchanges[rid] = ex
+        self._step()
+        for idx, rid in enumerate(ids):
+            if idx not in replies:
+                replies[idx] = self._next_part(idx, rid, context)
+        context.stopping_criteria = [lambda _, last=replies[idx][1]: last for idx in range(len(data))]
+        return [replies[idx][0] for idx in range(len(data))]
+
+    def _next_part(self, idx: int, rid: str, context) -> tuple[str, bool | None]:
+        ex = self.exchanges[rid]
+        if ex.is_closing:
+            del self.exchanges[rid]
+            return "", True
+        try:
+            body = self._body(idx, ex, context)
+        except Exception as e:   # our fault, and this request's alone
+            logger.exception("could not answer request %s", rid)
+            self.engine.abort(rid)
+            ex.request.finish_reason, ex.request.error = "error", f"could not answer: {type(e).__name__}: {e}"
+            body = self._body(idx, ex, context)
+        r = ex.request
+        if r.finish_reason == "error" and not ex.is_open:
+            ex.is_closing = True                       # a whole response, already closed
+            return body, None
+        if not r.is_finished:
+            ex.is_open = True
+            return body, False
+        if ex.is_open:
+            del self.exchanges[rid]
+            return body, True
+        ex.is_closing = True                           # the head goes out now, an empty last part next
+        return body, False
 
     @staticmethod
     def _error(context, idx: int, status: int, body: dict) -> str:

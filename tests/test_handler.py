@@ -8,6 +8,8 @@ import pytest
 
 import llm_handler
 from llm_handler import LLMHandler
+from llmserve.exchange import stream_delta
+from llmserve.request import Request, SamplingParams
 
 
 class MockContext:
@@ -203,7 +205,7 @@ def test_both_policies_give_the_same_greedy_text(continuous, request_level):
     assert len(lines) > 1
     assert responses["bad"][0][1] == 400 and json.loads(responses["bad"][0][0])["field"] == "top_p"
     assert len(responses["bad"]) == 1
-    assert not hc.live and not hc.closing and not hc.opened and not hc.engine.has_unfinished()
+    assert not hc.exchanges and not hc.engine.has_unfinished()
 
 
 def test_disconnect_frees_the_slot(tiny_model_dir):
@@ -213,7 +215,7 @@ def test_disconnect_frees_the_slot(tiny_model_dir):
     assert len(h.engine.rows) == 2
     ctx.new_batch(["b"])                      # the frontend dropped a: its client went away
     h.handle([{}], ctx)
-    assert "a" not in h.live and len(h.engine.rows) == 1
+    assert "a" not in h.exchanges and len(h.engine.rows) == 1
 
 
 def test_entry_points_pick_the_policy(tiny_model_dir, monkeypatch):
@@ -224,4 +226,88 @@ def test_entry_points_pick_the_policy(tiny_model_dir, monkeypatch):
     ctx.new_batch(["a"])
     out = llm_handler.request_level([body("Hello there", max_new_tokens=3)], ctx)
     assert out == [""] and ctx.stopping_criteria[0](out[0]) is False   # the head goes out first
-    assert llm_handler._handler.live
+    assert llm_handler._handler.exchanges
+
+
+def partial(text: str, stop=()) -> Request:
+    r = Request("r", [1], SamplingParams(max_new_tokens=8, stop=tuple(stop)))
+    r.text = text
+    return r
+
+
+def test_stream_delta_holds_back_what_may_start_a_stop_string():
+    r = partial("Hello wor", stop=["world!"])
+    assert stream_delta(r) == "Hello "            # "wor" may be the start of "world!"
+    r.text = "Hello wonder"
+    assert stream_delta(r) == "wonder"
+    r.text, r.status = "Hello wonder, wo", "finished"
+    assert stream_delta(r) == ", wo"              # finished: nothing is held back
+
+
+def test_stream_delta_holds_back_an_incomplete_utf8_character():
+    r = partial("caf\ufffd")                     # the decoder's stand-in for half a character
+    assert stream_delta(r) == "caf"
+    r.text = "café!"
+    assert stream_delta(r) == "é!"
+
+
+class FlakyTokenizer:
+    """The real tokenizer, except that it raises on one prompt (a bug of ours, not the client's)."""
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def __call__(self, text):
+        if text == "boom":
+            raise TypeError("tokenizer fell over")
+        return self.tokenizer(text)
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+
+def test_an_exception_while_taking_a_request_is_that_requests_500(tiny_model_dir):
+    h, ctx = make_handler(tiny_model_dir)
+    alone = whole(run_steps(h, ctx, {0: {"a": body("Hello there", max_new_tokens=8)}})["a"])
+    h.engine.tokenizer = FlakyTokenizer(h.engine.tokenizer)
+    responses = run_steps(h, ctx, {0: {"a": body("Hello there", max_new_tokens=8), "x": body("boom")}})
+    assert whole(responses["a"])["text"] == alone["text"]
+    assert len(responses["x"]) == 1 and responses["x"][0][1] == 500
+    assert "tokenizer fell over" in json.loads(responses["x"][0][0])["error"]
+    assert not h.exchanges
+
+
+def test_a_failed_step_fails_only_the_requests_it_ran(tiny_model_dir, monkeypatch):
+    h, ctx = make_handler(tiny_model_dir, yaml={"batchSize": 2}, max_num_seqs=2)
+    expected = whole(run_steps(h, ctx, {0: {"c": body("three more words", max_new_tokens=6)}})["c"])
+    decode, calls = h.engine.runner.decode, []
+    def flaky(num_rows):
+        calls.append(num_rows)
+        if len(calls) == 3:
+            raise RuntimeError("device fell over")
+        return decode(num_rows)
+    monkeypatch.setattr(h.engine.runner, "decode", flaky)
+    responses = run_steps(h, ctx, {0: {"a": body("one", max_new_tokens=12),
+                                       "b": body("two words", max_new_tokens=12, stream=True),
+                                       "c": body("three more words", max_new_tokens=6)}})   # c waits: 2 rows
+    for rid in ("a", "b"):                           # already answering (200 head sent): an error part ends them
+        last = json.loads(responses[rid][-1][0].splitlines()[-1])
+        assert "device fell over" in last["error"] and responses[rid][-1][1] == 200
+    assert whole(responses["c"])["text"] == expected["text"]   # the queued one carries on
+    h.engine.check_invariants()
+    assert not h.exchanges and not h.engine.has_unfinished()
+
+
+def test_a_request_failed_before_its_first_part_gets_a_500(tiny_model_dir, monkeypatch):
+    h, ctx = make_handler(tiny_model_dir)
+    prefill, calls = h.engine.runner.prefill, []
+    def flaky(rows, token_lists):
+        calls.append(rows)
+        if len(calls) == 1:
+            raise RuntimeError("out of memory")
+        return prefill(rows, token_lists)
+    monkeypatch.setattr(h.engine.runner, "prefill", flaky)
+    responses = run_steps(h, ctx, {0: {"a": body("one", max_new_tokens=4)}, 2: {"b": body("two", max_new_tokens=4)}})
+    assert len(responses["a"]) == 1 and responses["a"][0][1] == 500
+    assert "out of memory" in json.loads(responses["a"][0][0])["error"]
+    assert whole(responses["b"])["usage"]["completion_tokens"] == 4
+    h.engine.check_invariants()

@@ -79,6 +79,26 @@ def test_all_sampling_params():
     ({"messages": [{"role": "user", "content": 3}]}, "messages"),
     ({"prompt": "x" * 64}, "prompt"),
     ({"prompt": "x" * 60, "max_new_tokens": 10}, "max_new_tokens"),
+    # text JSON can carry but UTF-8 cannot: lone surrogates, in every text field
+    ("\ud800", "body"),
+    ({"prompt": "ok \ud800"}, "prompt"),
+    ({"messages": [{"role": "user", "content": "\udfff"}]}, "messages"),
+    ({"prompt": "a", "stop": ["x", "\udc00\ud800"]}, "stop"),
+    ({"prompt": "a", "top_k": 2**40}, "top_k"),
+    ({"messages": [{"role": ["user"], "content": "x"}]}, "messages"),
+    (b"[" * 100000 + b"]" * 100000, "body"),
 ])
 def test_bad_input_names_the_field(body, field):
     assert field_of(body) == field
+
+
+def test_unknown_field_named_even_if_not_encodable():
+    with pytest.raises(RequestError) as e:
+        parse({"prompt": "a", "\ud800x": 1})
+    assert e.value.field == "\\ud800x"
+    e.value.to_dict()["field"].encode("utf-8")   # the error body itself is encodable
+
+
+def test_tiny_temperature_is_greedy():
+    assert parse({"prompt": "a", "temperature": 1e-300}).params.is_greedy
+    assert not parse({"prompt": "a", "temperature": 0.01}).params.is_greedy

@@ -1,2 +1,2 @@
 """llmserve: a batched LLM engine (config, load, quantize, request, scheduler, kv cache, runner,
-sampling, engine). It knows nothing about TorchServe; handler/llm_handler.py adapts it."""
+sampling, engine, exchange). It knows nothing about TorchServe; handler/llm_handler.py adapts it."""

@@ -30,8 +30,8 @@ class Engine:
         self.scheduler = Scheduler(config.max_num_seqs, config.max_prefill_tokens, config.kv_capacity_tokens,
                                    request_level=config.batching == "request_level")
         self.rows: list[Request] = []          # rows[i] is the request in KV row i
-        self.generators: dict[str, torch.Generator | None] = {}
-        self.requests: dict[str, Request] = {}
+        self.requests: dict[str, Request] = {}  # unfinished requests by id
+        self.scheduled: list[Request] = []     # the requests the current (or last) step runs
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> "Engine":
@@ -42,7 +42,7 @@ class Engine:
     def add_request(self, request: Request) -> None:
         assert request.request_id not in self.requests, f"duplicate request id {request.request_id}"
         self.requests[request.request_id] = request
-        self.generators[request.request_id] = make_generator(request.params, self.facts.device)
+        request.generator = make_generator(request.params, self.facts.device)
         self.scheduler.add(request)
 
     def abort(self, request_id: str) -> None:
@@ -68,6 +68,7 @@ class Engine:
     def step(self) -> None:
         """One iteration: decode every running sequence (rows 0..B-1), then prefill newcomers."""
         out = self.scheduler.schedule()
+        self.scheduled = out.decode + out.prefill
         for r in out.preempted:
             self._release_row(r)
         if out.decode:
@@ -76,6 +77,22 @@ class Engine:
             self._postprocess(self.rows[:B], logits, batch_size=B + len(out.prefill))
         if out.prefill:
             self._prefill(out.prefill)
+
+    def fail_step(self, error: str) -> list[Request]:
+        """After step() raised: finish the requests it was running with finish_reason "error" and
+        free their rows; waiting requests stay queued for the next step. Returns the failed ones."""
+        failed = [r for r in self.scheduled if not r.is_finished]
+        for r in failed:
+            r.error = error
+            self._finish(r, "error")
+        self.scheduled = []
+        return failed
+
+    def check_invariants(self) -> None:
+        """The engine's rows and the scheduler's running list hold the same requests (for tests)."""
+        assert sorted(map(id, self.rows)) == sorted(map(id, self.scheduler.running)), "rows != running"
+        assert all(r.row == i for i, r in enumerate(self.rows)), "a request's row is stale"
+        assert set(self.requests.values()) == set(self.scheduler.running) | set(self.scheduler.waiting)
 
     # -- internals --------------------------------------------------------------------------------
     def _prefill(self, requests: list[Request]) -> None:
@@ -100,7 +117,7 @@ class Engine:
 
     def _postprocess(self, requests: list[Request], logits: torch.Tensor, batch_size: int) -> None:
         rows = slice(requests[0].row, requests[0].row + len(requests))
-        tokens = sample(logits, [r.params for r in requests], [self.generators[r.request_id] for r in requests])
+        tokens = sample(logits, [r.params for r in requests], [r.generator for r in requests])
         self.cache.last_tokens[rows] = tokens
         now = time.perf_counter()
         stop_ids = self.facts.stop_token_ids
@@ -129,7 +146,7 @@ class Engine:
         r.finish_time = time.perf_counter()
         self.scheduler.finish(r, reason)
         self._release_row(r)
-        self._forget(r)
+        self.requests.pop(r.request_id, None)
 
     def _release_row(self, r: Request) -> None:
         """Free r's KV row, moving the last row into the hole so running rows stay 0..n-1."""
@@ -143,7 +160,3 @@ class Engine:
             self.rows[r.row] = moved
         self.rows.pop()
         r.row = -1
-
-    def _forget(self, r: Request) -> None:
-        self.requests.pop(r.request_id, None)
-        self.generators.pop(r.request_id, None)

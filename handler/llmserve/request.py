@@ -10,6 +10,7 @@ from .config import EngineConfig
 KNOWN_FIELDS = ("prompt", "messages", "max_new_tokens", "temperature", "top_p", "top_k", "seed",
                 "stop", "stream")
 MAX_STOP_STRINGS = 8
+MAX_TOP_K = 2**31 - 1
 
 
 class RequestError(ValueError):
@@ -35,7 +36,7 @@ class SamplingParams:
 
     @property
     def is_greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < 1e-5   # below this, sampling is argmax (and 1/T would overflow)
 
 
 @dataclass(eq=False)
@@ -46,7 +47,8 @@ class Request:
     stream: bool = False
     output_ids: list[int] = field(default_factory=list)
     status: str = "waiting"           # waiting -> running -> finished (running -> waiting on preemption)
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    error: str | None = None          # why, when finish_reason is "error" (the engine failed its step)
     text: str = ""                    # decoded output, cut before a stop string
     num_sent_chars: int = 0           # streaming: how much of text the client already has
     row: int = -1                     # KV cache row while running
@@ -56,6 +58,7 @@ class Request:
     prefill_ms: float = 0.0
     max_batch_size: int = 0           # most sequences this request was decoded together with
     num_preemptions: int = 0
+    generator: object = None          # the sampler's own random stream (set by the engine) when seeded
 
     @property
     def num_tokens(self) -> int:
@@ -88,7 +91,7 @@ class Request:
 def decode_body(body) -> dict:
     """The raw HTTP body (bytes, or what TorchServe already decoded from JSON) as a dict."""
     if isinstance(body, str):
-        body = body.encode("utf-8")
+        body = _encodable(body, "body").encode("utf-8")
     if isinstance(body, (bytes, bytearray)):
         if not body.strip():
             raise RequestError("body", "request body is empty; send a JSON object with a prompt")
@@ -100,6 +103,8 @@ def decode_body(body) -> dict:
             body = json.loads(text)
         except json.JSONDecodeError as e:
             raise RequestError("body", f"request body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}")
+        except RecursionError:
+            raise RequestError("body", "request body is nested too deeply")
     if body is None or body == "":
         raise RequestError("body", "request body is empty; send a JSON object with a prompt")
     if not isinstance(body, dict):
@@ -128,6 +133,16 @@ def _float(body: dict, name: str, default: float) -> float:
     return float(value)
 
 
+def _encodable(value: str, name: str, where: str | None = None) -> str:
+    """value, checked to be encodable text (a JSON string may carry lone UTF-16 surrogates)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RequestError(name, f"{where or name} holds text that cannot be encoded as UTF-8 "
+                                 f"(a lone surrogate at character {e.start})")
+    return value
+
+
 def _stop(body: dict) -> tuple[str, ...]:
     stop = body.get("stop", [])
     if isinstance(stop, str):
@@ -136,7 +151,7 @@ def _stop(body: dict) -> tuple[str, ...]:
         raise RequestError("stop", "stop must be a non-empty string or a list of non-empty strings")
     if len(stop) > MAX_STOP_STRINGS:
         raise RequestError("stop", f"stop takes at most {MAX_STOP_STRINGS} strings, got {len(stop)}")
-    return tuple(stop)
+    return tuple(_encodable(s, "stop") for s in stop)
 
 
 def _messages(body: dict) -> list[dict]:
@@ -146,10 +161,11 @@ def _messages(body: dict) -> list[dict]:
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or set(m) != {"role", "content"}:
             raise RequestError("messages", f"messages[{i}] must be an object with exactly role and content")
-        if m["role"] not in ("system", "user", "assistant"):
+        if not isinstance(m["role"], str) or m["role"] not in ("system", "user", "assistant"):
             raise RequestError("messages", f"messages[{i}].role must be system, user or assistant, got {json.dumps(m['role'])}")
         if not isinstance(m["content"], str):
             raise RequestError("messages", f"messages[{i}].content must be a string")
+        _encodable(m["content"], "messages", f"messages[{i}].content")
     return messages
 
 
@@ -158,14 +174,15 @@ def parse_request(request_id: str, body, config: EngineConfig, tokenizer) -> Req
     body = decode_body(body)
     unknown = [k for k in body if k not in KNOWN_FIELDS]
     if unknown:
-        raise RequestError(unknown[0], f"unknown field {unknown[0]!r}; known fields are {list(KNOWN_FIELDS)}")
+        name = unknown[0].encode("utf-8", "backslashreplace").decode("utf-8")   # printable even if not encodable
+        raise RequestError(name, f"unknown field {name!r}; known fields are {list(KNOWN_FIELDS)}")
     if ("prompt" in body) == ("messages" in body):
         raise RequestError("prompt", "send exactly one of prompt or messages")
     params = SamplingParams(
         max_new_tokens=_int(body, "max_new_tokens", config.default_max_new_tokens, 1, config.max_new_tokens_cap),
         temperature=_float(body, "temperature", 0.0),
         top_p=_float(body, "top_p", 1.0),
-        top_k=_int(body, "top_k", 0, 0),
+        top_k=_int(body, "top_k", 0, 0, MAX_TOP_K),
         seed=_int(body, "seed", None, 0, 2**63 - 1),
         stop=_stop(body),
     )
@@ -180,7 +197,7 @@ def parse_request(request_id: str, body, config: EngineConfig, tokenizer) -> Req
     if "prompt" in body:
         if not isinstance(body["prompt"], str) or not body["prompt"]:
             raise RequestError("prompt", "prompt must be a non-empty string")
-        prompt_ids = tokenizer(body["prompt"])["input_ids"]
+        prompt_ids = tokenizer(_encodable(body["prompt"], "prompt"))["input_ids"]
         name = "prompt"
     else:
         prompt_ids = tokenizer.apply_chat_template(_messages(body), add_generation_prompt=True, tokenize=True,
