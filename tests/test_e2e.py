@@ -91,6 +91,23 @@ def test_bad_inputs_do_not_harm_a_good_request(server, model):
         assert r.json()["field"] == field and r.json()["error"]
 
 
+def test_a_lone_surrogate_beside_running_requests(server):
+    """Issue 18's reproduction: eight chat requests decoding, then a body that JSON can carry but
+    UTF-8 cannot. It used to fail the whole step (503) and reset all eight connections."""
+    bodies = [{"messages": [{"role": "user", "content": f"Tell me something about the number {i}."}],
+               "max_new_tokens": 48} for i in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        good = [pool.submit(post, server, b) for b in bodies]
+        time.sleep(1.0)                              # the eight are decoding now
+        bad = post(server, '{"prompt": "\\ud800", "max_new_tokens": 4}')
+        good = [f.result() for f in good]
+    assert bad.status_code == 400 and bad.json()["field"] == "prompt", bad.text
+    assert [r.status_code for r in good] == [200] * 8
+    for r in good:
+        out = r.json()
+        assert out["text"] and (out["finish_reason"] == "stop" or out["usage"]["completion_tokens"] == 48)
+
+
 def stream(server, body, model="llm") -> list[tuple[float, dict]]:
     """(arrival time, part) for each streamed JSON line."""
     parts = []

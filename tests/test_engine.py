@@ -1,6 +1,8 @@
 """The engine on a tiny random Llama (fp32, CPU): batching, the KV cache, joining mid-way and
 preemption must not change a greedy request's tokens."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -128,3 +130,34 @@ def test_abort_frees_the_row(engine):
     while engine.has_unfinished():
         engine.step()
     assert b.output_ids == alone(engine, PROMPTS[1], max_new=5)
+
+
+def test_detokenization_is_incremental_and_holds_back_half_characters(engine):
+    ids = engine.tokenizer("Smile 🙂, wave 👋 and café")["input_ids"]
+    assert len(ids) > len("Smile , wave  and café".split()) + 2     # the emoji span several tokens
+    r = Request("detok", [1], SamplingParams(max_new_tokens=64))
+    texts = []
+    for token in ids:
+        r.output_ids.append(token)
+        engine._detokenize(r)
+        texts.append(r.text)
+        assert "\ufffd" not in r.text                               # half a character is held back
+        assert len(r.output_ids) - r.prefix_offset <= 8             # a short window, not the whole output
+    assert any(a == b for a, b in zip(texts, texts[1:]))            # something was held back a step
+    engine._detokenize(r, final=True)
+    assert r.text == engine.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def test_ignore_eos_and_min_tokens(engine, monkeypatch):
+    free = alone(engine, PROMPTS[1], max_new=20)
+    eos = free[5]                                    # the tiny model never ends: call its 6th token EOS
+    monkeypatch.setattr(engine, "facts", replace(engine.facts, stop_token_ids=frozenset({eos})))
+    monkeypatch.setattr(engine, "stop_ids", torch.tensor([eos]))
+    natural = alone(engine, PROMPTS[1], max_new=20)
+    assert natural == free[:free.index(eos) + 1]
+    forced = make(engine, 1, PROMPTS[1], max_new=20, ignore_eos=True)
+    engine.generate([forced])
+    assert forced.output_ids == free and forced.finish_reason == "length"
+    at_least = make(engine, 2, PROMPTS[1], max_new=20, min_tokens=12)
+    engine.generate([at_least])
+    assert len(at_least.output_ids) >= 12 and eos not in at_least.output_ids[:11]   # EOS masked until then

@@ -32,6 +32,7 @@ class Engine:
         self.rows: list[Request] = []          # rows[i] is the request in KV row i
         self.requests: dict[str, Request] = {}  # unfinished requests by id
         self.scheduled: list[Request] = []     # the requests the current (or last) step runs
+        self.stop_ids = torch.tensor(sorted(facts.stop_token_ids), device=facts.device)   # [S]
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> "Engine":
@@ -65,6 +66,7 @@ class Engine:
                 on_step()
         return requests
 
+    @torch.inference_mode()
     def step(self) -> None:
         """One iteration: decode every running sequence (rows 0..B-1), then prefill newcomers."""
         out = self.scheduler.schedule()
@@ -117,6 +119,9 @@ class Engine:
 
     def _postprocess(self, requests: list[Request], logits: torch.Tensor, batch_size: int) -> None:
         rows = slice(requests[0].row, requests[0].row + len(requests))
+        early = [i for i, r in enumerate(requests) if len(r.output_ids) < r.params.min_tokens]
+        if early:                                    # min_tokens: EOS cannot be sampled yet
+            logits[torch.tensor(early, device=logits.device)[:, None], self.stop_ids] = float("-inf")
         tokens = sample(logits, [r.params for r in requests], [r.generator for r in requests])
         self.cache.last_tokens[rows] = tokens
         now = time.perf_counter()
@@ -126,23 +131,34 @@ class Engine:
             if r.first_token_time is None:
                 r.first_token_time = now
             r.max_batch_size = max(r.max_batch_size, batch_size)
-            if token in stop_ids:
+            if token in stop_ids and not r.params.ignore_eos:
                 self._finish(r, "stop")
-            elif r.params.stop and self.text_of(r)[1]:
+            elif (r.stream or r.params.stop) and self._detokenize(r):
                 self._finish(r, "stop")
             elif len(r.output_ids) >= r.params.max_new_tokens:
                 self._finish(r, "length")
-            elif r.stream:
-                r.text = self.text_of(r)[0]
 
-    def text_of(self, r: Request) -> tuple[str, bool]:
-        """r's output as text, cut before the first stop string; and whether one was found."""
-        text = self.tokenizer.decode(r.output_ids, skip_special_tokens=True)
-        hits = [text.find(s) for s in r.params.stop if s in text]
-        return (text[:min(hits)], True) if hits else (text, False)
+    def _detokenize(self, r: Request, final: bool = False) -> bool:
+        """Append the text of r's new tokens to r.text, decoding a short window (not the whole
+        output) and holding back an incomplete UTF-8 character until final; cut r.text before a
+        stop string (none before min_tokens) and say whether one was found."""
+        ids = r.output_ids
+        before = self.tokenizer.decode(ids[r.prefix_offset:r.read_offset], skip_special_tokens=True)
+        after = self.tokenizer.decode(ids[r.prefix_offset:], skip_special_tokens=True)
+        if len(after) <= len(before) or (after.endswith("\ufffd") and not final):
+            return False
+        r.prefix_offset, r.read_offset = r.read_offset, len(ids)
+        start = max(0, len(r.text) - r.params.max_stop_len + 1)   # a stop string may straddle the old text
+        r.text += after[len(before):]
+        if len(ids) < r.params.min_tokens:
+            return False
+        hits = [i for s in r.params.stop if (i := r.text.find(s, start)) >= 0]
+        if hits:
+            r.text = r.text[:min(hits)]
+        return bool(hits)
 
     def _finish(self, r: Request, reason: str) -> None:
-        r.text = self.text_of(r)[0]
+        self._detokenize(r, final=True)
         r.finish_time = time.perf_counter()
         self.scheduler.finish(r, reason)
         self._release_row(r)

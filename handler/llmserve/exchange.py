@@ -9,13 +9,12 @@ from .request import Request
 
 
 def stream_delta(r: Request) -> str:
-    """Text the client has not seen yet, holding back an unfinished UTF-8 character or what may be
-    the start of a stop string; everything once the request is finished."""
+    """Text the client has not seen yet, holding back what may be the start of a stop string;
+    everything once the request is finished. (The engine holds back an unfinished UTF-8
+    character itself.)"""
     text = r.text
     end = len(text)
     if not r.is_finished:
-        while end > r.num_sent_chars and text[end - 1] == "\ufffd":
-            end -= 1
         for stop in r.params.stop:
             for n in range(min(len(stop) - 1, end - r.num_sent_chars), 0, -1):
                 if text[end - n:end] == stop[:n]:

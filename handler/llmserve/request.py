@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from .config import EngineConfig
 
 KNOWN_FIELDS = ("prompt", "messages", "max_new_tokens", "temperature", "top_p", "top_k", "seed",
-                "stop", "stream")
+                "stop", "stream", "ignore_eos", "min_tokens")
 MAX_STOP_STRINGS = 8
 MAX_TOP_K = 2**31 - 1
 
@@ -33,6 +33,12 @@ class SamplingParams:
     top_k: int = 0                    # 0 = no top-k cut
     seed: int | None = None           # own random stream: same seed, same sample, whatever the batch
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False          # vLLM's meaning: EOS does not end the request (fixed-length benchmarks)
+    min_tokens: int = 0               # vLLM's meaning: EOS cannot be sampled, nor a stop string end it, before this
+
+    @property
+    def max_stop_len(self) -> int:
+        return max(map(len, self.stop), default=0)
 
     @property
     def is_greedy(self) -> bool:
@@ -50,6 +56,8 @@ class Request:
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     error: str | None = None          # why, when finish_reason is "error" (the engine failed its step)
     text: str = ""                    # decoded output, cut before a stop string
+    prefix_offset: int = 0            # incremental detokenization: output_ids[prefix_offset:read_offset]
+    read_offset: int = 0              # is the context whose text is already in `text`
     num_sent_chars: int = 0           # streaming: how much of text the client already has
     row: int = -1                     # KV cache row while running
     arrival_time: float = field(default_factory=time.perf_counter)
@@ -143,6 +151,13 @@ def _encodable(value: str, name: str, where: str | None = None) -> str:
     return value
 
 
+def _bool(body: dict, name: str) -> bool:
+    value = body.get(name, False)
+    if not isinstance(value, bool):
+        raise RequestError(name, f"{name} must be true or false, got {json.dumps(value)}")
+    return value
+
+
 def _stop(body: dict) -> tuple[str, ...]:
     stop = body.get("stop", [])
     if isinstance(stop, str):
@@ -185,14 +200,16 @@ def parse_request(request_id: str, body, config: EngineConfig, tokenizer) -> Req
         top_k=_int(body, "top_k", 0, 0, MAX_TOP_K),
         seed=_int(body, "seed", None, 0, 2**63 - 1),
         stop=_stop(body),
+        ignore_eos=_bool(body, "ignore_eos"),
+        min_tokens=_int(body, "min_tokens", 0, 0, config.max_new_tokens_cap),
     )
+    if params.min_tokens > params.max_new_tokens:
+        raise RequestError("min_tokens", f"min_tokens ({params.min_tokens}) exceeds max_new_tokens ({params.max_new_tokens})")
     if params.temperature < 0:
         raise RequestError("temperature", f"temperature must be >= 0, got {params.temperature}")
     if not 0 < params.top_p <= 1:
         raise RequestError("top_p", f"top_p must be in (0, 1], got {params.top_p}")
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise RequestError("stream", f"stream must be true or false, got {json.dumps(stream)}")
+    stream = _bool(body, "stream")
 
     if "prompt" in body:
         if not isinstance(body["prompt"], str) or not body["prompt"]:
