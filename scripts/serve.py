@@ -2,12 +2,13 @@
 
     python scripts/serve.py start    # background; prints the endpoint and a curl example
     python scripts/serve.py stop
-The tests use TorchServeProcess to run their own server on other ports.
+The tests and the tooling run their own server on other ports through TorchServeProcess.
 """
 
 import argparse
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -17,10 +18,18 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
+TMP, LOGS = ROOT / "build" / "ts-tmp", ROOT / "logs"    # of the server `make serve` starts
 
 
-def http_json(url: str, method: str = "GET", timeout: float = 10):
-    req = urllib.request.Request(url, method=method)
+def torchserve_env(tmp: Path, logs: Path) -> dict:
+    """This venv's binaries first; TorchServe's temp files, worker sockets and logs where we say."""
+    return {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "TMPDIR": str(tmp), "LOG_LOCATION": str(logs),
+            "METRICS_LOCATION": str(logs)}
+
+
+def http_json(url: str, method: str = "GET", timeout: float = 10, body: dict | None = None):
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data, {"Content-Type": "application/json"} if data else {}, method=method)
     with urllib.request.urlopen(req, timeout=timeout) as resp:
         return json.loads(resp.read() or b"null")
 
@@ -47,7 +56,7 @@ class TorchServeProcess:
     """A TorchServe in the foreground as a child process, with its own ports, temp dir and logs."""
 
     def __init__(self, workdir: Path, port: int, models: str = "llm=llm.mar", model_store: Path = ROOT / "model_store",
-                 extra_config: dict | None = None, env: dict | None = None) -> None:
+                 env: dict | None = None) -> None:
         self.workdir = Path(workdir).resolve()
         self.port = port
         self.inference_url = f"http://127.0.0.1:{port}"
@@ -55,11 +64,13 @@ class TorchServeProcess:
         self.metrics_url = f"http://127.0.0.1:{port + 2}"
         self.models = models
         self.model_store = model_store
-        self.extra_config = extra_config or {}
         self.env = env or {}
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 300) -> "TorchServeProcess":
+        for port in range(self.port, self.port + 5):   # else another server's API would answer in place of ours
+            if self._is_listening(port):
+                raise ValueError(f"port {port} on 127.0.0.1 is in use; pick free ports")
         self.workdir.mkdir(parents=True, exist_ok=True)
         tmp = self.workdir / "tmp"
         tmp.mkdir(exist_ok=True)
@@ -69,19 +80,18 @@ class TorchServeProcess:
                      "grpc_management_port": self.port + 4, "model_store": str(self.model_store),
                      "load_models": self.models,
                      # worker sockets live in java.io.tmpdir: a private one keeps two servers apart
-                     "vmargs": f"-Djava.io.tmpdir={tmp}", **self.extra_config}
+                     "vmargs": f"-Djava.io.tmpdir={tmp}"}
         lines = [p for p in props if p.split("=", 1)[0].strip() not in overrides]
         lines += [f"{k}={v}" for k, v in overrides.items()]
         config = self.workdir / "config.properties"
         config.write_text("\n".join(lines) + "\n")
-        env = {**os.environ, "TMPDIR": str(tmp), "LOG_LOCATION": str(self.workdir / "logs"),
-               "METRICS_LOCATION": str(self.workdir / "logs"), "PATH": f"{BIN}:{os.environ['PATH']}", **self.env}
+        env = {**torchserve_env(tmp, self.workdir / "logs"), **self.env}
         self.log = open(self.workdir / "torchserve.out", "w")
         self.proc = subprocess.Popen([str(BIN / "torchserve"), "--foreground", "--ncs", "--ts-config", str(config)],
                                      cwd=self.workdir, env=env, stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         deadline = time.monotonic() + timeout
-        while not self._is_listening():
+        while not self._is_listening(self.port + 1):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"TorchServe did not come up; see {self.workdir / 'torchserve.out'}")
             time.sleep(0.5)
@@ -90,34 +100,37 @@ class TorchServeProcess:
                 wait_ready(self.management_url, spec.split("=")[0], timeout, self.proc)
         return self
 
-    def _is_listening(self) -> bool:
-        host, port = self.management_url.rsplit("/", 1)[-1].split(":")
+    def _is_listening(self, port: int) -> bool:
         with socket.socket() as sock:
-            return sock.connect_ex((host, int(port))) == 0
+            return sock.connect_ex(("127.0.0.1", port)) == 0
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, 15)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, 9)
         if self.proc:
+            stop_process_group(self.proc)
             self.log.close()
 
 
+def stop_process_group(proc: subprocess.Popen, timeout: float = 30) -> None:
+    """End a child started with start_new_session=True and all it started: SIGTERM, then SIGKILL."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 def start() -> None:
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "TMPDIR": str(ROOT / "build" / "ts-tmp"),
-           "LOG_LOCATION": str(ROOT / "logs"), "METRICS_LOCATION": str(ROOT / "logs")}
-    (ROOT / "build" / "ts-tmp").mkdir(parents=True, exist_ok=True)
+    TMP.mkdir(parents=True, exist_ok=True)
     try:
         http_json("http://127.0.0.1:8081/models/llm", timeout=2)
         print("TorchServe is already running; `make stop` first to restart it")
     except Exception:
-        (ROOT / "logs").mkdir(exist_ok=True)
-        with open(ROOT / "logs" / "torchserve.out", "a") as log:
+        LOGS.mkdir(exist_ok=True)
+        with open(LOGS / "torchserve.out", "a") as log:
             subprocess.run([str(BIN / "torchserve"), "--start", "--ncs", "--ts-config", "config/config.properties"],
-                           cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
+                           cwd=ROOT, env=torchserve_env(TMP, LOGS), stdout=log, stderr=subprocess.STDOUT, check=True)
     wait_ready("http://127.0.0.1:8081", "llm", timeout=300)
     print("llm is ready: http://127.0.0.1:8080/predictions/llm")
     print("""try:
@@ -126,8 +139,7 @@ def start() -> None:
 
 
 def stop() -> None:
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "TMPDIR": str(ROOT / "build" / "ts-tmp")}
-    subprocess.run([str(BIN / "torchserve"), "--stop"], cwd=ROOT, env=env, check=False)
+    subprocess.run([str(BIN / "torchserve"), "--stop"], cwd=ROOT, env=torchserve_env(TMP, LOGS), check=False)
 
 
 def main() -> None:
