@@ -1,6 +1,6 @@
 """Figures from one benchmark run: each chart is described once as data (chart_specs), then drawn
 as a matplotlib PNG in figures/ and as a panel of one interactive Plotly page. Reads the per-
-configuration medians and the report that scripts/bench.py built; measures nothing."""
+configuration medians and the report that benchmarks/report.py built; measures nothing."""
 
 from pathlib import Path
 
@@ -127,7 +127,7 @@ def write_html(specs: list[dict], report: dict, path: Path) -> None:
     fig.add_trace(go.Table(header=dict(values=headings), cells=dict(values=list(zip(*text)), fill_color=list(zip(*fill)))),
                   3, 2)
     fig.update_layout(height=1400, title=f"{report['model']} on {report['device']}: {report['profile']} profile, "
-                                         f"{report['date']}")
+                                         f"{report['machine']['date']}")
     fig.write_html(path, include_plotlyjs="cdn")
 
 

@@ -21,7 +21,7 @@ from locust.exception import StopUser
 from locust.runners import WorkerRunner
 from locust.stats import CSV_STATS_INTERVAL_SEC
 
-from loadtest.prompts import WIKITEXT_DIR, PromptMix, load_articles, parse_tokens_spec
+from benchmarks.workload import WIKITEXT, PromptMix, load_articles, parse_tokens_spec
 
 NAME = "generate"          # the one stats row of the generation requests
 METRIC = "METRIC"          # request_type of the time-to-first-token rows
@@ -38,7 +38,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-requests", type=int, default=0, env_var="LOCUST_MAX_REQUESTS",
                         help="stop after this many generation requests have answered (0 = no limit)")
     parser.add_argument("--request-timeout", type=float, default=600, env_var="LOCUST_REQUEST_TIMEOUT")
-    parser.add_argument("--wikitext", default=str(WIKITEXT_DIR / "valid.txt"), env_var="LOCUST_WIKITEXT",
+    parser.add_argument("--wikitext", default=str(WIKITEXT / "valid.txt"), env_var="LOCUST_WIKITEXT",
                         include_in_web_ui=False, help="WikiText-2 text for the summarize prompts")
     parser.add_argument("--request-log", default="", env_var="LOCUST_REQUEST_LOG", include_in_web_ui=False,
                         help="write one JSON line per generation request to this file")

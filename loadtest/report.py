@@ -1,52 +1,25 @@
-"""What a sweep reports: results.csv (one row per configuration), the recommendation for a p99
-target, the throughput ratio to batch size 1 from the same run, the machine and package
-versions, summary.md and the printed table. Every number comes from the rows it is given."""
+"""What a sweep reports: the recommendation for a p99 target, the throughput ratio to batch size 1
+from the same run, the results table and summary.md with the run's settings and machine. Every
+number comes from the rows it is given."""
 
-import csv
-import os
-import platform
-from importlib import metadata
 from pathlib import Path
 
-import psutil
+from benchmarks.tables import format_table
 
-PACKAGES = ("torch", "transformers", "torchserve", "locust")
+
+def seconds(ms: float) -> str:
+    return f"{ms / 1000:.2f}"
+
+
 TABLE = (  # (column, header, format)
     ("label", "model", "{}"), ("batch_size", "batch", "{}"), ("max_batch_delay_ms", "delay ms", "{}"),
     ("requests_per_s", "req/s", "{:.3f}"), ("output_tokens_per_s", "out tok/s", "{:.1f}"),
-    ("latency_p50_ms", "p50 s", "{:.2f}"), ("latency_p95_ms", "p95 s", "{:.2f}"),
-    ("latency_p99_ms", "p99 s", "{:.2f}"), ("latency_max_ms", "max s", "{:.2f}"),
+    ("latency_p50_ms", "p50 s", seconds), ("latency_p95_ms", "p95 s", seconds),
+    ("latency_p99_ms", "p99 s", seconds), ("latency_max_ms", "max s", seconds),
     ("mean_server_batch_size", "mean batch", "{:.2f}"), ("peak_worker_rss_mb", "peak RSS MB", "{:.0f}"),
     ("num_failures", "failed", "{}"), ("usd_per_1k_requests", "$/1k req", "{:.4f}"),
     ("usd_per_million_output_tokens", "$/M out tok", "{:.2f}"),
 )
-
-
-def cell(row: dict, column: str, fmt: str) -> str:
-    value = row.get(column)
-    if value is None or value == "":
-        return "-"
-    if column.startswith("latency_"):
-        value = value / 1000
-    return fmt.format(value)
-
-
-def format_table(rows: list[dict], markdown: bool = False) -> str:
-    header = [h for _, h, _ in TABLE]
-    body = [[cell(r, c, f) for c, _, f in TABLE] for r in rows]
-    if markdown:
-        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        return "\n".join(lines + ["| " + " | ".join(b) + " |" for b in body])
-    widths = [max(len(x) for x in col) for col in zip(header, *body)]
-    return "\n".join("  ".join(x.rjust(w) for x, w in zip(line, widths)) for line in [header, *body])
-
-
-def write_csv(rows: list[dict], path: Path) -> None:
-    columns = list(dict.fromkeys(k for r in rows for k in r))
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, columns)
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def name(row: dict) -> str:
@@ -85,24 +58,8 @@ def baseline_ratio(rows: list[dict]) -> tuple[dict | None, dict | None, str]:
         f"in the same run.")
 
 
-def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    if Path("/proc/cpuinfo").is_file():
-        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                 if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    info = {"cpu": cpu, "logical_cpus": os.cpu_count(), "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
-            "os": platform.platform(), "python": platform.python_version()}
-    for package in PACKAGES:
-        try:
-            info[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            info[package] = "not installed"
-    return info
-
-
 def write_summary(path: Path, rows: list[dict], settings: dict, recommendation: str, ratio: str,
-                  plots: list[str], machine_info: dict) -> None:
+                  plots: list[str]) -> None:
     lines = [f"# Batch-size sweep {settings['run_id']}", "",
              f"Command: `{settings['command']}`", "",
              recommendation, "", ratio, "",
@@ -112,9 +69,9 @@ def write_summary(path: Path, rows: list[dict], settings: dict, recommendation: 
              f"costs use {settings['instance']} at ${settings['usd_per_hour']}/h (loadtest/prices.yaml) "
              "and assume the instance is kept this busy; a configuration meets the p99 target only "
              "without failures.", "",
-             format_table(rows, markdown=True), "",
+             format_table(rows, TABLE, markdown=True), "",
              "## Settings", ""]
-    lines += [f"- {k}: {v}" for k, v in settings.items() if k not in ("run_id", "command")]
-    lines += ["", "## Machine", ""] + [f"- {k}: {v}" for k, v in machine_info.items()]
+    lines += [f"- {k}: {v}" for k, v in settings.items() if k not in ("run_id", "command", "machine")]
+    lines += ["", "## Machine", ""] + [f"- {k}: {v}" for k, v in settings["machine"].items()]
     lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     path.write_text("\n".join(lines) + "\n")

@@ -27,30 +27,30 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from benchmarks.machine import describe
+from benchmarks.memory import PeakMemory
+from benchmarks.profiles import load_profile
+from benchmarks.tables import format_table, write_csv
 from loadtest.measure import check_against_locust, load_price, read_locust_row, read_request_log, summarize
 from loadtest.plots import write_plots
-from loadtest.prompts import WIKITEXT_DIR
-from loadtest.report import baseline_ratio, format_table, machine, recommend, write_csv, write_summary
-from loadtest.server import PeakRSS, register, start_server, unregister, warm_up
+from loadtest.report import TABLE, baseline_ratio, recommend, write_summary
+from loadtest.server import register, unregister, warm_up, worker_pids
+from scripts.serve import TorchServeProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
-PROFILES = {
-    "quick": {"batch_sizes": [1, 4, 16], "users": 16, "requests": 48, "fixed_tokens": 32},
-    "full": {"batch_sizes": [1, 2, 4, 8, 16, 32, 64], "users": 64, "requests": 192, "fixed_tokens": 64},
-}
 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--profile", choices=sorted(PROFILES), default="quick")
+    p.add_argument("--profile", default="quick", help="profile in benchmarks/profiles.yaml (quick, full)")
     p.add_argument("--batch-sizes", type=int, nargs="+", help="override the profile's batch sizes")
     p.add_argument("--max-batch-delays", type=int, nargs="+", default=[50], metavar="MS",
                    help="maxBatchDelay values to sweep at every batch size above 1")
     p.add_argument("--mar", action="append", metavar="ARCHIVE[:LABEL][@HANDLER]",
                    help="archive in model_store/ to sweep, repeatable (default llm.mar); @HANDLER registers it "
                         "with the management API's handler=, e.g. llm.mar:rl@llm_handler:request_level")
-    p.add_argument("--users", type=int, help="concurrent Locust users (profile: quick 16, full 64)")
+    p.add_argument("--users", type=int, help="concurrent Locust users (default: the profile's)")
     p.add_argument("--spawn-rate", type=float, help="users started per second (default: all in one second)")
     p.add_argument("--requests", type=int, help="generation requests per configuration, after warm-up")
     p.add_argument("--workload", choices=["fixed", "mixed"], default="fixed",
@@ -61,7 +61,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--p99-target-ms", type=float, help="recommend the best configuration with p99 within this")
     p.add_argument("--instance", default="cpu-2vcpu", help="price entry in loadtest/prices.yaml")
     p.add_argument("--model-store", type=Path, default=ROOT / "model_store", help="folder holding the archives")
-    p.add_argument("--port", type=int, default=18180, help="first of five loopback ports for TorchServe")
+    p.add_argument("--port", type=int, default=18180, help="first of five free loopback ports for TorchServe")
     p.add_argument("--results-dir", type=Path, default=ROOT / "loadtest" / "results")
     p.add_argument("--run-id", help="name of the run's folder (default: time and profile)")
     p.add_argument("--max-run-time", type=int, default=3600, help="seconds one configuration may run at most")
@@ -73,8 +73,6 @@ def parse_args() -> argparse.Namespace:
 def plan(args: argparse.Namespace) -> list[dict]:
     """Every configuration to measure, in order: per archive, batch size 1 once, then each larger
     batch size with each delay."""
-    if not (WIKITEXT_DIR / "valid.txt").is_file():
-        raise ValueError(f"WikiText-2 not found at {WIKITEXT_DIR}; the summarize prompts need it")
     configs = []
     for spec in args.mar or ["llm.mar"]:
         spec, _, handler = spec.partition("@")
@@ -109,7 +107,7 @@ def measure_config(args, server, config: dict, raw: Path, settings: dict) -> tup
     register(server, config["mar"], model, config["batch_size"], config["max_batch_delay_ms"], config["handler"])
     try:
         warm_up(server, model, min(config["batch_size"], args.users))
-        with PeakRSS(server, model) as rss:
+        with PeakMemory(pids=lambda: worker_pids(server, model), interval_s=0.5) as memory:
             proc = run_locust(args, server, model, raw, config["config"])
     finally:
         unregister(server, model)
@@ -120,16 +118,16 @@ def measure_config(args, server, config: dict, raw: Path, settings: dict) -> tup
                                        "usd_per_hour")},
            **config, "max_requests": args.requests, **summarize(records, settings["usd_per_hour"]),
            "ttft_source": "client, first streamed part" if args.stream else "server timings.ttft_ms",
-           "peak_worker_rss_mb": round(rss.peak_bytes / 2**20, 1)}
-    for problem in check_against_locust(row, read_locust_row(raw / f"{config['config']}_stats.csv")):
-        tqdm.write(f"warning: {config['config']}: {problem}")
+           "peak_worker_rss_mb": round(memory.read_bytes() / 2**20, 1), **settings["machine"]}
+    problems = check_against_locust(row, read_locust_row(raw / f"{config['config']}_stats.csv"))
     failed = [r for r in records if not r["ok"]]
     if failed:
-        tqdm.write(f"warning: {config['config']}: {len(failed)} failed ({row['errors']}), "
-                   f"e.g. {failed[0].get('detail', failed[0]['kind'])}")
+        problems.append(f"{len(failed)} failed ({row['errors']}), e.g. {failed[0].get('detail', failed[0]['kind'])}")
     if row["num_requests"] != args.requests:
-        tqdm.write(f"warning: {config['config']}: {row['num_requests']} of {args.requests} requests answered "
-                   f"within --max-run-time {args.max_run_time}s")
+        problems.append(f"{row['num_requests']} of {args.requests} requests answered within --max-run-time "
+                        f"{args.max_run_time}s")
+    for problem in problems:
+        tqdm.write(f"warning: {config['config']}: {problem}")
     return row, [r["latency_ms"] for r in records]
 
 
@@ -142,7 +140,7 @@ def point_latest(results_dir: Path, run_id: str) -> None:
 
 def apply_profile(args: argparse.Namespace) -> argparse.Namespace:
     """Fill what the flags left open from the profile."""
-    profile = PROFILES[args.profile]
+    profile = load_profile(args.profile, "sweep")
     args.batch_sizes = args.batch_sizes or profile["batch_sizes"]
     args.users = args.users or profile["users"]
     args.spawn_rate = args.spawn_rate or args.users
@@ -161,11 +159,13 @@ def run_settings(args: argparse.Namespace) -> dict:
             "workload": args.workload, "max_new_tokens": args.max_new_tokens, "stream": args.stream,
             "seed": args.seed, "p99_target_ms": args.p99_target_ms, "instance": args.instance,
             "usd_per_hour": load_price(args.instance),
-            "load_average_before_start": " ".join(f"{x:.2f}" for x in os.getloadavg())}   # was the machine busy?
+            "load_average_before_start": " ".join(f"{x:.2f}" for x in os.getloadavg()),   # was the machine busy?
+            "machine": describe()}
 
 
 def run_sweep(args, configs: list[dict], run_dir: Path, settings: dict) -> tuple[list[dict], dict]:
-    server = start_server(ROOT / "build" / "sweep-torchserve" / args.run_id, args.port, args.model_store)
+    server = TorchServeProcess(ROOT / "build" / "sweep-torchserve" / args.run_id, args.port, models="",
+                               model_store=args.model_store.resolve()).start()
     rows, latencies = [], {}
     try:
         for config in tqdm(configs, desc="sweep", unit="config"):
@@ -188,7 +188,7 @@ def write_outputs(args, rows: list[dict], latencies: dict, run_dir: Path, settin
                                  else r["num_failures"] == 0 and r["latency_p99_ms"] <= args.p99_target_ms)
     write_csv(rows, run_dir / "results.csv")
     plots = write_plots(rows, latencies, run_dir)
-    write_summary(run_dir / "summary.md", rows, settings, text, ratio_text, plots, machine())
+    write_summary(run_dir / "summary.md", rows, settings, text, ratio_text, plots)
     point_latest(args.results_dir, args.run_id)
     tracking_uri = None
     if args.mlflow:
@@ -209,10 +209,7 @@ def main() -> None:
     (run_dir / "raw").mkdir(parents=True)
     rows, latencies = run_sweep(args, configs, run_dir, settings)
     outcome = write_outputs(args, rows, latencies, run_dir, settings)
-    print(format_table(rows))
-    print(outcome["recommendation"])
-    print(outcome["ratio"])
-    print(f"results: {run_dir}")
+    print("\n".join([format_table(rows, TABLE), outcome["recommendation"], outcome["ratio"], f"results: {run_dir}"]))
     keys = ("requests_per_s", "output_tokens_per_s", "latency_p50_ms", "latency_p99_ms", "mean_server_batch_size",
             "num_failures")
     print(json.dumps({**outcome, "configs": {r["config"]: {k: r[k] for k in keys} for r in rows}}))

@@ -24,16 +24,12 @@ from llmserve.config import EngineConfig
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def parse_value(text: str):
-    return yaml.safe_load(text)
-
-
 def render_config(args) -> dict:
     config = yaml.safe_load(args.config.read_text())
     handler = dict(config.get("handler") or {})
     for item in args.set:
         key, _, value = item.partition("=")
-        handler[key] = parse_value(value)
+        handler[key] = yaml.safe_load(value)
     path = Path(handler.get("model_path", ""))
     handler["model_path"] = str(path if path.is_absolute() else (ROOT / path).resolve())
     engine_config = EngineConfig.from_dict(handler)   # fail here, not in a worker, on a bad key or value

@@ -9,19 +9,21 @@ Run: python scripts/measure_modes.py [--modes fp32 bf16 ...] [--max-new-tokens 6
 import argparse
 import gc
 import json
-import platform
 import time
 from pathlib import Path
 
 import torch
 
+from benchmarks.machine import describe
+from benchmarks.tables import format_table
 from llmserve.config import QUANTIZATION_MODES, EngineConfig
 from llmserve.engine import Engine
 from llmserve.request import parse_request
 
 ROOT = Path(__file__).resolve().parent.parent
-
 PROMPT = {"messages": [{"role": "user", "content": "Write a short story about a robot who learns to paint."}]}
+COLUMNS = tuple((c, c, "{}") for c in ("mode", "weight_mb", "prompt_tokens", "new_tokens", "ttft_ms", "latency_ms",
+                                       "decode_tokens_s"))
 
 
 def measure(mode: str, model_path: str, max_new_tokens: int) -> dict:
@@ -57,12 +59,8 @@ def main() -> None:
             rows.append({"mode": mode, "skipped": str(e)})
         gc.collect()
         print(rows[-1], flush=True)
-    cols = ["mode", "weight_mb", "prompt_tokens", "new_tokens", "ttft_ms", "latency_ms", "decode_tokens_s"]
-    print("\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
-    for row in rows:
-        print("| " + " | ".join(str(row.get(c, row.get("skipped", ""))) for c in cols) + " |")
-    print(json.dumps({"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-                      "torch": torch.__version__, "results": rows}))
+    print("\n" + format_table(rows, COLUMNS, markdown=True))
+    print(json.dumps({"machine": describe(), "threads": torch.get_num_threads(), "results": rows}))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""The benchmark: prompt cutting and perplexity windows on their own (fast), then the quick profile
-end to end on the real model (CPU, minutes): every output is written and its numbers agree."""
+"""The benchmark: prompt cutting, perplexity windows, profiles, the memory sampler and tables on
+their own (fast), then the quick profile end to end on the real model (CPU, minutes): every output
+is written and its numbers agree."""
 
 import csv
 import json
@@ -7,6 +8,7 @@ import math
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,17 +17,21 @@ import torch
 import yaml
 
 from benchmarks import measure
-from scripts import bench
+from benchmarks.memory import PeakMemory
+from benchmarks.profiles import load_profile, run_counts
+from benchmarks.tables import format_table
+from benchmarks.workload import TEMPLATES, WIKITEXT, exact_prompt
+from llmserve.config import QUANTIZATION_MODES
 
 ROOT = Path(__file__).resolve().parent.parent
 FIGURES = ("prefill_vs_decode", "tokens_per_s", "memory", "ppl_degradation", "kv_cache", "summary_table")
 
 
 def test_prompts_are_exactly_the_length_asked(tokenizer):
-    wiki = bench.WIKITEXT.read_text() if bench.WIKITEXT.is_file() else "Some words of filler text . " * 5000
+    wiki = (WIKITEXT / "test.txt").read_text()
     for length in (128, 256, 2048):
-        prompts = [measure.make_prompt(tokenizer, wiki, i, length) for i in range(6)]
-        assert {t for t, _ in prompts} == set(measure.TEMPLATES)
+        prompts = [exact_prompt(tokenizer, wiki, i, length) for i in range(6)]
+        assert {t for t, _ in prompts} == set(TEMPLATES)
         assert all(len(ids) == length for _, ids in prompts)
         assert len({tuple(ids) for _, ids in prompts}) == 6
 
@@ -60,13 +66,40 @@ def test_perplexity_rejects_a_stride_wider_than_the_window():
         measure.perplexity(RecordsScoredTokens(), list(range(10)), 4, 5, torch.device("cpu"))
 
 
+def test_profiles_say_what_is_wrong(tmp_path):
+    assert set(load_profile("full", "sweep")) == {"batch_sizes", "users", "requests", "fixed_tokens"}
+    with pytest.raises(ValueError, match="profile 'huge' is not in"):
+        load_profile("huge", "bench")
+    typo = tmp_path / "profiles.yaml"
+    typo.write_text(yaml.safe_dump({"quick": {"bench": {**load_profile("quick", "bench"), "mode": ["fp32"]}}}))
+    with pytest.raises(ValueError, match=r"bench in profile 'quick' must have the keys .* got .*'mode'"):
+        load_profile("quick", "bench", typo)
+
+
+def test_peak_memory_sees_a_runs_allocation_and_forgets_it_on_reset():
+    with PeakMemory() as peak:
+        base = peak.read_bytes()
+        block = b"\x01" * (200 * 2**20)    # written, so resident
+        time.sleep(0.05)                   # where the kernel cannot reset VmHWM, let the sampler see it
+        assert peak.read_bytes() - base >= 190 * 2**20
+        del block
+        peak.reset()
+        assert peak.read_bytes() - base < 50 * 2**20
+
+
+def test_tables_show_a_missing_value_as_a_dash():
+    rows = [{"mode": "bf16", "ms": 1.234}, {"mode": "fp4", "ms": None}]
+    columns = (("mode", "mode", "{}"), ("ms", "time", "{:.1f}"))
+    assert format_table(rows, columns, markdown=True).splitlines() == [
+        "| mode | time |", "|---|---|", "| bf16 | 1.2 |", "| fp4 | - |"]
+    assert format_table(rows, columns).splitlines() == ["mode  time", "bf16   1.2", " fp4     -"]
+
+
 # -- the quick profile, end to end -----------------------------------------------------------------
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     if not (ROOT / "models" / "smollm2-135m-instruct" / "config.json").is_file():
         pytest.skip("model not prepared: run make mar")
-    if not bench.WIKITEXT.is_file():
-        pytest.skip(f"WikiText-2 not found at {bench.WIKITEXT}")
     out = tmp_path_factory.mktemp("bench")
     # one torch thread: on a shared 2-core machine two threads wait on each other for seconds
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "--profile", "quick",
@@ -76,7 +109,7 @@ def quick(tmp_path_factory):
         rows = list(csv.DictReader(f))
     return SimpleNamespace(out=out, last_line=json.loads(proc.stdout.strip().splitlines()[-1]), rows=rows,
                            report=json.loads((out / "metrics" / "final_report.json").read_text()),
-                           grid=yaml.safe_load((ROOT / "benchmarks" / "grid.yaml").read_text())["quick"])
+                           grid=load_profile("quick", "bench"))
 
 
 @pytest.mark.e2e
@@ -86,6 +119,7 @@ def test_every_output_is_written(quick):
     html = (quick.out / "benchmarks" / "report.html").read_text()
     assert "plotly" in html.lower() and all(m in html for m in quick.report if m in quick.grid["modes"])
     assert quick.last_line["num_timed_runs"] == len(quick.rows)
+    assert all(r["git_sha"] == quick.report["machine"]["git_sha"] and r["cpu"] for r in quick.rows)
 
 
 @pytest.mark.e2e
@@ -93,8 +127,9 @@ def test_every_mode_runs_or_says_why_not(quick):
     ran = [m for m in quick.grid["modes"] if m in quick.report]
     assert set(ran) | set(quick.report["skipped"]) == set(quick.grid["modes"])
     assert all(quick.report["skipped"][m] for m in quick.report["skipped"])
-    assert set(ran) == set(bench.QUANTIZATION_MODES), f"a mode was skipped on the CPU: {quick.report['skipped']}"
-    assert {"device", "versions", "date", "baseline_mode"} <= set(quick.report)
+    assert set(ran) == set(QUANTIZATION_MODES), f"a mode was skipped on the CPU: {quick.report['skipped']}"
+    assert {"device", "machine", "baseline_mode"} <= set(quick.report)
+    assert {"cpu", "num_cores", "torch", "transformers", "git_sha", "date"} <= set(quick.report["machine"])
 
 
 @pytest.mark.e2e
@@ -104,9 +139,9 @@ def test_rows_cover_the_grid_with_exact_lengths(quick):
         for length in g["context_lengths"]:
             for kv in g["kv_cache"]:
                 runs = [r for r in quick.rows if (r["mode"], int(r["context_len"]), r["kv_cache"]) == (mode, length, str(kv))]
-                counts = bench.run_counts(g, kv)
+                counts = run_counts(g, kv)
                 assert len(runs) == counts["num_prompts"] * counts["timed_runs"], (mode, length, kv)
-                assert {r["template"] for r in runs} == set(measure.TEMPLATES[:counts["num_prompts"]])
+                assert {r["template"] for r in runs} == set(TEMPLATES[:counts["num_prompts"]])
                 assert all(int(r["prompt_tokens"]) == length for r in runs)
                 assert all(int(r["new_tokens"]) == g["max_new_tokens"] for r in runs)
 

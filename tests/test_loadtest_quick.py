@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.workload import TEMPLATES, WIKITEXT, PromptMix, load_articles, parse_tokens_spec
 from loadtest.measure import percentile
-from loadtest.prompts import WIKITEXT_DIR
 from loadtest.report import baseline_ratio, recommend
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,6 +30,19 @@ def test_percentile_uses_locusts_rank_rule():
     values = [float(v) for v in range(1, 101)]
     assert percentile(values, 0.5) == 51 and percentile(values, 0.99) == 100 and percentile(values, 1.0) == 100
     assert percentile([3.0], 0.95) == 3.0 and percentile([], 0.5) is None
+
+
+def test_prompt_mix_is_seeded_and_bounded():
+    articles = load_articles(WIKITEXT / "valid.txt")
+    assert articles and all(len(a.split()) == 200 and "@" not in a for a in articles)
+
+    def bodies(seed: int) -> list[dict]:
+        mix = PromptMix(seed, articles, parse_tokens_spec("16-256"))
+        return [getattr(mix, template)() for template in TEMPLATES * 10]
+    assert bodies(1) == bodies(1) != bodies(2)
+    assert all(16 <= b["max_new_tokens"] <= 256 for b in bodies(3))
+    with pytest.raises(ValueError, match="1 <= LOW <= HIGH"):
+        parse_tokens_spec("256-16")
 
 
 def test_recommendation_is_fastest_within_target_without_failures():
@@ -51,8 +64,6 @@ def locust_rounding_ms(ms: float) -> float:
 def test_quick_profile_end_to_end(tmp_path):
     if not (ROOT / "model_store" / "llm.mar").is_file():
         pytest.skip("no model_store/llm.mar: run make mar")
-    if not (WIKITEXT_DIR / "valid.txt").is_file():
-        pytest.skip(f"no WikiText-2 at {WIKITEXT_DIR}")
     cmd = [sys.executable, str(ROOT / "loadtest" / "sweep.py"), "--profile", "quick", "--users", str(NUM_USERS),
            "--requests", str(NUM_REQUESTS), "--max-new-tokens", "16", "--port", "18190", "--run-id", "test",
            "--results-dir", str(tmp_path), "--p99-target-ms", "600000"]
@@ -61,7 +72,6 @@ def test_quick_profile_end_to_end(tmp_path):
     last = json.loads(proc.stdout.strip().splitlines()[-1])
     run_dir = tmp_path / "test"
     assert Path(last["run_dir"]) == run_dir and (tmp_path / "latest").resolve() == run_dir.resolve()
-    assert last["best_vs_batch1_requests_ratio"] > 0
 
     for name in ("results.csv", "summary.md", *PLOTS):
         assert (run_dir / name).stat().st_size > 0, name
@@ -89,3 +99,5 @@ def test_quick_profile_end_to_end(tmp_path):
         assert float(r["peak_worker_rss_mb"]) > 100
         assert float(r["usd_per_1k_requests"]) > 0 and r["meets_p99_target"] in ("True", "False")
     assert float(rows[0]["mean_server_batch_size"]) == 1
+    assert last["best_vs_batch1_requests_ratio"] > 0
+    assert all(r["git_sha"] and r["cpu"] and r["torchserve"].startswith("0.12") for r in rows)

@@ -1,14 +1,14 @@
-"""The load test's workload: a seeded mix of short chat questions, code requests and "summarize
-this article" prompts filled from WikiText-2, and the max_new_tokens distribution (a fixed value
-or a uniform range such as 16-256). Knows nothing about Locust, HTTP or the server."""
+"""The workload every measurement sends: three templates (chat, code, summarize) filled from the
+same questions and WikiText-2 text (data/wikitext-2), either as the load test's seeded mix of
+short requests or as the benchmark's prompts cut to an exact token count; and the max_new_tokens
+distribution. Knows nothing about Locust, HTTP, models or clocks."""
 
 import random
 import re
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-WIKITEXT_DIR = ROOT / "data" / "wikitext-2"
-
+WIKITEXT = Path(__file__).resolve().parent.parent / "data" / "wikitext-2"
+TEMPLATES = ("chat", "code", "summarize")
 CHAT_QUESTIONS = (
     "What is the capital of France?",
     "Why is the sky blue?",
@@ -27,7 +27,6 @@ CHAT_QUESTIONS = (
     "Explain what a rainbow is in one sentence.",
     "What are the primary colours?",
 )
-
 CODE_REQUESTS = (
     "Write a Python function that reverses a string.",
     "Write a Python function that checks whether a number is prime.",
@@ -40,13 +39,15 @@ CODE_REQUESTS = (
     "Write a Python function that computes the factorial of n.",
     "Write a regular expression that matches an email address.",
 )
-
+SUMMARIZE = "Summarize this article in three sentences."
+CODE_SNIPPETS = (   # the code an exact-length code prompt is padded with
+    "def scale_{k}(values):\n    total = 0\n    for v in values:\n        total += v * {k}\n    return total\n\n",
+    "class Counter{k}:\n    def __init__(self):\n        self.counts = {{}}\n\n    def add(self, key):\n"
+    "        self.counts[key] = self.counts.get(key, 0) + {k}\n\n",
+    "def find_{k}(items, target):\n    for i, item in enumerate(items):\n        if item == target:\n"
+    "            return i + {k}\n    return -1\n\n",
+)
 HEADING = re.compile(r"^ = [^=].* = $")   # a top-level WikiText heading: one article starts here
-
-
-def clean(text: str) -> str:
-    """Undo WikiText's tokenization of numbers and hyphens ("1 @,@ 000" -> "1,000")."""
-    return text.replace(" @-@ ", "-").replace(" @,@ ", ",").replace(" @.@ ", ".").strip()
 
 
 def load_articles(path: Path, num_words: int = 200, max_articles: int = 200) -> list[str]:
@@ -59,7 +60,8 @@ def load_articles(path: Path, num_words: int = 200, max_articles: int = 200) -> 
             articles.append(current)
             current = []
         elif line.strip() and not line.strip().startswith("="):
-            current.extend(clean(line).split())
+            # undo WikiText's tokenization of numbers and hyphens ("1 @,@ 000" -> "1,000")
+            current.extend(line.replace(" @-@ ", "-").replace(" @,@ ", ",").replace(" @.@ ", ".").split())
     articles.append(current)
     texts = [" ".join(words[:num_words]) for words in articles if len(words) >= num_words]
     if not texts:
@@ -98,5 +100,28 @@ class PromptMix:
         return self._body(self.rng.choice(CODE_REQUESTS))
 
     def summarize(self) -> dict:
-        article = self.rng.choice(self.articles)
-        return self._body(f"Summarize this article in three sentences.\n\n{article}")
+        return self._body(f"{SUMMARIZE}\n\n{self.rng.choice(self.articles)}")
+
+
+def exact_prompt(tokenizer, text: str, index: int, length: int) -> tuple[str, list[int]]:
+    """Prompt `index` of a length: its template (cycling through TEMPLATES) and exactly `length`
+    token ids, filled from `text` at a place that depends on the index. The head is cut to fit;
+    the tail (what the model answers) is always kept whole."""
+    template = TEMPLATES[index % len(TEMPLATES)]
+    start = text.find("\n", (index * 7919 * 8) % max(1, len(text) - length * 8)) + 1
+    article = text[start:start + length * 8]       # WikiText averages ~4 characters per token
+    if template == "chat":
+        head = f"User: {CHAT_QUESTIONS[index % len(CHAT_QUESTIONS)]} Here is some background:\n{article}"
+        tail = "\nAssistant:"
+    elif template == "code":
+        head = "# A small module of helpers.\n\n" + "".join(
+            CODE_SNIPPETS[(index + k) % len(CODE_SNIPPETS)].format(k=index * 100 + k) for k in range(length // 20 + 1))
+        tail = f"\n# {CODE_REQUESTS[index % len(CODE_REQUESTS)]}\n"
+    elif template == "summarize":
+        head, tail = f"{SUMMARIZE}\n\n{article}", "\n\nSummary:"
+    else:
+        raise ValueError(f"unknown template {template!r}")
+    tail_ids = tokenizer(tail, add_special_tokens=False)["input_ids"]
+    head_ids = tokenizer(head, add_special_tokens=False)["input_ids"][:length - len(tail_ids)]
+    assert len(head_ids) + len(tail_ids) == length, f"{template} head too short for {length} tokens"
+    return template, head_ids + tail_ids
