@@ -61,3 +61,10 @@ bench: $(VENV)/.installed $(MODEL_DIR)/prepared.json
 
 clean:
 	rm -rf build model_store/*.mar logs
+
+# Ours against vLLM's CPU build, llama-server and a naive transformers server (compare/README.md).
+# The peers install outside the repo, into PEERS_DIR; one that fails to install is skipped.
+.PHONY: compare
+compare: $(MAR)
+	bash compare/install_peers.sh || echo "some peers did not install: the comparison skips them"
+	$(PY) -m compare.run $(COMPARE_ARGS)

@@ -1,0 +1,85 @@
+"""The comparison's workload: 32 fixed chat prompts of 34-48 tokens (mean 40) with the chat template
+(the system message is explicit, so every server builds the same prompt), 64 output tokens, and
+the closed loop that sends them: `num_users` threads, each sending its next request when its
+last one is answered, until `num_requests` were sent or `send_cap_s` passed; a request still open
+at `cut_cap_s` is abandoned (its connection closed). Knows nothing about which server answers."""
+
+import itertools
+import threading
+import time
+from collections.abc import Callable
+
+import requests
+from urllib3.exceptions import ReadTimeoutError
+
+from benchmarks.workload import CHAT_QUESTIONS, CODE_REQUESTS
+
+OUTPUT_TOKENS = 64
+SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+PROMPTS = CHAT_QUESTIONS + CODE_REQUESTS + (   # 26 shared with the load test, 6 more: 32
+    "What is the water cycle, and why does it matter for life?",
+    "How does a bicycle stay upright when it is moving forward?",
+    "Why do cats purr, and what does it usually mean?",
+    "What should I pack for a weekend hiking trip in the mountains?",
+    "Give me a short recipe for a simple tomato pasta sauce.",
+    "How do vaccines help the human body fight off infections?",
+)
+
+
+def messages(i: int) -> list[dict]:
+    """The chat of request number i (the prompts are used in turn)."""
+    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]
+
+
+def send(url: str, body: dict, part: Callable[[str], dict | None], deadline: float) -> dict:
+    """One request on a new connection (keep-alive would race servers that close idle ones), timed:
+    latency, time to the first streamed text, completion tokens from the answer's usage; `part`
+    parses one line of a streamed answer (body["stream"])."""
+    record = {"start": time.perf_counter(), "ttft_s": None, "completion_tokens": 0, "error": None,
+              "is_abandoned": False}
+    try:
+        timeout = (10, max(deadline - record["start"], 0.1))
+        with requests.post(url, json=body, stream=body["stream"], timeout=timeout,
+                           headers={"Connection": "close"}) as r:
+            if r.status_code != 200:
+                record["error"] = f"{r.status_code} {r.text[:300]}"
+            elif body["stream"]:
+                for line in r.iter_lines(decode_unicode=True):
+                    parsed = part(line)
+                    if parsed and parsed["text"] and record["ttft_s"] is None:
+                        record["ttft_s"] = time.perf_counter() - record["start"]
+                    if parsed and parsed["usage"]:
+                        record["completion_tokens"] = parsed["usage"]["completion_tokens"]
+                    if time.perf_counter() > deadline:
+                        raise TimeoutError
+            else:
+                record["completion_tokens"] = r.json()["usage"]["completion_tokens"]
+    except (requests.Timeout, TimeoutError):
+        record["is_abandoned"] = True
+    except (requests.RequestException, ValueError, KeyError) as e:
+        # requests raises a read timeout on a plain answer as ConnectionError(ReadTimeoutError)
+        is_timeout = isinstance(e, requests.ConnectionError) and e.args and isinstance(e.args[0], ReadTimeoutError)
+        record["is_abandoned"] = bool(is_timeout)
+        record["error"] = None if is_timeout else repr(e)[:300]
+    record["end"] = time.perf_counter()
+    return record
+
+
+def closed_loop(send_one: Callable[[int, float], dict], num_users: int, num_requests: int, send_cap_s: float,
+                cut_cap_s: float) -> list[dict]:
+    """Records of every request sent; send_one(i, deadline) sends request number i and abandons it
+    at the deadline."""
+    counter = itertools.count()
+    records: list[dict] = []
+    start = time.perf_counter()
+
+    def user() -> None:
+        while time.perf_counter() < start + send_cap_s and (i := next(counter)) < num_requests:
+            records.append(send_one(i, start + cut_cap_s))
+
+    threads = [threading.Thread(target=user) for _ in range(num_users)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return records
