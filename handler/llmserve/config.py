@@ -3,7 +3,7 @@ a script's flags, validated once. Facts learned at start-up live in ModelFacts, 
 
 from dataclasses import dataclass, fields
 
-QUANTIZATION_MODES = ("fp32", "fp16", "bf16", "int8", "nf4", "fp4")
+QUANTIZATION_MODES = ("fp32", "fp16", "bf16", "int8", "nf4", "fp4", "w8", "w4")
 DEVICES = ("auto", "cpu", "cuda")
 BATCHING_MODES = ("continuous", "request_level")
 
@@ -22,6 +22,8 @@ class EngineConfig:
     max_new_tokens_cap: int = 1024    # largest max_new_tokens a request may ask for
     default_max_new_tokens: int = 128 # used when a request does not say
     num_threads: int = 0              # torch intra-op threads on CPU; 0 = leave torch's default
+    packed_max_rows: int = -1         # w8/w4: steps of at most this many rows use the packed kernels,
+                                      # larger ones the float weights; -1 = measure at start-up
 
     def __post_init__(self) -> None:
         if self.quantization not in QUANTIZATION_MODES:
@@ -37,6 +39,9 @@ class EngineConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.packed_max_rows, int) or isinstance(self.packed_max_rows, bool) \
+                or self.packed_max_rows < -1:
+            raise ValueError(f"packed_max_rows must be -1 (measure) or a non-negative integer, got {self.packed_max_rows!r}")
         for name in ("kv_budget_tokens", "num_threads"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:

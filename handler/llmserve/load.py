@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from .config import EngineConfig
-from .quantize import compute_dtype, from_pretrained_kwargs
+from .quantize import WEIGHT_ONLY_MODES, choose_kernels, compute_dtype, from_pretrained_kwargs, pack_linears
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")   # the runner's forward is written for these
 
@@ -22,6 +22,8 @@ class ModelFacts:
     num_layers: int
     num_kv_heads: int
     head_dim: int
+    packed_max_rows: int = -1      # w8/w4: steps of at most this many rows ran the packed kernels
+    kernel_ms: dict | None = None  # w8/w4: {rows: {packed_ms, dense_ms}} over all linear layers, timed at start-up
 
 
 def resolve_device(name: str) -> torch.device:
@@ -33,14 +35,43 @@ def resolve_device(name: str) -> torch.device:
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
-    seen = set()
-    total = 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t.data_ptr() in seen:
-            continue    # tied embeddings count once
-        seen.add(t.data_ptr())
-        total += t.numel() * t.element_size()
-    return total
+    """Bytes of every weight storage, each counted once (tied embeddings, fused views, packed copies)."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    tensors += [t for m in model.modules() for t in vars(m).values() if isinstance(t, torch.Tensor)]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())
+
+
+def fuse_linears(linears: list[torch.nn.Linear]) -> torch.nn.Linear | None:
+    """One Linear computing all of `linears` side by side; the originals' weights become views into
+    it, so the model keeps working and no memory is added. None for quantized (non-Linear) layers."""
+    if not all(type(m) is torch.nn.Linear for m in linears):
+        return None
+    first = linears[0]
+    fused = torch.nn.Linear(first.in_features, sum(m.out_features for m in linears), bias=first.bias is not None,
+                            device=first.weight.device, dtype=first.weight.dtype)
+    with torch.no_grad():
+        fused.weight.copy_(torch.cat([m.weight for m in linears]))
+        if first.bias is not None:
+            fused.bias.copy_(torch.cat([m.bias for m in linears]))
+    start = 0
+    for m in linears:
+        end = start + m.out_features
+        m.weight = torch.nn.Parameter(fused.weight[start:end], requires_grad=False)
+        if m.bias is not None:
+            m.bias = torch.nn.Parameter(fused.bias[start:end], requires_grad=False)
+        start = end
+    return fused
+
+
+def fuse_projections(model) -> None:
+    """q|k|v and gate|up as one Linear each (attn.qkv_proj, mlp.gate_up_proj; None where the
+    weights are quantized by bitsandbytes or the MLP is not SiLU-gated): fewer, larger products."""
+    silu = model.config.hidden_act == "silu"
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        attn.qkv_proj = fuse_linears([attn.q_proj, attn.k_proj, attn.v_proj])
+        mlp.gate_up_proj = fuse_linears([mlp.gate_proj, mlp.up_proj]) if silu else None
 
 
 def load_model(config: EngineConfig):
@@ -62,6 +93,11 @@ def load_model(config: EngineConfig):
     if "device_map" not in kwargs:
         model.to(device)
     model.eval()
+    fuse_projections(model)
+    packed_max_rows, kernel_ms = -1, None
+    if config.quantization in WEIGHT_ONLY_MODES:
+        layers = pack_linears(model, config.quantization)
+        packed_max_rows, kernel_ms = choose_kernels(layers, config.packed_max_rows, config.max_num_seqs)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
 
     stop_ids = set()
@@ -76,5 +112,7 @@ def load_model(config: EngineConfig):
         num_layers=hf_config.num_hidden_layers,
         num_kv_heads=hf_config.num_key_value_heads,
         head_dim=getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads,
+        packed_max_rows=packed_max_rows,
+        kernel_ms=kernel_ms,
     )
     return model, tokenizer, facts

@@ -1,10 +1,37 @@
-"""Quantization modes: how each turns into from_pretrained arguments. The only module that
-imports bitsandbytes. A mode the device cannot run is an error here, at start-up, never a
-silent fallback to another mode."""
+"""Quantization modes: how each turns into from_pretrained arguments, and the weight-only modes'
+packed linear layers. The only module that imports bitsandbytes. A mode the device cannot run is
+an error here, at start-up, never a silent fallback to another mode.
+
+w8 / w4 keep the float weights (for steps with many sequences, where a dense matrix product is
+fastest) beside a packed int8 / int4 copy (for steps with few, which are bound by reading the
+weights), and choose per call by the number of rows; the crossover is measured at start-up."""
+
+import time
 
 import torch
+import torch.nn.functional as F
 
 FLOAT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+BNB_MODES = ("int8", "nf4", "fp4")
+WEIGHT_ONLY_MODES = ("w8", "w4")
+W4_GROUP_SIZE = 32   # the default model's source weights are Q4_1: blocks of 32 with a scale and a minimum
+
+
+def cpu_has_bf16_units() -> bool:
+    """AMX or AVX512-BF16: bf16 matrix products run natively (elsewhere they are emulated)."""
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def dense_dtype(device: torch.device) -> torch.dtype:
+    """The float dtype w8/w4 keep for many-row steps and use for activations: bf16 where hardware
+    runs it, fp32 on CPUs that emulate bf16 (there fp32 was 2.5-4x faster at 16-64 rows)."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_has_bf16_units() else torch.float32
 
 
 def check_supported(mode: str, device: torch.device) -> None:
@@ -13,11 +40,15 @@ def check_supported(mode: str, device: torch.device) -> None:
         if mode == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise ValueError(f"quantization bf16 is not supported by {torch.cuda.get_device_name(device)}")
         return
-    if mode in ("int8", "nf4", "fp4"):
+    if mode in BNB_MODES:
         try:
             import bitsandbytes  # noqa: F401
         except ImportError as e:
             raise ValueError(f"quantization {mode} needs bitsandbytes, which failed to import: {e}") from e
+        return
+    if mode in WEIGHT_ONLY_MODES:
+        if device.type != "cpu":
+            raise ValueError(f"quantization {mode} runs on the CPU only so far (its CUDA kernels are untested)")
         return
     raise ValueError(f"unknown quantization mode {mode!r}")
 
@@ -26,6 +57,8 @@ def compute_dtype(mode: str, device: torch.device) -> torch.dtype:
     """The dtype activations and the KV cache use under `mode`."""
     if mode in FLOAT_DTYPES:
         return FLOAT_DTYPES[mode]
+    if mode in WEIGHT_ONLY_MODES:
+        return dense_dtype(device)
     if mode == "int8":
         # bitsandbytes' int8 matmul takes fp16 activations (it casts them otherwise)
         return torch.float16
@@ -33,10 +66,11 @@ def compute_dtype(mode: str, device: torch.device) -> torch.dtype:
 
 
 def from_pretrained_kwargs(mode: str, device: torch.device) -> dict:
-    """Arguments for AutoModelForCausalLM.from_pretrained that load weights in `mode`."""
+    """Arguments for AutoModelForCausalLM.from_pretrained that load weights in `mode` (w8/w4 load
+    float weights: pack_linears packs them once the projections are fused)."""
     check_supported(mode, device)
     dtype = compute_dtype(mode, device)
-    if mode in FLOAT_DTYPES:
+    if mode in FLOAT_DTYPES or mode in WEIGHT_ONLY_MODES:
         return {"dtype": dtype}
     from transformers import BitsAndBytesConfig
 
@@ -47,3 +81,120 @@ def from_pretrained_kwargs(mode: str, device: torch.device) -> dict:
     else:
         raise ValueError(f"unknown quantization mode {mode!r}")
     return {"dtype": dtype, "quantization_config": quant, "device_map": {"": device}}
+
+
+def quantize_w8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per output channel: (q [N, K] int8, scales [N]), w ~ q * scale."""
+    scales = w.float().abs().amax(dim=1).clamp(min=1e-12) / 127                       # [N]
+    q = torch.round(w.float() / scales[:, None]).clamp(-127, 127).to(torch.int8)        # [N, K]
+    return q, scales.to(w.dtype)
+
+
+def quantize_w4(w: torch.Tensor, group_size: int = W4_GROUP_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric int4 in groups along the input: (q [N, K] int32 in 0..15, scales_and_zeros
+    [K/g, N, 2]), w ~ (q - 8) * scale + zero. Each group takes the coarsest 16-level grid from its
+    minimum that holds every value (so weights that came from a 4-bit grid, like Q4_1's, come back
+    exactly), or min/max over 15 steps when none does."""
+    N, K = w.shape
+    assert K % group_size == 0, f"input size {K} is not a multiple of the group size {group_size}"
+    wg = w.float().reshape(N, K // group_size, group_size)                                # [N, G, g]
+    lo, span = wg.amin(-1), wg.amax(-1) - wg.amin(-1)                                     # [N, G]
+    step = span / 15
+    for levels in range(14, 0, -1):          # fewer levels: a coarser grid that may be the source's
+        d = span / levels
+        q = (wg - lo[..., None]) / d.clamp(min=1e-30)[..., None]
+        on_grid = ((q - q.round()).abs() < 1e-3).all(-1) & (span > 0)
+        step = torch.where(on_grid, d, step)
+    q = torch.round((wg - lo[..., None]) / step.clamp(min=1e-30)[..., None]).clamp(0, 15).to(torch.int32)
+    zeros = lo + 8 * step
+    scales_and_zeros = torch.stack([step, zeros], dim=-1).transpose(0, 1).contiguous()   # [G, N, 2]
+    return q.reshape(N, K), scales_and_zeros.to(w.dtype)
+
+
+class PackedLinear(torch.nn.Module):
+    """A linear layer with its float weight and a packed int8 / int4 copy; forward takes the
+    packed kernel when the input has at most max_packed_rows rows, the float one otherwise."""
+
+    def __init__(self, linear: torch.nn.Linear, bits: int) -> None:
+        super().__init__()
+        self.weight, self.bias = linear.weight, linear.bias      # shared, not copied
+        self.bits = bits
+        self.out_features = linear.out_features
+        self.max_packed_rows = 1 << 30
+        with torch.no_grad():
+            if bits == 8:
+                q, self.scales = quantize_w8(linear.weight)
+                self.packed = q
+            elif bits == 4:
+                q, self.scales = quantize_w4(linear.weight)
+                self.packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
+            else:
+                raise ValueError(f"bits must be 8 or 4, got {bits}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])                                                     # [rows, K]
+        if x2.shape[0] > self.max_packed_rows:
+            return F.linear(x, self.weight, self.bias)
+        if self.bits == 8:
+            y = torch._weight_int8pack_mm(x2, self.packed, self.scales)
+        else:
+            y = torch._weight_int4pack_mm_for_cpu(x2, self.packed, W4_GROUP_SIZE, self.scales)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+def pack_linears(model, mode: str) -> list[PackedLinear]:
+    """Replace every projection of the decoder layers (fused where fused) and the LM head with a
+    PackedLinear. w4 keeps the LM head in 8 bits: the GGUF holds the tied embeddings as Q8_0, and
+    4 bits there cost the most accuracy."""
+    bits = {"w8": 8, "w4": 4}[mode]
+    packed = []
+    def pack(parent, name: str, layer_bits: int) -> None:
+        linear = getattr(parent, name, None)
+        if type(linear) is torch.nn.Linear:
+            setattr(parent, name, PackedLinear(linear, layer_bits))
+            packed.append(getattr(parent, name))
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        for name in ("qkv_proj",) if attn.qkv_proj is not None else ("q_proj", "k_proj", "v_proj"):
+            pack(attn, name, bits)
+        pack(attn, "o_proj", bits)
+        for name in ("gate_up_proj",) if mlp.gate_up_proj is not None else ("gate_proj", "up_proj"):
+            pack(mlp, name, bits)
+        pack(mlp, "down_proj", bits)
+    pack(model, "lm_head", 8)
+    return packed
+
+
+def choose_kernels(layers: list[PackedLinear], max_packed_rows: int, max_rows: int) -> tuple[int, dict]:
+    """Set every layer's max_packed_rows: as configured, or (-1) the most rows at which the packed
+    kernels beat the float ones over the whole model, timed here on the real weights. Returns it
+    and the timings {rows: {"packed_ms", "dense_ms"}}."""
+    if not layers or max_packed_rows >= 0:
+        for layer in layers:
+            layer.max_packed_rows = max_packed_rows
+        return max_packed_rows, {}
+    timings, best = {}, 0
+    rows = 1
+    while rows <= max_rows and best == rows // 2:      # until the packed kernels first lose
+        ms = {}
+        for kind, limit in (("packed", 1 << 30), ("dense", 0)):
+            for layer in layers:
+                layer.max_packed_rows = limit
+            xs = {n: torch.randn(rows, n, dtype=layers[0].weight.dtype) for n in {l.weight.shape[1] for l in layers}}
+            with torch.inference_mode():
+                samples = []
+                for _ in range(3):
+                    t0 = time.perf_counter()
+                    for layer in layers:
+                        layer(xs[layer.weight.shape[1]])
+                    samples.append(time.perf_counter() - t0)
+            ms[f"{kind}_ms"] = round(min(samples) * 1000, 2)   # the least disturbed sample
+        timings[rows] = ms
+        if ms["packed_ms"] < ms["dense_ms"]:
+            best = rows
+        rows *= 2
+    for layer in layers:
+        layer.max_packed_rows = best
+    return best, timings

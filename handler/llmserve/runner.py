@@ -29,28 +29,6 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     return torch.matmul(probs, v).reshape(B, H, 1, D)
 
 
-def fuse_linears(linears: list[torch.nn.Linear]) -> torch.nn.Linear | None:
-    """One Linear computing all of `linears` side by side; the originals' weights become views into
-    it, so the model keeps working and no memory is added. None for quantized (non-Linear) layers."""
-    if not all(type(m) is torch.nn.Linear for m in linears):
-        return None
-    first = linears[0]
-    fused = torch.nn.Linear(first.in_features, sum(m.out_features for m in linears), bias=first.bias is not None,
-                            device=first.weight.device, dtype=first.weight.dtype)
-    with torch.no_grad():
-        fused.weight.copy_(torch.cat([m.weight for m in linears]))
-        if first.bias is not None:
-            fused.bias.copy_(torch.cat([m.bias for m in linears]))
-    start = 0
-    for m in linears:
-        end = start + m.out_features
-        m.weight = torch.nn.Parameter(fused.weight[start:end], requires_grad=False)
-        if m.bias is not None:
-            m.bias = torch.nn.Parameter(fused.bias[start:end], requires_grad=False)
-        start = end
-    return fused
-
-
 class ModelRunner:
     def __init__(self, model, cache: KVCache) -> None:
         self.model = model
@@ -59,10 +37,6 @@ class ModelRunner:
         cfg = model.config
         self.num_heads = cfg.num_attention_heads
         _, _, self.num_kv_heads, _, self.head_dim = cache.k.shape              # [L, S, Hkv, T, D]
-        # fewer, larger matrix products per layer: q|k|v in one, gate|up in one (float weights only)
-        self.qkv = [fuse_linears([l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj]) for l in self.decoder.layers]
-        self.gate_up = [fuse_linears([l.mlp.gate_proj, l.mlp.up_proj]) if cfg.hidden_act == "silu" else None
-                        for l in self.decoder.layers]
 
     @torch.inference_mode()
     def prefill(self, rows: slice, token_lists: list[list[int]]) -> torch.Tensor:
@@ -115,8 +89,8 @@ class ModelRunner:
         for i, layer in enumerate(self.decoder.layers):
             attn = layer.self_attn
             h = layer.input_layernorm(x)
-            if self.qkv[i] is not None:
-                q, k, v = self.qkv[i](h).split([H * D, Hkv * D, Hkv * D], dim=-1)
+            if attn.qkv_proj is not None:                                      # fused at load (float weights)
+                q, k, v = attn.qkv_proj(h).split([H * D, Hkv * D, Hkv * D], dim=-1)
             else:
                 q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
             q = q.view(B, T, H, D).transpose(1, 2)                              # [B, H, T, D]
@@ -131,8 +105,8 @@ class ModelRunner:
                                                    enable_gqa=H != Hkv)         # [B, H, T, D]
             x = x + attn.o_proj(o.transpose(1, 2).reshape(B, T, H * D))
             h = layer.post_attention_layernorm(x)
-            if self.gate_up[i] is not None:
-                gate, up = self.gate_up[i](h).chunk(2, dim=-1)
+            if layer.mlp.gate_up_proj is not None:
+                gate, up = layer.mlp.gate_up_proj(h).chunk(2, dim=-1)
                 x = x + layer.mlp.down_proj(F.silu(gate) * up)
             else:
                 x = x + layer.mlp(h)

@@ -1,0 +1,89 @@
+"""The weight-only modes: packed int8/int4 linears against float ones, the Q4_1 grid coming back
+exactly, the per-call kernel choice by rows, and the engine in w8/w4 on a tiny random Llama."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llmserve.config import EngineConfig
+from llmserve.engine import Engine
+from llmserve.quantize import PackedLinear, choose_kernels
+from llmserve.request import Request, SamplingParams
+
+
+def linear_with(weight: torch.Tensor) -> torch.nn.Linear:
+    layer = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    layer.weight = torch.nn.Parameter(weight, requires_grad=False)
+    return layer
+
+
+def q4_1_weight(N: int = 48, K: int = 128, seed: int = 0) -> torch.Tensor:
+    """Weights as GGUF's Q4_1 stores them: per block of 32, d * q + m with fp16 d and m; some
+    blocks use only part of the 16 levels (their min/max grid is not the source's)."""
+    g = torch.Generator().manual_seed(seed)
+    d = (torch.rand(N, K // 32, 1, generator=g) * 0.02 + 1e-3).half().float()
+    m = (torch.randn(N, K // 32, 1, generator=g) * 0.05).half().float()
+    hi = torch.randint(1, 16, (N, K // 32, 1), generator=g)                   # top level used in each block
+    q = (torch.rand(N, K // 32, 32, generator=g) * (hi + 1)).floor().clamp(max=15)
+    q[..., 0], q[..., 1] = 0, hi[..., 0]                                      # each block spans 0..hi
+    return (d * q + m).reshape(N, K)
+
+
+def test_w4_reproduces_a_q4_1_grid_exactly():
+    w = q4_1_weight()
+    x = torch.randn(3, w.shape[1])
+    packed = PackedLinear(linear_with(w), bits=4)
+    assert (packed(x) - F.linear(x, w)).abs().max() < 1e-4 * F.linear(x, w).abs().max()
+
+
+@pytest.mark.parametrize("bits,tolerance", [(8, 0.02), (4, 0.15)])
+def test_packed_output_is_close_to_float_output(bits, tolerance):
+    w = torch.randn(64, 256, generator=torch.Generator().manual_seed(1)) * 0.05
+    x = torch.randn(5, 256)
+    expected = F.linear(x, w)
+    error = (PackedLinear(linear_with(w), bits)(x) - expected).norm() / expected.norm()
+    assert 0 < error < tolerance
+
+
+def test_kernel_is_chosen_by_rows():
+    w = torch.randn(32, 64) * 0.1
+    layer = PackedLinear(linear_with(w), bits=4)
+    choose_kernels([layer], max_packed_rows=2, max_rows=8)
+    three, two = torch.randn(3, 64), torch.randn(2, 64)
+    assert torch.equal(layer(three), F.linear(three, w))          # more than 2 rows: the float weight
+    assert not torch.equal(layer(two), F.linear(two, w))          # 2 rows: the packed one
+    best, timings = choose_kernels([layer], max_packed_rows=-1, max_rows=8)
+    assert layer.max_packed_rows == best and 1 in timings and set(timings[1]) == {"packed_ms", "dense_ms"}
+
+
+PROMPTS = ["Hello there", "The quick brown fox jumps over", "1 2 3", "x"]
+
+
+@pytest.fixture(scope="module", params=["w8", "w4"])
+def engine(request, tiny_model_dir):
+    # packed_max_rows large: prefill and decode both take the packed kernels, so cached and
+    # uncached computations use the same weights
+    return Engine.from_config(EngineConfig(model_path=str(tiny_model_dir), quantization=request.param,
+                                           max_model_len=128, max_num_seqs=8, packed_max_rows=1 << 20))
+
+
+def run(engine, prompts: list[str], max_new: int = 10) -> list[list[int]]:
+    requests = [Request(f"{i}-{p}", engine.tokenizer(p)["input_ids"], SamplingParams(max_new_tokens=max_new))
+                for i, p in enumerate(prompts)]
+    engine.generate(requests)
+    return [r.output_ids for r in requests]
+
+
+def test_weight_only_engine_cached_equals_uncached(engine):
+    assert engine.facts.packed_max_rows == 1 << 20 and engine.facts.dtype in (torch.float32, torch.bfloat16)
+    for p in PROMPTS:
+        out = run(engine, [p])[0]
+        ids = engine.tokenizer(p)["input_ids"] + out[:-1]
+        r = Request("uncached", ids, SamplingParams(max_new_tokens=1))   # the last step, recomputed whole
+        engine.generate([r])
+        assert r.output_ids == out[-1:]
+
+
+def test_weight_only_engine_batched_equals_alone(engine):
+    alone = [run(engine, [p])[0] for p in PROMPTS]
+    assert run(engine, PROMPTS) == alone
