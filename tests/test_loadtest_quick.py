@@ -99,5 +99,9 @@ def test_quick_profile_end_to_end(tmp_path):
         assert float(r["peak_worker_rss_mb"]) > 100
         assert float(r["usd_per_1k_requests"]) > 0 and r["meets_p99_target"] in ("True", "False")
     assert float(rows[0]["mean_server_batch_size"]) == 1
-    assert last["best_vs_batch1_requests_ratio"] > 0
+    # the ratio is the fastest row's requests/s over batch size 1's, as results.csv has them
+    best = max(rows, key=lambda r: float(r["requests_per_s"]))
+    ratio = float(best["requests_per_s"]) / float(rows[0]["requests_per_s"])
+    assert last["best_config"] == best["config"] and last["best_vs_batch1_requests_ratio"] == pytest.approx(ratio, abs=1e-3)
+    assert f"{ratio:.2f}x the requests/s" in summary
     assert all(r["git_sha"] and r["cpu"] and r["torchserve"].startswith("0.12") for r in rows)
