@@ -5,7 +5,7 @@ configuration medians and the report that benchmarks/report.py built; measures n
 from pathlib import Path
 
 MODE_COLORS = {"fp32": "#1f77b4", "fp16": "#ff7f0e", "bf16": "#2ca02c", "int8": "#d62728", "nf4": "#9467bd",
-               "fp4": "#8c564b"}
+               "fp4": "#8c564b", "w8": "#e377c2", "w4": "#7f7f7f"}
 # summary table: (heading, report key with {top} for the largest context, higher is better)
 TABLE_COLUMNS = (("weights GB", "weights_gb", False), ("prefill ms @{top}", "prefill_ms_{top}", False),
                  ("tok/s @{top}", "tokens_s_{top}", True), ("tok/s no KV @{top}", "tokens_s_no_cache_{top}", True),

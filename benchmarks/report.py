@@ -9,8 +9,8 @@ from pathlib import Path
 
 from benchmarks import plots
 from benchmarks.tables import format_table, write_csv
+from llmserve.config import QUANTIZATION_MODES   # fp32 first: the perplexity baseline is the first that ran
 
-PRECISION_ORDER = ("fp32", "fp16", "bf16", "int8", "nf4", "fp4")   # perplexity baseline: first that ran
 METRICS = ("prefill_ms", "decode_ms", "decode_tokens_s", "total_ms", "peak_mem_mb")
 COLUMNS = ("mode", "context_len", "kv_cache", "template", "prompt_index", "run_index", "prompt_tokens",
            "new_tokens", *METRICS, "weight_mb", "dtype", "device", "model", "seed")
@@ -34,7 +34,7 @@ def build_report(summary: list[dict], ends: dict, grid: dict, profile: str, mode
     """Per mode that ran: speed, memory and perplexity by context length; then what the run was."""
     at = {(s["mode"], s["context_len"], s["kv_cache"]): s for s in summary}
     done = {m: e for m, e in ends.items() if e["event"] == "done"}
-    baseline = next((m for m in PRECISION_ORDER if m in done and done[m]["ppl"]), None)
+    baseline = next((m for m in QUANTIZATION_MODES if m in done and done[m]["ppl"]), None)
     top, report = max(grid["context_lengths"]), {}
     for mode, end in done.items():
         entry = {}
@@ -59,7 +59,8 @@ def table(summary: list[dict], report: dict) -> str:
     """KV cache on, one line per mode and context length, with the cache-off speed beside it."""
     at = {(s["mode"], s["context_len"], s["kv_cache"]): s for s in summary}
     rows = []
-    for s in sorted((s for s in summary if s["kv_cache"]), key=lambda s: (PRECISION_ORDER.index(s["mode"]), s["context_len"])):
+    on = sorted((s for s in summary if s["kv_cache"]), key=lambda s: (QUANTIZATION_MODES.index(s["mode"]), s["context_len"]))
+    for s in on:
         off = at.get((s["mode"], s["context_len"], False), {}).get("decode_tokens_s")
         rows.append({**s, "tokens_s_no_cache": off, "kv_speedup": s["decode_tokens_s"] / off if off else None,
                      **{k: report[s["mode"]][k] for k in ("ppl", "ppl_degradation_pct")}})
