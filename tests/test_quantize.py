@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from llmserve.config import EngineConfig
 from llmserve.engine import Engine
-from llmserve.quantize import PackedLinear, choose_kernels
+from llmserve.quantize import PackedLinear, choose_kernels, quantize_w4
 from llmserve.request import Request, SamplingParams
 
 
@@ -29,11 +29,15 @@ def q4_1_weight(N: int = 48, K: int = 128, seed: int = 0) -> torch.Tensor:
     return (d * q + m).reshape(N, K)
 
 
-def test_w4_reproduces_a_q4_1_grid_exactly():
+def test_w4_recovers_a_q4_1_grid_exactly():
     w = q4_1_weight()
-    x = torch.randn(3, w.shape[1])
-    packed = PackedLinear(linear_with(w), bits=4)
-    assert (packed(x) - F.linear(x, w)).abs().max() < 1e-4 * F.linear(x, w).abs().max()
+    q, scales_and_zeros = quantize_w4(w)                                   # [N, K], [G, N, 2]
+    scale, zero = scales_and_zeros.transpose(0, 1).unbind(-1)              # [N, G]
+    back = (q.reshape(*scale.shape, 32) - 8) * scale[..., None] + zero[..., None]
+    assert (back.reshape(w.shape) - w).abs().max() < 1e-6
+    x = torch.randn(3, w.shape[1])                                         # the kernel: bf16 scales
+    expected = F.linear(x, w)
+    assert (PackedLinear(linear_with(w), bits=4)(x) - expected).norm() < 0.01 * expected.norm()
 
 
 @pytest.mark.parametrize("bits,tolerance", [(8, 0.02), (4, 0.15)])

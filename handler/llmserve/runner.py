@@ -16,6 +16,11 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return x * cos + rotated * sin
 
 
+def rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
+    """The model's RMSNorm as one fused op (Hugging Face's takes seven)."""
+    return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.variance_epsilon)
+
+
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
     """Attention for one new token per sequence, query heads grouped over their shared KV head.
     Plain matrix products: on the CPU, scaled_dot_product_attention's flash kernel is several
@@ -88,7 +93,7 @@ class ModelRunner:
         cos, sin = cos[:, None], sin[:, None]                                   # [B, 1, T, D]
         for i, layer in enumerate(self.decoder.layers):
             attn = layer.self_attn
-            h = layer.input_layernorm(x)
+            h = rms_norm(layer.input_layernorm, x)
             if attn.qkv_proj is not None:                                      # fused at load (float weights)
                 q, k, v = attn.qkv_proj(h).split([H * D, Hkv * D, Hkv * D], dim=-1)
             else:
@@ -104,11 +109,11 @@ class ModelRunner:
                 o = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, scale=attn.scaling,
                                                    enable_gqa=H != Hkv)         # [B, H, T, D]
             x = x + attn.o_proj(o.transpose(1, 2).reshape(B, T, H * D))
-            h = layer.post_attention_layernorm(x)
+            h = rms_norm(layer.post_attention_layernorm, x)
             if layer.mlp.gate_up_proj is not None:
                 gate, up = layer.mlp.gate_up_proj(h).chunk(2, dim=-1)
                 x = x + layer.mlp.down_proj(F.silu(gate) * up)
             else:
                 x = x + layer.mlp(h)
-        x = self.decoder.norm(x[:, -1])                                         # [B, C]
+        x = rms_norm(self.decoder.norm, x[:, -1])                               # [B, C]
         return self.model.lm_head(x).float()                                    # [B, V]
