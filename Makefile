@@ -12,7 +12,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 PROFILE ?= quick
 
-.PHONY: serve stop test test-unit status measure mar clean sweep bench
+.PHONY: serve stop test test-unit fuzz status measure mar clean sweep bench
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PY_SYS) -m venv $(VENV)
@@ -46,6 +46,10 @@ status:
 
 test: $(MAR)
 	$(PY) -m pytest -q tests
+
+# thousands of malformed bodies beside good requests against a real TorchServe (tests/test_fuzz.py)
+fuzz: $(MAR)
+	FUZZ_BODIES=$(or $(FUZZ_BODIES),3000) FUZZ_REPORT=metrics/fuzz.json $(PY) -m pytest -q -s tests/test_fuzz.py
 
 test-unit: $(VENV)/.installed
 	$(PY) -m pytest -q tests -m "not e2e"
