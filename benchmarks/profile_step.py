@@ -1,0 +1,120 @@
+"""Where an engine step's time goes: the prefill step and decode steps at 1, 16 and 64 sequences
+(chat prompts of ~40 tokens), timed plainly and then under torch.profiler, with the profile's
+self time summed by part of the model: linear layers (float or packed kernels), attention,
+KV-cache writes, norms, sampling and everything else (the many small ops). A decode step at few
+sequences is bound by reading the weights, at many by arithmetic; the split names what to attack
+next. Writes benchmarks/results/profile/profile.{json,md}; the last line printed is one JSON object.
+
+    python -m benchmarks.profile_step --modes bf16 w4 --batch-sizes 1 16 64
+"""
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from benchmarks.machine import ROOT, describe
+from benchmarks.tables import format_table
+from benchmarks.workload import CHAT_QUESTIONS
+from llmserve.config import EngineConfig
+from llmserve.engine import Engine
+from llmserve.request import parse_request
+
+PARTS = (   # (part, substrings of aten op names), first match wins
+    ("attention", ("bmm", "softmax", "masked_fill", "scaled_dot_product", "flash_attention")),
+    ("linear", ("_weight_int4pack_mm", "_weight_int8pack_mm", "addmm", "aten::mm", "linear", "matmul")),
+    ("kv_write", ("index_put",)),
+    ("norm", ("rms_norm",)),
+    ("sampling", ("argmax", "sort", "multinomial", "searchsorted", "cumsum")),
+)
+COLUMNS = (("mode", "mode", "{}"), ("batch", "seqs", "{}"), ("phase", "phase", "{}"), ("step_ms", "step ms", "{:.1f}"),
+           ("tok_s", "tok/s", "{:.1f}"), *((f"{p}_ms", f"{p} ms", "{:.1f}") for p, _ in PARTS),
+           ("other_ms", "other ms", "{:.1f}"), ("ops", "aten calls/step", "{:.0f}"))
+
+
+def part_of(op: str) -> str:
+    return next((part for part, keys in PARTS if any(k in op for k in keys)), "other")
+
+
+def split(prof, num_steps: int) -> dict:
+    """Self CPU ms per step by part, and ATen calls per step (nested calls count too)."""
+    ms = {f"{p}_ms": 0.0 for p, _ in PARTS} | {"other_ms": 0.0}
+    ops = 0
+    for event in prof.key_averages():
+        if event.key.startswith("aten::"):
+            ms[f"{part_of(event.key)}_ms"] += event.self_cpu_time_total / 1000 / num_steps
+            ops += event.count
+    return ms | {"ops": ops / num_steps}
+
+
+def measure(engine: Engine, batch: int, num_decode: int) -> list[dict]:
+    body = lambda i: {"messages": [{"role": "user", "content": CHAT_QUESTIONS[i % len(CHAT_QUESTIONS)]}],
+                      "max_new_tokens": 2 * num_decode + 8, "ignore_eos": True}
+    def admit(tag: str) -> None:
+        for i in range(batch):
+            engine.add_request(parse_request(f"{tag}-{i}", body(i), engine.config, engine.tokenizer))
+
+    admit("plain")                                   # plain timings first: no profiler overhead
+    t0 = time.perf_counter()
+    engine.step()
+    prefill_ms = (time.perf_counter() - t0) * 1000
+    engine.step()
+    t0 = time.perf_counter()
+    for _ in range(num_decode):
+        engine.step()
+    decode_ms = (time.perf_counter() - t0) * 1000 / num_decode
+    for rid in list(engine.requests):
+        engine.abort(rid)
+
+    admit("profiled")
+    with profile(activities=[ProfilerActivity.CPU]) as prefill_prof:
+        engine.step()
+    engine.step()
+    with profile(activities=[ProfilerActivity.CPU]) as decode_prof:
+        for _ in range(num_decode):
+            engine.step()
+    for rid in list(engine.requests):
+        engine.abort(rid)
+    return [{"batch": batch, "phase": "prefill", "step_ms": prefill_ms, **split(prefill_prof, 1)},
+            {"batch": batch, "phase": "decode", "step_ms": decode_ms, "tok_s": batch * 1000 / decode_ms,
+             **split(decode_prof, num_decode)}]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--modes", nargs="+", default=["bf16", "w4"])
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 16, 64])
+    parser.add_argument("--decode-steps", type=int, default=8)
+    parser.add_argument("--model-path", default=str(ROOT / "models" / "smollm2-135m-instruct"))
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "profile")
+    args = parser.parse_args()
+
+    rows, facts = [], {}
+    for mode in args.modes:
+        engine = Engine.from_config(EngineConfig(model_path=args.model_path, quantization=mode,
+                                                 max_num_seqs=max(args.batch_sizes)))
+        facts[mode] = {"dtype": str(engine.facts.dtype), "packed_max_rows": engine.facts.packed_max_rows,
+                       "kernel_ms": engine.facts.kernel_ms, "weight_mb": round(engine.facts.weight_bytes / 1e6, 1)}
+        measure(engine, 1, 2)                         # warm-up: kernels' first-call set-up
+        for batch in args.batch_sizes:
+            rows += [{"mode": mode, **row} for row in measure(engine, batch, args.decode_steps)]
+            print(format_table(rows[-2:], COLUMNS), flush=True)
+        del engine
+
+    report = {"machine": describe(), "torch_threads": torch.get_num_threads(), "facts": facts, "rows": rows}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "profile.json").write_text(json.dumps(report, indent=1))
+    (args.out / "profile.md").write_text(
+        f"Measured on {report['machine']['cpu']}, {report['machine']['num_cores']} cores, {report['torch_threads']} "
+        f"torch threads, torch {report['machine']['torch']}, git {report['machine']['git_sha']}, "
+        f"{report['machine']['date']}; command: python -m benchmarks.profile_step --modes {' '.join(args.modes)} "
+        f"--batch-sizes {' '.join(map(str, args.batch_sizes))}\n\n" + format_table(rows, COLUMNS, markdown=True) + "\n")
+    print(format_table(rows, COLUMNS))
+    print(json.dumps({"out": str(args.out), "rows": len(rows)}))
+
+
+if __name__ == "__main__":
+    main()
