@@ -30,8 +30,9 @@ $(MODEL_DIR)/prepared.json: $(VENV)/.installed scripts/prepare_model.py
 	touch $@   # also when it was already prepared, so a reinstalled venv does not redo it each time
 
 # One archive serves both batching modes (handler.batching, or handler= when registering).
+# MAR_ARGS: overrides for the archive, e.g. --set quantization=bf16 (the GPU image: w8/w4 are CPU-only)
 $(MAR): $(VENV)/.installed $(MODEL_DIR)/prepared.json $(SOURCES)
-	$(PY) scripts/build_mar.py --name llm
+	$(PY) scripts/build_mar.py --name llm $(MAR_ARGS)
 
 mar: $(MAR)
 
