@@ -9,7 +9,6 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 import requests
@@ -182,16 +181,19 @@ def test_request_level_newcomer_waits_for_the_busy_batch(server):
 
 
 def test_client_disconnect_frees_its_slot(server):
-    with post(server, {"prompt": "Once upon a time", "max_new_tokens": 500, "temperature": 0.8, "stream": True}, "llm",
-              stream=True) as r:
-        next(r.iter_lines())                         # the stream has started; now hang up
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:               # the slot frees long before 500 tokens are done
-        if post(server, FRANCE, "llm").json()["timings"]["batch_size"] == 1:
-            break
-        time.sleep(0.5)
-    else:
-        pytest.fail("a disconnected stream kept its slot")
+    # a stream that would run for 1,000 tokens; its own pace tells how long the rest would take,
+    # and the slot must be free in well under that (it would not be if abort did nothing)
+    body = {"prompt": "Once upon a time", "max_new_tokens": 1000, "ignore_eos": True, "stream": True}
+    with post(server, body, "llm", stream=True) as r:
+        lines = r.iter_lines()
+        next(lines)
+        t0 = time.perf_counter()
+        num_parts = sum(1 for _, line in zip(range(20), lines) if line)
+        rest_s = (1000 - num_parts - 1) / (num_parts / (time.perf_counter() - t0))
+    hung_up = time.perf_counter()
+    while post(server, FRANCE, "llm").json()["timings"]["batch_size"] > 1:
+        assert time.perf_counter() - hung_up < 0.5 * rest_s, "a disconnected stream kept its slot"
+    assert time.perf_counter() - hung_up < 0.5 * rest_s
 
 
 def test_scale_workers_of_a_classic_archive(server):
