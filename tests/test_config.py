@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_repo_model_config_parses():
     section = yaml.safe_load((ROOT / "config/model-config.yaml").read_text())["handler"]
     config = EngineConfig.from_dict(section)
-    assert config.quantization == "bf16"
+    assert config.quantization == "w4"       # the shipped default since 480edc9
     assert config.kv_capacity_tokens == config.max_num_seqs * config.max_model_len
 
 
