@@ -2,9 +2,9 @@
 naive transformers server, on loopback, one system at a time (start, warm up, measure, stop).
 
 Per point (system x users x plain/streamed): a warm-up of min(users, 8) short requests, then a
-closed loop of max(16, 4 x users) requests, none sent after 30 s and any still open at 90 s
-abandoned and counted (so a point takes at most 90 s, and a full wave of 64 answers has that
-long). Output tokens/s = completion tokens (from each answer's usage) of the answered requests over
+closed loop of max(16, 4 x users) requests, none sent after 30 s and any still open at
+60 s + 1.5 s x users abandoned and counted (61.5 s at 1 user, 156 s at 64: a full wave of 64 bf16
+answers on two AVX2 cores needs about that). Output tokens/s = completion tokens (from each answer's usage) of the answered requests over
 the wall time from the first request sent to the last answer; latency and TTFT percentiles over
 answered requests; CPU seconds of the server's process tree (psutil), of this client, and of
 everything else on the machine (other work there skews the point).
@@ -106,7 +106,8 @@ def measure_point(name: str, system: System, server, users: int, stream: bool, a
                 args.warmup_cap_s)
     num_requests = args.num_requests or max(16, 4 * users)
     before = (tree_cpu_s(server.proc.pid), time.process_time(), machine_cpu_s())
-    records = closed_loop(sender(args.output_tokens), users, num_requests, args.send_cap_s, args.cut_cap_s)
+    cut_cap_s = args.cut_cap_s + args.cut_per_user_s * users
+    records = closed_loop(sender(args.output_tokens), users, num_requests, args.send_cap_s, cut_cap_s)
     server_s, client_s, machine_s = (b - a for a, b in zip(before, (tree_cpu_s(server.proc.pid), time.process_time(),
                                                                    machine_cpu_s())))
     row = {"system": name, "users": users, "mode": "stream" if stream else "plain",
@@ -178,7 +179,8 @@ def main() -> None:
     parser.add_argument("--output-tokens", type=int, default=OUTPUT_TOKENS, help="per answer, EOS ignored")
     parser.add_argument("--num-requests", type=int, default=0, help="per point; 0 = max(16, 4 x users)")
     parser.add_argument("--send-cap-s", type=float, default=30, help="no request sent after this (per point)")
-    parser.add_argument("--cut-cap-s", type=float, default=90, help="open requests abandoned at this (per point)")
+    parser.add_argument("--cut-cap-s", type=float, default=60, help="open requests abandoned at this ...")
+    parser.add_argument("--cut-per-user-s", type=float, default=1.5, help="... plus this per user (per point)")
     parser.add_argument("--warmup-cap-s", type=float, default=60)
     parser.add_argument("--out", type=Path, help="results folder (default compare/results/<run-id>)")
     parser.add_argument("--logs", type=Path, help="servers' logs and work files (default build/compare/<run-id>)")
@@ -189,25 +191,29 @@ def main() -> None:
     workdir = (args.logs or ROOT / "build" / "compare" / run_id).resolve()
 
     started = time.monotonic()
-    rows, skipped, versions = [], {}, {}
+    rows, skipped = [], {}
+    info = describe_machine({})   # each system's versions are added as it starts
+    settings = {"run_id": run_id, "command": " ".join(["python -m compare.run", *sys.argv[1:]]),
+                "users": args.users, "modes": ["stream" if m else "plain" for m in args.modes],
+                "output_tokens": args.output_tokens, "num_requests": args.num_requests or "max(16, 4 x users)",
+                "send_cap_s": args.send_cap_s,
+                "cut_cap_s": f"{args.cut_cap_s:g} + {args.cut_per_user_s:g} x users", "skipped": skipped, "logs": str(workdir)}
     for name in args.systems:
         system = SYSTEMS[name]
         if reason := system.missing():
             print(f"{name}: skipped ({reason})", flush=True)
             skipped[name] = reason
             continue
-        versions[name] = system.versions()
+        info["systems"][name] = system.versions()
         try:
-            rows.extend(run_system(name, system, args, workdir))   # keeps the points made before a failure
+            for row in run_system(name, system, args, workdir):
+                rows.append(row)
+                settings["wall_s"] = round(time.monotonic() - started, 1)
+                write_results(out, rows, info, settings)   # after every point: a run cut short keeps its points
         except (RuntimeError, TimeoutError) as e:   # it did not start: its other points are skipped
             print(f"{name}: stopped ({e})", flush=True)
             skipped[name] = str(e)
-    settings = {"run_id": run_id, "command": " ".join(["python -m compare.run", *sys.argv[1:]]),
-                "users": args.users, "modes": ["stream" if m else "plain" for m in args.modes],
-                "output_tokens": args.output_tokens, "num_requests": args.num_requests or "max(16, 4 x users)",
-                "send_cap_s": args.send_cap_s, "cut_cap_s": args.cut_cap_s, "skipped": skipped, "logs": str(workdir),
-                "wall_s": round(time.monotonic() - started, 1)}
-    info = describe_machine(versions)
+    settings["wall_s"] = round(time.monotonic() - started, 1)
     write_results(out, rows, info, settings)
     print(format_table(rows, TABLE))
     print(json.dumps({"results": str(out), "wall_s": settings["wall_s"], "skipped": skipped,
