@@ -9,12 +9,14 @@ import os
 import subprocess
 import sys
 import time
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
 import requests
+import yaml
 
 from benchmarks.machine import command_output
 from scripts.serve import TorchServeProcess, stop_process_group
@@ -94,7 +96,10 @@ def start_hf(users: int, port: int, workdir: Path) -> Server:
 
 
 def versions_ours() -> str:
-    return f"torchserve {metadata.version('torchserve')}, torch {metadata.version('torch')}, bf16 (model-config.yaml)"
+    """Versions, and the quantization the archive's model-config.yaml asks for."""
+    with zipfile.ZipFile(MAR) as mar:
+        quantization = yaml.safe_load(mar.read("model-config.yaml"))["handler"]["quantization"]
+    return f"torchserve {metadata.version('torchserve')}, torch {metadata.version('torch')}, llm.mar in {quantization}"
 
 
 def versions_vllm() -> str:
