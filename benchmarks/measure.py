@@ -4,8 +4,10 @@ processes, reports or figures."""
 
 import math
 import time
+from types import SimpleNamespace
 
 import torch
+import torch.nn.functional as F
 
 from llmserve.request import Request, SamplingParams
 
@@ -61,6 +63,16 @@ def perplexity_ids(tokenizer, text: str, max_tokens: int | None) -> list[int]:
 
 def num_windows(num_tokens: int, window: int, stride: int) -> int:
     return max(1, math.ceil((num_tokens - window) / stride) + 1) if num_tokens > window else 1
+
+
+def engine_loss(engine):
+    """perplexity()'s model interface (x, labels) -> .loss over the engine's own forward, so the
+    loss is what the engine computes (its kernels and fused layers), not Hugging Face's forward.
+    Uses KV row 0: the engine must be idle and hold a window (max_model_len)."""
+    def loss(x: torch.Tensor, labels: torch.Tensor, use_cache: bool = False) -> SimpleNamespace:
+        logits = engine.runner.prefill(slice(0, 1), [x[0].tolist()], all_positions=True)   # [1, T, V]
+        return SimpleNamespace(loss=F.cross_entropy(logits[0, :-1], labels[0, 1:], ignore_index=-100))
+    return loss
 
 
 @torch.inference_mode()

@@ -161,3 +161,12 @@ def test_ignore_eos_and_min_tokens(engine, monkeypatch):
     at_least = make(engine, 2, PROMPTS[1], max_new=20, min_tokens=12)
     engine.generate([at_least])
     assert len(at_least.output_ids) >= 12 and eos not in at_least.output_ids[:11]   # EOS masked until then
+
+
+def test_the_engines_forward_scores_a_window_like_hugging_faces(engine):
+    from benchmarks.measure import engine_loss, perplexity
+
+    ids = engine.tokenizer("The quick brown fox jumps over the lazy dog. " * 6)["input_ids"]
+    ours = perplexity(engine_loss(engine), ids, 32, 16, torch.device("cpu"))
+    theirs = perplexity(engine.runner.model, ids, 32, 16, torch.device("cpu"))
+    assert ours == pytest.approx(theirs, rel=1e-4)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from llmserve.config import EngineConfig
 from llmserve.engine import Engine
-from llmserve.quantize import PackedLinear, choose_kernels, quantize_w4
+from llmserve.quantize import PackedLinear, choose_kernels, dequantize_w4, quantize_w4
 from llmserve.request import Request, SamplingParams
 
 
@@ -31,10 +31,7 @@ def q4_1_weight(N: int = 48, K: int = 128, seed: int = 0) -> torch.Tensor:
 
 def test_w4_recovers_a_q4_1_grid_exactly():
     w = q4_1_weight()
-    q, scales_and_zeros = quantize_w4(w)                                   # [N, K], [G, N, 2]
-    scale, zero = scales_and_zeros.transpose(0, 1).unbind(-1)              # [N, G]
-    back = (q.reshape(*scale.shape, 32) - 8) * scale[..., None] + zero[..., None]
-    assert (back.reshape(w.shape) - w).abs().max() < 1e-6
+    assert (dequantize_w4(*quantize_w4(w)) - w).abs().max() < 1e-6
     x = torch.randn(3, w.shape[1])                                         # the kernel: bf16 scales
     expected = F.linear(x, w)
     assert (PackedLinear(linear_with(w), bits=4)(x) - expected).norm() < 0.01 * expected.norm()

@@ -15,6 +15,7 @@ FLOAT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bflo
 BNB_MODES = ("int8", "nf4", "fp4")
 WEIGHT_ONLY_MODES = ("w8", "w4")
 W4_GROUP_SIZE = 32   # the default model's source weights are Q4_1: blocks of 32 with a scale and a minimum
+ALWAYS_PACKED = 1 << 30   # a max_packed_rows no step reaches
 
 
 def cpu_has_bf16_units() -> bool:
@@ -99,16 +100,24 @@ def quantize_w4(w: torch.Tensor, group_size: int = W4_GROUP_SIZE) -> tuple[torch
     assert K % group_size == 0, f"input size {K} is not a multiple of the group size {group_size}"
     wg = w.float().reshape(N, K // group_size, group_size)                                # [N, G, g]
     lo, span = wg.amin(-1), wg.amax(-1) - wg.amin(-1)                                     # [N, G]
+    above = wg - lo[..., None]                                                            # [N, G, g]
     step = span / 15
     for levels in range(14, 0, -1):          # fewer levels: a coarser grid that may be the source's
         d = span / levels
-        q = (wg - lo[..., None]) / d.clamp(min=1e-30)[..., None]
+        q = above / d.clamp(min=1e-30)[..., None]
         on_grid = ((q - q.round()).abs() < 1e-3).all(-1) & (span > 0)
         step = torch.where(on_grid, d, step)
-    q = torch.round((wg - lo[..., None]) / step.clamp(min=1e-30)[..., None]).clamp(0, 15).to(torch.int32)
+    q = torch.round(above / step.clamp(min=1e-30)[..., None]).clamp(0, 15).to(torch.int32)
     zeros = lo + 8 * step
     scales_and_zeros = torch.stack([step, zeros], dim=-1).transpose(0, 1).contiguous()   # [G, N, 2] fp32
     return q.reshape(N, K), scales_and_zeros
+
+
+def dequantize_w4(q: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
+    """quantize_w4's inverse: (q - 8) * scale + zero, [N, K] float32."""
+    scale, zero = scales_and_zeros.transpose(0, 1).unbind(-1)                             # [N, G]
+    g = q.shape[1] // scale.shape[1]
+    return ((q.reshape(*scale.shape, g) - 8) * scale[..., None] + zero[..., None]).reshape(q.shape)
 
 
 # torch's packed CPU kernels are vectorized for bf16 activations only: with fp32 or fp16 ones they
@@ -125,7 +134,7 @@ class PackedLinear(torch.nn.Module):
         self.weight, self.bias = linear.weight, linear.bias      # shared, not copied
         self.bits = bits
         self.out_features = linear.out_features
-        self.max_packed_rows = 1 << 30
+        self.max_packed_rows = ALWAYS_PACKED
         with torch.no_grad():
             if bits == 8:
                 self.packed, scales = quantize_w8(linear.weight)
@@ -186,10 +195,10 @@ def choose_kernels(layers: list[PackedLinear], max_packed_rows: int, max_rows: i
     rows = 1
     while rows <= max_rows and best == rows // 2:      # until the packed kernels first lose
         ms = {}
-        for kind, limit in (("packed", 1 << 30), ("dense", 0)):
+        xs = {n: torch.randn(rows, n, dtype=layers[0].weight.dtype) for n in {l.weight.shape[1] for l in layers}}
+        for kind, limit in (("packed", ALWAYS_PACKED), ("dense", 0)):
             for layer in layers:
                 layer.max_packed_rows = limit
-            xs = {n: torch.randn(rows, n, dtype=layers[0].weight.dtype) for n in {l.weight.shape[1] for l in layers}}
             with torch.inference_mode():
                 samples = []
                 for _ in range(3):

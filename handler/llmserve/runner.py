@@ -44,8 +44,9 @@ class ModelRunner:
         _, _, self.num_kv_heads, _, self.head_dim = cache.k.shape              # [L, S, Hkv, T, D]
 
     @torch.inference_mode()
-    def prefill(self, rows: slice, token_lists: list[list[int]]) -> torch.Tensor:
-        """Prefill rows[i] with token_lists[i] (left padded to one length); logits of each last token."""
+    def prefill(self, rows: slice, token_lists: list[list[int]], all_positions: bool = False) -> torch.Tensor:
+        """Prefill rows[i] with token_lists[i] (left padded to one length); logits of each last
+        token [B, V], or of every position [B, T, V] (perplexity through the engine's own forward)."""
         c = self.cache
         dev = c.k.device
         B, T = len(token_lists), max(len(t) for t in token_lists)
@@ -61,7 +62,7 @@ class ModelRunner:
             c.k[layer, rows, :, :T] = k
             c.v[layer, rows, :, :T] = v
             return c.k[layer, rows, :, :T], c.v[layer, rows, :, :T]
-        logits = self._forward(tokens, positions, mask[:, None], write)
+        logits = self._forward(tokens, positions, mask[:, None], write, all_positions)
         c.set_prefilled(rows, T, pads)
         return logits
 
@@ -85,7 +86,8 @@ class ModelRunner:
         c.advance(B)
         return logits
 
-    def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, write) -> torch.Tensor:
+    def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, write,
+                 all_positions: bool = False) -> torch.Tensor:
         B, T = tokens.shape
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         x = self.decoder.embed_tokens(tokens)                                   # [B, T, C]
@@ -115,5 +117,5 @@ class ModelRunner:
                 x = x + layer.mlp.down_proj(F.silu(gate) * up)
             else:
                 x = x + layer.mlp(h)
-        x = rms_norm(self.decoder.norm, x[:, -1])                               # [B, C]
-        return self.model.lm_head(x).float()                                    # [B, V]
+        x = rms_norm(self.decoder.norm, x if all_positions else x[:, -1])       # [B, T, C] or [B, C]
+        return self.model.lm_head(x).float()                                    # [B, T, V] or [B, V]
