@@ -154,8 +154,7 @@ class LLMHandler(BaseHandler):
             body = self._body(idx, ex, context)
         except Exception as e:   # our fault, and this request's alone
             logger.exception("could not answer request %s", rid)
-            self.engine.abort(rid)
-            ex.request.finish_reason, ex.request.error = "error", f"could not answer: {type(e).__name__}: {e}"
+            self.engine.fail(ex.request, f"could not answer: {type(e).__name__}: {e}")
             body = self._body(idx, ex, context)
         r = ex.request
         if r.finish_reason == "error" and not ex.is_open:

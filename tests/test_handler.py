@@ -304,3 +304,20 @@ def test_a_request_failed_before_its_first_part_gets_a_500(tiny_model_dir, monke
     assert "out of memory" in json.loads(responses["a"][0][0])["error"]
     assert whole(responses["b"])["usage"]["completion_tokens"] == 4
     h.engine.check_invariants()
+
+
+def test_an_exception_while_answering_is_that_requests_error(tiny_model_dir, monkeypatch):
+    h, ctx = make_handler(tiny_model_dir)
+    real_chunk = llm_handler.chunk
+    def chunk(r):
+        if r.request_id == "s":
+            raise KeyError("shaping fell over")
+        return real_chunk(r)
+    monkeypatch.setattr(llm_handler, "chunk", chunk)
+    responses = run_steps(h, ctx, {0: {"s": body("Hello there", max_new_tokens=8, stream=True),
+                                       "a": body("Hello there", max_new_tokens=8)}})
+    assert len(responses["s"]) == 1 and responses["s"][0][1] == 500          # failed before its first part
+    assert "shaping fell over" in json.loads(responses["s"][0][0])["error"]
+    assert whole(responses["a"])["usage"]["completion_tokens"] == 8
+    h.engine.check_invariants()
+    assert not h.exchanges and not h.engine.has_unfinished()

@@ -42,8 +42,8 @@ class Engine:
     # -- public API -----------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
         assert request.request_id not in self.requests, f"duplicate request id {request.request_id}"
-        self.requests[request.request_id] = request
         request.generator = make_generator(request.params, self.facts.device)
+        self.requests[request.request_id] = request
         self.scheduler.add(request)
 
     def abort(self, request_id: str) -> None:
@@ -80,15 +80,21 @@ class Engine:
         if out.prefill:
             self._prefill(out.prefill)
 
-    def fail_step(self, error: str) -> list[Request]:
-        """After step() raised: finish the requests it was running with finish_reason "error" and
-        free their rows; waiting requests stay queued for the next step. Returns the failed ones."""
-        failed = [r for r in self.scheduled if not r.is_finished]
-        for r in failed:
-            r.error = error
+    def fail(self, r: Request, error: str) -> None:
+        """End r with finish_reason "error" (freeing its row if it still runs)."""
+        r.error = error
+        if r.is_finished:
+            r.finish_reason = "error"
+        else:
             self._finish(r, "error")
+
+    def fail_step(self, error: str) -> None:
+        """After step() raised: fail the requests it was running and had not finished (a request
+        the step finished keeps its answer); waiting ones stay queued."""
+        for r in self.scheduled:
+            if not r.is_finished:
+                self.fail(r, error)
         self.scheduled = []
-        return failed
 
     def check_invariants(self) -> None:
         """The engine's rows and the scheduler's running list hold the same requests (for tests)."""
