@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from llmserve.config import EngineConfig
 from llmserve.engine import Engine
+from llmserve.runner import ModelRunner
 from llmserve.quantize import PackedLinear, choose_kernels, dequantize_w4, quantize_w4
 from llmserve.request import Request, SamplingParams
 
@@ -88,3 +89,15 @@ def test_weight_only_engine_cached_equals_uncached(engine):
 def test_weight_only_engine_batched_equals_alone(engine):
     alone = [run(engine, [p])[0] for p in PROMPTS]
     assert run(engine, PROMPTS) == alone
+
+
+def test_compiled_decode_matches_eager_and_builds_no_graph_after_start_up(tiny_model_dir):
+    def make(compile: bool) -> Engine:
+        return Engine.from_config(EngineConfig(model_path=str(tiny_model_dir), quantization="w4", max_model_len=128,
+                                               max_num_seqs=8, packed_max_rows=8, compile=compile))
+    eager, compiled = make(False), make(True)
+    graphs = compiled.compiled_graphs
+    assert graphs >= 2 and eager.compiled_graphs == 0      # batch 1 and batch 2..8, built at start-up
+    for prompts in (PROMPTS, PROMPTS[:1], PROMPTS[1:4], PROMPTS * 2):   # batch sizes 4, 1, 3, 8; contexts grow
+        assert run(compiled, prompts, 24) == run(eager, prompts, 24)
+    assert ModelRunner.compiled_graphs() == graphs         # no recompilation while serving

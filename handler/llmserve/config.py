@@ -24,6 +24,8 @@ class EngineConfig:
     num_threads: int = 0              # torch intra-op threads on CPU; 0 = leave torch's default
     packed_max_rows: int = -1         # w8/w4: steps of at most this many rows use the packed kernels,
                                       # larger ones the float weights; -1 = measure at start-up
+    compile: bool = False             # w8/w4: fuse each layer of the packed-kernel decode steps with
+                                      # torch.compile at start-up (other modes run eagerly)
 
     def __post_init__(self) -> None:
         if self.quantization not in QUANTIZATION_MODES:
@@ -42,6 +44,8 @@ class EngineConfig:
         if not isinstance(self.packed_max_rows, int) or isinstance(self.packed_max_rows, bool) \
                 or self.packed_max_rows < -1:
             raise ValueError(f"packed_max_rows must be -1 (measure) or a non-negative integer, got {self.packed_max_rows!r}")
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"compile must be true or false, got {self.compile!r}")
         for name in ("kv_budget_tokens", "num_threads"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:

@@ -137,13 +137,15 @@ class PackedLinear(torch.nn.Module):
         self.max_packed_rows = ALWAYS_PACKED
         with torch.no_grad():
             if bits == 8:
-                self.packed, scales = quantize_w8(linear.weight)
+                packed, scales = quantize_w8(linear.weight)
             elif bits == 4:
                 q, scales = quantize_w4(linear.weight)
-                self.packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
+                packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
             else:
                 raise ValueError(f"bits must be 8 or 4, got {bits}")
-        self.scales = scales.to(KERNEL_DTYPE)
+        # buffers, not plain attributes: torch.compile then treats their shapes as fixed
+        self.register_buffer("packed", packed)
+        self.register_buffer("scales", scales.to(KERNEL_DTYPE))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])                                                     # [rows, K]

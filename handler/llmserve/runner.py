@@ -35,13 +35,44 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
 
 
 class ModelRunner:
-    def __init__(self, model, cache: KVCache) -> None:
+    def __init__(self, model, cache: KVCache, compile_max_rows: int = 0) -> None:
         self.model = model
         self.cache = cache
         self.decoder = model.model
         cfg = model.config
         self.num_heads = cfg.num_attention_heads
         _, _, self.num_kv_heads, _, self.head_dim = cache.k.shape              # [L, S, Hkv, T, D]
+        # decode steps of at most compile_max_rows rows run their layers through torch.compile:
+        # the steps bound by per-op overhead (few rows, packed kernels); larger ones run eagerly
+        self.compile_max_rows = min(compile_max_rows, cache.k.shape[1])
+        self.compiled_layer = self._decode_layer
+        if self.compile_max_rows:
+            # sizes that merely coincide must not be taken for equal (a context of 3 is not the
+            # number of KV heads): without duck sizing the warm-up's sizes cannot leak into guards
+            torch.fx.experimental._config.use_duck_shape = False
+            # one graph serves every layer (they differ only in weights, which are not guarded on:
+            # they never change after start-up); batch and context sizes are symbolic
+            self.compiled_layer = torch.compile(self._decode_layer, dynamic=True, options={
+                "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
+
+    def warm_up(self) -> int:
+        """Compile now, not in a user's request: a decode step on empty rows at batch 1, 2, 4, ...
+        up to compile_max_rows (batch 1 gets a graph of its own, and a kernel may split the range
+        again: on an AVX2 EPYC int4 steps of 2-16 and 17-32 rows took two). Leaves the cache
+        empty; returns the graphs built so far."""
+        c = self.cache
+        sizes = [2 ** i for i in range(self.compile_max_rows.bit_length()) if 2 ** i <= self.compile_max_rows]
+        for B in sorted(set(sizes) | {self.compile_max_rows} - {0}):
+            c.set_prefilled(slice(0, B), 37, torch.zeros(B, dtype=torch.long, device=c.k.device))
+            self.decode(B)
+            c.set_prefilled(slice(0, B), 0, torch.zeros(B, dtype=torch.long, device=c.k.device))
+        return self.compiled_graphs()
+
+    @staticmethod
+    def compiled_graphs() -> int:
+        """Graphs torch.compile has built in this process (a recompilation storm shows here)."""
+        from torch._dynamo.utils import counters
+        return counters["stats"]["unique_graphs"]
 
     @torch.inference_mode()
     def prefill(self, rows: slice, token_lists: list[list[int]], all_positions: bool = False) -> torch.Tensor:
@@ -68,54 +99,75 @@ class ModelRunner:
 
     @torch.inference_mode()
     def decode(self, num_rows: int) -> torch.Tensor:
-        """One token for each of rows 0..num_rows-1, fed from cache.last_tokens; returns logits [B, V]."""
+        """One token for each of rows 0..num_rows-1, fed from cache.last_tokens; returns logits [B, V].
+        The layers read the cache and return their new keys and values, written after the last
+        layer in one go: a layer is then a pure function of tensors, which torch.compile can fuse."""
         c = self.cache
         B = num_rows
-        Tk = int(c.row_lengths[:B].max()) + 1
+        Tk = int(c.row_lengths[:B].max())                                                    # cached positions
         lengths, starts = c.lengths[:B], c.starts[:B]                                        # [B]
-        tokens = c.last_tokens[:B, None]                                                     # [B, 1]
-        positions = (lengths - starts)[:, None]                                              # [B, 1]
-        pos = c.positions[:Tk]
-        mask = (pos[None, :] >= starts[:, None]) & (pos[None, :] <= lengths[:, None])        # [B, Tk]
+        pos = c.positions[:Tk + 1]
+        mask = (pos[None, :] >= starts[:, None]) & ((pos[None, :] < lengths[:, None]) | (pos[None, :] == Tk))
+        x = self.decoder.embed_tokens(c.last_tokens[:B, None])                               # [B, 1, C]
+        cos, sin = self.decoder.rotary_emb(x, (lengths - starts)[:, None])                   # [B, 1, D]
+        new_k, new_v = [], []
+        decode_layer = self.compiled_layer if B <= self.compile_max_rows else self._decode_layer
+        for i, layer in enumerate(self.decoder.layers):
+            x, k, v = decode_layer(layer, x, cos[:, None], sin[:, None], mask[:, None, None],
+                                        c.k[i, :B, :, :Tk], c.v[i, :B, :, :Tk])
+            new_k.append(k)
+            new_v.append(v)
         rows = torch.arange(B, device=c.k.device)
-        def write(layer: int, k: torch.Tensor, v: torch.Tensor):
-            c.k[layer, rows, :, lengths] = k[:, :, 0]
-            c.v[layer, rows, :, lengths] = v[:, :, 0]
-            return c.k[layer, :B, :, :Tk].contiguous(), c.v[layer, :B, :, :Tk].contiguous()
-        logits = self._forward(tokens, positions, mask[:, None, None, :], write)
+        c.k[:, rows, :, lengths] = torch.stack(new_k, dim=1)                                 # [B, L, Hkv, D]
+        c.v[:, rows, :, lengths] = torch.stack(new_v, dim=1)
         c.advance(B)
-        return logits
+        return self.model.lm_head(rms_norm(self.decoder.norm, x[:, 0])).float()             # [B, V]
+
+    def _decode_layer(self, layer, x, cos, sin, mask, k_past, v_past):
+        """One decoder layer for one new token per row. x: [B, 1, C]; cos, sin: [B, 1, 1, D];
+        mask: [B, 1, 1, Tk+1] (the last position is the new token); k_past, v_past: [B, Hkv, Tk, D].
+        Returns the layer's output and the new token's keys and values [B, Hkv, D]."""
+        q, k, v = self._qkv(layer, x, cos, sin)                                  # [B, H|Hkv, 1, D]
+        k_all, v_all = torch.cat([k_past, k], dim=2), torch.cat([v_past, v], dim=2)
+        o = decode_attention(q, k_all, v_all, mask, layer.self_attn.scaling)      # [B, H, 1, D]
+        return self._finish_layer(layer, x, o), k[:, :, 0], v[:, :, 0]
+
+    def _qkv(self, layer, x, cos, sin):
+        """The layer's input norm, projections and rotary embedding: q [B, H, T, D], k and v [B, Hkv, T, D]."""
+        B, T, _ = x.shape
+        H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
+        attn = layer.self_attn
+        h = rms_norm(layer.input_layernorm, x)
+        if attn.qkv_proj is not None:                                           # fused at load (float weights)
+            q, k, v = attn.qkv_proj(h).split([H * D, Hkv * D, Hkv * D], dim=-1)
+        else:
+            q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+        q = q.view(B, T, H, D).transpose(1, 2)
+        k = k.view(B, T, Hkv, D).transpose(1, 2)
+        v = v.view(B, T, Hkv, D).transpose(1, 2)
+        return rotate(q, cos, sin), rotate(k, cos, sin), v
+
+    def _finish_layer(self, layer, x, o):
+        """Attention output o [B, H, T, D] through o_proj and the MLP, with both residuals."""
+        B, _, T, _ = o.shape
+        x = x + layer.self_attn.o_proj(o.transpose(1, 2).reshape(B, T, -1))
+        h = rms_norm(layer.post_attention_layernorm, x)
+        if layer.mlp.gate_up_proj is not None:
+            gate, up = layer.mlp.gate_up_proj(h).chunk(2, dim=-1)
+            return x + layer.mlp.down_proj(F.silu(gate) * up)
+        return x + layer.mlp(h)
 
     def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, write,
                  all_positions: bool = False) -> torch.Tensor:
-        B, T = tokens.shape
-        H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
+        """Prefill's forward: every layer writes its keys and values into the cache, then attends."""
         x = self.decoder.embed_tokens(tokens)                                   # [B, T, C]
         cos, sin = self.decoder.rotary_emb(x, positions)                        # [B, T, D]
         cos, sin = cos[:, None], sin[:, None]                                   # [B, 1, T, D]
         for i, layer in enumerate(self.decoder.layers):
-            attn = layer.self_attn
-            h = rms_norm(layer.input_layernorm, x)
-            if attn.qkv_proj is not None:                                      # fused at load (float weights)
-                q, k, v = attn.qkv_proj(h).split([H * D, Hkv * D, Hkv * D], dim=-1)
-            else:
-                q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
-            q = q.view(B, T, H, D).transpose(1, 2)                              # [B, H, T, D]
-            k = k.view(B, T, Hkv, D).transpose(1, 2)                            # [B, Hkv, T, D]
-            v = v.view(B, T, Hkv, D).transpose(1, 2)
-            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+            q, k, v = self._qkv(layer, x, cos, sin)
             k_all, v_all = write(i, k, v)                                       # [B, Hkv, Tk, D]
-            if T == 1:
-                o = decode_attention(q, k_all, v_all, mask, attn.scaling)       # [B, H, 1, D]
-            else:
-                o = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, scale=attn.scaling,
-                                                   enable_gqa=H != Hkv)         # [B, H, T, D]
-            x = x + attn.o_proj(o.transpose(1, 2).reshape(B, T, H * D))
-            h = rms_norm(layer.post_attention_layernorm, x)
-            if layer.mlp.gate_up_proj is not None:
-                gate, up = layer.mlp.gate_up_proj(h).chunk(2, dim=-1)
-                x = x + layer.mlp.down_proj(F.silu(gate) * up)
-            else:
-                x = x + layer.mlp(h)
+            o = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, scale=layer.self_attn.scaling,
+                                               enable_gqa=self.num_heads != self.num_kv_heads)   # [B, H, T, D]
+            x = self._finish_layer(layer, x, o)
         x = rms_norm(self.decoder.norm, x if all_positions else x[:, -1])       # [B, T, C] or [B, C]
         return self.model.lm_head(x).float()                                    # [B, T, V] or [B, V]
