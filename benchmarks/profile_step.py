@@ -3,7 +3,8 @@
 self time summed by part of the model: linear layers (float or packed kernels), attention,
 KV-cache writes, norms, sampling and everything else (the many small ops). A decode step at few
 sequences is bound by reading the weights, at many by arithmetic; the split names what to attack
-next. Writes benchmarks/results/profile/profile.{json,md}; the last line printed is one JSON object.
+next. w8/w4 run twice: eagerly and with their packed-kernel steps compiled (before and after
+fusion). Writes benchmarks/results/profile/profile.{json,md}; the last line printed is one JSON object.
 
     python -m benchmarks.profile_step --modes bf16 w4 --batch-sizes 1 16 64
 """
@@ -21,16 +22,20 @@ from benchmarks.tables import format_table
 from benchmarks.workload import CHAT_QUESTIONS
 from llmserve.config import EngineConfig
 from llmserve.engine import Engine
+from llmserve.quantize import WEIGHT_ONLY_MODES
 from llmserve.request import parse_request
 
-PARTS = (   # (part, substrings of aten op names), first match wins
+PARTS = (   # (part, substrings of aten op / profiler event names), first match wins
+    # a compiled layer's fused kernels, its wrapper and guard checks (events outside aten::)
+    ("fused", ("CompiledFxGraph", "Torch-Compiled Region", "TorchDynamo Cache Lookup", "Pregraph bytecode",
+               "AOTDispatcher")),
     ("attention", ("bmm", "softmax", "masked_fill", "scaled_dot_product", "flash_attention")),
     ("linear", ("_weight_int4pack_mm", "_weight_int8pack_mm", "addmm", "aten::mm", "linear", "matmul")),
     ("kv_write", ("index_put",)),
     ("norm", ("rms_norm",)),
     ("sampling", ("argmax", "sort", "multinomial", "searchsorted", "cumsum")),
 )
-COLUMNS = (("mode", "mode", "{}"), ("batch", "seqs", "{}"), ("phase", "phase", "{}"), ("step_ms", "step ms", "{:.1f}"),
+COLUMNS = (("mode", "mode", "{}"), ("compiled", "compiled", "{}"), ("batch", "seqs", "{}"), ("phase", "phase", "{}"), ("step_ms", "step ms", "{:.1f}"),
            ("tok_s", "tok/s", "{:.1f}"), *((f"{p}_ms", f"{p} ms", "{:.1f}") for p, _ in PARTS),
            ("other_ms", "other ms", "{:.1f}"), ("ops", "aten calls/step", "{:.0f}"))
 
@@ -44,9 +49,10 @@ def split(prof, num_steps: int) -> dict:
     ms = {f"{p}_ms": 0.0 for p, _ in PARTS} | {"other_ms": 0.0}
     ops = 0
     for event in prof.key_averages():
-        if event.key.startswith("aten::"):
-            ms[f"{part_of(event.key)}_ms"] += event.self_cpu_time_total / 1000 / num_steps
-            ops += event.count
+        part = part_of(event.key)
+        if event.key.startswith("aten::") or part == "fused":
+            ms[f"{part}_ms"] += event.self_cpu_time_total / 1000 / num_steps
+            ops += event.count if part != "fused" else 0
     return ms | {"ops": ops / num_steps}
 
 
@@ -87,22 +93,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--modes", nargs="+", default=["bf16", "w4"])
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 16, 64])
-    parser.add_argument("--decode-steps", type=int, default=8)
+    parser.add_argument("--decode-steps", type=int, default=16)
     parser.add_argument("--model-path", default=str(ROOT / "models" / "smollm2-135m-instruct"))
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "profile")
     args = parser.parse_args()
 
     rows, facts = [], {}
     for mode in args.modes:
-        engine = Engine.from_config(EngineConfig(model_path=args.model_path, quantization=mode,
-                                                 max_num_seqs=max(args.batch_sizes)))
-        facts[mode] = {"dtype": str(engine.facts.dtype), "packed_max_rows": engine.facts.packed_max_rows,
-                       "kernel_ms": engine.facts.kernel_ms, "weight_mb": round(engine.facts.weight_bytes / 1e6, 1)}
-        measure(engine, 1, 2)                         # warm-up: kernels' first-call set-up
-        for batch in args.batch_sizes:
-            rows += [{"mode": mode, **row} for row in measure(engine, batch, args.decode_steps)]
-            print(format_table(rows[-2:], COLUMNS), flush=True)
-        del engine
+        for compiled in (False, True) if mode in WEIGHT_ONLY_MODES else (False,):   # before and after fusion
+            engine = Engine.from_config(EngineConfig(model_path=args.model_path, quantization=mode,
+                                                     max_num_seqs=max(args.batch_sizes), compile=compiled))
+            facts[f"{mode}{' compiled' * compiled}"] = {
+                "dtype": str(engine.facts.dtype), "packed_max_rows": engine.facts.packed_max_rows,
+                "kernel_ms": engine.facts.kernel_ms, "weight_mb": round(engine.facts.weight_bytes / 1e6, 1),
+                "compiled_graphs": engine.compiled_graphs}
+            measure(engine, 1, 2)                         # warm-up: kernels' first-call set-up
+            for batch in args.batch_sizes:
+                rows += [{"mode": mode, "compiled": compiled, **row} for row in measure(engine, batch, args.decode_steps)]
+                print(format_table(rows[-2:], COLUMNS), flush=True)
+            if compiled:
+                facts[f"{mode} compiled"]["compiled_graphs_after"] = engine.runner.compiled_graphs()
+            del engine
 
     report = {"machine": describe(), "torch_threads": torch.get_num_threads(), "facts": facts, "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
