@@ -29,7 +29,8 @@ def cpu_has_bf16_units() -> bool:
 
 def dense_dtype(device: torch.device) -> torch.dtype:
     """The float dtype w8/w4 keep for many-row steps and use for activations: bf16 where hardware
-    runs it, fp32 on CPUs that emulate bf16 (there fp32 was 2.5-4x faster at 16-64 rows)."""
+    runs it, fp32 on CPUs that emulate bf16 (there fp32 decode steps were 1.7-2.5x faster at 16-64
+    sequences: benchmarks/results/profile/profile.md)."""
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.bfloat16 if cpu_has_bf16_units() else torch.float32
