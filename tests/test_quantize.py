@@ -98,6 +98,8 @@ def test_compiled_decode_matches_eager_and_builds_no_graph_after_start_up(tiny_m
     eager, compiled = make(False), make(True)
     graphs = compiled.compiled_graphs
     assert graphs >= 2 and eager.compiled_graphs == 0      # batch 1 and batch 2..8, built at start-up
-    for prompts in (PROMPTS, PROMPTS[:1], PROMPTS[1:4], PROMPTS * 2):   # batch sizes 4, 1, 3, 8; contexts grow
+    assert len(eager.tokenizer(PROMPTS[3])["input_ids"]) == 1        # alone, its first decode has a context of 1
+    for prompts in (PROMPTS, PROMPTS[:1], PROMPTS[1:4], PROMPTS * 2, PROMPTS[3:], PROMPTS[3:] * 2):
+        # batch sizes 4, 1, 3, 8, 1, 2; contexts grow
         assert run(compiled, prompts, 24) == run(eager, prompts, 24)
     assert ModelRunner.compiled_graphs() == graphs         # no recompilation while serving

@@ -61,9 +61,9 @@ class ModelRunner:
         again: on an AVX2 EPYC int4 steps of 2-16 and 17-32 rows took two). Leaves the cache
         empty; returns the graphs built so far."""
         c = self.cache
-        sizes = [2 ** i for i in range(self.compile_max_rows.bit_length()) if 2 ** i <= self.compile_max_rows]
-        for B in sorted(set(sizes) | {self.compile_max_rows} - {0}):
-            c.set_prefilled(slice(0, B), 37, torch.zeros(B, dtype=torch.long, device=c.k.device))
+        n = self.compile_max_rows
+        for B in sorted({min(2 ** i, n) for i in range(n.bit_length() + 1)}):
+            c.set_prefilled(slice(0, B), 2, torch.zeros(B, dtype=torch.long, device=c.k.device))
             self.decode(B)
             c.set_prefilled(slice(0, B), 0, torch.zeros(B, dtype=torch.long, device=c.k.device))
         return self.compiled_graphs()
@@ -104,7 +104,8 @@ class ModelRunner:
         layer in one go: a layer is then a pure function of tensors, which torch.compile can fuse."""
         c = self.cache
         B = num_rows
-        Tk = int(c.row_lengths[:B].max())                                                    # cached positions
+        # cached positions, at least 2 (the second masked): a size of 1 would get a compiled graph of its own
+        Tk = max(int(c.row_lengths[:B].max()), 2)
         lengths, starts = c.lengths[:B], c.starts[:B]                                        # [B]
         pos = c.positions[:Tk + 1]
         mask = (pos[None, :] >= starts[:, None]) & ((pos[None, :] < lengths[:, None]) | (pos[None, :] == Tk))
