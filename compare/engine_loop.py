@@ -1,0 +1,75 @@
+"""Our engine alone, in this process (no TorchServe, no HTTP), under the comparison's closed loop:
+the same prompts, 64 output tokens with EOS ignored, greedy, `users` requests kept in the engine
+(a finished one is replaced at once) until max(16, 4 x users) have been answered. Configured as
+the archive is (config/model-config.yaml's handler section), so the gap to `compare.run`'s `ours`
+is what TorchServe and the handler cost. Writes engine-in-process.json into --out.
+
+    .venv/bin/python -m compare.engine_loop --users 1 4 16 64 --out compare/results/<run-id>
+"""
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import yaml
+
+from benchmarks.machine import describe
+from benchmarks.tables import format_table
+from compare.systems import MODEL_DIR, ROOT
+from compare.workload import OUTPUT_TOKENS, messages
+from llmserve.config import EngineConfig
+from llmserve.engine import Engine
+from llmserve.request import parse_request
+
+COLUMNS = (("users", "users", "{}"), ("output_tokens_per_s", "out tok/s", "{:.1f}"),
+           ("latency_p50_s", "p50 s", "{:.2f}"), ("num_requests", "answered", "{}"))
+
+
+def closed_loop(engine: Engine, users: int, num_requests: int) -> dict:
+    sent, running, done = 0, [], []
+    def send() -> None:
+        nonlocal sent
+        body = {"messages": messages(sent), "max_new_tokens": OUTPUT_TOKENS, "ignore_eos": True, "temperature": 0}
+        r = parse_request(f"{users}-{sent}", body, engine.config, engine.tokenizer)
+        engine.add_request(r)
+        running.append(r)
+        sent += 1
+    t0 = time.perf_counter()
+    for _ in range(min(users, num_requests)):
+        send()
+    while running:
+        engine.step()
+        for r in [r for r in running if r.is_finished]:
+            running.remove(r)
+            done.append(r)
+            if sent < num_requests:
+                send()
+    wall = time.perf_counter() - t0
+    latencies = sorted(r.finish_time - r.arrival_time for r in done)
+    return {"users": users, "output_tokens_per_s": sum(len(r.output_ids) for r in done) / wall,
+            "latency_p50_s": latencies[len(latencies) // 2], "num_requests": len(done)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--users", nargs="+", type=int, default=[1, 4, 16, 64])
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+
+    section = yaml.safe_load((ROOT / "config" / "model-config.yaml").read_text())["handler"]
+    config = EngineConfig.from_dict({**section, "model_path": str(MODEL_DIR)})
+    engine = Engine.from_config(config)
+    closed_loop(engine, 1, 2)                                  # warm-up, as the handler's start-up request
+    rows = [closed_loop(engine, users, max(16, 4 * users)) for users in args.users]
+    print(format_table(rows, COLUMNS))
+    report = {"machine": describe(), "config": {**section, "model_path": str(MODEL_DIR)},
+              "compiled_graphs": engine.compiled_graphs, "packed_max_rows": engine.facts.packed_max_rows,
+              "rows": rows}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "engine-in-process.json").write_text(json.dumps(report, indent=1))
+    print(json.dumps({"out": str(args.out / "engine-in-process.json"), "rows": rows}))
+
+
+if __name__ == "__main__":
+    main()
