@@ -103,16 +103,17 @@ def main() -> None:
         for compiled in (False, True) if mode in WEIGHT_ONLY_MODES else (False,):   # before and after fusion
             engine = Engine.from_config(EngineConfig(model_path=args.model_path, quantization=mode,
                                                      max_num_seqs=max(args.batch_sizes), compile=compiled))
-            facts[f"{mode}{' compiled' * compiled}"] = {
+            name = f"{mode}{' compiled' * compiled}"
+            facts[name] = {
                 "dtype": str(engine.facts.dtype), "packed_max_rows": engine.facts.packed_max_rows,
                 "kernel_ms": engine.facts.kernel_ms, "weight_mb": round(engine.facts.weight_bytes / 1e6, 1),
-                "compiled_graphs": engine.compiled_graphs}
+                "compiled_graphs": engine.facts.compiled_graphs}
+            graphs = engine.runner.compiled_graphs()
             measure(engine, 1, 2)                         # warm-up: kernels' first-call set-up
             for batch in args.batch_sizes:
                 rows += [{"mode": mode, "compiled": compiled, **row} for row in measure(engine, batch, args.decode_steps)]
                 print(format_table(rows[-2:], COLUMNS), flush=True)
-            if compiled:
-                facts[f"{mode} compiled"]["compiled_graphs_after"] = engine.runner.compiled_graphs()
+            facts[name]["graphs_built_while_measuring"] = engine.runner.compiled_graphs() - graphs   # 0: no storm
             del engine
 
     report = {"machine": describe(), "torch_threads": torch.get_num_threads(), "facts": facts, "rows": rows}

@@ -14,7 +14,6 @@ import json
 import time
 from pathlib import Path
 
-
 from benchmarks.machine import ROOT, describe
 from benchmarks.measure import engine_loss, perplexity, perplexity_ids
 from benchmarks.tables import format_table

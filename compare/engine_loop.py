@@ -1,8 +1,8 @@
 """Our engine alone, in this process (no TorchServe, no HTTP), under the comparison's closed loop:
 the same prompts, 64 output tokens with EOS ignored, greedy, `users` requests kept in the engine
 (a finished one is replaced at once) until max(16, 4 x users) have been answered. Configured as
-the archive is (config/model-config.yaml's handler section), so the gap to `compare.run`'s `ours`
-is what TorchServe and the handler cost. Writes engine-in-process.json into --out.
+llm.mar is (its model-config.yaml's handler section), so the gap to `compare.run`'s `ours` is
+what TorchServe and the handler cost. Writes engine-in-process.json into --out.
 
     .venv/bin/python -m compare.engine_loop --users 1 4 16 64 --out compare/results/<run-id>
 """
@@ -12,11 +12,9 @@ import json
 import time
 from pathlib import Path
 
-import yaml
-
 from benchmarks.machine import describe
 from benchmarks.tables import format_table
-from compare.systems import MODEL_DIR, ROOT
+from compare.systems import archive_engine_config
 from compare.workload import OUTPUT_TOKENS, messages
 from llmserve.config import EngineConfig
 from llmserve.engine import Engine
@@ -57,14 +55,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
-    section = yaml.safe_load((ROOT / "config" / "model-config.yaml").read_text())["handler"]
-    config = EngineConfig.from_dict({**section, "model_path": str(MODEL_DIR)})
-    engine = Engine.from_config(config)
+    section = archive_engine_config()                          # model_path made absolute by build_mar
+    engine = Engine.from_config(EngineConfig.from_dict(section))
     closed_loop(engine, 1, 2)                                  # warm-up, as the handler's start-up request
     rows = [closed_loop(engine, users, max(16, 4 * users)) for users in args.users]
     print(format_table(rows, COLUMNS))
-    report = {"machine": describe(), "config": {**section, "model_path": str(MODEL_DIR)},
-              "compiled_graphs": engine.compiled_graphs, "packed_max_rows": engine.facts.packed_max_rows,
+    report = {"machine": describe(), "config": section,
+              "compiled_graphs": engine.facts.compiled_graphs, "packed_max_rows": engine.facts.packed_max_rows,
               "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "engine-in-process.json").write_text(json.dumps(report, indent=1))

@@ -95,10 +95,15 @@ def start_hf(users: int, port: int, workdir: Path) -> Server:
     return Server(cmd, f"http://127.0.0.1:{port}/health", workdir / "hf_server.log").start()
 
 
+def archive_engine_config() -> dict:
+    """The `handler:` section of llm.mar's model-config.yaml: the engine config `ours` runs with."""
+    with zipfile.ZipFile(MAR) as mar:
+        return yaml.safe_load(mar.read("model-config.yaml"))["handler"]
+
+
 def versions_ours() -> str:
     """Versions, and the quantization the archive's model-config.yaml asks for."""
-    with zipfile.ZipFile(MAR) as mar:
-        quantization = yaml.safe_load(mar.read("model-config.yaml"))["handler"]["quantization"]
+    quantization = archive_engine_config()["quantization"]
     return f"torchserve {metadata.version('torchserve')}, torch {metadata.version('torch')}, llm.mar in {quantization}"
 
 

@@ -57,8 +57,7 @@ class LLMHandler(BaseHandler):
         warmup = parse_request("warmup", {"prompt": "Hello", "max_new_tokens": 2}, config, self.engine.tokenizer)
         self.engine.generate([warmup])
         self.initialized = True
-        logger.info("llm engine ready: %s, %s, compiled graphs: %d", config, self.engine.facts,
-                    self.engine.compiled_graphs)
+        logger.info("llm engine ready: %s, %s", config, self.engine.facts)
 
     def handle(self, data: list, context) -> list:
         if not self.stepwise:

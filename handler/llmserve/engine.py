@@ -7,6 +7,7 @@ admission policy (see scheduler.py)."""
 
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 
@@ -22,13 +23,12 @@ from .scheduler import Scheduler
 class Engine:
     def __init__(self, model, tokenizer, config: EngineConfig, facts: ModelFacts) -> None:
         self.config = config
-        self.facts = facts
         self.tokenizer = tokenizer
         self.cache = KVCache(facts.num_layers, config.max_num_seqs, facts.num_kv_heads, config.max_model_len,
                              facts.head_dim, facts.dtype, facts.device)
         compile_rows = max(facts.packed_max_rows, 0) if config.compile else 0   # w8/w4's packed-kernel steps
         self.runner = ModelRunner(model, self.cache, compile_max_rows=compile_rows)
-        self.compiled_graphs = self.runner.warm_up() if compile_rows else 0
+        self.facts = replace(facts, compiled_graphs=self.runner.warm_up())
         self.scheduler = Scheduler(config.max_num_seqs, config.max_prefill_tokens, config.kv_capacity_tokens,
                                    request_level=config.batching == "request_level")
         self.rows: list[Request] = []          # rows[i] is the request in KV row i

@@ -59,14 +59,15 @@ class ModelRunner:
         """Compile now, not in a user's request: a decode step on empty rows at batch 1, 2, 4, ...
         up to compile_max_rows (batch 1 gets a graph of its own, and a kernel may split the range
         again: on an AVX2 EPYC int4 steps of 2-16 and 17-32 rows took two). Leaves the cache
-        empty; returns the graphs built so far."""
+        empty; returns how many graphs it built (0 when nothing is compiled)."""
         c = self.cache
         n = self.compile_max_rows
-        for B in sorted({min(2 ** i, n) for i in range(n.bit_length() + 1)}):
+        before = self.compiled_graphs()
+        for B in sorted({min(2 ** i, n) for i in range(n.bit_length() + 1)} - {0}):
             c.set_prefilled(slice(0, B), 2, torch.zeros(B, dtype=torch.long, device=c.k.device))
             self.decode(B)
             c.set_prefilled(slice(0, B), 0, torch.zeros(B, dtype=torch.long, device=c.k.device))
-        return self.compiled_graphs()
+        return self.compiled_graphs() - before
 
     @staticmethod
     def compiled_graphs() -> int:
@@ -109,13 +110,14 @@ class ModelRunner:
         lengths, starts = c.lengths[:B], c.starts[:B]                                        # [B]
         pos = c.positions[:Tk + 1]
         mask = (pos[None, :] >= starts[:, None]) & ((pos[None, :] < lengths[:, None]) | (pos[None, :] == Tk))
+        mask = mask[:, None, None]                                                           # [B, 1, 1, Tk+1]
         x = self.decoder.embed_tokens(c.last_tokens[:B, None])                               # [B, 1, C]
         cos, sin = self.decoder.rotary_emb(x, (lengths - starts)[:, None])                   # [B, 1, D]
+        cos, sin = cos[:, None], sin[:, None]                                                # [B, 1, 1, D]
         new_k, new_v = [], []
         decode_layer = self.compiled_layer if B <= self.compile_max_rows else self._decode_layer
         for i, layer in enumerate(self.decoder.layers):
-            x, k, v = decode_layer(layer, x, cos[:, None], sin[:, None], mask[:, None, None],
-                                        c.k[i, :B, :, :Tk], c.v[i, :B, :, :Tk])
+            x, k, v = decode_layer(layer, x, cos, sin, mask, c.k[i, :B, :, :Tk], c.v[i, :B, :, :Tk])
             new_k.append(k)
             new_v.append(v)
         rows = torch.arange(B, device=c.k.device)
