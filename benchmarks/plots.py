@@ -66,10 +66,24 @@ def table_cells(report: dict) -> tuple[list[str], list[list[str]], list[list[str
     return headings, text, fill
 
 
-def draw_png(spec: dict, path: Path) -> None:
+def pyplot():
+    """pyplot on the Agg backend (files, no display), imported on first use: the bench's workers never load it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
+    return plt
+
+
+def save(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    pyplot().close(fig)
+
+
+def draw_png(spec: dict, path: Path) -> None:
+    fig, ax = pyplot().subplots(figsize=(8, 5))
     for t in spec["traces"]:
         if spec["kind"] == "bar":
             bars = ax.bar(t["x"], t["y"], color=t["color"])
@@ -85,23 +99,17 @@ def draw_png(spec: dict, path: Path) -> None:
         ax.set_yscale("log")
     ax.set(title=spec["title"], xlabel=spec["xlabel"], ylabel=spec["ylabel"])
     ax.grid(alpha=0.3, which="both")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path)
 
 
 def draw_table_png(report: dict, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
     headings, text, fill = table_cells(report)
-    fig, ax = plt.subplots(figsize=(11, 0.5 + 0.45 * (len(text) + 1)))
+    fig, ax = pyplot().subplots(figsize=(11, 0.5 + 0.45 * (len(text) + 1)))
     ax.axis("off")
     table = ax.table(cellText=text, cellColours=fill, colLabels=headings, loc="center", cellLoc="center")
     table.scale(1, 1.4)
     ax.set_title(f"Summary: {report['model']} on {report['device']} ({report['profile']} profile)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path)
 
 
 def write_html(specs: list[dict], report: dict, path: Path) -> None:
@@ -132,17 +140,11 @@ def write_html(specs: list[dict], report: dict, path: Path) -> None:
 
 
 def write_figures(summary: list[dict], report: dict, figures_dir: Path, html_path: Path) -> list[Path]:
-    """Write one PNG per chart, the summary table PNG and the HTML page; return their paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    figures_dir.mkdir(parents=True, exist_ok=True)
+    """One PNG per chart, the summary table PNG and the HTML page in figures_dir (which exists); their paths."""
     specs = chart_specs(summary, report)
-    paths = []
-    for spec in specs:
-        paths.append(figures_dir / f"{spec['name']}.png")
-        draw_png(spec, paths[-1])
-    paths.append(figures_dir / "summary_table.png")
+    paths = [figures_dir / f"{spec['name']}.png" for spec in specs] + [figures_dir / "summary_table.png"]
+    for spec, path in zip(specs, paths):
+        draw_png(spec, path)
     draw_table_png(report, paths[-1])
     write_html(specs, report, html_path)
     return paths + [html_path]

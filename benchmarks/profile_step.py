@@ -1,10 +1,8 @@
 """Where an engine step's time goes: the prefill step and decode steps at 1, 16 and 64 sequences
-(chat prompts of ~40 tokens), timed plainly and then under torch.profiler, with the profile's
-self time summed by part of the model: linear layers (float or packed kernels), attention,
-KV-cache writes, norms, sampling and everything else (the many small ops). A decode step at few
-sequences is bound by reading the weights, at many by arithmetic; the split names what to attack
-next. w8/w4 run twice: eagerly and with their packed-kernel steps compiled (before and after
-fusion). Writes benchmarks/results/profile/profile.{json,md}; the last line printed is one JSON object.
+(chat prompts of ~40 tokens), timed plainly and then under torch.profiler, self time summed by part
+of the model (PARTS). A decode step at few sequences is bound by reading the weights, at many by
+arithmetic; the split names what to attack next. w8/w4 run twice: eager and with their packed-kernel
+steps compiled. Writes benchmarks/results/profile/profile.{json,md}; the last line printed is JSON.
 
     python -m benchmarks.profile_step --modes bf16 w4 --batch-sizes 1 16 64
 """
@@ -40,16 +38,12 @@ COLUMNS = (("mode", "mode", "{}"), ("compiled", "compiled", "{}"), ("batch", "se
            ("other_ms", "other ms", "{:.1f}"), ("ops", "aten calls/step", "{:.0f}"))
 
 
-def part_of(op: str) -> str:
-    return next((part for part, keys in PARTS if any(k in op for k in keys)), "other")
-
-
 def split(prof, num_steps: int) -> dict:
     """Self CPU ms per step by part, and ATen calls per step (nested calls count too)."""
     ms = {f"{p}_ms": 0.0 for p, _ in PARTS} | {"other_ms": 0.0}
     ops = 0
     for event in prof.key_averages():
-        part = part_of(event.key)
+        part = next((p for p, keys in PARTS if any(k in event.key for k in keys)), "other")
         if event.key.startswith("aten::") or part == "fused":
             ms[f"{part}_ms"] += event.self_cpu_time_total / 1000 / num_steps
             ops += event.count if part != "fused" else 0

@@ -18,7 +18,6 @@ def read_request_log(path: Path) -> list[dict]:
 
 
 def read_locust_row(stats_csv: Path, name: str = "generate") -> dict:
-    """The row of Locust's <prefix>_stats.csv for the generation requests."""
     with open(stats_csv, newline="") as f:
         rows = [r for r in csv.DictReader(f) if r["Name"] == name]
     if len(rows) != 1:
@@ -35,7 +34,6 @@ def percentile(values: list[float], q: float) -> float | None:
 
 
 def load_price(instance: str, path: Path = PRICES) -> float:
-    """Hourly price in USD of a named instance in prices.yaml."""
     instances = yaml.safe_load(path.read_text())["instances"]
     if instance not in instances:
         raise ValueError(f"instance {instance!r} not in {path}; known: {sorted(instances)}")
@@ -63,12 +61,9 @@ def summarize(records: list[dict], usd_per_hour: float) -> dict:
         "requests_per_s": round(requests_per_s, 4),
         "output_tokens_per_s": round(tokens_per_s, 2),
         "mean_output_tokens": round(num_output_tokens / len(ok), 1) if ok else None,
-        "latency_p50_ms": round(percentile(latencies, 0.50), 1),
-        "latency_p95_ms": round(percentile(latencies, 0.95), 1),
-        "latency_p99_ms": round(percentile(latencies, 0.99), 1),
+        **{f"latency_p{q}_ms": round(percentile(latencies, q / 100), 1) for q in (50, 95, 99)},
         "latency_max_ms": round(max(latencies), 1),
-        "ttft_p50_ms": round(percentile(ttfts, 0.50), 1) if ttfts else None,
-        "ttft_p99_ms": round(percentile(ttfts, 0.99), 1) if ttfts else None,
+        **{f"ttft_p{q}_ms": round(percentile(ttfts, q / 100), 1) if ttfts else None for q in (50, 99)},
         "mean_server_batch_size": round(sum(r["server_batch_size"] for r in ok) / len(ok), 2) if ok else None,
         "usd_per_1k_requests": round(usd_per_s / requests_per_s * 1000, 6) if requests_per_s else None,
         "usd_per_million_output_tokens": round(usd_per_s / tokens_per_s * 1e6, 4) if tokens_per_s else None,

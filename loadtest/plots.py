@@ -4,10 +4,9 @@ latency histogram per configuration. One line per (model label, max batch delay)
 import math
 from pathlib import Path
 
-import matplotlib
+from benchmarks.plots import pyplot, save
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+PERCENTILES = (("latency_p50_ms", "-", "o"), ("latency_p95_ms", "--", "s"), ("latency_p99_ms", ":", "^"))
 
 
 def series(rows: list[dict]) -> dict[str, list[dict]]:
@@ -23,76 +22,59 @@ def series(rows: list[dict]) -> dict[str, list[dict]]:
     return {f"{label}, delay {delay} ms": members for (label, delay), members in groups.items()}
 
 
-def _batch_axis(ax, rows: list[dict]) -> None:
+def batch_axis(ax, rows: list[dict], ylabel: str) -> None:
     sizes = sorted({r["batch_size"] for r in rows})
     ax.set_xscale("log", base=2)
     ax.set_xticks(sizes, [str(s) for s in sizes])
-    ax.set_xlabel("server batch size (batchSize)")
+    ax.set(xlabel="server batch size (batchSize)", ylabel=ylabel, ylim=(0, None))
     ax.grid(True, alpha=0.3)
 
 
 def plot_throughput(rows: list[dict], path: Path) -> None:
-    fig, (ax_req, ax_tok) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax_req, ax_tok) = pyplot().subplots(1, 2, figsize=(11, 4))
     for label, members in series(rows).items():
         sizes = [r["batch_size"] for r in members]
         ax_req.plot(sizes, [r["requests_per_s"] for r in members], marker="o", label=label)
         ax_tok.plot(sizes, [r["output_tokens_per_s"] for r in members], marker="o", label=label)
-    ax_req.set_ylabel("successful requests / s")
-    ax_tok.set_ylabel("output tokens / s")
-    for ax in (ax_req, ax_tok):
-        _batch_axis(ax, rows)
-        ax.set_ylim(bottom=0)
+    batch_axis(ax_req, rows, "successful requests / s")
+    batch_axis(ax_tok, rows, "output tokens / s")
     ax_req.legend(fontsize=8)
     fig.suptitle("Throughput vs server batch size")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path)
 
 
 def plot_latency(rows: list[dict], path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = pyplot().subplots(figsize=(7, 4.5))
     for i, (label, members) in enumerate(series(rows).items()):
-        sizes = [r["batch_size"] for r in members]
-        color = f"C{i}"
-        for column, style, marker in (("latency_p50_ms", "-", "o"), ("latency_p95_ms", "--", "s"),
-                                      ("latency_p99_ms", ":", "^")):
-            ax.plot(sizes, [r[column] / 1000 for r in members], style, marker=marker, color=color,
-                    label=f"{column[8:11]}, {label}")
-    _batch_axis(ax, rows)
-    ax.set_ylim(bottom=0)
-    ax.set_ylabel("latency (s)")
+        for column, style, marker in PERCENTILES:
+            ax.plot([r["batch_size"] for r in members], [r[column] / 1000 for r in members], style, marker=marker,
+                    color=f"C{i}", label=f"{column[8:11]}, {label}")
+    batch_axis(ax, rows, "latency (s)")
     ax.set_title("Latency percentiles vs server batch size")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path)
 
 
 def plot_histograms(rows: list[dict], latencies: dict[str, list[float]], path: Path) -> None:
-    """latencies: config name -> every request's latency in ms, keyed like rows' "config"."""
-    num = len(rows)
-    num_cols = min(3, num)
-    num_rows = math.ceil(num / num_cols)
-    fig, axes = plt.subplots(num_rows, num_cols, figsize=(4 * num_cols, 2.8 * num_rows), squeeze=False)
+    num_cols = min(3, len(rows))
+    num_rows = math.ceil(len(rows) / num_cols)
+    fig, axes = pyplot().subplots(num_rows, num_cols, figsize=(4 * num_cols, 2.8 * num_rows), squeeze=False)
     top = max(max(v) for v in latencies.values()) / 1000
     for ax, r in zip(axes.flat, rows):
-        seconds = [ms / 1000 for ms in latencies[r["config"]]]
-        ax.hist(seconds, bins=30, range=(0, top), color="C0")
-        for column, style in (("latency_p50_ms", "-"), ("latency_p95_ms", "--"), ("latency_p99_ms", ":")):
+        ax.hist([ms / 1000 for ms in latencies[r["config"]]], bins=30, range=(0, top), color="C0")
+        for column, style, _ in PERCENTILES:
             ax.axvline(r[column] / 1000, color="C3", linestyle=style, label=column[8:11])
         ax.set_title(f"{r['label']} batch {r['batch_size']}, delay {r['max_batch_delay_ms']} ms", fontsize=9)
-        ax.set_xlabel("latency (s)")
-        ax.set_ylabel("requests")
+        ax.set(xlabel="latency (s)", ylabel="requests")
     axes.flat[0].legend(fontsize=7)
-    for ax in list(axes.flat)[num:]:
+    for ax in list(axes.flat)[len(rows):]:
         ax.axis("off")
     fig.suptitle("Distribution of request latencies")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path)
 
 
 def write_plots(rows: list[dict], latencies: dict[str, list[float]], run_dir: Path) -> list[str]:
+    """latencies: config name -> every request's latency in ms, keyed like rows' "config"."""
     plot_throughput(rows, run_dir / "throughput.png")
     plot_latency(rows, run_dir / "latency_percentiles.png")
     plot_histograms(rows, latencies, run_dir / "latency_histograms.png")

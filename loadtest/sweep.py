@@ -6,13 +6,12 @@ batchSize / maxBatchDelay gives under a fixed number of concurrent Locust users.
     python loadtest/sweep.py --mar llm.mar:request-level@llm_handler:request_level \
         --mar llm.mar:continuous@llm_handler:continuous --workload mixed    # one archive, two policies
 
-It starts its own TorchServe on 127.0.0.1 (ports --port..--port+4). For each model archive, batch
-size and delay it registers the model through the management API (API values beat the archive's
-model-config.yaml), waits until the worker is READY, warms up with two full batches, runs Locust
-headless (loadtest/locustfile.py) for a bounded number of requests while sampling the worker's
-memory, and unregisters. Batch size 1 (no batching) is the baseline and runs once per archive.
-Results go to loadtest/results/<run-id>/ (results.csv, summary.md, plots, Locust's raw CSVs),
-and loadtest/results/latest points at the newest run. The last printed line is one JSON object.
+It starts its own TorchServe on 127.0.0.1 (ports --port..--port+4). Per archive, batch size and
+delay it registers the model (API values beat the archive's model-config.yaml), warms up with two
+full batches, runs Locust headless (loadtest/locustfile.py) for a bounded number of requests while
+sampling the worker's memory, and unregisters. Batch size 1 is the baseline, once per archive.
+Results: loadtest/results/<run-id>/ (results.csv, summary.md, plots, Locust's raw CSVs), with
+loadtest/results/latest pointing at the newest run. The last printed line is one JSON object.
 """
 
 import argparse
@@ -27,7 +26,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from benchmarks.machine import describe
+from benchmarks.machine import ROOT, describe
 from benchmarks.memory import PeakMemory
 from benchmarks.profiles import load_profile
 from benchmarks.tables import format_table, write_csv
@@ -35,9 +34,9 @@ from loadtest.measure import check_against_locust, load_price, read_locust_row, 
 from loadtest.plots import write_plots
 from loadtest.report import TABLE, baseline_ratio, recommend, write_summary
 from loadtest.server import register, unregister, warm_up, worker_pids
+from loadtest.tracking import log_to_mlflow   # imports MLflow only when called
 from scripts.serve import TorchServeProcess
 
-ROOT = Path(__file__).resolve().parent.parent
 LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
 
 
@@ -67,12 +66,20 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--max-run-time", type=int, default=3600, help="seconds one configuration may run at most")
     p.add_argument("--mlflow", action="store_true", help="log each configuration as an MLflow run in mlruns/")
     p.add_argument("--mlflow-experiment", default="torchserve-batch-sweep")
-    return p.parse_args()
+    args = p.parse_args()
+    profile = load_profile(args.profile, "sweep")     # fills what the flags left open
+    args.batch_sizes = args.batch_sizes or profile["batch_sizes"]
+    args.users = args.users or profile["users"]
+    args.spawn_rate = args.spawn_rate or args.users
+    args.requests = args.requests or profile["requests"]
+    if args.max_new_tokens is None:
+        args.max_new_tokens = str(profile["fixed_tokens"]) if args.workload == "fixed" else "16-256"
+    args.run_id = args.run_id or f"{time.strftime('%Y%m%d-%H%M%S')}-{args.profile}"
+    return args
 
 
 def plan(args: argparse.Namespace) -> list[dict]:
-    """Every configuration to measure, in order: per archive, batch size 1 once, then each larger
-    batch size with each delay."""
+    """Per archive: batch size 1 once, then each larger batch size with each delay."""
     configs = []
     for spec in args.mar or ["llm.mar"]:
         spec, _, handler = spec.partition("@")
@@ -131,26 +138,6 @@ def measure_config(args, server, config: dict, raw: Path, settings: dict) -> tup
     return row, [r["latency_ms"] for r in records]
 
 
-def point_latest(results_dir: Path, run_id: str) -> None:
-    link = results_dir / "latest"
-    tmp = results_dir / f".latest-{os.getpid()}"
-    tmp.symlink_to(run_id)
-    os.replace(tmp, link)
-
-
-def apply_profile(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill what the flags left open from the profile."""
-    profile = load_profile(args.profile, "sweep")
-    args.batch_sizes = args.batch_sizes or profile["batch_sizes"]
-    args.users = args.users or profile["users"]
-    args.spawn_rate = args.spawn_rate or args.users
-    args.requests = args.requests or profile["requests"]
-    if args.max_new_tokens is None:
-        args.max_new_tokens = str(profile["fixed_tokens"]) if args.workload == "fixed" else "16-256"
-    args.run_id = args.run_id or f"{time.strftime('%Y%m%d-%H%M%S')}-{args.profile}"
-    return args
-
-
 def run_settings(args: argparse.Namespace) -> dict:
     return {"run_id": args.run_id, "command": shlex.join(["python", "loadtest/sweep.py", *sys.argv[1:]]),
             "profile": args.profile, "archives": " ".join(args.mar or ["llm.mar"]),
@@ -189,11 +176,10 @@ def write_outputs(args, rows: list[dict], latencies: dict, run_dir: Path, settin
     write_csv(rows, run_dir / "results.csv")
     plots = write_plots(rows, latencies, run_dir)
     write_summary(run_dir / "summary.md", rows, settings, text, ratio_text, plots)
-    point_latest(args.results_dir, args.run_id)
-    tracking_uri = None
-    if args.mlflow:
-        from loadtest.tracking import log_to_mlflow
-        tracking_uri = log_to_mlflow(rows, run_dir, args.mlflow_experiment)
+    latest = args.results_dir / f".latest-{os.getpid()}"    # made aside, then renamed over the old link
+    latest.symlink_to(args.run_id)
+    os.replace(latest, args.results_dir / "latest")
+    tracking_uri = log_to_mlflow(rows, run_dir, args.mlflow_experiment) if args.mlflow else None
     return {"run_dir": str(run_dir), "recommendation": text, "ratio": ratio_text,
             "recommended": best["config"] if best else None, "best_config": fastest["config"] if fastest else None,
             "best_vs_batch1_requests_ratio":
@@ -202,7 +188,7 @@ def write_outputs(args, rows: list[dict], latencies: dict, run_dir: Path, settin
 
 
 def main() -> None:
-    args = apply_profile(parse_args())
+    args = parse_args()
     configs = plan(args)
     settings = run_settings(args)
     run_dir = args.results_dir / args.run_id

