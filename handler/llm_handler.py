@@ -12,19 +12,23 @@ The only module that imports TorchServe."""
 import json
 import logging
 import os
+import time
 from dataclasses import replace
 
 from ts.handler_utils.utils import send_intermediate_predict_response
+from ts.metrics.dimension import Dimension
+from ts.metrics.metric_type_enum import MetricTypes
 from ts.torch_handler.base_handler import BaseHandler
 
 from llmserve.config import EngineConfig
-from llmserve.engine import Engine
-from llmserve.exchange import Exchange, chunk
-from llmserve.request import RequestError, parse_request
+from llmserve.engine import Engine, Overloaded
+from llmserve.exchange import JSON, Exchange, error_json
+from llmserve.openai_api import CHAT, COMPLETIONS, MODELS, ROUTES, Formatter, models_body, parse_openai
+from llmserve.request import Request, RequestError, parse_request
 
 logger = logging.getLogger(__name__)
-JSON = "application/json"
-NDJSON = "application/x-ndjson"
+FAILED = {"error": 500, "queue_timeout": 503}     # finish reasons that are the server's error responses
+PHRASES = {400: "Bad Request", 404: "Not Found", 500: "Internal Server Error", 503: "Service Unavailable"}
 
 
 class LLMHandler(BaseHandler):
@@ -34,6 +38,10 @@ class LLMHandler(BaseHandler):
         self.engine: Engine | None = None
         self.stepwise = True                   # TorchServe's continuous-batching protocol
         self.exchanges: dict[str, Exchange] = {}   # request id -> its protocol state
+        self.model_name = "llm"                # as registered: the OpenAI routes' model
+        self.started = int(time.time())
+        self.did_step = True                   # the last handle_step() call ran an engine step (or none came)
+        self.num_preemptions = 0               # already counted in the metrics
 
     def initialize(self, context) -> None:
         yaml_config = context.model_yaml_config or {}
@@ -48,10 +56,10 @@ class LLMHandler(BaseHandler):
         if not self.stepwise and config.batching == "continuous":
             raise ValueError("handler.batching: continuous needs continuousBatching: true in model-config.yaml; "
                              "with continuousBatching: false set handler.batching: request_level")
-        # the management API's batch_size (in system_properties) wins over the archive's batchSize
-        batch_size = int(context.system_properties.get("batch_size") or yaml_config.get("batchSize", 1))
-        if self.stepwise and batch_size > config.max_num_seqs:
-            raise ValueError(f"batchSize {batch_size} exceeds handler.max_num_seqs {config.max_num_seqs}")
+        self.model_name = getattr(context, "model_name", None) or self.model_name
+        # A request that has sent nothing yet comes back with its payload at every step (the frontend
+        # caches it only after a first part): take bodies as bytes and parse newcomers' alone.
+        os.environ["TS_DECODE_INPUT_REQUEST"] = "false"
         self.engine = Engine.from_config(config)
         # one tiny request at start-up, so the first user does not pay for the kernels' set-up
         warmup = parse_request("warmup", {"prompt": "Hello", "max_new_tokens": 2}, config, self.engine.tokenizer)
@@ -66,23 +74,43 @@ class LLMHandler(BaseHandler):
 
     # -- per request, isolated: nothing one request does can fail another ---------------------------
     def _admit(self, idx: int, row: dict, context) -> Exchange | str:
-        """Parse, tokenize and queue one request: its Exchange, or its whole error response. Any
-        exception is that request's own: RequestError is a 400 naming the field, anything else a 500."""
+        """Route, parse, tokenize and queue one request: its Exchange, or its whole response (an
+        error, or the model list). RequestError is a 4xx naming the field, Overloaded a 503 with
+        Retry-After, anything else a 500: each this request's own."""
+        route = (context.get_request_header(idx, "url_path") or "").strip("/")
+        is_openai = route.startswith("v1")
         try:
             request_id = context.get_request_id(idx) or f"req-{idx}"
+            if route == MODELS:
+                return self._reply(context, idx, 200, json.dumps(models_body(self.model_name, self.started)))
+            if route not in ("", CHAT, COMPLETIONS):
+                raise RequestError("url_path", f"no route /{route}: the routes are /predictions/{self.model_name} "
+                                   f"and, after the version, {['/' + r for r in ROUTES]}", status=404)
+            self.engine.check_room()
             body = row.get("body") if row.get("body") is not None else row.get("data")
             if body is None and row:
                 raise RequestError("body", "no JSON body found; send a JSON object with Content-Type: application/json")
-            r = parse_request(request_id, body, self.engine.config, self.engine.tokenizer)
-            self.engine.add_request(r)
+            if is_openai:
+                r, include_usage = parse_openai(route, request_id, body, self.model_name, self.engine.config,
+                                                self.engine.tokenizer)
+                ex = Exchange(r, Formatter(route, r, self.model_name, include_usage, self._token_text))
+            else:
+                ex = Exchange(parse_request(request_id, body, self.engine.config, self.engine.tokenizer))
+            self.engine.add_request(ex.request)
         except RequestError as e:
-            return self._error(context, idx, 400, e.to_dict())
+            return self._reply(context, idx, e.status, error_json(is_openai, e.status, e.message, e.field))
+        except Overloaded as e:
+            context.set_response_header(idx, "Retry-After", str(e.retry_after_s))
+            return self._reply(context, idx, 503, error_json(is_openai, 503, str(e), None))
         except Exception as e:
             logger.exception("could not take request %s", idx)
-            return self._error(context, idx, 500, {"error": f"could not take the request: {type(e).__name__}: {e}",
-                                                   "field": None})
-        context.set_response_content_type(idx, NDJSON if r.stream else JSON)
-        return Exchange(r)
+            return self._reply(context, idx, 500, error_json(is_openai, 500, f"could not take the request: "
+                                                             f"{type(e).__name__}: {e}", None))
+        context.set_response_content_type(idx, ex.content_type)
+        return ex
+
+    def _token_text(self, token_id: int) -> str:
+        return self.engine.tokenizer.decode([token_id])
 
     def _step(self) -> None:
         """One engine step; if it raises, only the requests it was running fail, each with the error."""
@@ -93,87 +121,127 @@ class LLMHandler(BaseHandler):
             logger.exception("engine step failed")
             self.engine.fail_step(f"generation failed: {type(e).__name__}: {e}")
 
-    def _body(self, idx: int, ex: Exchange, context) -> str:
-        """What ex's request sends now: its error (a whole 500 response unless a part already went
-        out), its new text when streaming, or its whole result once finished."""
+    def _next_part(self, idx: int, ex: Exchange, context) -> tuple[str | None, bool | None]:
+        """What ex's client gets now and whether it is the last: (None, False) nothing yet (no HTTP
+        head goes out); (part, False) a stream's part; (part, True) a stream's last part; (body,
+        None) one whole response, a 200 or, if nothing went out before, the error's 4xx/5xx."""
         r = ex.request
-        if r.finish_reason == "error":
-            error = {"error": r.error, "field": None}
-            return json.dumps(error) + "\n" if ex.is_open else self._error(context, idx, 500, error)
-        if r.stream:
-            return chunk(r)
-        return json.dumps(r.result()) if r.is_finished else ""
+        try:
+            body = ex.part() if r.stream else (ex.whole() if r.is_finished else "")
+        except Exception as e:   # our fault, and this request's alone
+            logger.exception("could not answer request %s", r.request_id)
+            self.engine.fail(r, f"could not answer: {type(e).__name__}: {e}")
+            body = ""
+        if r.finish_reason in FAILED:
+            if ex.is_open:
+                return ex.error_part(r.error), True
+            status = FAILED[r.finish_reason]
+            return self._reply(context, idx, status, error_json(ex.openai is not None, status, r.error, None)), None
+        if not r.is_finished:
+            if not body:
+                return None, False
+            ex.is_open = True
+            return body, False
+        return body, (True if ex.is_open else None)
 
     # -- TorchServe's classic batching: the batch runs to completion in one call ---------------------
     def handle_batch(self, data: list, context) -> list:
-        admitted = {idx: self._admit(idx, row, context) for idx, row in enumerate(data)}
-        exchanges = {idx: ex for idx, ex in admitted.items() if isinstance(ex, Exchange)}
+        admitted = [self._admit(idx, row, context) for idx, row in enumerate(data)]
+        exchanges = {idx: ex for idx, ex in enumerate(admitted) if isinstance(ex, Exchange)}
         while any(not ex.request.is_finished for ex in exchanges.values()):
             self._step()
-            self._send_stream_chunks(exchanges, context)
-        return [self._body(idx, admitted[idx], context) if idx in exchanges else admitted[idx]
-                for idx in range(len(data))]
+            self._send_stream_parts(exchanges, context)
+        self._record(context, [self._outcome(context, idx, ex) for idx, ex in enumerate(admitted)])
+        return [self._next_part(idx, ex, context)[0] if isinstance(ex, Exchange) else ex
+                for idx, ex in enumerate(admitted)]
 
-    def _send_stream_chunks(self, exchanges: dict[int, Exchange], context) -> None:
-        lines = {idx: line for idx, ex in exchanges.items()
-                 if ex.request.stream and not ex.request.is_finished and (line := chunk(ex.request))}
-        for idx in lines:
+    def _send_stream_parts(self, exchanges: dict[int, Exchange], context) -> None:
+        parts = {idx: part for idx, ex in exchanges.items()
+                 if ex.request.stream and not ex.request.is_finished and (part := ex.part())}
+        for idx in parts:
             exchanges[idx].is_open = True
-        if lines:
-            send_intermediate_predict_response(lines, {idx: exchanges[idx].request.request_id for idx in lines},
+        if parts:
+            send_intermediate_predict_response(parts, {idx: exchanges[idx].request.request_id for idx in parts},
                                                "Intermediate Prediction success", 200, context)
 
     # -- TorchServe's continuous-batching protocol: one engine step per call -------------------------
     def handle_step(self, data: list, context) -> list:
         ids = [context.get_request_id(idx) for idx in range(len(data))]
         for gone in set(self.exchanges) - set(ids):      # the frontend dropped it: its client went away
-            ex = self.exchanges.pop(gone)
-            if ex.request is not None:
-                self.engine.abort(ex.request.request_id)
-        replies: dict[int, tuple[str, bool | None]] = {}  # idx -> (body, is_last); None: a whole response
+            self.engine.abort(self.exchanges.pop(gone).request.request_id)
+        replies: dict[int, tuple[str | None, bool | None]] = {}
+        answered: list[tuple[Request | None, int]] = []       # (request, HTTP status) of those leaving
         for idx, rid in enumerate(ids):
             if rid not in self.exchanges:
                 ex = self._admit(idx, data[idx], context)
                 if isinstance(ex, str):
                     replies[idx] = (ex, None)
-                    ex = Exchange(None, is_closing=True)   # should the frontend send it back once more
-                self.exchanges[rid] = ex
-        self._step()
+                    answered.append(self._outcome(context, idx, ex))
+                else:
+                    self.exchanges[rid] = ex
+        # a call that refuses someone answers at once; the step waits one call at most
+        self.did_step = not (replies and self.did_step)
+        if self.did_step:
+            self._step()
         for idx, rid in enumerate(ids):
             if idx not in replies:
-                replies[idx] = self._next_part(idx, rid, context)
+                replies[idx] = self._next_part(idx, self.exchanges[rid], context)
+                if replies[idx][1] is not False:
+                    answered.append(self._outcome(context, idx, self.exchanges.pop(rid)))
+        for idx, (body, _) in replies.items():
+            if body is None:          # nothing to send: leave it out, so no HTTP head goes out yet
+                del context.request_ids[idx]
         context.stopping_criteria = [lambda _, last=replies[idx][1]: last for idx in range(len(data))]
-        return [replies[idx][0] for idx in range(len(data))]
+        self._record(context, answered)
+        return [replies[idx][0] or "" for idx in range(len(data))]
 
-    def _next_part(self, idx: int, rid: str, context) -> tuple[str, bool | None]:
-        ex = self.exchanges[rid]
-        if ex.is_closing:
-            del self.exchanges[rid]
-            return "", True
-        try:
-            body = self._body(idx, ex, context)
-        except Exception as e:   # our fault, and this request's alone
-            logger.exception("could not answer request %s", rid)
-            self.engine.fail(ex.request, f"could not answer: {type(e).__name__}: {e}")
-            body = self._body(idx, ex, context)
-        r = ex.request
-        if r.finish_reason == "error" and not ex.is_open:
-            ex.is_closing = True                       # a whole response, already closed
-            return body, None
-        if not r.is_finished:
-            ex.is_open = True
-            return body, False
-        if ex.is_open:
-            del self.exchanges[rid]
-            return body, True
-        ex.is_closing = True                           # the head goes out now, an empty last part next
-        return body, False
+    # -- metrics (declared in config/metrics.yaml; TorchServe exports them on its metrics port) ------
+    @staticmethod
+    def _outcome(context, idx: int, item: Exchange | str) -> tuple[Request | None, int] | None:
+        """(request, HTTP status) of one answered for good; None for the model list."""
+        if isinstance(item, Exchange):
+            return item.request, FAILED.get(item.request.finish_reason, 200)
+        status = context.get_response_status(idx)[0] or 200
+        return (None, status) if status != 200 else None
+
+    def _record(self, context, answered: list[tuple[Request | None, int] | None]) -> None:
+        """Counters and histograms of the requests answered in this call; gauges of the engine."""
+        metrics = context.metrics
+        for r, status in filter(None, answered):
+            reason = r.finish_reason if r is not None else "refused"   # refused: before the engine saw it
+            metrics.add_metric("llm_requests_total", 1, "Count", None,
+                               [Dimension("finish_reason", reason), Dimension("status", str(status))],
+                               MetricTypes.COUNTER)
+            if r is None:
+                continue
+            metrics.add_metric("llm_prompt_tokens_total", len(r.prompt_ids), "Count", None, [], MetricTypes.COUNTER)
+            metrics.add_metric("llm_generation_tokens_total", len(r.output_ids), "Count", None, [],
+                               MetricTypes.COUNTER)
+            end = r.finish_time or time.perf_counter()
+            seconds = {"llm_e2e_request_latency_seconds": end - r.arrival_time,
+                       "llm_queue_wait_seconds": (r.start_time or end) - r.arrival_time}
+            if r.first_token_time is not None:
+                seconds["llm_time_to_first_token_seconds"] = r.first_token_time - r.arrival_time
+                if len(r.output_ids) > 1:
+                    seconds["llm_time_per_output_token_seconds"] = (end - r.first_token_time) / (len(r.output_ids) - 1)
+            for name, value in seconds.items():
+                metrics.add_metric(name, value, "Seconds", None, [], MetricTypes.HISTOGRAM)
+        stats = self.engine.stats()
+        metrics.add_metric("llm_requests_running", stats["num_running"], "Count", None, [], MetricTypes.GAUGE)
+        metrics.add_metric("llm_requests_waiting", stats["num_waiting"], "Count", None, [], MetricTypes.GAUGE)
+        metrics.add_metric("llm_kv_cache_usage_ratio", stats["kv_cache_usage"], "Percent", None, [], MetricTypes.GAUGE)
+        if stats["num_preemptions"] > self.num_preemptions:
+            metrics.add_metric("llm_preemptions_total", stats["num_preemptions"] - self.num_preemptions, "Count",
+                               None, [], MetricTypes.COUNTER)
+            self.num_preemptions = stats["num_preemptions"]
 
     @staticmethod
-    def _error(context, idx: int, status: int, body: dict) -> str:
-        context.set_response_status(status, "Bad Request" if status == 400 else "Internal Server Error", idx=idx)
+    def _reply(context, idx: int, status: int, body: str) -> str:
+        """A whole JSON response with this status."""
+        if status != 200:
+            context.set_response_status(status, PHRASES.get(status, "Error"), idx=idx)
         context.set_response_content_type(idx, JSON)
-        return json.dumps(body)
+        return body
 
 
 # Entry points for the management API's handler= parameter: the same archive with another policy.

@@ -8,31 +8,52 @@ import pytest
 
 import llm_handler
 from llm_handler import LLMHandler
+from llmserve import exchange
 from llmserve.exchange import stream_delta
 from llmserve.request import Request, SamplingParams
+
+
+class Metrics:
+    """Records what the handler reports, as TorchServe's metrics cache would export it."""
+
+    def __init__(self) -> None:
+        self.values: dict[tuple, list[float]] = {}
+
+    def add_metric(self, name, value, unit, idx, dimensions, metric_type):
+        key = (name, *(f"{d.name}={d.value}" for d in dimensions))
+        self.values.setdefault(key, []).append(value)
 
 
 class MockContext:
     def __init__(self, yaml_config: dict) -> None:
         self.model_yaml_config = yaml_config
         self.system_properties = {"model_dir": "/nonexistent"}
-        self.request_ids = {}
-        self.status = {}
-        self.content_types = {}
-        self.stopping_criteria = None
+        self.model_name = "llm"
+        self.metrics = Metrics()
+        self.new_batch([])
 
-    def new_batch(self, ids: list[str]) -> None:
+    def new_batch(self, ids: list[str], paths: dict[int, str] | None = None) -> None:
         self.request_ids = dict(enumerate(ids))
-        self.status, self.content_types, self.stopping_criteria = {}, {}, None
+        self.paths = paths or {}                       # idx -> url_path (what follows the version)
+        self.status, self.content_types, self.headers, self.stopping_criteria = {}, {}, {}, None
 
     def get_request_id(self, idx: int = 0):
         return self.request_ids.get(idx)
 
+    def get_request_header(self, idx: int, key: str):
+        return self.paths.get(idx) if key == "url_path" else None
+
     def set_response_status(self, code: int = 200, phrase: str = "", idx: int = 0):
         self.status[idx] = code
 
+    def get_response_status(self, idx: int):
+        return self.status.get(idx, 200), ""
+
     def set_response_content_type(self, idx: int, value: str) -> None:
         self.content_types[idx] = value
+
+    def set_response_header(self, idx: int, key: str, value: str) -> None:
+        self.headers.setdefault(idx, {})[key] = value
 
 
 def make_handler(model_dir, entry_point: str | None = None, yaml: dict | None = None,
@@ -51,9 +72,9 @@ def body(prompt: str, **kw) -> dict:
 
 
 def whole(responses: list) -> dict:
-    """A non-streamed request's JSON: empty parts until the one body at the end."""
-    assert all(r == "" for r, _ in responses[:-1])
-    return json.loads(responses[-1][0])
+    """A non-streamed request's JSON: one whole response, sent when it is done."""
+    assert len(responses) == 1
+    return json.loads(responses[0][0])
 
 
 @pytest.fixture(scope="module")
@@ -109,11 +130,6 @@ def test_classic_streaming_sends_parts(classic, monkeypatch):
     assert ctx.content_types[0] == "application/x-ndjson"
 
 
-def test_batch_size_over_max_num_seqs_fails_start_up(tiny_model_dir):
-    with pytest.raises(ValueError, match="exceeds handler.max_num_seqs"):
-        make_handler(tiny_model_dir, yaml={"batchSize": 8})
-
-
 def test_policy_comes_from_yaml_unless_the_entry_point_names_one(tiny_model_dir, continuous, request_level):
     assert not continuous[0].engine.scheduler.request_level
     assert request_level[0].engine.scheduler.request_level
@@ -125,10 +141,11 @@ def test_policy_comes_from_yaml_unless_the_entry_point_names_one(tiny_model_dir,
         make_handler(tiny_model_dir, batching="sometimes")
 
 
-def run_steps(h, ctx, arrivals: dict[int, dict]) -> dict[str, list]:
-    """Drive handle() like TorchServe's ContinuousBatching: new requests bring a payload, running
-    ones come back by id with none, and a request leaves once its stopping criterion says so
-    (True: last streamed part; None: a whole response, which closes an error's connection)."""
+def run_steps(h, ctx, arrivals: dict[int, dict], paths: dict[str, str] | None = None) -> dict[str, list]:
+    """Drive handle() like TorchServe's ContinuousBatching: a request brings its payload until its
+    first response (then it is cached and comes back by id alone); one the handler leaves out of
+    context.request_ids gets nothing that step; a request leaves once its stopping criterion says
+    so (True: last streamed part; None: a whole response)."""
     active: list[str] = []
     payloads = {}
     responses: dict[str, list] = {}
@@ -140,13 +157,16 @@ def run_steps(h, ctx, arrivals: dict[int, dict]) -> dict[str, list]:
             break
         if not active:
             continue
-        ctx.new_batch(active)
-        data = [payloads.pop(rid, {}) for rid in active]
+        ctx.new_batch(active, {idx: (paths or {}).get(rid) for idx, rid in enumerate(active)})
+        data = [payloads.get(rid, {}) for rid in active]
         out = h.handle(data, ctx)
         assert len(out) == len(active)
         finished = []
         for idx, rid in enumerate(active):
-            responses.setdefault(rid, []).append((out[idx], ctx.status.get(idx, 200)))
+            if idx not in ctx.request_ids:        # left out: no response, the payload comes again
+                continue
+            payloads.pop(rid, None)
+            responses.setdefault(rid, []).append((out[idx], ctx.status.get(idx, 200), step))
             # None: a whole (error) response, after which TorchServe closes the connection
             if ctx.stopping_criteria[idx](out[idx]) in (True, None):
                 finished.append(rid)
@@ -177,7 +197,7 @@ def test_request_level_newcomer_waits_for_the_whole_batch(request_level):
     late = whole(responses["late"])
     assert [o["timings"]["batch_size"] for o in first] == [2, 2]
     assert late["timings"]["batch_size"] == 1                  # never decoded beside a or b
-    assert len(responses["late"]) > max(len(responses["a"]), len(responses["b"]))
+    assert responses["late"][-1][2] > max(responses["a"][-1][2], responses["b"][-1][2])   # finished after both
 
 
 def test_continuous_newcomer_joins_the_running_batch(continuous):
@@ -185,7 +205,7 @@ def test_continuous_newcomer_joins_the_running_batch(continuous):
     responses = run_steps(h, ctx, {0: {"a": body("one", max_new_tokens=12, stop=["zzz"])},
                                    2: {"late": body("three more words", max_new_tokens=4)}})
     assert whole(responses["late"])["timings"]["batch_size"] == 2
-    assert len(responses["late"]) < len(responses["a"])         # left before a finished
+    assert responses["late"][-1][2] < responses["a"][-1][2]     # left before a finished
 
 
 def test_both_policies_give_the_same_greedy_text(continuous, request_level):
@@ -200,7 +220,7 @@ def test_both_policies_give_the_same_greedy_text(continuous, request_level):
     final = whole(responses["b"])
     assert final["text"] == expected["text"] and final["usage"] == expected["usage"]
     assert final["timings"]["batch_size"] >= 2
-    lines = [json.loads(line) for r, _ in responses["s"] for line in r.splitlines() if line]
+    lines = [json.loads(line) for r, *_ in responses["s"] for line in r.splitlines() if line]
     assert "".join(p["text"] for p in lines) == expected["text"] and lines[-1]["finish_reason"]
     assert len(lines) > 1
     assert responses["bad"][0][1] == 400 and json.loads(responses["bad"][0][0])["field"] == "top_p"
@@ -224,8 +244,8 @@ def test_entry_points_pick_the_policy(tiny_model_dir, monkeypatch):
     assert llm_handler.request_level(None, ctx) is None          # TorchServe's initialise call
     assert llm_handler._handler.engine.scheduler.request_level
     ctx.new_batch(["a"])
-    out = llm_handler.request_level([body("Hello there", max_new_tokens=3)], ctx)
-    assert out == [""] and ctx.stopping_criteria[0](out[0]) is False   # the head goes out first
+    llm_handler.request_level([body("Hello there", max_new_tokens=3)], ctx)
+    assert 0 not in ctx.request_ids                  # nothing to send yet: no HTTP head goes out
     assert llm_handler._handler.exchanges
 
 
@@ -282,9 +302,10 @@ def test_a_failed_step_fails_only_the_requests_it_ran(tiny_model_dir, monkeypatc
     responses = run_steps(h, ctx, {0: {"a": body("one", max_new_tokens=12),
                                        "b": body("two words", max_new_tokens=12, stream=True),
                                        "c": body("three more words", max_new_tokens=6)}})   # c waits: 2 rows
-    for rid in ("a", "b"):                           # already answering (200 head sent): an error part ends them
-        last = json.loads(responses[rid][-1][0].splitlines()[-1])
-        assert "device fell over" in last["error"] and responses[rid][-1][1] == 200
+    last = json.loads(responses["b"][-1][0].splitlines()[-1])   # streaming (200 head sent): an error part ends it
+    assert "device fell over" in last["error"] and responses["b"][-1][1] == 200
+    assert len(responses["a"]) == 1 and responses["a"][0][1] == 500   # not streamed: nothing went out, a 500
+    assert "device fell over" in json.loads(responses["a"][0][0])["error"]
     assert whole(responses["c"])["text"] == expected["text"]   # the queued one carries on
     h.engine.check_invariants()
     assert not h.exchanges and not h.engine.has_unfinished()
@@ -308,12 +329,12 @@ def test_a_request_failed_before_its_first_part_gets_a_500(tiny_model_dir, monke
 
 def test_an_exception_while_answering_is_that_requests_error(tiny_model_dir, monkeypatch):
     h, ctx = make_handler(tiny_model_dir)
-    real_chunk = llm_handler.chunk
+    real_chunk = exchange.chunk
     def chunk(r):
         if r.request_id == "s":
             raise KeyError("shaping fell over")
         return real_chunk(r)
-    monkeypatch.setattr(llm_handler, "chunk", chunk)
+    monkeypatch.setattr(exchange, "chunk", chunk)
     responses = run_steps(h, ctx, {0: {"s": body("Hello there", max_new_tokens=8, stream=True),
                                        "a": body("Hello there", max_new_tokens=8)}})
     assert len(responses["s"]) == 1 and responses["s"][0][1] == 500          # failed before its first part
@@ -321,3 +342,103 @@ def test_an_exception_while_answering_is_that_requests_error(tiny_model_dir, mon
     assert whole(responses["a"])["usage"]["completion_tokens"] == 8
     h.engine.check_invariants()
     assert not h.exchanges and not h.engine.has_unfinished()
+
+
+# -- the OpenAI dialect, overload and timeouts, metrics ----------------------------------------------
+def openai_run(h, ctx, arrivals: dict[int, dict]) -> dict[str, list]:
+    """run_steps with OpenAI bodies: rid -> (route, body)."""
+    bodies = {step: {rid: {"body": json.dumps(b).encode()} for rid, (_, b) in reqs.items()}
+              for step, reqs in arrivals.items()}
+    paths = {rid: route for reqs in arrivals.values() for rid, (route, _) in reqs.items()}
+    return run_steps(h, ctx, bodies, paths)
+
+
+def sse(responses: list) -> list:
+    events = [line[len("data: "):] for r, *_ in responses for line in r.split("\n\n") if line]
+    assert events[-1] == "[DONE]"
+    return [json.loads(e) for e in events[:-1]]
+
+
+def test_openai_chat_and_completions_plain_and_streamed(continuous):
+    h, ctx = continuous
+    chat = {"model": "llm", "messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 8,
+            "ignore_eos": True, "logprobs": True, "top_logprobs": 2}
+    responses = openai_run(h, ctx, {0: {
+        "chat": ("v1/chat/completions", chat),
+        "chat-s": ("v1/chat/completions", {**chat, "stream": True, "stream_options": {"include_usage": True}}),
+        "cmpl": ("v1/completions", {"model": "llm", "prompt": "Hello there", "max_tokens": 8, "ignore_eos": True}),
+        "cmpl-s": ("v1/completions", {"model": "llm", "prompt": "Hello there", "max_tokens": 8, "ignore_eos": True,
+                                      "stream": True}),
+        "models": ("v1/models", {})}})
+    plain = whole(responses["chat"])
+    assert plain["object"] == "chat.completion" and plain["choices"][0]["finish_reason"] == "length"
+    assert plain["usage"]["completion_tokens"] == 8
+    content = plain["choices"][0]["logprobs"]["content"]
+    assert len(content) == 8 and all(len(c["top_logprobs"]) == 2 for c in content)
+    # greedy: the chosen token is the most likely one
+    assert all(c["logprob"] == pytest.approx(c["top_logprobs"][0]["logprob"]) and c["logprob"] <= 0 for c in content)
+    chunks = sse(responses["chat-s"])
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"]) \
+        == plain["choices"][0]["message"]["content"]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == plain["usage"]
+    assert sum(len(c["choices"][0]["logprobs"]["content"]) for c in chunks if c["choices"]) == 8
+    text = whole(responses["cmpl"])["choices"][0]["text"]
+    assert "".join(c["choices"][0]["text"] for c in sse(responses["cmpl-s"])) == text
+    assert whole(responses["models"])["data"][0]["id"] == "llm"
+
+
+@pytest.mark.parametrize("route, body, status, param", [
+    ("v1/chat/completions", {"model": "llm", "messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n"),
+    ("v1/chat/completions", {"model": "llm", "messages": [{"role": "user", "content": "hi"}],
+                             "tools": [{"type": "function"}]}, 400, "tools"),
+    ("v1/chat/completions", {"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}, 404, "model"),
+    ("v1/chat/completions", {"model": "llm", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0},
+     400, "max_tokens"),
+    ("v1/completions", {"model": "llm", "prompt": "hi", "logprobs": 9}, 400, "logprobs"),
+    ("v1/completions", {"model": "llm", "prompt": "hi", "echo": True}, 400, "echo"),
+    ("v1/embeddings", {"model": "llm", "input": "hi"}, 404, "url_path"),
+])
+def test_openai_errors_name_the_parameter(continuous, route, body, status, param):
+    h, ctx = continuous
+    responses = openai_run(h, ctx, {0: {"bad": (route, body),
+                                        "good": ("v1/completions", {"model": "llm", "prompt": "Hi", "max_tokens": 3})}})
+    (out, code, _), = responses["bad"]
+    error = json.loads(out)["error"]
+    assert code == status and error["param"] == param and error["message"] and error["type"]
+    assert whole(responses["good"])["usage"]["completion_tokens"] == 3
+
+
+def test_a_full_queue_refuses_at_once_with_503(tiny_model_dir):
+    h, ctx = make_handler(tiny_model_dir, yaml={"batchSize": 8}, max_num_seqs=1, max_waiting_requests=1)
+    ctx.new_batch(["a", "b", "c", "d"])
+    out = h.handle([body("Hello there", max_new_tokens=20, ignore_eos=True)] * 4, ctx)
+    assert ctx.status == {2: 503, 3: 503} and ctx.headers[2]["Retry-After"].isdigit()
+    assert "overloaded" in json.loads(out[2])["error"]
+    assert not h.did_step and not h.engine.rows              # the refusing call answered without a step
+    assert set(ctx.request_ids) == {2, 3}                     # a and b: nothing to send yet
+    ctx.new_batch(["a", "b"])
+    h.handle([{}, {}], ctx)
+    assert h.did_step and len(h.engine.rows) == 1
+
+
+def test_queue_wait_limit_and_own_timeout(tiny_model_dir):
+    h, ctx = make_handler(tiny_model_dir, yaml={"batchSize": 4}, max_num_seqs=1, max_queue_wait_s=0.05)
+    responses = run_steps(h, ctx, {0: {"long": body("Hello there", max_new_tokens=60, ignore_eos=True, timeout_s=0.1),
+                                       "queued": body("Hi", max_new_tokens=4)}})
+    (out, code, _), = responses["queued"]
+    assert code == 503 and "in the queue" in json.loads(out)["error"]
+    long = whole(responses["long"])
+    assert long["finish_reason"] == "timeout" and 0 < long["usage"]["completion_tokens"] < 60 and long["text"]
+    counts = ctx.metrics.values
+    assert counts[("llm_requests_total", "finish_reason=timeout", "status=200")] == [1]
+    assert counts[("llm_requests_total", "finish_reason=queue_timeout", "status=503")] == [1]
+    assert len(counts[("llm_time_to_first_token_seconds",)]) == 1          # only the one that started
+    assert sorted(counts[("llm_generation_tokens_total",)]) == [0, long["usage"]["completion_tokens"]]
+    assert counts[("llm_requests_running",)][-1] == 0
+
+
+def test_bad_timeout_is_a_400(continuous):
+    h, ctx = continuous
+    (out, code, _), = run_steps(h, ctx, {0: {"x": body("Hi", timeout_s=0)}})["x"]
+    assert code == 400 and json.loads(out)["field"] == "timeout_s"

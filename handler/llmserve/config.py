@@ -24,6 +24,10 @@ class EngineConfig:
     num_threads: int = 0              # torch intra-op threads on CPU; 0 = leave torch's default
     packed_max_rows: int = -1         # w8/w4: steps of at most this many rows use the packed kernels,
                                       # larger ones the float weights; -1 = measure at start-up
+    max_waiting_requests: int = 0     # requests queued for a slot at most; beyond it add_request refuses
+                                      # (the handler's 503 overloaded); 0 = unbounded
+    max_queue_wait_s: float = 0.0     # a request not started after this long ends "queue_timeout"
+                                      # (the handler's 503); 0 = no limit
     compile: bool = False             # w8/w4: fuse each layer of the packed-kernel decode steps with
                                       # torch.compile at start-up (other modes run eagerly)
 
@@ -46,7 +50,10 @@ class EngineConfig:
             raise ValueError(f"packed_max_rows must be -1 (measure) or a non-negative integer, got {self.packed_max_rows!r}")
         if not isinstance(self.compile, bool):
             raise ValueError(f"compile must be true or false, got {self.compile!r}")
-        for name in ("kv_budget_tokens", "num_threads"):
+        if not isinstance(self.max_queue_wait_s, (int, float)) or isinstance(self.max_queue_wait_s, bool) \
+                or not 0 <= self.max_queue_wait_s < float("inf"):
+            raise ValueError(f"max_queue_wait_s must be a non-negative number of seconds, got {self.max_queue_wait_s!r}")
+        for name in ("kv_budget_tokens", "num_threads", "max_waiting_requests"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name} must be a non-negative integer, got {value!r}")

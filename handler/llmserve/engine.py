@@ -5,6 +5,7 @@ TorchServe's continuous-batching protocol calls add_request() and step(); genera
 requests to completion (TorchServe's classic batching, scripts, tests). config.batching picks the
 admission policy (see scheduler.py)."""
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -18,6 +19,14 @@ from .request import Request
 from .runner import ModelRunner
 from .sampling import make_generator, sample
 from .scheduler import Scheduler
+
+
+class Overloaded(Exception):
+    """The waiting queue is full (config.max_waiting_requests): the server's 503."""
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class Engine:
@@ -35,6 +44,8 @@ class Engine:
         self.requests: dict[str, Request] = {}  # unfinished requests by id
         self.scheduled: list[Request] = []     # the requests the current (or last) step runs
         self.stop_ids = torch.tensor(sorted(facts.stop_token_ids), device=facts.device)   # [S]
+        self.num_preemptions = 0               # since start-up
+        self.mean_latency_s = 1.0              # moving mean of finished requests' latency (Retry-After)
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> "Engine":
@@ -43,10 +54,24 @@ class Engine:
 
     # -- public API -----------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
+        """Queue a request; raises Overloaded when max_waiting_requests are already waiting."""
         assert request.request_id not in self.requests, f"duplicate request id {request.request_id}"
+        self.check_room()
         request.generator = make_generator(request.params, self.facts.device)
         self.requests[request.request_id] = request
         self.scheduler.add(request)
+
+    def check_room(self) -> None:
+        """Raise Overloaded if a new request would find the waiting queue full (those that free
+        slots will take at the next step do not count as waiting)."""
+        num_free = self.config.max_num_seqs - len(self.scheduler.running)
+        num_waiting, limit = len(self.scheduler.waiting) - num_free, self.config.max_waiting_requests
+        if limit and num_waiting >= limit:
+            # a slot frees about every mean_latency / max_num_seqs seconds; the queue ahead must drain
+            retry = self.mean_latency_s * (num_waiting + 1) / self.config.max_num_seqs
+            raise Overloaded(f"the server is overloaded: {num_waiting} requests are already waiting for "
+                             f"{self.config.max_num_seqs} running ones; retry in about {math.ceil(retry)} s",
+                             retry_after_s=math.ceil(retry))
 
     def abort(self, request_id: str) -> None:
         """Drop a request (e.g. its client went away); its KV row is freed at once."""
@@ -56,6 +81,12 @@ class Engine:
 
     def has_unfinished(self) -> bool:
         return self.scheduler.num_unfinished > 0
+
+    def stats(self) -> dict:
+        """Gauges for a metrics endpoint."""
+        used = sum(r.num_tokens for r in self.scheduler.running)
+        return {"num_running": len(self.scheduler.running), "num_waiting": len(self.scheduler.waiting),
+                "kv_cache_usage": used / self.config.kv_capacity_tokens, "num_preemptions": self.num_preemptions}
 
     def generate(self, requests: list[Request], on_step: Callable[[], None] | None = None) -> list[Request]:
         """Request-level batching: run these to completion; each finishes as soon as it is done.
@@ -71,8 +102,10 @@ class Engine:
     @torch.inference_mode()
     def step(self) -> None:
         """One iteration: decode every running sequence (rows 0..B-1), then prefill newcomers."""
+        self._expire()
         out = self.scheduler.schedule()
         self.scheduled = out.decode + out.prefill
+        self.num_preemptions += len(out.preempted)
         for r in out.preempted:
             self._release_row(r)
         if out.decode:
@@ -105,6 +138,18 @@ class Engine:
         assert set(self.requests.values()) == set(self.scheduler.running) | set(self.scheduler.waiting)
 
     # -- internals --------------------------------------------------------------------------------
+    def _expire(self) -> None:
+        """End requests past their own deadline (with their text so far) and, when
+        max_queue_wait_s is set, requests that waited that long without starting."""
+        now = time.perf_counter()
+        max_wait = self.config.max_queue_wait_s
+        for r in list(self.requests.values()):
+            if r.deadline is not None and now >= r.deadline:
+                self._finish(r, "timeout")
+            elif max_wait and r.start_time is None and now - r.arrival_time >= max_wait:
+                r.error = f"waited {now - r.arrival_time:.1f} s in the queue without starting (max_queue_wait_s={max_wait})"
+                self._finish(r, "queue_timeout")
+
     def _prefill(self, requests: list[Request]) -> None:
         """Left-pad prompts into groups of similar length so padding costs little compute."""
         budget = self.config.max_prefill_tokens
@@ -114,10 +159,11 @@ class Engine:
             while pending and (len(group) + 1) * pending[0].num_tokens <= budget:
                 group.append(pending.pop(0))
             start = len(self.rows)
+            t0 = time.perf_counter()
             for i, r in enumerate(group):
                 r.row = start + i
+                r.start_time = r.start_time or t0
                 self.rows.append(r)
-            t0 = time.perf_counter()
             logits = self.runner.prefill(slice(start, start + len(group)),
                                          [r.prompt_ids + r.output_ids for r in group])
             self._postprocess(group, logits, batch_size=len(self.rows))
@@ -132,6 +178,8 @@ class Engine:
             logits[torch.tensor(early, device=logits.device)[:, None], self.stop_ids] = float("-inf")
         tokens = sample(logits, [r.params for r in requests], [r.generator for r in requests])
         self.cache.last_tokens[rows] = tokens
+        if any(r.params.logprobs is not None for r in requests):
+            self._logprobs(requests, logits, tokens)
         now = time.perf_counter()
         stop_ids = self.facts.stop_token_ids
         for r, token in zip(requests, tokens.tolist()):   # the one device-to-host copy of the step
@@ -145,6 +193,20 @@ class Engine:
                 self._finish(r, "stop")
             elif len(r.output_ids) >= r.params.max_new_tokens:
                 self._finish(r, "length")
+
+    @staticmethod
+    def _logprobs(requests: list[Request], logits: torch.Tensor, tokens: torch.Tensor) -> None:
+        """Each asking request's sampled token's log-probability and its best rivals (raw model
+        distribution, before temperature)."""
+        asking = [i for i, r in enumerate(requests) if r.params.logprobs is not None]
+        rows = torch.tensor(asking, device=logits.device)
+        lp = torch.log_softmax(logits[rows].float(), dim=-1)                           # [N, V]
+        chosen = lp.gather(-1, tokens[rows][:, None])[:, 0].tolist()                  # [N]
+        top_lp, top_ids = lp.topk(max(requests[i].params.logprobs for i in asking) or 1, dim=-1)
+        top_lp, top_ids = top_lp.tolist(), top_ids.tolist()
+        for n, i in enumerate(asking):
+            k = requests[i].params.logprobs
+            requests[i].logprobs.append((chosen[n], list(zip(top_ids[n][:k], top_lp[n][:k]))))
 
     def _detokenize(self, r: Request, final: bool = False) -> bool:
         """Append the text of r's new tokens to r.text, decoding a short window (not the whole
@@ -168,6 +230,8 @@ class Engine:
     def _finish(self, r: Request, reason: str) -> None:
         self._detokenize(r, final=True)
         r.finish_time = time.perf_counter()
+        if reason in ("stop", "length"):
+            self.mean_latency_s += 0.1 * (r.finish_time - r.arrival_time - self.mean_latency_s)
         self.scheduler.finish(r, reason)
         self._release_row(r)
         self.requests.pop(r.request_id, None)

@@ -1,11 +1,15 @@
 """What a server owes each client while its request runs: the protocol state of one exchange and
-the streamed parts (newline-delimited JSON) cut from the request's text. Knows no server: the
+its bodies in the client's dialect: the native JSON (streamed as newline-delimited JSON) or
+OpenAI's objects (streamed as Server-Sent Events, see openai_api.py). Knows no server: the
 TorchServe handler keeps one Exchange per request id."""
 
 import json
 from dataclasses import dataclass
 
+from .openai_api import Formatter, error_body
 from .request import Request
+
+JSON, NDJSON, SSE = "application/json", "application/x-ndjson", "text/event-stream"
 
 
 def stream_delta(r: Request) -> str:
@@ -36,12 +40,39 @@ def chunk(r: Request) -> str:
     return json.dumps(body) + "\n"
 
 
+def error_json(openai: bool, status: int, message: str, field: str | None) -> str:
+    """A whole error response's body in the client's dialect."""
+    return json.dumps(error_body(message, field, status) if openai else {"error": message, "field": field})
+
+
 @dataclass
 class Exchange:
-    """One HTTP request's protocol state. A stepping server (TorchServe's continuous batching)
-    sends the HTTP head with a request's first part, so a request that finishes in its first
-    response is closed with an empty last part at the next step; an error goes out as one whole
-    response, since the server closes the connection after a 4xx/5xx head."""
-    request: Request | None           # None: rejected before the engine saw it
+    """One HTTP request's protocol state. Under TorchServe's continuous batching the HTTP head goes
+    out with a request's first part, after which only 200 parts can follow: so a request sends
+    nothing until it has text to stream, or (not streamed) until it is finished; until then an
+    error, a timeout in the queue or a dead worker can still reach its client as a whole 4xx/5xx."""
+    request: Request
+    openai: Formatter | None = None   # None: the native dialect
     is_open: bool = False             # a first part (with a 200 head) went out
-    is_closing: bool = False          # only an empty last part is left to send
+
+    @property
+    def content_type(self) -> str:
+        if not self.request.stream:
+            return JSON
+        return SSE if self.openai else NDJSON
+
+    def part(self) -> str:
+        """A stream's next part: its new text (everything left once finished), or ""."""
+        if self.openai:
+            return self.openai.events(stream_delta(self.request))
+        return chunk(self.request)
+
+    def whole(self) -> str:
+        """A finished request's one body (not streamed)."""
+        return json.dumps(self.openai.whole() if self.openai else self.request.result())
+
+    def error_part(self, message: str) -> str:
+        """An error after the head went out: the stream's last part says so."""
+        if self.openai:
+            return f"data: {json.dumps(error_body(message, None, 500))}\n\ndata: [DONE]\n\n"
+        return json.dumps({"error": message, "field": None}) + "\n"

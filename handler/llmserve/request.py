@@ -8,18 +8,19 @@ from dataclasses import dataclass, field
 from .config import EngineConfig
 
 KNOWN_FIELDS = ("prompt", "messages", "max_new_tokens", "temperature", "top_p", "top_k", "seed",
-                "stop", "stream", "ignore_eos", "min_tokens")
+                "stop", "stream", "ignore_eos", "min_tokens", "timeout_s")
 MAX_STOP_STRINGS = 8
 MAX_TOP_K = 2**31 - 1
 
 
 class RequestError(ValueError):
-    """A client error: becomes HTTP 400 with {"error": message, "field": field}."""
+    """A client error: becomes HTTP 400 (or status) with {"error": message, "field": field}."""
 
-    def __init__(self, field_name: str, message: str) -> None:
+    def __init__(self, field_name: str | None, message: str, status: int = 400) -> None:
         super().__init__(message)
         self.field = field_name
         self.message = message
+        self.status = status
 
     def to_dict(self) -> dict:
         return {"error": self.message, "field": self.field}
@@ -35,6 +36,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False          # vLLM's meaning: EOS does not end the request (fixed-length benchmarks)
     min_tokens: int = 0               # vLLM's meaning: EOS cannot be sampled, nor a stop string end it, before this
+    logprobs: int | None = None       # None: none; k: each output token's log-probability and its k best rivals
 
     @property
     def max_stop_len(self) -> int:
@@ -53,14 +55,18 @@ class Request:
     stream: bool = False
     output_ids: list[int] = field(default_factory=list)
     status: str = "waiting"           # waiting -> running -> finished (running -> waiting on preemption)
-    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    finish_reason: str | None = None  # "stop" | "length" | "timeout" (its own timeout_s) | "abort" (client gone)
+                                      # | "queue_timeout" (waited max_queue_wait_s unstarted) | "error"
     error: str | None = None          # why, when finish_reason is "error" (the engine failed its step)
     text: str = ""                    # decoded output, cut before a stop string
     prefix_offset: int = 0            # incremental detokenization: output_ids[prefix_offset:read_offset]
     read_offset: int = 0              # is the context whose text is already in `text`
     num_sent_chars: int = 0           # streaming: how much of text the client already has
     row: int = -1                     # KV cache row while running
+    logprobs: list = field(default_factory=list)   # per output token: (logprob, [(rival id, logprob), ...])
     arrival_time: float = field(default_factory=time.perf_counter)
+    deadline: float | None = None     # perf_counter time at which it ends with finish_reason "timeout"
+    start_time: float | None = None   # first admitted to a KV row (its queue wait ends)
     first_token_time: float | None = None
     finish_time: float | None = None
     prefill_ms: float = 0.0
@@ -203,6 +209,9 @@ def parse_request(request_id: str, body, config: EngineConfig, tokenizer) -> Req
         ignore_eos=_bool(body, "ignore_eos"),
         min_tokens=_int(body, "min_tokens", 0, 0, config.max_new_tokens_cap),
     )
+    timeout_s = body.get("timeout_s")
+    if timeout_s is not None and (_float(body, "timeout_s", 0.0) <= 0):
+        raise RequestError("timeout_s", f"timeout_s must be a positive number of seconds, got {json.dumps(timeout_s)}")
     if params.min_tokens > params.max_new_tokens:
         raise RequestError("min_tokens", f"min_tokens ({params.min_tokens}) exceeds max_new_tokens ({params.max_new_tokens})")
     if params.temperature < 0:
@@ -227,4 +236,7 @@ def parse_request(request_id: str, body, config: EngineConfig, tokenizer) -> Req
     if len(prompt_ids) + params.max_new_tokens > config.max_model_len:
         raise RequestError("max_new_tokens", f"prompt ({len(prompt_ids)} tokens) + max_new_tokens "
                            f"({params.max_new_tokens}) exceeds the context of {config.max_model_len} tokens")
-    return Request(request_id=request_id, prompt_ids=list(prompt_ids), params=params, stream=stream)
+    r = Request(request_id=request_id, prompt_ids=list(prompt_ids), params=params, stream=stream)
+    if timeout_s is not None:
+        r.deadline = r.arrival_time + timeout_s
+    return r
