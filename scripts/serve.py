@@ -22,8 +22,10 @@ TMP, LOGS = ROOT / "build" / "ts-tmp", ROOT / "logs"    # of the server `make se
 
 
 def torchserve_env(tmp: Path, logs: Path) -> dict:
-    """This venv's binaries first; TorchServe's temp files, worker sockets and logs where we say."""
-    return {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "TMPDIR": str(tmp), "LOG_LOCATION": str(logs),
+    """This venv's binaries first; TorchServe's temp files, worker sockets and logs where we say;
+    torch.compile's cache in one place for every server, so a worker's graphs are built once."""
+    return {"TORCHINDUCTOR_CACHE_DIR": str(ROOT / "build" / "torchinductor"), **os.environ,
+            "PATH": f"{BIN}:{os.environ['PATH']}", "TMPDIR": str(tmp), "LOG_LOCATION": str(logs),
             "METRICS_LOCATION": str(logs)}
 
 
@@ -78,7 +80,7 @@ class TorchServeProcess:
         overrides = {"inference_address": self.inference_url, "management_address": self.management_url,
                      "metrics_address": self.metrics_url, "grpc_inference_port": self.port + 3,
                      "grpc_management_port": self.port + 4, "model_store": str(self.model_store),
-                     "load_models": self.models,
+                     "load_models": self.models, "metrics_config": str(ROOT / "config" / "metrics.yaml"),
                      # worker sockets live in java.io.tmpdir: a private one keeps two servers apart
                      "vmargs": f"-Djava.io.tmpdir={tmp}"}
         lines = [p for p in props if p.split("=", 1)[0].strip() not in overrides]

@@ -4,12 +4,15 @@ registered through the management API with handler=llm_handler:request_level, as
 Traffic goes to 127.0.0.1 only, in bounded numbers."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import openai
 import pytest
 import requests
 
@@ -234,9 +237,97 @@ def test_register_int8_variant(server):
         requests.delete(f"{server.management_url}/models/llm-int8", timeout=60)
 
 
-def test_metrics_are_prometheus(server):
+def openai_client(server, model="llm", **kw) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.inference_url}/predictions/{model}/1.0/v1", api_key=kw.pop("api_key", "-"),
+                         max_retries=0, timeout=300, **kw)
+
+
+def test_openai_client_plain_and_streamed(server):
+    client = openai_client(server)
+    messages = FRANCE["messages"]
+    plain = client.chat.completions.create(model="llm", messages=messages, max_tokens=24)
+    assert "Paris" in plain.choices[0].message.content and plain.choices[0].finish_reason == "stop"
+    chunks = list(client.chat.completions.create(model="llm", messages=messages, max_tokens=24, stream=True,
+                                                 stream_options={"include_usage": True}, logprobs=True,
+                                                 top_logprobs=3))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == plain.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
+    tokens = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert len(tokens) == plain.usage.completion_tokens and all(len(t.top_logprobs) == 3 for t in tokens)
+    text = client.completions.create(model="llm", prompt="The capital of France is", max_tokens=6).choices[0].text
+    streamed = client.completions.create(model="llm", prompt="The capital of France is", max_tokens=6, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == text and "Paris" in text
+    assert [m.id for m in client.models.list()] == ["llm"]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="llm", messages=messages, n=2)
+    assert e.value.body["param"] == "n"
+    with requests.post(f"{server.inference_url}/predictions/llm/1.0/v1/completions", stream=True, timeout=60,
+                       json={"model": "llm", "prompt": "Hi", "max_tokens": 30, "ignore_eos": True, "stream": True}) as r:
+        assert r.headers["Content-Type"].startswith("text/event-stream")
+        assert r.text.endswith("data: [DONE]\n\n")
+
+
+def scrape(server) -> dict[str, float]:
+    """Our metrics' samples, summed over their labels."""
     r = requests.get(f"{server.metrics_url}/metrics", timeout=10)
     assert r.status_code == 200 and "ts_inference_requests_total" in r.text
+    totals: dict[str, float] = {}
+    for line in r.text.splitlines():
+        if line.startswith("llm_"):
+            name, value = line.split("{")[0], float(line.rsplit(" ", 1)[1])
+            totals[name] = totals.get(name, 0) + value
+    return totals
+
+
+def test_llm_metrics_move_under_load(server):
+    before = scrape(server)
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda i: post(server, {"prompt": f"Count to {i}", "max_new_tokens": 8}), range(4)))
+    post(server, {"prompt": "hi", "top_p": 9})
+    after = scrape(server)
+    for name in ("llm_requests_total", "llm_time_to_first_token_seconds_count", "llm_e2e_request_latency_seconds_count",
+                 "llm_queue_wait_seconds_count", "llm_time_per_output_token_seconds_count"):
+        assert after[name] - before.get(name, 0) >= 4, name
+    assert after["llm_generation_tokens_total"] - before.get("llm_generation_tokens_total", 0) >= 4
+    assert after["llm_prompt_tokens_total"] - before.get("llm_prompt_tokens_total", 0) >= 4 * 3
+    assert {"llm_requests_running", "llm_requests_waiting", "llm_kv_cache_usage_ratio"} <= set(after)
+    assert 'finish_reason="refused",status="400"' in requests.get(f"{server.metrics_url}/metrics", timeout=10).text
+
+
+def test_overload_queue_wait_and_timeout(server):
+    """One row, one waiting place, a queue wait of 1 s: the long request ends at its own timeout
+    with its text so far; the waiting one gets 503 after 1 s; the rest are refused at once."""
+    subprocess.run([sys.executable, str(ROOT / "scripts/build_mar.py"), "--name", "llm-tight", "--batch-size", "8",
+                    "--set", "max_num_seqs=1", "--set", "max_waiting_requests=1", "--set", "max_queue_wait_s=1",
+                    "--set", "compile=false"], check=True, capture_output=True)
+    r = requests.post(f"{server.management_url}/models?url=llm-tight.mar&initial_workers=1&synchronous=true",
+                      timeout=300)
+    assert r.status_code == 200, r.text
+    try:
+        def timed(body):
+            t0 = time.perf_counter()
+            out = post(server, body, "llm-tight")
+            return out, time.perf_counter() - t0
+        assert post(server, {"prompt": "Hi", "max_new_tokens": 2}, "llm-tight").status_code == 200   # warm
+        long = {"prompt": "Once upon a time", "max_new_tokens": 1000, "ignore_eos": True, "timeout_s": 3}
+        with ThreadPoolExecutor(4) as pool:
+            first = pool.submit(timed, long)
+            time.sleep(0.5)
+            waiting = pool.submit(timed, {"prompt": "Hi", "max_new_tokens": 4})
+            time.sleep(0.2)
+            refused = [pool.submit(timed, {"prompt": "Hi", "max_new_tokens": 4}) for _ in range(2)]
+            (first, first_s), (waiting, waiting_s) = first.result(), waiting.result()
+            refused = [f.result() for f in refused]
+        out = first.json()
+        assert first.status_code == 200 and out["finish_reason"] == "timeout" and out["text"], first.text
+        assert 3 <= first_s < 6 and out["usage"]["completion_tokens"] < 1000
+        assert waiting.status_code == 503 and "in the queue" in waiting.json()["error"]
+        assert 1 <= waiting_s < first_s, (waiting_s, first_s)                 # it did not wait for the long one
+        for r, seconds in refused:
+            assert r.status_code == 503 and "overloaded" in r.json()["error"], r.text
+            assert int(r.headers["Retry-After"]) >= 1 and seconds < 1.0
+    finally:
+        requests.delete(f"{server.management_url}/models/llm-tight", timeout=60)
 
 
 def test_token_authorization_switch(tmp_path):
@@ -251,8 +342,59 @@ def test_token_authorization_switch(tmp_path):
                 time.sleep(0.5)
         refused = requests.get(f"{ts.management_url}/models", timeout=10)
         assert refused.status_code in (400, 401), refused.status_code
-        allowed = requests.get(f"{ts.management_url}/models", timeout=10,
-                               headers={"Authorization": f"Bearer {keys['management']['key']}"})
+        manage = {"Authorization": f"Bearer {keys['management']['key']}"}
+        allowed = requests.get(f"{ts.management_url}/models", timeout=10, headers=manage)
         assert allowed.status_code == 200
+        # the OpenAI client's api_key is the inference key (bf16: no compile, a quick start)
+        subprocess.run([sys.executable, str(ROOT / "scripts/build_mar.py"), "--name", "llm-auth",
+                        "--set", "quantization=bf16"], check=True, capture_output=True)
+        r = requests.post(f"{ts.management_url}/models?url=llm-auth.mar&model_name=llm&initial_workers=1"
+                          "&synchronous=true", headers=manage, timeout=300)
+        assert r.status_code == 200, r.text
+        answer = openai_client(ts, api_key=keys["inference"]["key"]).completions.create(
+            model="llm", prompt="The capital of France is", max_tokens=4)
+        assert answer.choices[0].text
+        with pytest.raises(openai.APIStatusError) as e:
+            openai_client(ts, api_key="not-the-key").completions.create(model="llm", prompt="Hi", max_tokens=4)
+        assert e.value.status_code in (400, 401)
     finally:
         ts.stop()
+
+
+def read_stream(server, body) -> list[bytes]:
+    """The lines of a stream until it ends or breaks."""
+    lines = []
+    try:
+        with post(server, {**body, "stream": True}, stream=True) as r:
+            for line in r.iter_lines():
+                lines.append(line)
+    except requests.RequestException:
+        pass
+    return lines
+
+
+def test_a_killed_worker_answers_its_clients_and_comes_back(server):
+    """kill -9 of the worker mid-generation. Non-streamed requests have sent nothing yet, so
+    TorchServe can still answer them: a 5xx with a JSON body. An open stream can only be cut (its
+    200 head went out). TorchServe restarts the worker; the recovery time is printed. Last in the
+    module: the worker start-up it waits for is the longest step here. (TorchServe 0.12 answers
+    507 with {"code": 507, "type": "InternalServerException", "message": "Worker died."}.)"""
+    pid = requests.get(f"{server.management_url}/models/llm", timeout=10).json()[0]["workers"][0]["pid"]
+    long = {"prompt": "Once upon a time", "max_new_tokens": 1000, "ignore_eos": True}
+    with ThreadPoolExecutor(4) as pool:
+        plain = [pool.submit(post, server, long) for _ in range(2)]
+        streams = [pool.submit(read_stream, server, long) for _ in range(2)]
+        time.sleep(3)                                    # all four are decoding
+        os.kill(pid, signal.SIGKILL)
+        killed = time.perf_counter()
+        plain, streams = [f.result() for f in plain], [f.result() for f in streams]
+    for r in plain:
+        assert r.status_code >= 500 and "Worker died" in r.json()["message"], (r.status_code, r.text)
+    for lines in streams:                                # parts came, then the stream was cut short
+        assert lines and all(json.loads(line).get("finish_reason") is None for line in lines if line.startswith(b"{"))
+    while (r := post(server, FRANCE)).status_code != 200:
+        assert time.perf_counter() - killed < 300, r.text
+        time.sleep(0.5)
+    assert "Paris" in r.json()["text"]
+    print(f"\nworker recovery after kill -9: {time.perf_counter() - killed:.1f} s "
+          f"(first good answer after the kill)")
