@@ -12,7 +12,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 PROFILE ?= quick
 
-.PHONY: serve stop test test-unit fuzz status measure mar clean sweep bench
+.PHONY: serve stop test test-unit fuzz soak status measure mar clean sweep bench
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PY_SYS) -m venv $(VENV)
@@ -51,6 +51,10 @@ test: $(MAR)
 # thousands of malformed bodies beside good requests against a real TorchServe (tests/test_fuzz.py)
 fuzz: $(MAR)
 	FUZZ_BODIES=$(or $(FUZZ_BODIES),3000) FUZZ_REPORT=metrics/fuzz.json $(PY) -m pytest -q -s tests/test_fuzz.py
+
+# 1.5x the measured capacity for DURATION seconds: lost answers, refusals, p99, worker memory (loadtest/soak.py)
+soak: $(MAR)
+	$(PY) -m loadtest.soak --duration $(or $(DURATION),600)
 
 test-unit: $(VENV)/.installed
 	$(PY) -m pytest -q tests -m "not e2e"

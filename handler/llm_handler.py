@@ -28,6 +28,7 @@ from llmserve.request import Request, RequestError, parse_request
 
 logger = logging.getLogger(__name__)
 FAILED = {"error": 500, "queue_timeout": 503}     # finish reasons that are the server's error responses
+GAUGE_INTERVAL_S = 1.0                          # the engine's gauges are reported at most this often
 PHRASES = {400: "Bad Request", 404: "Not Found", 500: "Internal Server Error", 503: "Service Unavailable"}
 
 
@@ -42,6 +43,7 @@ class LLMHandler(BaseHandler):
         self.started = int(time.time())
         self.did_step = True                   # the last handle_step() call ran an engine step (or none came)
         self.num_preemptions = 0               # already counted in the metrics
+        self.gauges_time = -GAUGE_INTERVAL_S   # when the engine's gauges were last reported
 
     def initialize(self, context) -> None:
         yaml_config = context.model_yaml_config or {}
@@ -226,6 +228,10 @@ class LLMHandler(BaseHandler):
                     seconds["llm_time_per_output_token_seconds"] = (end - r.first_token_time) / (len(r.output_ids) - 1)
             for name, value in seconds.items():
                 metrics.add_metric(name, value, "Seconds", None, [], MetricTypes.HISTOGRAM)
+        # every step would flood TorchServe's logs; the last call before the engine idles must report
+        if time.monotonic() - self.gauges_time < GAUGE_INTERVAL_S and self.engine.has_unfinished():
+            return
+        self.gauges_time = time.monotonic()
         stats = self.engine.stats()
         metrics.add_metric("llm_requests_running", stats["num_running"], "Count", None, [], MetricTypes.GAUGE)
         metrics.add_metric("llm_requests_waiting", stats["num_waiting"], "Count", None, [], MetricTypes.GAUGE)

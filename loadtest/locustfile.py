@@ -11,12 +11,13 @@ The custom options can also be set as LOCUST_MODEL, LOCUST_MAX_NEW_TOKENS, LOCUS
 
 import itertools
 import json
+import random
 import sys
 import time
 from pathlib import Path
 
 import gevent
-from locust import HttpUser, events, task
+from locust import HttpUser, constant_throughput, events, task
 from locust.exception import StopUser
 from locust.runners import WorkerRunner
 from locust.stats import CSV_STATS_INTERVAL_SEC
@@ -25,6 +26,9 @@ from benchmarks.workload import WIKITEXT, PromptMix, load_articles, parse_tokens
 
 NAME = "generate"          # the one stats row of the generation requests
 METRIC = "METRIC"          # request_type of the time-to-first-token rows
+BAD = "bad request"        # the stats row of malformed bodies (a 400 naming the field is a success)
+BAD_BODIES = [(b"{not json", "body"), ({"max_new_tokens": 5}, "prompt"), ({"prompt": "hi", "top_p": 7}, "top_p"),
+              ({"prompt": "hi", "colour": "red"}, "colour"), ({"prompt": "hi", "max_new_tokens": -1}, "max_new_tokens")]
 
 
 @events.init_command_line_parser.add_listener
@@ -34,6 +38,12 @@ def add_arguments(parser) -> None:
                         help="N for a fixed length, or LOW-HIGH to draw uniformly, e.g. 16-256")
     parser.add_argument("--stream", action="store_true", default=False, env_var="LOCUST_STREAM",
                         help="ask for streamed parts and time the first one")
+    parser.add_argument("--stream-share", type=float, default=0.0, env_var="LOCUST_STREAM_SHARE",
+                        help="without --stream: the share of requests streamed (the soak's mix)")
+    parser.add_argument("--bad-share", type=float, default=0.0, env_var="LOCUST_BAD_SHARE",
+                        help="the share of malformed bodies sent, each expecting a 400 naming its field")
+    parser.add_argument("--user-rate", type=float, default=0.0, env_var="LOCUST_USER_RATE",
+                        help="requests per second per user at most (0: the next as soon as one answers)")
     parser.add_argument("--seed", type=int, default=0, env_var="LOCUST_SEED", help="seed of the prompt mix")
     parser.add_argument("--max-requests", type=int, default=0, env_var="LOCUST_MAX_REQUESTS",
                         help="stop after this many generation requests have answered (0 = no limit)")
@@ -90,11 +100,11 @@ def stop_when_spent(environment) -> None:
 
 @events.request.add_listener
 def on_request(request_type, name, response_time, response_length, exception, context, start_time=None, **_):
-    if name != NAME:
+    if name not in (NAME, BAD):
         return
-    Run.num_finished += 1
+    Run.num_finished += name == NAME
     if Run.log:
-        record = {"start": start_time, "latency_ms": response_time, "ok": exception is None,
+        record = {"name": name, "start": start_time, "latency_ms": response_time, "ok": exception is None,
                   "kind": None if exception is None else context.get("kind", "other"), **context}
         Run.log.write(json.dumps(record) + "\n")
 
@@ -104,11 +114,18 @@ class LLMUser(HttpUser):
     articles: list[str] = []
     user_ids = itertools.count()
 
+    def wait_time(self) -> float:
+        rate = self.environment.parsed_options.user_rate
+        return constant_throughput(rate)(self) if rate else 0
+
     def on_start(self) -> None:
         opts = self.environment.parsed_options
         seed = opts.seed * 1_000_003 + next(LLMUser.user_ids)
         self.mix = PromptMix(seed, LLMUser.articles, parse_tokens_spec(opts.max_new_tokens))
+        self.rng = random.Random(seed)
         self.url = f"/predictions/{opts.model}"
+        if opts.user_rate:        # paced users start spread over one period, not in one burst
+            gevent.sleep(self.rng.uniform(0, 1 / opts.user_rate))
 
     @task(5)
     def chat(self) -> None:
@@ -125,8 +142,11 @@ class LLMUser(HttpUser):
     def generate(self, task_name: str, body: dict) -> None:
         if Run.max_requests and Run.num_started >= Run.max_requests:
             raise StopUser()
+        opts = self.environment.parsed_options
+        if opts.bad_share and self.rng.random() < opts.bad_share:
+            return self.send_bad()
         Run.num_started += 1
-        stream = self.environment.parsed_options.stream
+        stream = opts.stream or self.rng.random() < opts.stream_share
         body["stream"] = stream
         context = {"task": task_name, "max_new_tokens": body["max_new_tokens"]}
         t0 = time.perf_counter()
@@ -151,12 +171,36 @@ class LLMUser(HttpUser):
         events.request.fire(request_type=METRIC, name="ttft (client)" if stream else "ttft (server)",
                             response_time=ttft_ms, response_length=0, exception=None, context={})
 
+    def send_bad(self) -> None:
+        body, field = self.rng.choice(BAD_BODIES)
+        data = body if isinstance(body, bytes) else json.dumps(body)
+        with self.client.post(self.url, data=data, name=BAD, catch_response=True, context={"field": field},
+                              headers={"Content-Type": "application/json"}) as resp:
+            try:
+                named = resp.status_code == 400 and resp.json().get("field") == field
+            except ValueError:
+                named = False
+            if named or resp.status_code == 503:    # a 503: refused as overloaded before it was read
+                resp.success()
+            else:
+                resp.request_meta["context"]["kind"] = f"bad_body_http_{resp.status_code}"
+                resp.failure(f"bad_body_http_{resp.status_code}")
+
 
 def read_response(resp, stream: bool, t0: float) -> tuple[dict | None, str | None, float | None]:
     """(result, failure kind or None, time to first token in ms). A failure kind is a short fixed
     string, so Locust's failure table groups by kind."""
     if resp.status_code == 0:
         return None, "timeout" if "Timeout" in type(resp.error).__name__ else "connection_error", None
+    if resp.status_code == 503 and resp.headers.get("Content-Type", "").startswith("application/json"):
+        try:
+            error = resp.json()["error"]
+        except (ValueError, KeyError, TypeError):
+            return None, "http_503", None
+        # our own refusals: the queue is full (with Retry-After) or the request waited too long
+        if "overloaded" in error and resp.headers.get("Retry-After"):
+            return None, "refused_overloaded", None
+        return None, "refused_queue_timeout" if "in the queue" in error else "http_503", None
     if resp.status_code != 200:
         return None, f"http_{resp.status_code}", None
     ttft_ms = None
