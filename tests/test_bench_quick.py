@@ -1,5 +1,5 @@
 """The benchmark: prompt cutting, perplexity windows, profiles, the memory sampler and tables on
-their own (fast), then the quick profile end to end on the real model (CPU, minutes): every output
+their own (fast), then the smoke profile end to end on the real model (CPU, minutes): every output
 is written and its numbers agree."""
 
 import csv
@@ -94,21 +94,21 @@ def test_tables_show_a_missing_value_as_a_dash():
     assert format_table(rows, columns).splitlines() == ["mode  time", "bf16   1.2", " fp4     -"]
 
 
-# -- the quick profile, end to end -----------------------------------------------------------------
+# -- the smoke profile, end to end ------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     if not (ROOT / "models" / "smollm2-135m-instruct" / "config.json").is_file():
         pytest.skip("model not prepared: run make mar")
     out = tmp_path_factory.mktemp("bench")
     # one torch thread: on a shared 2-core machine two threads wait on each other for seconds
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "--profile", "quick",
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "--profile", "smoke",
                            "--num-threads", "1", "--out", str(out)], capture_output=True, text=True, timeout=3600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     with open(out / "benchmarks" / "results.csv") as f:
         rows = list(csv.DictReader(f))
     return SimpleNamespace(out=out, last_line=json.loads(proc.stdout.strip().splitlines()[-1]), rows=rows,
                            report=json.loads((out / "metrics" / "final_report.json").read_text()),
-                           grid=load_profile("quick", "bench"))
+                           grid=load_profile("smoke", "bench"))
 
 
 @pytest.mark.e2e
