@@ -59,7 +59,7 @@ def main() -> None:
     p.add_argument("--stream-share", type=float, default=0.5)
     p.add_argument("--bad-share", type=float, default=0.05)
     p.add_argument("--slots", type=int, default=64, help="the archive's max_num_seqs: the capacity run's users")
-    p.add_argument("--port", type=int, default=18280)
+    p.add_argument("--port", type=int, default=18380, help="first of five free loopback ports")
     p.add_argument("--out", type=Path, default=ROOT / "loadtest" / "results" /
                    f"soak-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}")
     args = p.parse_args()
