@@ -3,6 +3,7 @@ ContinuousBatching: both batching policies, bad requests beside good ones, strea
 disconnects. The real-server counterpart is tests/test_e2e.py."""
 
 import json
+import time
 
 import pytest
 
@@ -422,8 +423,13 @@ def test_a_full_queue_refuses_at_once_with_503(tiny_model_dir):
     assert h.did_step and len(h.engine.rows) == 1
 
 
-def test_queue_wait_limit_and_own_timeout(tiny_model_dir):
+def test_queue_wait_limit_and_own_timeout(tiny_model_dir, monkeypatch):
     h, ctx = make_handler(tiny_model_dir, yaml={"batchSize": 4}, max_num_seqs=1, max_queue_wait_s=0.05)
+    decode = h.engine.runner.decode
+    def slow_decode(num_rows):                        # 60 steps take 0.3 s at least, whatever the CPU
+        time.sleep(0.005)
+        return decode(num_rows)
+    monkeypatch.setattr(h.engine.runner, "decode", slow_decode)
     responses = run_steps(h, ctx, {0: {"long": body("Hello there", max_new_tokens=60, ignore_eos=True, timeout_s=0.1),
                                        "queued": body("Hi", max_new_tokens=4)}})
     (out, code, _), = responses["queued"]
