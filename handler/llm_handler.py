@@ -7,7 +7,8 @@ whole running batch is done). One archive serves both: register it with
 handler=llm_handler:continuous or handler=llm_handler:request_level to choose per registration.
 With `continuousBatching: false` (TorchServe's classic batching, the one that scales to several
 workers in TorchServe 0.12) each handle() call runs its batch to completion: request-level only.
-The only module that imports TorchServe."""
+What follows the version in the URL (TorchServe's url_path header) picks the dialect: nothing for
+the native JSON API, v1/... for the OpenAI routes. The only module that imports TorchServe."""
 
 import json
 import logging
@@ -28,6 +29,7 @@ from llmserve.request import Request, RequestError, parse_request
 
 logger = logging.getLogger(__name__)
 FAILED = {"error": 500, "queue_timeout": 503}     # finish reasons that are the server's error responses
+CLIENT_GONE = 499                               # the metrics' status of a request whose client hung up
 GAUGE_INTERVAL_S = 1.0                          # the engine's gauges are reported at most this often
 PHRASES = {400: "Bad Request", 404: "Not Found", 500: "Internal Server Error", 503: "Service Unavailable"}
 
@@ -169,10 +171,12 @@ class LLMHandler(BaseHandler):
     # -- TorchServe's continuous-batching protocol: one engine step per call -------------------------
     def handle_step(self, data: list, context) -> list:
         ids = [context.get_request_id(idx) for idx in range(len(data))]
-        for gone in set(self.exchanges) - set(ids):      # the frontend dropped it: its client went away
-            self.engine.abort(self.exchanges.pop(gone).request.request_id)
-        replies: dict[int, tuple[str | None, bool | None]] = {}
         answered: list[tuple[Request | None, int]] = []       # (request, HTTP status) of those leaving
+        for gone in set(self.exchanges) - set(ids):      # the frontend dropped it: its client went away
+            r = self.exchanges.pop(gone).request
+            self.engine.abort(r.request_id)
+            answered.append((r, CLIENT_GONE))
+        replies: dict[int, tuple[str | None, bool | None]] = {}
         for idx, rid in enumerate(ids):
             if rid not in self.exchanges:
                 ex = self._admit(idx, data[idx], context)

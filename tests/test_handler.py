@@ -237,6 +237,7 @@ def test_disconnect_frees_the_slot(tiny_model_dir):
     ctx.new_batch(["b"])                      # the frontend dropped a: its client went away
     h.handle([{}], ctx)
     assert "a" not in h.exchanges and len(h.engine.rows) == 1
+    assert ctx.metrics.values[("llm_requests_total", "finish_reason=abort", "status=499")] == [1]
 
 
 def test_entry_points_pick_the_policy(tiny_model_dir, monkeypatch):
