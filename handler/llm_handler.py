@@ -44,7 +44,6 @@ class LLMHandler(BaseHandler):
         self.model_name = "llm"                # as registered: the OpenAI routes' model
         self.started = int(time.time())
         self.did_step = True                   # the last handle_step() call ran an engine step (or none came)
-        self.num_preemptions = 0               # already counted in the metrics
         self.gauges_time = -GAUGE_INTERVAL_S   # when the engine's gauges were last reported
 
     def initialize(self, context) -> None:
@@ -130,12 +129,13 @@ class LLMHandler(BaseHandler):
         head goes out); (part, False) a stream's part; (part, True) a stream's last part; (body,
         None) one whole response, a 200 or, if nothing went out before, the error's 4xx/5xx."""
         r = ex.request
+        body = ""
         try:
-            body = ex.part() if r.stream else (ex.whole() if r.is_finished else "")
+            if r.finish_reason not in FAILED:
+                body = ex.part() if r.stream else (ex.whole() if r.is_finished else "")
         except Exception as e:   # our fault, and this request's alone
             logger.exception("could not answer request %s", r.request_id)
             self.engine.fail(r, f"could not answer: {type(e).__name__}: {e}")
-            body = ""
         if r.finish_reason in FAILED:
             if ex.is_open:
                 return ex.error_part(r.error), True
@@ -223,6 +223,8 @@ class LLMHandler(BaseHandler):
             metrics.add_metric("llm_prompt_tokens_total", len(r.prompt_ids), "Count", None, [], MetricTypes.COUNTER)
             metrics.add_metric("llm_generation_tokens_total", len(r.output_ids), "Count", None, [],
                                MetricTypes.COUNTER)
+            if r.num_preemptions:
+                metrics.add_metric("llm_preemptions_total", r.num_preemptions, "Count", None, [], MetricTypes.COUNTER)
             end = r.finish_time or time.perf_counter()
             seconds = {"llm_e2e_request_latency_seconds": end - r.arrival_time,
                        "llm_queue_wait_seconds": (r.start_time or end) - r.arrival_time}
@@ -240,10 +242,6 @@ class LLMHandler(BaseHandler):
         metrics.add_metric("llm_requests_running", stats["num_running"], "Count", None, [], MetricTypes.GAUGE)
         metrics.add_metric("llm_requests_waiting", stats["num_waiting"], "Count", None, [], MetricTypes.GAUGE)
         metrics.add_metric("llm_kv_cache_usage_ratio", stats["kv_cache_usage"], "Percent", None, [], MetricTypes.GAUGE)
-        if stats["num_preemptions"] > self.num_preemptions:
-            metrics.add_metric("llm_preemptions_total", stats["num_preemptions"] - self.num_preemptions, "Count",
-                               None, [], MetricTypes.COUNTER)
-            self.num_preemptions = stats["num_preemptions"]
 
     @staticmethod
     def _reply(context, idx: int, status: int, body: str) -> str:

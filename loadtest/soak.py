@@ -11,8 +11,6 @@ memory over time (must not grow).
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -22,23 +20,18 @@ from pathlib import Path
 import psutil
 
 from benchmarks.machine import describe
-from loadtest.measure import percentile, read_request_log
+from loadtest.measure import percentile
 from loadtest.server import warm_up, worker_pids
-from loadtest.sweep import LOCUSTFILE, ROOT
+from loadtest.sweep import ROOT, run_locust
 from scripts.serve import TorchServeProcess
 
 REFUSALS = ("refused_overloaded", "refused_queue_timeout")
 
 
 def locust(server, out: Path, name: str, users: int, seconds: float, extra: list[str]) -> list[dict]:
-    """One headless Locust run against llm; its per-request log."""
-    cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--only-summary", "-u", str(users),
-           "-r", str(max(1, users // 30)), "--host", server.inference_url, "--run-time", f"{int(seconds)}s",
-           "--stop-timeout", "120", "--exit-code-on-error", "0", "--csv", str(out / name),
-           "--request-log", str(out / f"{name}_requests.jsonl"), *extra]
-    with open(out / f"{name}_locust.txt", "w") as log:
-        subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, check=True, timeout=seconds + 600)
-    return read_request_log(out / f"{name}_requests.jsonl")
+    """A timed run against llm, users started over ~30 s; answers under way at the end get 120 s."""
+    return run_locust(server.inference_url, out / name, users, max(1, users // 30), seconds,
+                      ["--stop-timeout", "120", *extra])
 
 
 def sample_rss(pid: int, every_s: float, samples: list, stop: threading.Event) -> None:
@@ -67,14 +60,13 @@ def main() -> None:
     common = ["--max-new-tokens", args.max_new_tokens, "--stream-share", str(args.stream_share)]
     server = TorchServeProcess(ROOT / "build" / "soak-ts", port=args.port).start()   # its logs stay out of results
     try:
-        slots = args.slots
         warm_up(server, "llm", 8)
-        capacity = locust(server, args.out, "capacity", slots, args.capacity_duration, common)
+        capacity = locust(server, args.out, "capacity", args.slots, args.capacity_duration, common)
         ok = [r for r in capacity if r["ok"]]
         span = max(r["start"] + r["latency_ms"] / 1000 for r in ok) - min(r["start"] for r in ok)
         capacity_rps = len(ok) / span
         # enough users that each sends rarely: the offered rate holds while answers slow down
-        users = 4 * slots
+        users = 4 * args.slots
         rate = args.overload * capacity_rps / users
         pid = worker_pids(server, "llm")[0]
         rss, stop = [], threading.Event()
@@ -87,7 +79,8 @@ def main() -> None:
     finally:
         server.stop()
     kinds = Counter(f"{r['name']}: {r['kind'] or 'ok'}" for r in soak)
-    good = [r for r in soak if r["ok"] and r["name"] == "generate"]
+    good = [r["latency_ms"] for r in soak if r["ok"] and r["name"] == "generate"]
+    refused = [r["latency_ms"] for r in soak if r["kind"] == REFUSALS[0]]
     lost = {k: n for k, n in kinds.items() if k.split(": ")[1] not in ("ok", *REFUSALS)}
     memory = [m for _, m in rss if m is not None]
     settle = memory[len(memory) // 10:] or memory                  # past the first tenth (warm caches)
@@ -98,10 +91,8 @@ def main() -> None:
         "users": users, "num_requests": len(soak), "outcomes": dict(kinds), "num_lost_or_malformed": sum(lost.values()),
         "num_refused": sum(n for k, n in kinds.items() if k.split(": ")[1] in REFUSALS),
         "answered_per_s": round(len(good) / args.duration, 3),
-        "latency_p50_ms": round(percentile([r["latency_ms"] for r in good], 0.5) or 0, 1),
-        "latency_p99_ms": round(percentile([r["latency_ms"] for r in good], 0.99) or 0, 1),
-        "refusal_p50_ms": round(percentile([r["latency_ms"] for r in soak if r["kind"] == REFUSALS[0]], 0.5) or 0, 1),
-        "refusal_p99_ms": round(percentile([r["latency_ms"] for r in soak if r["kind"] == REFUSALS[0]], 0.99) or 0, 1),
+        **{f"{name}_p{q}_ms": round(percentile(values, q / 100) or 0, 1)
+           for name, values in (("latency", good), ("refusal", refused)) for q in (50, 99)},
         "worker_restarted": workers_after != [pid],
         "rss_mb_first_tenth": round(statistics.mean(settle[:tenth]), 1) if settle else None,
         "rss_mb_last_tenth": round(statistics.mean(settle[-tenth:]), 1) if settle else None,

@@ -96,16 +96,19 @@ def plan(args: argparse.Namespace) -> list[dict]:
     return configs
 
 
-def run_locust(args, server, model: str, raw: Path, config: str) -> subprocess.CompletedProcess:
+def run_locust(host: str, prefix: Path, users: int, spawn_rate: float, run_time_s: float,
+               flags: list[str]) -> list[dict]:
+    """One headless run of the locustfile (the sweep's and the soak's): Locust's CSVs and log, its
+    console output and our per-request log beside prefix; returns the per-request log."""
     cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--only-summary",
-           "-u", str(args.users), "-r", str(args.spawn_rate), "--host", server.inference_url,
-           "--run-time", f"{args.max_run_time}s", "--exit-code-on-error", "0",
-           "--csv", str(raw / config), "--logfile", str(raw / f"{config}_locust.log"),
-           "--model", model, "--max-new-tokens", args.max_new_tokens, "--max-requests", str(args.requests),
-           "--seed", str(args.seed), "--request-log", str(raw / f"{config}_requests.jsonl")]
-    cmd += ["--stream"] if args.stream else []
-    with open(raw / f"{config}_locust.txt", "w") as out:
-        return subprocess.run(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, timeout=args.max_run_time + 120)
+           "-u", str(users), "-r", str(spawn_rate), "--host", host, "--run-time", f"{int(run_time_s)}s",
+           "--exit-code-on-error", "0", "--csv", str(prefix), "--logfile", f"{prefix}_locust.log",
+           "--request-log", f"{prefix}_requests.jsonl", *flags]
+    with open(f"{prefix}_locust.txt", "w") as out:
+        proc = subprocess.run(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, timeout=run_time_s + 600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"locust exited with {proc.returncode}; see {prefix}_locust.txt")
+    return read_request_log(Path(f"{prefix}_requests.jsonl"))
 
 
 def measure_config(args, server, config: dict, raw: Path, settings: dict) -> tuple[dict, list[float]]:
@@ -115,12 +118,12 @@ def measure_config(args, server, config: dict, raw: Path, settings: dict) -> tup
     try:
         warm_up(server, model, min(config["batch_size"], args.users))
         with PeakMemory(pids=lambda: worker_pids(server, model), interval_s=0.5) as memory:
-            proc = run_locust(args, server, model, raw, config["config"])
+            records = run_locust(server.inference_url, raw / config["config"], args.users, args.spawn_rate,
+                                 args.max_run_time, ["--model", model, "--max-new-tokens", args.max_new_tokens,
+                                                     "--max-requests", str(args.requests), "--seed", str(args.seed),
+                                                     *(["--stream"] if args.stream else [])])
     finally:
         unregister(server, model)
-    if proc.returncode != 0:
-        raise RuntimeError(f"locust exited with {proc.returncode}; see {raw / config['config']}_locust.txt")
-    records = read_request_log(raw / f"{config['config']}_requests.jsonl")
     row = {**{k: settings[k] for k in ("run_id", "users", "max_new_tokens", "stream", "seed", "instance",
                                        "usd_per_hour")},
            **config, "max_requests": args.requests, **summarize(records, settings["usd_per_hour"]),

@@ -449,3 +449,13 @@ def test_bad_timeout_is_a_400(continuous):
     h, ctx = continuous
     (out, code, _), = run_steps(h, ctx, {0: {"x": body("Hi", timeout_s=0)}})["x"]
     assert code == 400 and json.loads(out)["field"] == "timeout_s"
+
+
+def test_a_queued_chat_stream_sends_nothing_before_its_first_token(tiny_model_dir):
+    """Not even the role chunk: its head must not go out while it waits, or a queue timeout or a
+    dead worker could no longer answer it with an error status."""
+    h, ctx = make_handler(tiny_model_dir, yaml={"batchSize": 4}, max_num_seqs=1)
+    chat = {"model": "llm", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "stream": True}
+    ctx.new_batch(["a", "b"], {0: "v1/chat/completions", 1: "v1/chat/completions"})
+    h.handle([{"body": json.dumps(chat).encode()}] * 2, ctx)
+    assert h.exchanges["b"].request.status == "waiting" and 1 not in ctx.request_ids

@@ -44,7 +44,7 @@ class Engine:
         self.requests: dict[str, Request] = {}  # unfinished requests by id
         self.scheduled: list[Request] = []     # the requests the current (or last) step runs
         self.stop_ids = torch.tensor(sorted(facts.stop_token_ids), device=facts.device)   # [S]
-        self.num_preemptions = 0               # since start-up
+        self.timed: set[Request] = set()       # unfinished requests with their own timeout_s
         self.mean_latency_s = 1.0              # moving mean of finished requests' latency (Retry-After)
 
     @classmethod
@@ -58,6 +58,8 @@ class Engine:
         assert request.request_id not in self.requests, f"duplicate request id {request.request_id}"
         self.check_room()
         request.generator = make_generator(request.params, self.facts.device)
+        if request.deadline is not None:
+            self.timed.add(request)
         self.requests[request.request_id] = request
         self.scheduler.add(request)
 
@@ -86,7 +88,7 @@ class Engine:
         """Gauges for a metrics endpoint."""
         used = sum(r.num_tokens for r in self.scheduler.running)
         return {"num_running": len(self.scheduler.running), "num_waiting": len(self.scheduler.waiting),
-                "kv_cache_usage": used / self.config.kv_capacity_tokens, "num_preemptions": self.num_preemptions}
+                "kv_cache_usage": used / self.config.kv_capacity_tokens}
 
     def generate(self, requests: list[Request], on_step: Callable[[], None] | None = None) -> list[Request]:
         """Request-level batching: run these to completion; each finishes as soon as it is done.
@@ -105,7 +107,6 @@ class Engine:
         self._expire()
         out = self.scheduler.schedule()
         self.scheduled = out.decode + out.prefill
-        self.num_preemptions += len(out.preempted)
         for r in out.preempted:
             self._release_row(r)
         if out.decode:
@@ -140,15 +141,22 @@ class Engine:
     # -- internals --------------------------------------------------------------------------------
     def _expire(self) -> None:
         """End requests past their own deadline (with their text so far) and, when
-        max_queue_wait_s is set, requests that waited that long without starting."""
+        max_queue_wait_s is set, requests that waited that long without starting. Looks only at
+        requests with a deadline and at the oldest waiting ones, not at every request."""
         now = time.perf_counter()
+        for r in [r for r in self.timed if now >= r.deadline]:
+            self._finish(r, "timeout")
         max_wait = self.config.max_queue_wait_s
-        for r in list(self.requests.values()):
-            if r.deadline is not None and now >= r.deadline:
-                self._finish(r, "timeout")
-            elif max_wait and r.start_time is None and now - r.arrival_time >= max_wait:
-                r.error = f"waited {now - r.arrival_time:.1f} s in the queue without starting (max_queue_wait_s={max_wait})"
-                self._finish(r, "queue_timeout")
+        expired = []
+        for r in self.scheduler.waiting if max_wait else ():   # unstarted ones wait in arrival order
+            if r.start_time is not None:                        # preempted: it started, and it goes first
+                continue
+            if now - r.arrival_time < max_wait:
+                break
+            expired.append(r)
+        for r in expired:
+            r.error = f"waited {now - r.arrival_time:.1f} s in the queue without starting (max_queue_wait_s={max_wait})"
+            self._finish(r, "queue_timeout")
 
     def _prefill(self, requests: list[Request]) -> None:
         """Left-pad prompts into groups of similar length so padding costs little compute."""
@@ -232,6 +240,7 @@ class Engine:
         r.finish_time = time.perf_counter()
         if reason in ("stop", "length"):
             self.mean_latency_s += 0.1 * (r.finish_time - r.arrival_time - self.mean_latency_s)
+        self.timed.discard(r)
         self.scheduler.finish(r, reason)
         self._release_row(r)
         self.requests.pop(r.request_id, None)

@@ -73,6 +73,5 @@ class Exchange:
 
     def error_part(self, message: str) -> str:
         """An error after the head went out: the stream's last part says so."""
-        if self.openai:
-            return f"data: {json.dumps(error_body(message, None, 500))}\n\ndata: [DONE]\n\n"
-        return json.dumps({"error": message, "field": None}) + "\n"
+        body = error_json(self.openai is not None, 500, message, None)
+        return f"data: {body}\n\ndata: [DONE]\n\n" if self.openai else body + "\n"

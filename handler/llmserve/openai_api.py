@@ -161,7 +161,7 @@ class Formatter:
         """The Server-Sent Events for the text not yet sent (delta), the final chunk and [DONE]."""
         r = self.r
         end = len(r.output_ids)
-        if not delta and not r.is_finished and (self.is_role_sent or self.route != CHAT):
+        if not delta and not r.is_finished:      # nothing yet: no part, so no HTTP head goes out
             return ""
         choice = {"index": 0, "logprobs": self._logprobs(self.num_sent_tokens, end),
                   "finish_reason": r.finish_reason if r.is_finished else None}

@@ -14,16 +14,13 @@ MAX_TOP_K = 2**31 - 1
 
 
 class RequestError(ValueError):
-    """A client error: becomes HTTP 400 (or status) with {"error": message, "field": field}."""
+    """A client error: HTTP 400 (or status) with a body naming the field (exchange.error_json)."""
 
     def __init__(self, field_name: str | None, message: str, status: int = 400) -> None:
         super().__init__(message)
         self.field = field_name
         self.message = message
         self.status = status
-
-    def to_dict(self) -> dict:
-        return {"error": self.message, "field": self.field}
 
 
 @dataclass(frozen=True)
