@@ -59,8 +59,9 @@ soak: $(MAR)
 test-unit: $(VENV)/.installed
 	$(PY) -m pytest -q tests -m "not e2e"
 
-measure: $(MAR)
-	$(PY) scripts/measure_modes.py
+# one greedy 64-token request per mode, in process: the bench's modes profile, outside the committed results
+measure: $(VENV)/.installed $(MODEL_DIR)/prepared.json
+	$(PY) scripts/bench.py --profile modes --out build/measure
 
 sweep: $(MAR)
 	$(PY) loadtest/sweep.py --profile $(PROFILE)

@@ -7,6 +7,7 @@ import ctypes
 import gc
 import os
 import threading
+import time
 from collections.abc import Callable
 
 import psutil
@@ -15,11 +16,13 @@ import psutil
 class PeakMemory:
     """Peak bytes between reset() (or entering the with block) and read_bytes(). pids, when given,
     names the processes to watch, asked again at every sample so that a restarted one is followed;
-    their children count too. Where the kernel cannot reset VmHWM, this process is sampled too."""
+    their children count too. Where the kernel cannot reset VmHWM, this process is sampled too.
+    keep: also keep every sample as (seconds since entering, MiB) in .samples (the soak's series)."""
 
     def __init__(self, device: str = "cpu", pids: Callable[[], list[int]] | None = None,
-                 interval_s: float = 0.002) -> None:
+                 interval_s: float = 0.002, keep: bool = False) -> None:
         self.device, self.pids, self.interval_s = device, pids, interval_s
+        self.samples: list[tuple[float, float]] | None = [] if keep else None
         self.is_cuda = str(device).startswith("cuda")
         self.can_reset_hwm = pids is None and not self.is_cuda and reset_hwm()
         self.peak_bytes = 0
@@ -38,11 +41,15 @@ class PeakMemory:
             self._sampler.join()
 
     def _sample(self) -> None:
+        start = time.monotonic()
         while not self._stop.wait(self.interval_s):
             try:
                 procs = [psutil.Process(pid) for pid in (self.pids() if self.pids else [os.getpid()])]
                 procs += [child for p in procs for child in p.children(recursive=True)]
-                self.peak_bytes = max(self.peak_bytes, sum(p.memory_info().rss for p in procs))
+                rss = sum(p.memory_info().rss for p in procs)
+                self.peak_bytes = max(self.peak_bytes, rss)
+                if self.samples is not None:
+                    self.samples.append((round(time.monotonic() - start, 1), round(rss / 2**20, 1)))
             except (OSError, psutil.Error, KeyError, IndexError):
                 pass   # a worker restarting, or its server busy: skip this sample
 

@@ -11,15 +11,12 @@ memory over time (must not grow).
 import argparse
 import json
 import statistics
-import threading
-import time
 from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
 
-import psutil
-
 from benchmarks.machine import describe
+from benchmarks.memory import PeakMemory
 from loadtest.measure import percentile
 from loadtest.server import warm_up, worker_pids
 from loadtest.sweep import ROOT, run_locust
@@ -32,15 +29,6 @@ def locust(server, out: Path, name: str, users: int, seconds: float, extra: list
     """A timed run against llm, users started over ~30 s; answers under way at the end get 120 s."""
     return run_locust(server.inference_url, out / name, users, max(1, users // 30), seconds,
                       ["--stop-timeout", "120", *extra])
-
-
-def sample_rss(pid: int, every_s: float, samples: list, stop: threading.Event) -> None:
-    start = time.monotonic()
-    while not stop.wait(every_s):
-        try:
-            samples.append((round(time.monotonic() - start, 1), psutil.Process(pid).memory_info().rss / 2**20))
-        except psutil.NoSuchProcess:
-            samples.append((round(time.monotonic() - start, 1), None))   # the worker died: a finding
 
 
 def main() -> None:
@@ -69,12 +57,9 @@ def main() -> None:
         users = 4 * args.slots
         rate = args.overload * capacity_rps / users
         pid = worker_pids(server, "llm")[0]
-        rss, stop = [], threading.Event()
-        sampler = threading.Thread(target=sample_rss, args=(pid, 10, rss, stop), daemon=True)
-        sampler.start()
-        soak = locust(server, args.out, "soak", users, args.duration,
-                      common + ["--bad-share", str(args.bad_share), "--user-rate", f"{rate:.6f}"])
-        stop.set()
+        with PeakMemory(pids=lambda: worker_pids(server, "llm"), interval_s=10, keep=True) as memory:
+            soak = locust(server, args.out, "soak", users, args.duration,
+                          common + ["--bad-share", str(args.bad_share), "--user-rate", f"{rate:.6f}"])
         workers_after = worker_pids(server, "llm")
     finally:
         server.stop()
@@ -82,8 +67,8 @@ def main() -> None:
     good = [r["latency_ms"] for r in soak if r["ok"] and r["name"] == "generate"]
     refused = [r["latency_ms"] for r in soak if r["kind"] == REFUSALS[0]]
     lost = {k: n for k, n in kinds.items() if k.split(": ")[1] not in ("ok", *REFUSALS)}
-    memory = [m for _, m in rss if m is not None]
-    settle = memory[len(memory) // 10:] or memory                  # past the first tenth (warm caches)
+    rss = memory.samples
+    settle = [m for _, m in rss[len(rss) // 10:]] or [m for _, m in rss]                  # past the first tenth (warm caches)
     tenth = max(1, len(settle) // 10)
     report = {
         "machine": describe(), "settings": vars(args) | {"out": str(args.out)},

@@ -142,12 +142,7 @@ def measure_config(args, server, config: dict, raw: Path, settings: dict) -> tup
 
 
 def run_settings(args: argparse.Namespace) -> dict:
-    return {"run_id": args.run_id, "command": shlex.join(["python", "loadtest/sweep.py", *sys.argv[1:]]),
-            "profile": args.profile, "archives": " ".join(args.mar or ["llm.mar"]),
-            "batch_sizes": args.batch_sizes, "max_batch_delays_ms": args.max_batch_delays,
-            "users": args.users, "spawn_rate": args.spawn_rate, "requests_per_config": args.requests,
-            "workload": args.workload, "max_new_tokens": args.max_new_tokens, "stream": args.stream,
-            "seed": args.seed, "p99_target_ms": args.p99_target_ms, "instance": args.instance,
+    return {**vars(args), "command": shlex.join(["python", "loadtest/sweep.py", *sys.argv[1:]]),
             "usd_per_hour": load_price(args.instance),
             "load_average_before_start": " ".join(f"{x:.2f}" for x in os.getloadavg()),   # was the machine busy?
             "machine": describe()}
