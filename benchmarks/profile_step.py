@@ -28,7 +28,7 @@ PARTS = (   # (part, substrings of aten op / profiler event names), first match 
     ("fused", ("CompiledFxGraph", "Torch-Compiled Region", "TorchDynamo Cache Lookup", "Pregraph bytecode",
                "AOTDispatcher")),
     ("attention", ("bmm", "softmax", "masked_fill", "scaled_dot_product", "flash_attention")),
-    ("linear", ("_weight_int4pack_mm", "_weight_int8pack_mm", "addmm", "aten::mm", "linear", "matmul")),
+    ("linear", ("_weight_int4pack_mm", "_weight_int8pack_mm", "q4_mm", "q8_mm", "addmm", "aten::mm", "linear", "matmul")),
     ("kv_write", ("index_put",)),
     ("norm", ("rms_norm",)),
     ("sampling", ("argmax", "sort", "multinomial", "searchsorted", "cumsum")),
@@ -39,12 +39,12 @@ COLUMNS = (("mode", "mode", "{}"), ("compiled", "compiled", "{}"), ("batch", "se
 
 
 def split(prof, num_steps: int) -> dict:
-    """Self CPU ms per step by part, and ATen calls per step (nested calls count too)."""
+    """Self CPU ms per step by part, and ATen (and our kernels') calls per step (nested calls count too)."""
     ms = {f"{p}_ms": 0.0 for p, _ in PARTS} | {"other_ms": 0.0}
     ops = 0
     for event in prof.key_averages():
         part = next((p for p, keys in PARTS if any(k in event.key for k in keys)), "other")
-        if event.key.startswith("aten::") or part == "fused":
+        if event.key.startswith(("aten::", "llmserve::")) or part == "fused":
             ms[f"{part}_ms"] += event.self_cpu_time_total / 1000 / num_steps
             ops += event.count if part != "fused" else 0
     return ms | {"ops": ops / num_steps}

@@ -23,8 +23,9 @@ TMP, LOGS = ROOT / "build" / "ts-tmp", ROOT / "logs"    # of the server `make se
 
 def torchserve_env(tmp: Path, logs: Path) -> dict:
     """This venv's binaries first; TorchServe's temp files, worker sockets and logs where we say;
-    torch.compile's cache in one place for every server, so a worker's graphs are built once."""
-    return {"TORCHINDUCTOR_CACHE_DIR": str(ROOT / "build" / "torchinductor"), **os.environ,
+    torch.compile's cache and the built w4 kernel in one place for every server, so each is built once."""
+    return {"TORCHINDUCTOR_CACHE_DIR": str(ROOT / "build" / "torchinductor"),
+            "TORCH_EXTENSIONS_DIR": str(ROOT / "build" / "torch_extensions"), **os.environ,
             "PATH": f"{BIN}:{os.environ['PATH']}", "TMPDIR": str(tmp), "LOG_LOCATION": str(logs),
             "METRICS_LOCATION": str(logs)}
 

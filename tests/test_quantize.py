@@ -1,5 +1,8 @@
-"""The weight-only modes: packed int8/int4 linears against float ones, the Q4_1 grid coming back
-exactly, the per-call kernel choice by rows, and the engine in w8/w4 on a tiny random Llama."""
+"""The weight-only modes: packed int8/int4 linears against float ones (our AVX2 kernels and
+torch's), the Q4_1 grid coming back exactly, the per-call kernel choice by rows, and the engine in
+w8/w4 on a tiny random Llama."""
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,7 +11,8 @@ import torch.nn.functional as F
 from llmserve.config import EngineConfig
 from llmserve.engine import Engine
 from llmserve.runner import ModelRunner
-from llmserve.quantize import PackedLinear, choose_kernels, dequantize_w4, quantize_w4
+from llmserve import quantize
+from llmserve.quantize import ALWAYS_PACKED, PackedLinear, choose_kernels, dequantize_w4, lowbit_kernels, quantize_w4
 from llmserve.request import Request, SamplingParams
 
 
@@ -30,7 +34,7 @@ def q4_1_weight(N: int = 48, K: int = 128, seed: int = 0) -> torch.Tensor:
     return (d * q + m).reshape(N, K)
 
 
-def test_w4_recovers_a_q4_1_grid_exactly():
+def test_w4_recovers_a_q4_1_grid_exactly(kernels):
     w = q4_1_weight()
     assert (dequantize_w4(*quantize_w4(w)) - w).abs().max() < 1e-6
     x = torch.randn(3, w.shape[1])                                         # the kernel: bf16 scales
@@ -38,13 +42,41 @@ def test_w4_recovers_a_q4_1_grid_exactly():
     assert (PackedLinear(linear_with(w), bits=4)(x) - expected).norm() < 0.01 * expected.norm()
 
 
+@pytest.fixture(params=["own", "torch"])
+def kernels(request, monkeypatch):
+    """Each packed layer made with our AVX2 kernels, then with torch's (the fallback)."""
+    if request.param == "torch":
+        monkeypatch.setattr(quantize, "lowbit_kernels", lambda: False)
+    elif "avx2" in Path("/proc/cpuinfo").read_text():
+        assert lowbit_kernels(), "the AVX2 kernels failed to build on an AVX2 CPU (see the warning logged)"
+    else:
+        pytest.skip("no AVX2 on this CPU")
+    return request.param
+
+
 @pytest.mark.parametrize("bits,tolerance", [(8, 0.02), (4, 0.15)])
-def test_packed_output_is_close_to_float_output(bits, tolerance):
+def test_packed_output_is_close_to_float_output(bits, tolerance, kernels):
     w = torch.randn(64, 256, generator=torch.Generator().manual_seed(1)) * 0.05
     x = torch.randn(5, 256)
     expected = F.linear(x, w)
-    error = (PackedLinear(linear_with(w), bits)(x) - expected).norm() / expected.norm()
+    layer = PackedLinear(linear_with(w), bits)
+    assert layer.own_kernel == (kernels == "own" and bits == 4)      # 8 bits: always torch's
+    error = (layer(x) - expected).norm() / expected.norm()
     assert 0 < error < tolerance
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 7, 17])
+def test_own_kernel_matches_its_weights_at_every_row_tile(rows):
+    """Against the layer's weights, which sit on a 4-bit grid (so only the int8 activations differ): every
+    output column, every row of a tile of 4 and the rows past the last full tile."""
+    w = q4_1_weight(N=40, K=96, seed=rows)                 # on a 4-bit grid: q4_mm's weights are exact
+    layer = PackedLinear(linear_with(w), bits=4)
+    if not layer.own_kernel:
+        pytest.skip("our kernel did not load (no AVX2 here?); test_packed_output_is_close_to_float_output checks")
+    x = torch.randn(rows, 96, generator=torch.Generator().manual_seed(2))
+    x[0, :32] *= 50                                       # one block far larger: scales are per block
+    error = (layer(x) - F.linear(x, w)).abs().amax(dim=1) / F.linear(x, w).abs().amax(dim=1)
+    assert error.max() < 0.02, error
 
 
 def test_kernel_is_chosen_by_rows():
@@ -66,7 +98,7 @@ def engine(request, tiny_model_dir):
     # packed_max_rows large: prefill and decode both take the packed kernels, so cached and
     # uncached computations use the same weights
     return Engine.from_config(EngineConfig(model_path=str(tiny_model_dir), quantization=request.param,
-                                           max_model_len=128, max_num_seqs=8, packed_max_rows=1 << 20))
+                                           max_model_len=128, max_num_seqs=8, packed_max_rows=ALWAYS_PACKED))
 
 
 def run(engine, prompts: list[str], max_new: int = 10) -> list[list[int]]:
@@ -76,22 +108,47 @@ def run(engine, prompts: list[str], max_new: int = 10) -> list[list[int]]:
     return [r.output_ids for r in requests]
 
 
+def steps(engine, rows: slice, prompts: list[list[int]], num_decode: int = 3, fed=None) -> list[torch.Tensor]:
+    """Logits of a prefill of `prompts` into `rows` and of num_decode decode steps, each fed the
+    greedy tokens of the step before, or of the logits `fed` (another run's, so both read alike)."""
+    logits = [engine.runner.prefill(rows, prompts)]
+    for i in range(num_decode):
+        engine.cache.last_tokens[rows] = (fed or logits)[i].argmax(-1)
+        logits.append(engine.runner.decode(rows.stop))
+    return logits
+
+
+def close(a: torch.Tensor, b: torch.Tensor, engine) -> bool:
+    """Equal with torch's kernels (their bf16 activations round float noise away); within 5 % of the
+    largest logit with ours: another batch size or a compiled layer changes float rounding by ulps,
+    which an int8 activation can round to a whole step, and this random model amplifies (a row that
+    mixed with another would be off by about 100 %)."""
+    own = any(getattr(m, "own_kernel", False) for m in engine.runner.model.modules())
+    return torch.equal(a, b) if not own else bool((a - b).abs().max() < 0.05 * a.abs().max())
+
+
 def test_weight_only_engine_cached_equals_uncached(engine):
-    assert engine.facts.packed_max_rows == 1 << 20 and engine.facts.dtype in (torch.float32, torch.bfloat16)
+    """Decode steps over the KV cache give the logits a prefill of the whole sequence gives."""
+    assert engine.facts.packed_max_rows == ALWAYS_PACKED and engine.facts.dtype in (torch.float32, torch.bfloat16)
     for p in PROMPTS:
-        out = run(engine, [p])[0]
-        ids = engine.tokenizer(p)["input_ids"] + out[:-1]
-        r = Request("uncached", ids, SamplingParams(max_new_tokens=1))   # the last step, recomputed whole
-        engine.generate([r])
-        assert r.output_ids == out[-1:]
+        ids = engine.tokenizer(p)["input_ids"]
+        cached = steps(engine, slice(0, 1), [ids], 3)
+        fed = [int(logits[0].argmax()) for logits in cached[:-1]]
+        uncached = engine.runner.prefill(slice(0, 1), [ids + fed])      # the last step, recomputed whole
+        assert close(cached[-1], uncached, engine)
 
 
 def test_weight_only_engine_batched_equals_alone(engine):
-    alone = [run(engine, [p])[0] for p in PROMPTS]
-    assert run(engine, PROMPTS) == alone
+    """Rows never mix: each prompt gets the same logits in a padded batch as alone."""
+    ids = [engine.tokenizer(p)["input_ids"] for p in PROMPTS]
+    batched = steps(engine, slice(0, len(ids)), ids)
+    for i, prompt in enumerate(ids):
+        for a, b in zip(steps(engine, slice(0, 1), [prompt]), batched):
+            assert close(a[0], b[i], engine)
 
 
-def test_compiled_decode_matches_eager_and_builds_no_graph_after_start_up(tiny_model_dir):
+def test_compiled_decode_matches_eager_and_builds_no_graph_after_start_up(tiny_model_dir, kernels):
+    torch._dynamo.reset()   # one graph serves every layer, unguarded on modules: not another test's kernels
     def make(compile: bool) -> Engine:
         return Engine.from_config(EngineConfig(model_path=str(tiny_model_dir), quantization="w4", max_model_len=128,
                                                max_num_seqs=8, packed_max_rows=8, compile=compile))
@@ -101,5 +158,12 @@ def test_compiled_decode_matches_eager_and_builds_no_graph_after_start_up(tiny_m
     assert len(eager.tokenizer(PROMPTS[3])["input_ids"]) == 1        # alone, its first decode has a context of 1
     for prompts in (PROMPTS, PROMPTS[:1], PROMPTS[1:4], PROMPTS * 2, PROMPTS[3:], PROMPTS[3:] * 2):
         # batch sizes 4, 1, 3, 8, 1, 2; contexts grow
-        assert run(compiled, prompts, 24) == run(eager, prompts, 24)
+        if kernels == "torch":
+            assert run(compiled, prompts, 24) == run(eager, prompts, 24)
+        else:
+            ids = [eager.tokenizer(p)["input_ids"] for p in prompts]
+            # 24 steps for the graphs' sake; logits compared over the first 3, before roundings compound
+            expected = steps(eager, slice(0, len(ids)), ids, 24)
+            for a, b in zip(expected[:4], steps(compiled, slice(0, len(ids)), ids, 24, fed=expected)[:4]):
+                assert close(a, b, eager)
     assert ModelRunner.compiled_graphs() == graphs         # no recompilation while serving

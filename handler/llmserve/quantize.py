@@ -4,9 +4,16 @@ an error here, at start-up, never a silent fallback to another mode.
 
 w8 / w4 keep the float weights (for steps with many sequences, where a dense matrix product is
 fastest) beside a packed int8 / int4 copy (for steps with few, which are bound by reading the
-weights), and choose per call by the number of rows; the crossover is measured at start-up."""
+weights), and choose per call by the number of rows; the crossover is measured at start-up.
+w4's 4-bit kernel is our own (lowbit_avx2.cpp, built at start-up: int8 activations per block of 32
+times 4-bit weights, summed in integers as llama.cpp does) where the CPU has AVX2 and a compiler
+is at hand, else torch's; 8-bit layers always take torch's weight-only int8 kernel."""
 
+import functools
+import logging
+import os
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +23,7 @@ BNB_MODES = ("int8", "nf4", "fp4")
 WEIGHT_ONLY_MODES = ("w8", "w4")
 W4_GROUP_SIZE = 32   # the default model's source weights are Q4_1: blocks of 32 with a scale and a minimum
 ALWAYS_PACKED = 1 << 30   # a max_packed_rows no step reaches
+logger = logging.getLogger(__name__)
 
 
 def cpu_has_bf16_units() -> bool:
@@ -85,6 +93,38 @@ def from_pretrained_kwargs(mode: str, device: torch.device) -> dict:
     return {"dtype": dtype, "quantization_config": quant, "device_map": {"": device}}
 
 
+@functools.cache
+def lowbit_kernels() -> bool:
+    """Build (once per machine: torch's extension cache, TORCH_EXTENSIONS_DIR) and load
+    llmserve::q4_mm; False, with a warning, where the CPU lacks AVX2/FMA or the build fails."""
+    try:
+        flags = open("/proc/cpuinfo").read().split()
+    except OSError:
+        flags = []
+    if not {"avx2", "fma"} <= set(flags):
+        logger.warning("no AVX2/FMA on this CPU; w4 uses torch's kernels")
+        return False
+    try:
+        from torch.utils.cpp_extension import load
+
+        load(name="llmserve_lowbit_avx2", sources=[str(Path(__file__).with_name("lowbit_avx2.cpp"))],
+             extra_cflags=["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp"], extra_ldflags=["-fopenmp"],
+             is_python_module=False, verbose=os.environ.get("LLMSERVE_VERBOSE_BUILD") == "1")
+    except Exception as e:     # no compiler, no ninja, a failed build: the slower kernel still works
+        logger.warning("building lowbit_avx2.cpp failed (%s); w4 uses torch's kernels", e)
+        return False
+    torch.library.register_fake("llmserve::q4_mm")(   # the output's shape, for torch.compile
+        lambda x, packed, scale, low: x.new_empty(x.shape[0], packed.shape[0]))
+    return True
+
+
+def pack_q4(q: torch.Tensor) -> torch.Tensor:
+    """q4_mm's layout of q [N, K] (0..15): per block of 32, byte j holds weight j (low nibble) and j + 16."""
+    N, K = q.shape
+    blocks = q.reshape(N, K // 32, 2, 16).to(torch.uint8)
+    return (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(N, K // 2).contiguous()
+
+
 def quantize_w8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 per output channel: (q [N, K] int8, scales [N]), w ~ q * scale."""
     scales = w.float().abs().amax(dim=1).clamp(min=1e-12) / 127                       # [N]
@@ -128,7 +168,12 @@ KERNEL_DTYPE = torch.bfloat16
 
 class PackedLinear(torch.nn.Module):
     """A linear layer with its float weight and a packed int8 / int4 copy; forward takes the
-    packed kernel when the input has at most max_packed_rows rows, the float one otherwise."""
+    packed kernel when the input has at most max_packed_rows rows, the float one otherwise.
+    own_kernel: 4-bit layers take our AVX2 kernel where it builds (faster, but it rounds the
+    activations to int8 per block of 32: w4's WikiText-2 perplexity +0.7 % against +0.1 % with
+    torch's). 8-bit layers keep torch's kernel: ours rounded w8 0.66 % off bf16 (the aim is 0.5 %),
+    and as w4's LM head it turned the first token of "What is the capital of France?" from "The"
+    (capital ... is Paris) to "L'" (French rambling): the last hidden state's outliers."""
 
     def __init__(self, linear: torch.nn.Linear, bits: int) -> None:
         super().__init__()
@@ -136,27 +181,37 @@ class PackedLinear(torch.nn.Module):
         self.bits = bits
         self.out_features = linear.out_features
         self.max_packed_rows = ALWAYS_PACKED
+        self.own_kernel = bits == 4 and linear.weight.device.type == "cpu" and lowbit_kernels()
         with torch.no_grad():
             if bits == 8:
                 packed, scales = quantize_w8(linear.weight)
             elif bits == 4:
                 q, scales = quantize_w4(linear.weight)
-                packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
+                if self.own_kernel:   # weight = q * scale + low, fp32 per block, for llmserve::q4_mm
+                    scale, zero = scales.transpose(0, 1).unbind(-1)                          # [N, K/32]
+                    packed, scales = pack_q4(q), torch.stack([scale, zero - 8 * scale])     # [2, N, K/32]
+                else:
+                    packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
             else:
                 raise ValueError(f"bits must be 8 or 4, got {bits}")
         # buffers, not plain attributes: torch.compile then treats their shapes as fixed
         self.register_buffer("packed", packed)
-        self.register_buffer("scales", scales.to(KERNEL_DTYPE))
+        self.register_buffer("scales", scales.float().contiguous() if self.own_kernel else scales.to(KERNEL_DTYPE))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])                                                     # [rows, K]
-        if x2.shape[0] > self.max_packed_rows:
+        # a prefill ([B, T > 1, K]) takes the float weights unless told always to pack: our kernel's
+        # int8 activations can flip a near-tied first token ("What is the capital of France?": "The"
+        # ... Paris, or "L'" ... French rambling), which every later token follows
+        prefill = self.own_kernel and x.dim() == 3 and x.shape[1] > 1 and self.max_packed_rows < ALWAYS_PACKED
+        if x2.shape[0] > self.max_packed_rows or prefill:
             return F.linear(x, self.weight, self.bias)
-        x2 = x2.to(KERNEL_DTYPE)
-        if self.bits == 8:
-            y = torch._weight_int8pack_mm(x2, self.packed, self.scales)
+        if self.own_kernel:
+            y = torch.ops.llmserve.q4_mm(x2.float(), self.packed, self.scales[0], self.scales[1])
+        elif self.bits == 8:
+            y = torch._weight_int8pack_mm(x2.to(KERNEL_DTYPE), self.packed, self.scales)
         else:
-            y = torch._weight_int4pack_mm_for_cpu(x2, self.packed, W4_GROUP_SIZE, self.scales)
+            y = torch._weight_int4pack_mm_for_cpu(x2.to(KERNEL_DTYPE), self.packed, W4_GROUP_SIZE, self.scales)
         y = y.to(x.dtype)
         if self.bias is not None:
             y = y + self.bias

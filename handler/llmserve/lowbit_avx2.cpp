@@ -1,0 +1,127 @@
+// llmserve::q4_mm: y = x @ W^T for 4-bit weights on AVX2 CPUs, the way llama.cpp multiplies its
+// Q4_1 blocks: each block of 32 activations is quantized to int8 with its own scale, and the
+// products of 4-bit weights and 8-bit activations are summed in integers (vpmaddubsw) before one
+// float multiply-add per block. torch's int4 kernel dequantizes every weight to float instead,
+// which makes a one-sequence decode step arithmetic-bound on AVX2.
+//
+//   x      [M, K] float32, K a multiple of 32
+//   packed [N, K/2] uint8: block b of row n is bytes [16 b, 16 b + 16); byte j holds weight j of
+//          the block in its low nibble and weight j + 16 in its high nibble (values 0..15)
+//   scale, low  [N, K/32] float32: weight = q * scale + low
+// Built at start-up by llmserve.quantize (torch.utils.cpp_extension); see there for the fallback.
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cmath>
+
+namespace {
+
+constexpr int64_t kBlock = 32;
+constexpr int64_t kRowTile = 4;   // activation rows sharing one unpacking of a weight block
+
+inline float horizontal_sum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// Per block of 32: int8 values, their scale (max |x| / 127) and the block's float sum.
+void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* xq, float* xscale, float* xsum) {
+  const int64_t blocks = K / kBlock;
+  for (int64_t r = 0; r < M * blocks; ++r) {
+    const float* src = x + r * kBlock;
+    float amax = 0.f, sum = 0.f;
+    for (int64_t i = 0; i < kBlock; ++i) {
+      amax = std::max(amax, std::fabs(src[i]));
+      sum += src[i];
+    }
+    const float d = amax / 127.f;
+    const float inv = d > 0.f ? 1.f / d : 0.f;
+    for (int64_t i = 0; i < kBlock; ++i) xq[r * kBlock + i] = static_cast<int8_t>(std::nearbyint(src[i] * inv));
+    xscale[r] = d;
+    xsum[r] = sum;
+  }
+}
+
+// Output columns [n0, n1) for ROWS activation rows: each weight block is unpacked once and used
+// by every row. xq, xs, xsum and y point at the tile's first row.
+template <int ROWS>
+void dot_rows(const uint8_t* W, const float* S, const float* L, const int8_t* xq, const float* xs,
+              const float* xsum, float* y, int64_t n0, int64_t n1, int64_t N, int64_t K) {
+  const int64_t blocks = K / kBlock;
+  const __m128i nibble = _mm_set1_epi8(0x0F);
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* wrow = W + n * (K / 2);
+    const float* srow = S + n * blocks;
+    const float* lrow = L + n * blocks;
+    __m256 acc[ROWS];
+    float low_acc[ROWS];
+    for (int i = 0; i < ROWS; ++i) {
+      acc[i] = _mm256_setzero_ps();
+      low_acc[i] = 0.f;
+    }
+    for (int64_t b = 0; b < blocks; ++b) {
+      const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wrow + b * 16));
+      const __m256i q = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(raw, 4), nibble), _mm_and_si128(raw, nibble));
+      for (int i = 0; i < ROWS; ++i) {
+        const int64_t r = i * blocks + b;
+        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + r * kBlock));
+        const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(q, xv), ones);   // 8 x int32
+        acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(srow[b] * xs[r]), acc[i]);
+        low_acc[i] += lrow[b] * xsum[r];
+      }
+    }
+    for (int i = 0; i < ROWS; ++i) y[i * N + n] = horizontal_sum(acc[i]) + low_acc[i];
+  }
+}
+
+}  // namespace
+
+torch::Tensor q4_mm(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scale,
+                    const torch::Tensor& low) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32 && x.dim() == 2, "x must be [M, K] float32 on the CPU");
+  TORCH_CHECK(packed.scalar_type() == torch::kUInt8 && scale.scalar_type() == torch::kFloat32 &&
+              low.scalar_type() == torch::kFloat32, "packed must be uint8, scale and low float32");
+  const int64_t M = x.size(0), K = x.size(1), N = packed.size(0), blocks = K / kBlock;
+  TORCH_CHECK(K % kBlock == 0 && packed.size(1) == K / 2 && scale.size(0) == N && scale.size(1) == blocks &&
+              low.sizes() == scale.sizes(), "shapes: x [M, K], packed [N, K/2], scale and low [N, K/32]");
+  const auto xc = x.contiguous();
+  const auto pc = packed.contiguous();
+  const auto sc = scale.contiguous();
+  const auto lc = low.contiguous();
+  auto xq = torch::empty({M, K}, torch::kInt8);
+  auto xscale = torch::empty({M, blocks}, torch::kFloat32);
+  auto xsum = torch::empty({M, blocks}, torch::kFloat32);
+  quantize_rows(xc.data_ptr<float>(), M, K, xq.data_ptr<int8_t>(), xscale.data_ptr<float>(), xsum.data_ptr<float>());
+  auto y = torch::empty({M, N}, torch::kFloat32);
+
+  const uint8_t* W = pc.data_ptr<uint8_t>();
+  const float* S = sc.data_ptr<float>();
+  const float* L = lc.data_ptr<float>();
+  const int8_t* XQ = xq.data_ptr<int8_t>();
+  const float* XS = xscale.data_ptr<float>();
+  const float* XSUM = xsum.data_ptr<float>();
+  float* Y = y.data_ptr<float>();
+
+  at::parallel_for(0, N, 8, [&](int64_t n0, int64_t n1) {
+    for (int64_t m0 = 0; m0 < M; m0 += kRowTile) {
+      const int64_t rows = std::min(kRowTile, M - m0);
+      const int64_t r0 = m0 * blocks;
+      switch (rows) {   // the tile's accumulators stay in registers only with a fixed row count
+        case 1: dot_rows<1>(W, S, L, XQ + r0 * kBlock, XS + r0, XSUM + r0, Y + m0 * N, n0, n1, N, K); break;
+        case 2: dot_rows<2>(W, S, L, XQ + r0 * kBlock, XS + r0, XSUM + r0, Y + m0 * N, n0, n1, N, K); break;
+        case 3: dot_rows<3>(W, S, L, XQ + r0 * kBlock, XS + r0, XSUM + r0, Y + m0 * N, n0, n1, N, K); break;
+        default: dot_rows<4>(W, S, L, XQ + r0 * kBlock, XS + r0, XSUM + r0, Y + m0 * N, n0, n1, N, K);
+      }
+    }
+  });
+  return y;
+}
+
+TORCH_LIBRARY(llmserve, m) { m.def("q4_mm(Tensor x, Tensor packed, Tensor scale, Tensor low) -> Tensor"); }
+
+TORCH_LIBRARY_IMPL(llmserve, CPU, m) { m.impl("q4_mm", &q4_mm); }
