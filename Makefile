@@ -12,7 +12,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 PROFILE ?= quick
 
-.PHONY: serve stop test test-unit fuzz soak status measure mar clean sweep bench
+.PHONY: serve stop test test-unit fuzz soak status measure quality mar clean sweep bench
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PY_SYS) -m venv $(VENV)
@@ -62,6 +62,10 @@ test-unit: $(VENV)/.installed
 # one greedy 64-token request per mode, in process: the bench's modes profile, outside the committed results
 measure: $(VENV)/.installed $(MODEL_DIR)/prepared.json
 	$(PY) scripts/bench.py --profile modes --out build/measure
+
+# the README's perplexity of w8/w4 against the float weights (the packed kernels at every size)
+quality: $(VENV)/.installed $(MODEL_DIR)/prepared.json
+	$(PY) scripts/bench.py --profile quality --out benchmarks/results/quality
 
 sweep: $(MAR)
 	$(PY) loadtest/sweep.py --profile $(PROFILE)

@@ -8,6 +8,7 @@ steps compiled. Writes benchmarks/results/profile/profile.{json,md}; the last li
 """
 
 import argparse
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -50,34 +51,33 @@ def split(prof, num_steps: int) -> dict:
     return ms | {"ops": ops / num_steps}
 
 
-def measure(engine: Engine, batch: int, num_decode: int) -> list[dict]:
-    body = lambda i: {"messages": [{"role": "user", "content": CHAT_QUESTIONS[i % len(CHAT_QUESTIONS)]}],
-                      "max_new_tokens": 2 * num_decode + 8, "ignore_eos": True}
-    def admit(tag: str) -> None:
-        for i in range(batch):
-            engine.add_request(parse_request(f"{tag}-{i}", body(i), engine.config, engine.tokenizer))
-
-    admit("plain")                                   # plain timings first: no profiler overhead
-    t0 = time.perf_counter()
-    engine.step()
-    prefill_ms = (time.perf_counter() - t0) * 1000
-    engine.step()
-    t0 = time.perf_counter()
-    for _ in range(num_decode):
+def run_steps(engine: Engine, batch: int, num_decode: int, tag: str, wrap) -> tuple:
+    """A prefill step, one untimed decode step, then num_decode decode steps; each timed part
+    inside wrap() (the profiler, or nothing). Returns (prefill ms, decode ms a step, the two wraps)."""
+    for i in range(batch):
+        body = {"messages": [{"role": "user", "content": CHAT_QUESTIONS[i % len(CHAT_QUESTIONS)]}],
+                "max_new_tokens": 2 * num_decode + 8, "ignore_eos": True}
+        engine.add_request(parse_request(f"{tag}-{i}", body, engine.config, engine.tokenizer))
+    with wrap() as prefill_part:
+        t0 = time.perf_counter()
         engine.step()
-    decode_ms = (time.perf_counter() - t0) * 1000 / num_decode
-    for rid in list(engine.requests):
-        engine.abort(rid)
-
-    admit("profiled")
-    with profile(activities=[ProfilerActivity.CPU]) as prefill_prof:
-        engine.step()
+        prefill_ms = (time.perf_counter() - t0) * 1000
     engine.step()
-    with profile(activities=[ProfilerActivity.CPU]) as decode_prof:
+    with wrap() as decode_part:
+        t0 = time.perf_counter()
         for _ in range(num_decode):
             engine.step()
+        decode_ms = (time.perf_counter() - t0) * 1000 / num_decode
     for rid in list(engine.requests):
         engine.abort(rid)
+    return prefill_ms, decode_ms, prefill_part, decode_part
+
+
+def measure(engine: Engine, batch: int, num_decode: int) -> list[dict]:
+    """Timings from plain steps (no profiler overhead), the split by part from profiled ones."""
+    prefill_ms, decode_ms, _, _ = run_steps(engine, batch, num_decode, "plain", contextlib.nullcontext)
+    *_, prefill_prof, decode_prof = run_steps(engine, batch, num_decode, "profiled",
+                                              lambda: profile(activities=[ProfilerActivity.CPU]))
     return [{"batch": batch, "phase": "prefill", "step_ms": prefill_ms, **split(prefill_prof, 1)},
             {"batch": batch, "phase": "decode", "step_ms": decode_ms, "tok_s": batch * 1000 / decode_ms,
              **split(decode_prof, num_decode)}]

@@ -20,10 +20,10 @@ def load_profile(name: str, tool: str, path: Path = PROFILES) -> dict:
     if name not in profiles:
         raise ValueError(f"profile {name!r} is not in {path}; it has {sorted(profiles)}")
     section = profiles[name].get(tool, {})
-    optional = {"no_cache"} if tool == "bench" else set()
+    optional = {"no_cache", "packed_max_rows"} if tool == "bench" else set()
     if not KEYS[tool] <= set(section) <= KEYS[tool] | optional:
         raise ValueError(f"{tool} in profile {name!r} must have the keys {sorted(KEYS[tool])}"
-                         f"{' (and may have no_cache)' if optional else ''}, got {sorted(section)}")
+                         f"{f' (and may have {sorted(optional)})' if optional else ''}, got {sorted(section)}")
     if tool == "bench":
         no_cache = section.get("no_cache", {})
         if not set(no_cache) <= set(RUN_COUNTS) or no_cache.get("num_prompts", 0) > section["num_prompts"]:
@@ -31,6 +31,8 @@ def load_profile(name: str, tool: str, path: Path = PROFILES) -> dict:
         bad = [m for m in section["modes"] if m not in QUANTIZATION_MODES]
         if bad:
             raise ValueError(f"unknown modes {bad} in profile {name!r}; known: {QUANTIZATION_MODES}")
+        if section.get("packed_max_rows", 0) != "always" and not isinstance(section.get("packed_max_rows", 0), int):
+            raise ValueError(f"packed_max_rows in profile {name!r} must be an integer or always")
     return section
 
 

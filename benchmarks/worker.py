@@ -19,6 +19,7 @@ from benchmarks.workload import WIKITEXT, exact_prompt
 from llmserve.config import EngineConfig
 from llmserve.engine import Engine
 from llmserve.load import load_model
+from llmserve.quantize import ALWAYS_PACKED
 
 
 def run(mode: str, grid: dict, model_path: Path, options: dict, events: Connection) -> None:
@@ -30,10 +31,12 @@ def run(mode: str, grid: dict, model_path: Path, options: dict, events: Connecti
 
     transformers.logging.set_verbosity_error()
     torch.manual_seed(grid["seed"])
-    lengths, max_new = grid["context_lengths"], grid["max_new_tokens"]
-    config = EngineConfig(model_path=str(model_path), quantization=mode, max_model_len=max(lengths) + max_new,
-                          max_num_seqs=1, max_prefill_tokens=max(lengths), max_new_tokens_cap=max_new,
-                          default_max_new_tokens=max_new, **options)
+    lengths, max_new, ppl = grid["context_lengths"], grid["max_new_tokens"], grid["perplexity"]
+    packed = grid.get("packed_max_rows", -1)      # "always": w8/w4 take the packed kernels in prefills too
+    config = EngineConfig(model_path=str(model_path), quantization=mode, max_num_seqs=1,
+                          max_model_len=max(max(lengths) + max_new, ppl["window"]), max_prefill_tokens=max(lengths),
+                          max_new_tokens_cap=max_new, default_max_new_tokens=max_new,
+                          packed_max_rows=ALWAYS_PACKED if packed == "always" else packed, **options)
     try:
         model, tokenizer, facts = load_model(config)
     except ValueError as e:       # this device cannot run this mode
@@ -41,7 +44,6 @@ def run(mode: str, grid: dict, model_path: Path, options: dict, events: Connecti
     # no stop tokens: every run decodes exactly max_new_tokens, whatever the text says
     engine = Engine(model, tokenizer, config, dataclasses.replace(facts, stop_token_ids=frozenset()))
     wiki = (WIKITEXT / "test.txt").read_text()
-    ppl = grid["perplexity"]
     is_random = (model_path / RANDOM_MARKER).is_file()     # its perplexity would mean nothing
     ppl_ids = [] if is_random else measure.perplexity_ids(tokenizer, wiki, ppl["max_tokens"])
     emit("plan", num_steps=measure.num_windows(len(ppl_ids), ppl["window"], ppl["stride"]) if ppl_ids else 0)
@@ -63,7 +65,8 @@ def run(mode: str, grid: dict, model_path: Path, options: dict, events: Connecti
                     emit("run", is_warmup=step < num_warmup, context_len=length, kv_cache=kv_cache, template=template,
                          prompt_index=k % num_prompts, run_index=k // num_prompts, prompt_tokens=len(ids),
                          peak_mem_mb=peak.read_bytes() / 2**20, **t)
-    value = measure.perplexity(model, ppl_ids, ppl["window"], ppl["stride"], facts.device,
+    # through the engine's own forward (its kernels and fused layers), not Hugging Face's
+    value = measure.perplexity(measure.engine_loss(engine), ppl_ids, ppl["window"], ppl["stride"], facts.device,
                                on_window=lambda: emit("window")) if ppl_ids else None
     emit("done", ppl=value, ppl_tokens=len(ppl_ids), weight_mb=facts.weight_bytes / 2**20, dtype=str(facts.dtype),
          device=device_name(facts.device))

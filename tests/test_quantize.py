@@ -7,6 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from conftest import MODEL_DIR
 
 from llmserve.config import EngineConfig
 from llmserve.engine import Engine
@@ -40,6 +43,17 @@ def test_w4_recovers_a_q4_1_grid_exactly(kernels):
     x = torch.randn(3, w.shape[1])                                         # the kernel: bf16 scales
     expected = F.linear(x, w)
     assert (PackedLinear(linear_with(w), bits=4)(x) - expected).norm() < 0.01 * expected.norm()
+
+
+def test_w4_recovers_the_default_models_weights_exactly():
+    """The default model's fp32 weights are dequantized from a Q4_1 GGUF: w4 finds every block's grid."""
+    if not (MODEL_DIR / "model.safetensors").is_file():
+        pytest.skip("model not prepared: run make mar")
+    weights = load_file(MODEL_DIR / "model.safetensors")
+    layer = [w for name, w in weights.items() if name.startswith("model.layers.0.") and name.endswith("proj.weight")]
+    assert len(layer) == 7
+    for w in layer:
+        assert (dequantize_w4(*quantize_w4(w.float())) - w.float()).abs().max() == 0
 
 
 @pytest.fixture(params=["own", "torch"])
