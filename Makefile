@@ -46,7 +46,7 @@ status:
 	@curl -s $(MGMT_URL)/models/llm
 
 test: $(MAR)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=10 tests
 
 # thousands of malformed bodies beside good requests against a real TorchServe (tests/test_fuzz.py)
 fuzz: $(MAR)
