@@ -14,6 +14,7 @@ def test_repo_model_config_parses():
     config = EngineConfig.from_dict(section)
     assert config.quantization == "w4"       # the shipped default since 480edc9
     assert config.kv_capacity_tokens == config.max_num_seqs * config.max_model_len
+    assert config.kv_prefault                # the server maps its KV cache at start-up
 
 
 def test_unknown_key_is_rejected():
@@ -35,6 +36,7 @@ def test_model_path_required():
     ("kv_budget_tokens", -1, "kv_budget_tokens must be a non-negative integer"),
     ("kv_budget_tokens", 100, "must hold one whole sequence"),
     ("default_max_new_tokens", 5000, "exceeds max_new_tokens_cap"),
+    ("kv_prefault", "yes", "kv_prefault must be true or false"),
 ])
 def test_bad_values_are_rejected(key, value, match):
     with pytest.raises(ValueError, match=match):

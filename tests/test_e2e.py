@@ -202,9 +202,11 @@ def test_client_disconnect_frees_its_slot(server):
 def test_scale_workers_of_a_classic_archive(server):
     # TorchServe 0.12's ContinuousBatching stalls a busy worker while another waits for work (the
     # idle one holds the model's queue lock), so several workers need the classic archive
-    # compile=false: two workers start in half the time; the compiled step is tested on "llm"
+    # compile=false: two workers start in half the time; the compiled step is tested on "llm".
+    # 8 rows: two more workers with the default prefaulted 6 GB cache beside the server's two would fill 24 GB
     subprocess.run([sys.executable, str(ROOT / "scripts/build_mar.py"), "--name", "llm-classic",
-                    "--no-continuous-batching", "--set", "batching=request_level", "--set", "compile=false"],
+                    "--no-continuous-batching", "--set", "batching=request_level", "--set", "compile=false",
+                    "--set", "max_num_seqs=8"],
                    check=True, capture_output=True)
     url = f"{server.management_url}/models/llm-classic"
     r = requests.post(f"{server.management_url}/models?url=llm-classic.mar&initial_workers=1&synchronous=true",

@@ -3,11 +3,13 @@ preemption must not change a greedy request's tokens."""
 
 from dataclasses import replace
 
+import psutil
 import pytest
 import torch
 
 from llmserve.config import EngineConfig
 from llmserve.engine import Engine
+from llmserve.kv_cache import KVCache
 from llmserve.request import Request, SamplingParams
 
 PROMPTS = ["Hello there", "The quick brown fox jumps over", "1 2 3", "A much longer prompt about many things, "
@@ -95,6 +97,24 @@ def test_preemption_recomputes_to_the_same_output(tiny_model_dir):
     small.generate(batch)
     assert [r.output_ids for r in batch] == expected
     assert sum(r.num_preemptions for r in batch) > 0
+
+
+@pytest.mark.parametrize("prefault", [False, True])
+def test_the_kv_cache_is_resident_from_start_up_only_when_prefaulted(prefault):
+    """kv_prefault maps every page of the cache when it is made (zeros, writable); without it the
+    pages stay unmapped until rows use them."""
+    rss = psutil.Process().memory_info().rss
+    cache = KVCache(4, 8, 2, 4096, 64, torch.float32, torch.device("cpu"), prefault=prefault)   # 2 x 64 MiB
+    grown = psutil.Process().memory_info().rss - rss
+    assert grown > 120 * 2**20 if prefault else grown < 20 * 2**20
+    assert not cache.k.any() and not cache.v.any()
+    cache.k[1, 2, 1, 7] = 1.0
+    assert cache.k.sum() == 64
+
+
+def test_a_prefaulted_engine_gives_the_same_tokens(engine, tiny_model_dir):
+    prefaulted = Engine.from_config(replace(engine.config, kv_prefault=True))
+    assert [alone(prefaulted, p) for p in PROMPTS[:2]] == [alone(engine, p) for p in PROMPTS[:2]]
 
 
 def test_stop_string_cuts_text(engine):

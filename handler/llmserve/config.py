@@ -30,6 +30,8 @@ class EngineConfig:
                                       # (the handler's 503); 0 = no limit
     compile: bool = False             # w8/w4: fuse each layer of the packed-kernel decode steps with
                                       # torch.compile at start-up (other modes run eagerly)
+    kv_prefault: bool = False         # CPU: map the whole KV cache into memory at start-up (its full
+                                      # size resident at once) instead of page by page as rows first use it
 
     def __post_init__(self) -> None:
         if self.quantization not in QUANTIZATION_MODES:
@@ -48,8 +50,9 @@ class EngineConfig:
         if not isinstance(self.packed_max_rows, int) or isinstance(self.packed_max_rows, bool) \
                 or self.packed_max_rows < -1:
             raise ValueError(f"packed_max_rows must be -1 (measure) or a non-negative integer, got {self.packed_max_rows!r}")
-        if not isinstance(self.compile, bool):
-            raise ValueError(f"compile must be true or false, got {self.compile!r}")
+        for name in ("compile", "kv_prefault"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if not isinstance(self.max_queue_wait_s, (int, float)) or isinstance(self.max_queue_wait_s, bool) \
                 or not 0 <= self.max_queue_wait_s < float("inf"):
             raise ValueError(f"max_queue_wait_s must be a non-negative number of seconds, got {self.max_queue_wait_s!r}")

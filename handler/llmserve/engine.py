@@ -34,7 +34,7 @@ class Engine:
         self.config = config
         self.tokenizer = tokenizer
         self.cache = KVCache(facts.num_layers, config.max_num_seqs, facts.num_kv_heads, config.max_model_len,
-                             facts.head_dim, facts.dtype, facts.device)
+                             facts.head_dim, facts.dtype, facts.device, config.kv_prefault)
         compile_rows = max(facts.packed_max_rows, 0) if config.compile else 0   # w8/w4's packed-kernel steps
         self.runner = ModelRunner(model, self.cache, compile_max_rows=compile_rows)
         self.facts = replace(facts, compiled_graphs=self.runner.warm_up())
