@@ -93,7 +93,24 @@ def test_own_kernel_matches_its_weights_at_every_row_tile(rows):
     assert error.max() < 0.02, error
 
 
-def test_kernel_is_chosen_by_rows():
+@pytest.mark.parametrize("bf16_units", [False, True])
+def test_float_weights_are_bf16_only_where_the_cpu_multiplies_bf16_and_activations_stay_fp32(bf16_units, monkeypatch):
+    """On AMX / AVX512-BF16 the many-row products take bf16 weights, but the layer takes and returns
+    fp32 and the engine's activations and KV cache stay fp32 (the model wholly in bf16 lost Paris)."""
+    monkeypatch.setattr(quantize, "cpu_has_bf16_units", lambda: bf16_units)
+    w = torch.randn(32, 64) * 0.1
+    layer = PackedLinear(linear_with(w), bits=4)
+    choose_kernels([layer], max_packed_rows=0, max_rows=8)          # every row count: the float weights
+    x = torch.randn(3, 64)
+    y = layer(x)
+    assert layer.weight.dtype == (torch.bfloat16 if bf16_units else torch.float32) and y.dtype == torch.float32
+    error = (y - F.linear(x, w)).abs().max()
+    assert (0 < error < 0.02) if bf16_units else error == 0
+    assert quantize.compute_dtype("w4", torch.device("cpu")) == quantize.compute_dtype("w8", torch.device("cpu")) == torch.float32
+
+
+def test_kernel_is_chosen_by_rows(monkeypatch):
+    monkeypatch.setattr(quantize, "cpu_has_bf16_units", lambda: False)    # fp32 float weights: exact equality
     w = torch.randn(32, 64) * 0.1
     layer = PackedLinear(linear_with(w), bits=4)
     choose_kernels([layer], max_packed_rows=2, max_rows=8)
@@ -157,7 +174,8 @@ def test_weight_only_engine_batched_equals_alone(engine):
     ids = [engine.tokenizer(p)["input_ids"] for p in PROMPTS]
     batched = steps(engine, slice(0, len(ids)), ids)
     for i, prompt in enumerate(ids):
-        for a, b in zip(steps(engine, slice(0, 1), [prompt]), batched):
+        # fed the batch's tokens: a near-tie that one run rounds the other way must not fork the two
+        for a, b in zip(steps(engine, slice(0, 1), [prompt], fed=[logits[i:i + 1] for logits in batched]), batched):
             assert close(a[0], b[i], engine)
 
 

@@ -36,9 +36,12 @@ def cpu_has_bf16_units() -> bool:
 
 
 def dense_dtype(device: torch.device) -> torch.dtype:
-    """The float dtype w8/w4 keep for many-row steps and use for activations: bf16 where hardware
-    runs it, fp32 on CPUs that emulate bf16 (there fp32 decode steps were 1.7-2.5x faster at 16-64
-    sequences: benchmarks/results/profile/profile.md)."""
+    """The dtype w8/w4 keep their float weights in, for the steps with many rows and prefills:
+    bf16 where hardware runs it, fp32 on CPUs that emulate bf16 (there fp32 decode steps were
+    1.7-2.5x faster at 16-64 sequences: benchmarks/results/profile/profile.md). Activations, the
+    residual stream and the KV cache stay fp32 on the CPU either way (compute_dtype): a model run
+    wholly in bf16 answered "What is the capital of France?" with "L'Étoile, la Marseillaise, ..."
+    on an AMX Xeon, where bf16 products with fp32 activations around them answer Paris."""
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.bfloat16 if cpu_has_bf16_units() else torch.float32
@@ -68,7 +71,7 @@ def compute_dtype(mode: str, device: torch.device) -> torch.dtype:
     if mode in FLOAT_DTYPES:
         return FLOAT_DTYPES[mode]
     if mode in WEIGHT_ONLY_MODES:
-        return dense_dtype(device)
+        return torch.float32 if device.type == "cpu" else dense_dtype(device)
     if mode == "int8":
         # bitsandbytes' int8 matmul takes fp16 activations (it casts them otherwise)
         return torch.float16
@@ -177,7 +180,13 @@ class PackedLinear(torch.nn.Module):
 
     def __init__(self, linear: torch.nn.Linear, bits: int) -> None:
         super().__init__()
-        self.weight, self.bias = linear.weight, linear.bias      # shared, not copied
+        self.weight, self.bias = linear.weight, linear.bias      # shared, not copied, unless converted:
+        dense = dense_dtype(linear.weight.device)
+        if dense != linear.weight.dtype:                          # bf16 products on AMX / AVX512-BF16
+            self.weight = torch.nn.Parameter(linear.weight.detach().to(dense), requires_grad=False)
+            if linear.bias is not None:
+                self.bias = torch.nn.Parameter(linear.bias.detach().to(dense), requires_grad=False)
+        self.act_dtype = linear.weight.dtype                      # what the layer takes and returns
         self.bits = bits
         self.out_features = linear.out_features
         self.max_packed_rows = ALWAYS_PACKED
@@ -205,7 +214,7 @@ class PackedLinear(torch.nn.Module):
         # ... Paris, or "L'" ... French rambling), which every later token follows
         prefill = self.own_kernel and x.dim() == 3 and x.shape[1] > 1 and self.max_packed_rows < ALWAYS_PACKED
         if x2.shape[0] > self.max_packed_rows or prefill:
-            return F.linear(x, self.weight, self.bias)
+            return F.linear(x.to(self.weight.dtype), self.weight, self.bias).to(x.dtype)
         if self.own_kernel:
             y = torch.ops.llmserve.q4_mm(x2.float(), self.packed, self.scales[0], self.scales[1])
         elif self.bits == 8:
@@ -253,7 +262,7 @@ def choose_kernels(layers: list[PackedLinear], max_packed_rows: int, max_rows: i
     rows = 1
     while rows <= max_rows and best == rows // 2:      # until the packed kernels first lose
         ms = {}
-        xs = {n: torch.randn(rows, n, dtype=layers[0].weight.dtype) for n in {l.weight.shape[1] for l in layers}}
+        xs = {n: torch.randn(rows, n, dtype=layers[0].act_dtype) for n in {l.weight.shape[1] for l in layers}}
         for kind, limit in (("packed", ALWAYS_PACKED), ("dense", 0)):
             for layer in layers:
                 layer.max_packed_rows = limit
