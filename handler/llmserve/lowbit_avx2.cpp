@@ -20,6 +20,11 @@ namespace {
 
 constexpr int64_t kBlock = 32;
 constexpr int64_t kRowTile = 4;   // activation rows sharing one unpacking of a weight block
+// Each row's loop asks for the weights this far ahead (rows are contiguous): the hardware
+// prefetcher stops at every 4 KiB page, and a one-row step, waiting on memory, ran the whole
+// model's 4-bit products in 10.0-13.5 ms with it against 16.0-18.4 ms without (AMX Xeon, two
+// alternating pairs of runs).
+constexpr int64_t kPrefetchBytes = 4096;
 
 inline float horizontal_sum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -65,6 +70,7 @@ void dot_rows(const uint8_t* W, const float* S, const float* L, const int8_t* xq
       low_acc[i] = 0.f;
     }
     for (int64_t b = 0; b < blocks; ++b) {
+      if ((b & 3) == 0) _mm_prefetch(reinterpret_cast<const char*>(wrow + b * 16) + kPrefetchBytes, _MM_HINT_T0);
       const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wrow + b * 16));
       const __m256i q = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(raw, 4), nibble), _mm_and_si128(raw, nibble));
       for (int i = 0; i < ROWS; ++i) {
