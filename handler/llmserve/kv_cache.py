@@ -14,7 +14,7 @@ def zeros(shape: tuple, dtype: torch.dtype, device: torch.device, prefault: bool
     """Zeros on the CPU that take memory only as rows are used (numpy's zeros come from calloc,
     whose untouched pages stay unmapped), or with prefault all mapped now by the kernel in one
     call (an anonymous MAP_POPULATE mapping): a first touch page by page in a step can cost more
-    than the step (on a Firecracker VM, 56 new rows' first prefill took 16.9 s instead of 6.3).
+    than the step itself on a VM.
     Zeros, not empty: masked positions must hold finite values (0 * NaN is NaN in attention)."""
     if device.type != "cpu":
         return torch.zeros(shape, dtype=dtype, device=device)

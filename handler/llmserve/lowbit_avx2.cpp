@@ -21,9 +21,8 @@ namespace {
 constexpr int64_t kBlock = 32;
 constexpr int64_t kRowTile = 4;   // activation rows sharing one unpacking of a weight block
 // Each row's loop asks for the weights this far ahead (rows are contiguous): the hardware
-// prefetcher stops at every 4 KiB page, and a one-row step, waiting on memory, ran the whole
-// model's 4-bit products in 10.0-13.5 ms with it against 16.0-18.4 ms without (AMX Xeon, two
-// alternating pairs of runs).
+// prefetcher stops at every 4 KiB page, and a one-row step waits on memory, not arithmetic
+// (kernel_ms in benchmarks.profile_step's report times the whole model's products).
 constexpr int64_t kPrefetchBytes = 4096;
 
 inline float horizontal_sum(__m256 v) {

@@ -26,6 +26,7 @@ ALWAYS_PACKED = 1 << 30   # a max_packed_rows no step reaches
 logger = logging.getLogger(__name__)
 
 
+@functools.cache
 def cpu_has_bf16_units() -> bool:
     """AMX or AVX512-BF16: bf16 matrix products run natively (elsewhere they are emulated)."""
     try:
@@ -35,15 +36,14 @@ def cpu_has_bf16_units() -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
-def dense_dtype(device: torch.device) -> torch.dtype:
+def dense_dtype() -> torch.dtype:
     """The dtype w8/w4 keep their float weights in, for the steps with many rows and prefills:
     bf16 where hardware runs it, fp32 on CPUs that emulate bf16 (there fp32 decode steps were
     1.7-2.5x faster at 16-64 sequences: benchmarks/results/profile/profile.md). Activations, the
     residual stream and the KV cache stay fp32 on the CPU either way (compute_dtype): a model run
     wholly in bf16 answered "What is the capital of France?" with "L'Étoile, la Marseillaise, ..."
-    on an AMX Xeon, where bf16 products with fp32 activations around them answer Paris."""
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    on an AMX Xeon, where bf16 products with fp32 activations around them answer Paris. CPU only,
+    as w8/w4 are (check_supported)."""
     return torch.bfloat16 if cpu_has_bf16_units() else torch.float32
 
 
@@ -71,7 +71,7 @@ def compute_dtype(mode: str, device: torch.device) -> torch.dtype:
     if mode in FLOAT_DTYPES:
         return FLOAT_DTYPES[mode]
     if mode in WEIGHT_ONLY_MODES:
-        return torch.float32 if device.type == "cpu" else dense_dtype(device)
+        return torch.float32            # the float weights: dense_dtype
     if mode == "int8":
         # bitsandbytes' int8 matmul takes fp16 activations (it casts them otherwise)
         return torch.float16
@@ -181,12 +181,11 @@ class PackedLinear(torch.nn.Module):
     def __init__(self, linear: torch.nn.Linear, bits: int) -> None:
         super().__init__()
         self.weight, self.bias = linear.weight, linear.bias      # shared, not copied, unless converted:
-        dense = dense_dtype(linear.weight.device)
+        dense = dense_dtype()
         if dense != linear.weight.dtype:                          # bf16 products on AMX / AVX512-BF16
             self.weight = torch.nn.Parameter(linear.weight.detach().to(dense), requires_grad=False)
             if linear.bias is not None:
                 self.bias = torch.nn.Parameter(linear.bias.detach().to(dense), requires_grad=False)
-        self.act_dtype = linear.weight.dtype                      # what the layer takes and returns
         self.bits = bits
         self.out_features = linear.out_features
         self.max_packed_rows = ALWAYS_PACKED
@@ -262,7 +261,7 @@ def choose_kernels(layers: list[PackedLinear], max_packed_rows: int, max_rows: i
     rows = 1
     while rows <= max_rows and best == rows // 2:      # until the packed kernels first lose
         ms = {}
-        xs = {n: torch.randn(rows, n, dtype=layers[0].act_dtype) for n in {l.weight.shape[1] for l in layers}}
+        xs = {n: torch.randn(rows, n) for n in {l.weight.shape[1] for l in layers}}   # fp32: compute_dtype
         for kind, limit in (("packed", ALWAYS_PACKED), ("dense", 0)):
             for layer in layers:
                 layer.max_packed_rows = limit
