@@ -95,9 +95,9 @@ def test_own_kernel_matches_its_weights_at_every_row_tile(rows):
 
 @pytest.mark.parametrize("bf16_units", [False, True])
 def test_float_weights_are_bf16_only_where_the_cpu_multiplies_bf16_and_activations_stay_fp32(bf16_units, monkeypatch):
-    """On AMX / AVX512-BF16 the many-row products take bf16 weights, but the layer takes and returns
+    """On AMX the many-row products take bf16 weights, but the layer takes and returns
     fp32 and the engine's activations and KV cache stay fp32 (the model wholly in bf16 lost Paris)."""
-    monkeypatch.setattr(quantize, "cpu_has_bf16_units", lambda: bf16_units)
+    monkeypatch.setattr(quantize, "cpu_has_amx", lambda: bf16_units)
     w = torch.randn(32, 64) * 0.1
     layer = PackedLinear(linear_with(w), bits=4)
     choose_kernels([layer], max_packed_rows=0, max_rows=8)          # every row count: the float weights
@@ -110,7 +110,7 @@ def test_float_weights_are_bf16_only_where_the_cpu_multiplies_bf16_and_activatio
 
 
 def test_kernel_is_chosen_by_rows(monkeypatch):
-    monkeypatch.setattr(quantize, "cpu_has_bf16_units", lambda: False)    # fp32 float weights: exact equality
+    monkeypatch.setattr(quantize, "cpu_has_amx", lambda: False)    # fp32 float weights: exact equality
     w = torch.randn(32, 64) * 0.1
     layer = PackedLinear(linear_with(w), bits=4)
     choose_kernels([layer], max_packed_rows=2, max_rows=8)

@@ -27,24 +27,26 @@ logger = logging.getLogger(__name__)
 
 
 @functools.cache
-def cpu_has_bf16_units() -> bool:
-    """AMX or AVX512-BF16: bf16 matrix products run natively (elsewhere they are emulated)."""
+def cpu_has_amx() -> bool:
+    """AMX tiles multiply bf16 matrices natively. AVX512-BF16 alone does not count: on such a Xeon
+    (no AMX) the default archive's bf16 prefill answered "What is the capital of France?" with
+    "L'Étoile de la Cité, ..." (the first token is a near tie) where fp32 answers Paris."""
     try:
         flags = open("/proc/cpuinfo").read()
     except OSError:
         return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
+    return "amx_bf16" in flags
 
 
 def dense_dtype() -> torch.dtype:
     """The dtype w8/w4 keep their float weights in, for the steps with many rows and prefills:
-    bf16 where hardware runs it, fp32 on CPUs that emulate bf16 (there fp32 decode steps were
+    bf16 where AMX runs it, fp32 elsewhere (on CPUs that emulate bf16, fp32 decode steps were
     1.7-2.5x faster at 16-64 sequences: benchmarks/results/profile/profile.md). Activations, the
     residual stream and the KV cache stay fp32 on the CPU either way (compute_dtype): a model run
     wholly in bf16 answered "What is the capital of France?" with "L'Étoile, la Marseillaise, ..."
     on an AMX Xeon, where bf16 products with fp32 activations around them answer Paris. CPU only,
     as w8/w4 are (check_supported)."""
-    return torch.bfloat16 if cpu_has_bf16_units() else torch.float32
+    return torch.bfloat16 if cpu_has_amx() else torch.float32
 
 
 def check_supported(mode: str, device: torch.device) -> None:
@@ -182,7 +184,7 @@ class PackedLinear(torch.nn.Module):
         super().__init__()
         self.weight, self.bias = linear.weight, linear.bias      # shared, not copied, unless converted:
         dense = dense_dtype()
-        if dense != linear.weight.dtype:                          # bf16 products on AMX / AVX512-BF16
+        if dense != linear.weight.dtype:                          # bf16 products on AMX
             self.weight = torch.nn.Parameter(linear.weight.detach().to(dense), requires_grad=False)
             if linear.bias is not None:
                 self.bias = torch.nn.Parameter(linear.bias.detach().to(dense), requires_grad=False)
