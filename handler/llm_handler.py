@@ -221,6 +221,10 @@ class LLMHandler(BaseHandler):
             if r is None:
                 continue
             metrics.add_metric("llm_prompt_tokens_total", len(r.prompt_ids), "Count", None, [], MetricTypes.COUNTER)
+            for name, value in (("llm_prompt_tokens_cached_total", r.num_cached_tokens),
+                                ("llm_spec_draft_tokens_total", r.num_draft_tokens),
+                                ("llm_spec_accepted_tokens_total", r.num_accepted_tokens)):
+                metrics.add_metric(name, value, "Count", None, [], MetricTypes.COUNTER)
             metrics.add_metric("llm_generation_tokens_total", len(r.output_ids), "Count", None, [],
                                MetricTypes.COUNTER)
             if r.num_preemptions:

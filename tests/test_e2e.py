@@ -124,6 +124,9 @@ def stream(server, body, model="llm") -> list[tuple[float, dict]]:
 @pytest.mark.parametrize("model", ["llm", "llm-rl"])
 def test_streaming_parts_arrive_incrementally(server, model):
     body = {"messages": [{"role": "user", "content": "Write a long story about a dragon."}], "max_new_tokens": 64}
+    # its full blocks into the prefix cache first: then the two below prefill alike (a miss and a
+    # hit round differently, and a near tie may then fork their answers)
+    post(server, {**body, "max_new_tokens": 1}, model)
     whole = post(server, body, model).json()
     t0 = time.perf_counter()
     parts = stream(server, body, model)
@@ -131,6 +134,7 @@ def test_streaming_parts_arrive_incrementally(server, model):
     assert "".join(p["text"] for _, p in parts) == whole["text"]
     last = parts[-1][1]
     assert last["finish_reason"] == whole["finish_reason"] and last["usage"] == whole["usage"]
+    assert last["usage"]["cached_prompt_tokens"] == (last["usage"]["prompt_tokens"] - 1) // 16 * 16 > 0
     assert "ttft_ms" in last["timings"]
     first_at, last_at = parts[0][0] - t0, parts[-1][0] - t0
     assert first_at < 0.5 * last_at, (first_at, last_at)
@@ -284,9 +288,11 @@ def scrape(server) -> dict[str, float]:
 
 
 def test_llm_metrics_move_under_load(server):
+    chat = lambda i: {"messages": [{"role": "user", "content": f"Count to {i}"}], "max_new_tokens": 8}
+    post(server, chat(9))            # the chat template's system prompt is in the prefix cache from here on
     before = scrape(server)
     with ThreadPoolExecutor(4) as pool:
-        list(pool.map(lambda i: post(server, {"prompt": f"Count to {i}", "max_new_tokens": 8}), range(4)))
+        list(pool.map(lambda i: post(server, chat(i)), range(4)))
     post(server, {"prompt": "hi", "top_p": 9})
     after = scrape(server)
     for name in ("llm_requests_total", "llm_time_to_first_token_seconds_count", "llm_e2e_request_latency_seconds_count",
@@ -294,6 +300,7 @@ def test_llm_metrics_move_under_load(server):
         assert after[name] - before.get(name, 0) >= 4, name
     assert after["llm_generation_tokens_total"] - before.get("llm_generation_tokens_total", 0) >= 4
     assert after["llm_prompt_tokens_total"] - before.get("llm_prompt_tokens_total", 0) >= 4 * 3
+    assert after["llm_prompt_tokens_cached_total"] - before.get("llm_prompt_tokens_cached_total", 0) >= 4 * 16
     assert {"llm_requests_running", "llm_requests_waiting", "llm_kv_cache_usage_ratio"} <= set(after)
     assert 'finish_reason="refused",status="400"' in requests.get(f"{server.metrics_url}/metrics", timeout=10).text
 

@@ -16,10 +16,11 @@ PROMPTS = ["Hello there", "The quick brown fox jumps over", "1 2 3", "A much lon
            "with commas, words and more words to pad it out", "x"]
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_model_dir):
+@pytest.fixture(scope="module", params=[0, 512], ids=["no-prefix-cache", "prefix-cache"])
+def engine(tiny_model_dir, request):
+    """Every test runs without and with the prefix cache: a repeated prompt then hits it."""
     return Engine.from_config(EngineConfig(model_path=str(tiny_model_dir), quantization="fp32", max_model_len=128,
-                                           max_num_seqs=8))
+                                           max_num_seqs=8, prefix_cache_tokens=request.param))
 
 
 def make(engine, i, prompt, max_new=12, **kw) -> Request:
@@ -67,7 +68,8 @@ def test_early_finisher_gets_exactly_its_tokens(engine):
     assert short.output_ids == alone(engine, PROMPTS[0], max_new=3) and len(short.output_ids) == 3
     assert short.finish_reason == "length"
     assert long.output_ids == alone(engine, PROMPTS[1])
-    assert short.result()["usage"] == {"prompt_tokens": len(short.prompt_ids), "completion_tokens": 3}
+    assert short.result()["usage"] == {"prompt_tokens": len(short.prompt_ids), "completion_tokens": 3,
+                                       "cached_prompt_tokens": 0, "draft_tokens": 0, "accepted_draft_tokens": 0}
 
 
 def test_joining_mid_way_does_not_change_output(engine):

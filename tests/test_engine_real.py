@@ -2,6 +2,8 @@
 the batch or when a request joins it. (bf16 matrix products round differently for different
 batch shapes, so exact equality is checked in fp32, where the engine adds no difference.)"""
 
+from dataclasses import replace
+
 import pytest
 
 from conftest import MODEL_DIR
@@ -54,3 +56,31 @@ def test_joining_a_running_batch_mid_way_gives_the_same_tokens(engine):
     assert by_id[f"early-{QUESTIONS[1]}"].output_ids == alone[QUESTIONS[1]]
     assert by_id[f"early-{QUESTIONS[2]}"].output_ids == alone[QUESTIONS[2]]
     assert max(r.max_batch_size for r in running) >= 3
+
+
+COPYING = ["Repeat this sentence exactly: The quick brown fox jumps over the lazy dog near the river bank.",
+           "Fix the typo in this Python code and return the whole code:\ndef add_numbers(a, b):\n"
+           "    total = a + b\n    retrun total\n"]
+
+
+def test_prompt_lookup_and_the_prefix_cache_leave_greedy_answers_unchanged(engine):
+    """Speculative decoding and the prefix cache on: the same tokens as the plain engine, with drafts
+    kept on prompts the answer copies, none for a sampled request, and a second round served from
+    the prefix cache."""
+    fast = Engine.from_config(replace(engine.config, spec_tokens=4, spec_max_rows=32, prefix_cache_tokens=1024))
+
+    def answers(e, tag):
+        rs = [chat(e, f"{tag}-{q}", q, max_new_tokens=40) for q in COPYING + QUESTIONS[:2]]
+        rs.append(parse_request(f"{tag}-sampled", {"messages": [{"role": "user", "content": COPYING[0]}],
+                                                   "max_new_tokens": 16, "temperature": 0.8, "seed": 5},
+                                e.config, e.tokenizer))
+        e.generate(rs)
+        e.check_invariants()
+        return rs
+
+    plain = [r.output_ids for r in answers(engine, "plain")]
+    for round_ in range(2):
+        got = answers(fast, f"fast{round_}")
+        assert [r.output_ids for r in got] == plain
+        assert sum(r.num_accepted_tokens for r in got[:2]) >= 10 and got[-1].num_draft_tokens == 0
+        assert all(r.num_cached_tokens >= 16 for r in got) == (round_ == 1)

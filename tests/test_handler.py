@@ -316,11 +316,11 @@ def test_a_failed_step_fails_only_the_requests_it_ran(tiny_model_dir, monkeypatc
 def test_a_request_failed_before_its_first_part_gets_a_500(tiny_model_dir, monkeypatch):
     h, ctx = make_handler(tiny_model_dir)
     prefill, calls = h.engine.runner.prefill, []
-    def flaky(rows, token_lists):
+    def flaky(rows, token_lists, **kw):
         calls.append(rows)
         if len(calls) == 1:
             raise RuntimeError("out of memory")
-        return prefill(rows, token_lists)
+        return prefill(rows, token_lists, **kw)
     monkeypatch.setattr(h.engine.runner, "prefill", flaky)
     responses = run_steps(h, ctx, {0: {"a": body("one", max_new_tokens=4)}, 2: {"b": body("two", max_new_tokens=4)}})
     assert len(responses["a"]) == 1 and responses["a"][0][1] == 500

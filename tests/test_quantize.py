@@ -199,3 +199,23 @@ def test_compiled_decode_matches_eager_and_builds_no_graph_after_start_up(tiny_m
             for a, b in zip(expected[:4], steps(compiled, slice(0, len(ids)), ids, 24, fed=expected)[:4]):
                 assert close(a, b, eager)
     assert ModelRunner.compiled_graphs() == graphs         # no recompilation while serving
+
+
+def test_compiled_verify_steps_match_eager_and_are_built_at_start_up(tiny_model_dir, kernels):
+    """With speculative decoding on, start-up also compiles the verify step (W = 1 + spec_tokens
+    tokens per row, fewer at run time): verifying drafts of 1 to 3 tokens in batches of 1 and 2
+    builds no graph, and gives the eager engine's logits."""
+    torch._dynamo.reset()
+    def make(compile: bool) -> Engine:
+        return Engine.from_config(EngineConfig(model_path=str(tiny_model_dir), quantization="w4", max_model_len=128,
+                                               max_num_seqs=8, packed_max_rows=8, compile=compile, spec_tokens=3))
+    eager, compiled = make(False), make(True)
+    graphs = ModelRunner.compiled_graphs()
+    for prompts in (PROMPTS[:1], PROMPTS[1:3]):
+        ids = [eager.tokenizer(p)["input_ids"] for p in prompts]
+        rows = slice(0, len(ids))
+        for W in (2, 3, 4):
+            draft = torch.tensor([[5, 6, 7, 8][:W]] * len(ids))
+            a, b = ((e.runner.prefill(rows, ids), e.runner.verify(draft))[1] for e in (eager, compiled))
+            assert a.shape == (len(ids), W, a.shape[-1]) and close(a, b, eager)
+    assert ModelRunner.compiled_graphs() == graphs

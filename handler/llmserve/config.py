@@ -30,6 +30,14 @@ class EngineConfig:
                                       # (the handler's 503); 0 = no limit
     compile: bool = False             # w8/w4: fuse each layer of the packed-kernel decode steps with
                                       # torch.compile at start-up (other modes run eagerly)
+    prefix_cache_tokens: int = 0      # prompt prefix tokens whose keys and values are kept for reuse
+                                      # (blocks of 16, least recently used evicted); 0 = off
+    spec_tokens: int = 0              # speculative decoding by prompt lookup: draft tokens per step for
+                                      # greedy requests (see speculative.py); 0 = off
+    spec_lookup_min: int = 2          # the n-gram sizes looked up, longest first
+    spec_lookup_max: int = 3
+    spec_max_rows: int = 3            # speculate while sequences x (1 + draft) fit in this many rows
+                                      # (w8/w4: and in the packed kernels' rows)
     kv_prefault: bool = False         # CPU: map the whole KV cache into memory at start-up (its full
                                       # size resident at once) instead of page by page as rows first use it
 
@@ -56,10 +64,15 @@ class EngineConfig:
         if not isinstance(self.max_queue_wait_s, (int, float)) or isinstance(self.max_queue_wait_s, bool) \
                 or not 0 <= self.max_queue_wait_s < float("inf"):
             raise ValueError(f"max_queue_wait_s must be a non-negative number of seconds, got {self.max_queue_wait_s!r}")
-        for name in ("kv_budget_tokens", "num_threads", "max_waiting_requests"):
+        for name in ("kv_budget_tokens", "num_threads", "max_waiting_requests", "prefix_cache_tokens",
+                     "spec_tokens", "spec_max_rows"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+        if not all(isinstance(n, int) and not isinstance(n, bool) for n in (self.spec_lookup_min, self.spec_lookup_max)) \
+                or not 1 <= self.spec_lookup_min <= self.spec_lookup_max:
+            raise ValueError(f"spec_lookup_min and spec_lookup_max must be integers with 1 <= min <= max, got "
+                             f"{self.spec_lookup_min!r} and {self.spec_lookup_max!r}")
         if self.default_max_new_tokens > self.max_new_tokens_cap:
             raise ValueError(f"default_max_new_tokens ({self.default_max_new_tokens}) exceeds "
                              f"max_new_tokens_cap ({self.max_new_tokens_cap})")

@@ -15,10 +15,12 @@ import torch
 from .config import EngineConfig
 from .kv_cache import KVCache
 from .load import ModelFacts, load_model
+from .prefix_cache import BLOCK, PrefixCache
 from .request import Request
 from .runner import ModelRunner
 from .sampling import make_generator, sample
 from .scheduler import Scheduler
+from .speculative import PromptLookup, accepted_length
 
 
 class Overloaded(Exception):
@@ -37,9 +39,15 @@ class Engine:
                              facts.head_dim, facts.dtype, facts.device, config.kv_prefault)
         compile_rows = max(facts.packed_max_rows, 0) if config.compile else 0   # w8/w4's packed-kernel steps
         self.runner = ModelRunner(model, self.cache, compile_max_rows=compile_rows)
-        self.facts = replace(facts, compiled_graphs=self.runner.warm_up())
+        self.facts = replace(facts, compiled_graphs=self.runner.warm_up(config.spec_tokens))
+        # speculate in steps of at most this many rows (sequences x tokens each): w8/w4 within their
+        # packed kernels' rows, where more rows cost little more than reading the weights, and each
+        # row gets the kernel (so the tokens) it gets in a one-token step
+        self.spec_max_rows = min(config.spec_max_rows, facts.packed_max_rows if facts.packed_max_rows >= 0
+                                 else config.spec_max_rows)
+        self.prefix = PrefixCache(self.cache, config.prefix_cache_tokens) if config.prefix_cache_tokens else None
         self.scheduler = Scheduler(config.max_num_seqs, config.max_prefill_tokens, config.kv_capacity_tokens,
-                                   request_level=config.batching == "request_level")
+                                   request_level=config.batching == "request_level", prefill_cost=self._uncached)
         self.rows: list[Request] = []          # rows[i] is the request in KV row i
         self.requests: dict[str, Request] = {}  # unfinished requests by id
         self.scheduled: list[Request] = []     # the requests the current (or last) step runs
@@ -58,6 +66,9 @@ class Engine:
         assert request.request_id not in self.requests, f"duplicate request id {request.request_id}"
         self.check_room()
         request.generator = make_generator(request.params, self.facts.device)
+        p, c = request.params, self.config
+        if c.spec_tokens and p.is_greedy and p.logprobs is None and not p.min_tokens:   # the only ones that draft
+            request.lookup = PromptLookup(c.spec_tokens, c.spec_lookup_min, c.spec_lookup_max)
         if request.deadline is not None:
             self.timed.add(request)
         self.requests[request.request_id] = request
@@ -111,8 +122,12 @@ class Engine:
             self._release_row(r)
         if out.decode:
             B = len(out.decode)
-            logits = self.runner.decode(B)
-            self._postprocess(self.rows[:B], logits, batch_size=B + len(out.prefill))
+            drafts = self._drafts(B) if self.config.spec_tokens else None
+            if drafts:
+                self._verify(drafts, batch_size=B + len(out.prefill))
+            else:
+                logits = self.runner.decode(B)
+                self._postprocess(self.rows[:B], logits, batch_size=B + len(out.prefill))
         if out.prefill:
             self._prefill(out.prefill)
 
@@ -158,26 +173,79 @@ class Engine:
             r.error = f"waited {now - r.arrival_time:.1f} s in the queue without starting (max_queue_wait_s={max_wait})"
             self._finish(r, "queue_timeout")
 
+    def _uncached(self, r: Request) -> int:
+        """Tokens r's prefill must compute: those past its prefix found in the prefix cache."""
+        tokens = r.prompt_ids + r.output_ids   # a preempted request recomputes its output too
+        return len(tokens) - (len(self.prefix.match(tokens)) * BLOCK if self.prefix else 0)
+
     def _prefill(self, requests: list[Request]) -> None:
-        """Left-pad prompts into groups of similar length so padding costs little compute."""
+        """Left-pad prompts into groups of similar uncached length so padding costs little compute;
+        copy each prompt's cached prefix into its row first, keep its new full blocks after."""
         budget = self.config.max_prefill_tokens
-        pending = sorted(requests, key=lambda r: r.num_tokens)
+        pending = sorted(requests, key=self._uncached)
         while pending:
             group = [pending.pop(0)]
-            while pending and (len(group) + 1) * pending[0].num_tokens <= budget:
+            while pending and (len(group) + 1) * self._uncached(pending[0]) <= budget:
                 group.append(pending.pop(0))
             start = len(self.rows)
             t0 = time.perf_counter()
-            for i, r in enumerate(group):
+            token_lists = [r.prompt_ids + r.output_ids for r in group]
+            T = max(map(len, token_lists))
+            num_cached = []
+            for i, (r, tokens) in enumerate(zip(group, token_lists)):
                 r.row = start + i
                 r.start_time = r.start_time or t0
                 self.rows.append(r)
-            logits = self.runner.prefill(slice(start, start + len(group)),
-                                         [r.prompt_ids + r.output_ids for r in group])
+                keys = self.prefix.match(tokens) if self.prefix else []
+                if keys:
+                    self.prefix.load(keys, r.row, T - len(tokens))
+                num_cached.append(len(keys) * BLOCK)
+                r.num_cached_tokens = min(num_cached[-1], len(r.prompt_ids))
+            logits = self.runner.prefill(slice(start, start + len(group)), token_lists, num_cached=num_cached)
+            for r, tokens in zip(group, token_lists) if self.prefix else ():
+                self.prefix.save(tokens, r.row, T - len(tokens))
             self._postprocess(group, logits, batch_size=len(self.rows))
             ms = (time.perf_counter() - t0) * 1000
             for r in group:
                 r.prefill_ms += ms
+
+    def _drafts(self, B: int) -> list[list[int]] | None:
+        """Each of rows 0..B-1's draft (none for a request that does not draft, or has no room
+        left in its row or its max_new_tokens); None when no row has one or the step has too many
+        rows to verify drafts (spec_max_rows)."""
+        room = min(self.cache.max_len - int(self.cache.row_lengths[:B].max()) - 2,   # every row takes W positions
+                   self.spec_max_rows // B - 1)
+        if room < 1:
+            return None
+        drafts = [r.lookup.draft(r.prompt_ids + r.output_ids, min(room, r.params.max_new_tokens - len(r.output_ids) - 1))
+                  if r.lookup else [] for r in self.rows[:B]]
+        return drafts if any(drafts) else None
+
+    def _verify(self, drafts: list[list[int]], batch_size: int) -> None:
+        """One forward over each row's last token and its draft; a row keeps its draft's longest
+        prefix the model predicts itself, then the model's next token (greedy: the tokens it would
+        have decoded one by one)."""
+        B, W = len(drafts), 1 + max(map(len, drafts))
+        requests = self.rows[:B]
+        tokens = torch.tensor([[0] + d + [0] * (W - 1 - len(d)) for d in drafts], device=self.facts.device)
+        tokens[:, 0] = self.cache.last_tokens[:B]
+        logits = self.runner.verify(tokens)                                                   # [B, W, V]
+        predicted = logits.argmax(dim=-1).tolist()
+        kept = [accepted_length(d, p) for d, p in zip(drafts, predicted)]
+        # rows advance over their kept draft before any request finishes: a finished row's hole is
+        # filled by moving the last row, whose keys move only up to its length
+        self.cache.lengths[:B] += torch.tensor(kept, device=self.facts.device)
+        self.cache.row_lengths[:B] += kept
+        self._postprocess(requests, logits[:, 0], batch_size)   # each row's first token, as a decode step's
+        now = time.perf_counter()
+        for r, d, p, n in zip(requests, drafts, predicted, kept):
+            r.num_draft_tokens += len(d)
+            r.num_accepted_tokens += n
+            if n and not r.is_finished:
+                self.cache.last_tokens[r.row] = p[n]
+                for token in p[1:n + 1]:
+                    if self._append(r, token, now, batch_size):
+                        break
 
     def _postprocess(self, requests: list[Request], logits: torch.Tensor, batch_size: int) -> None:
         rows = slice(requests[0].row, requests[0].row + len(requests))
@@ -189,18 +257,22 @@ class Engine:
         if any(r.params.logprobs is not None for r in requests):
             self._logprobs(requests, logits, tokens)
         now = time.perf_counter()
-        stop_ids = self.facts.stop_token_ids
         for r, token in zip(requests, tokens.tolist()):   # the one device-to-host copy of the step
-            r.output_ids.append(token)
-            if r.first_token_time is None:
-                r.first_token_time = now
-            r.max_batch_size = max(r.max_batch_size, batch_size)
-            if token in stop_ids and not r.params.ignore_eos:
-                self._finish(r, "stop")
-            elif (r.stream or r.params.stop) and self._detokenize(r):
-                self._finish(r, "stop")
-            elif len(r.output_ids) >= r.params.max_new_tokens:
-                self._finish(r, "length")
+            self._append(r, token, now, batch_size)
+
+    def _append(self, r: Request, token: int, now: float, batch_size: int) -> bool:
+        """r's next token; finish r if it ends there. Says whether it did."""
+        r.output_ids.append(token)
+        if r.first_token_time is None:
+            r.first_token_time = now
+        r.max_batch_size = max(r.max_batch_size, batch_size)
+        if token in self.facts.stop_token_ids and not r.params.ignore_eos:
+            self._finish(r, "stop")
+        elif (r.stream or r.params.stop) and self._detokenize(r):
+            self._finish(r, "stop")
+        elif len(r.output_ids) >= r.params.max_new_tokens:
+            self._finish(r, "length")
+        return r.is_finished
 
     @staticmethod
     def _logprobs(requests: list[Request], logits: torch.Tensor, tokens: torch.Tensor) -> None:

@@ -142,7 +142,11 @@ class Formatter:
     def _usage(self) -> dict:
         r = self.r
         return {"prompt_tokens": len(r.prompt_ids), "completion_tokens": len(r.output_ids),
-                "total_tokens": len(r.prompt_ids) + len(r.output_ids)}
+                "total_tokens": len(r.prompt_ids) + len(r.output_ids),
+                "prompt_tokens_details": {"cached_tokens": r.num_cached_tokens},
+                # OpenAI's names for predicted outputs: our drafts kept and dropped
+                "completion_tokens_details": {"accepted_prediction_tokens": r.num_accepted_tokens,
+                                              "rejected_prediction_tokens": r.num_draft_tokens - r.num_accepted_tokens}}
 
     def _object(self, choice: dict, chunk: bool) -> dict:
         kind = ("chat.completion" if self.route == CHAT else "text_completion") + (".chunk" if chunk and self.route == CHAT else "")

@@ -67,6 +67,10 @@ class Request:
     first_token_time: float | None = None
     finish_time: float | None = None
     prefill_ms: float = 0.0
+    num_cached_tokens: int = 0        # prompt tokens whose keys and values came from the prefix cache
+    lookup: object = None             # speculative.PromptLookup when this request drafts
+    num_draft_tokens: int = 0         # speculative decoding: tokens drafted for it ...
+    num_accepted_tokens: int = 0      # ... and kept
     max_batch_size: int = 0           # most sequences this request was decoded together with
     num_preemptions: int = 0
     generator: object = None          # the sampler's own random stream (set by the engine) when seeded
@@ -94,7 +98,9 @@ class Request:
         return {
             "text": self.text,
             "finish_reason": self.finish_reason,
-            "usage": {"prompt_tokens": len(self.prompt_ids), "completion_tokens": len(self.output_ids)},
+            "usage": {"prompt_tokens": len(self.prompt_ids), "completion_tokens": len(self.output_ids),
+                      "cached_prompt_tokens": self.num_cached_tokens, "draft_tokens": self.num_draft_tokens,
+                      "accepted_draft_tokens": self.num_accepted_tokens},
             "timings": self.timings(),
         }
 

@@ -22,16 +22,17 @@ def rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
-    """Attention for one new token per sequence, query heads grouped over their shared KV head.
-    Plain matrix products: on the CPU, scaled_dot_product_attention's flash kernel is several
-    times slower than this for a single query in bf16."""
-    B, H, _, D = q.shape                                                        # q: [B, H, 1, D]
+    """Attention for a few new tokens per sequence (one when decoding, a draft's when verifying),
+    query heads grouped over their shared KV head. Plain matrix products: on the CPU,
+    scaled_dot_product_attention's flash kernel is several times slower than this for a single
+    query in bf16. q: [B, H, W, D]; k, v: [B, Hkv, Tk, D]; mask: [B, 1, W, Tk]."""
+    B, H, W, D = q.shape
     Hkv = k.shape[1]
-    qg = q.reshape(B, Hkv, H // Hkv, D)                                         # [B, Hkv, G, D]
-    scores = torch.matmul(qg, k.transpose(-1, -2)).float() * scale              # [B, Hkv, G, Tk]
-    scores = scores.masked_fill(~mask, float("-inf"))                           # mask: [B, 1, 1, Tk]
-    probs = torch.softmax(scores, dim=-1).to(v.dtype)
-    return torch.matmul(probs, v).reshape(B, H, 1, D)
+    qg = q.reshape(B, Hkv, H // Hkv * W, D)                                     # [B, Hkv, G*W, D]
+    scores = torch.matmul(qg, k.transpose(-1, -2)).float() * scale              # [B, Hkv, G*W, Tk]
+    scores = scores.view(B, Hkv, H // Hkv, W, -1).masked_fill(~mask[:, :, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(v.dtype).flatten(2, 3)            # [B, Hkv, G*W, Tk]
+    return torch.matmul(probs, v).reshape(B, H, W, D)
 
 
 class ModelRunner:
@@ -55,18 +56,20 @@ class ModelRunner:
             self.compiled_layer = torch.compile(self._decode_layer, dynamic=True, options={
                 "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
 
-    def warm_up(self) -> int:
+    def warm_up(self, draft_tokens: int = 0) -> int:
         """Compile now, not in a user's request: a decode step on empty rows at batch 1, 2, 4, ...
         up to compile_max_rows (batch 1 gets a graph of its own, and a kernel may split the range
-        again: on an AVX2 EPYC int4 steps of 2-16 and 17-32 rows took two). Leaves the cache
-        empty; returns how many graphs it built (0 when nothing is compiled)."""
+        again: on an AVX2 EPYC int4 steps of 2-16 and 17-32 rows took two), and with draft_tokens
+        a verify step of that many drafted tokens at each batch whose rows stay within it. Leaves
+        the cache empty; returns how many graphs it built (0 when nothing is compiled)."""
         c = self.cache
         n = self.compile_max_rows
         before = self.compiled_graphs()
-        for B in sorted({min(2 ** i, n) for i in range(n.bit_length() + 1)} - {0}):
-            c.set_prefilled(slice(0, B), 2, torch.zeros(B, dtype=torch.long, device=c.k.device))
-            self.decode(B)
-            c.set_prefilled(slice(0, B), 0, torch.zeros(B, dtype=torch.long, device=c.k.device))
+        for W in sorted({1, 1 + draft_tokens}):
+            for B in sorted({min(2 ** i, n // W) for i in range(n.bit_length() + 1)} - {0}):
+                c.set_prefilled(slice(0, B), 2, torch.zeros(B, dtype=torch.long, device=c.k.device))
+                self.verify(torch.zeros(B, W, dtype=torch.long, device=c.k.device))
+                c.set_prefilled(slice(0, B), 0, torch.zeros(B, dtype=torch.long, device=c.k.device))
         return self.compiled_graphs() - before
 
     @staticmethod
@@ -76,23 +79,28 @@ class ModelRunner:
         return counters["stats"]["unique_graphs"]
 
     @torch.inference_mode()
-    def prefill(self, rows: slice, token_lists: list[list[int]], all_positions: bool = False) -> torch.Tensor:
-        """Prefill rows[i] with token_lists[i] (left padded to one length); logits of each last
-        token [B, V], or of every position [B, T, V] (perplexity through the engine's own forward)."""
+    def prefill(self, rows: slice, token_lists: list[list[int]], all_positions: bool = False,
+                num_cached: list[int] | None = None) -> torch.Tensor:
+        """Prefill rows[i] with token_lists[i] (left padded to one length T); logits of each last
+        token [B, V], or of every position [B, T, V] (perplexity through the engine's own forward).
+        num_cached[i]: that many leading tokens' keys and values are in the row already (cache
+        positions from its padding on): only the last W positions are computed, W the longest
+        uncached tail (a shorter tail's row recomputes a few cached tokens, to the same values)."""
         c = self.cache
         dev = c.k.device
         B, T = len(token_lists), max(len(t) for t in token_lists)
-        assert T <= c.max_len and rows.stop - rows.start == B
+        W = max(len(t) - n for t, n in zip(token_lists, num_cached or [0] * B))
+        assert T <= c.max_len and rows.stop - rows.start == B and 0 < W <= T and (W == T or not all_positions)
         pads = torch.tensor([T - len(t) for t in token_lists], device=dev)                  # [B]
-        tokens = torch.tensor([[0] * (T - len(t)) + t for t in token_lists], device=dev)    # [B, T]
-        pos = c.positions[:T]
-        positions = (pos[None, :] - pads[:, None]).clamp(min=0)                              # [B, T]
-        causal = pos[None, :, None] >= pos[None, None, :]                                    # [1, T(q), T(k)]
-        mask = causal & (pos[None, None, :] >= pads[:, None, None])                          # [B, T, T]
-        mask |= torch.eye(T, dtype=torch.bool, device=dev)   # padding queries see themselves: no NaN rows
+        tokens = torch.tensor([[0] * (T - len(t)) + t for t in token_lists], device=dev)[:, T - W:]   # [B, W]
+        pos, qpos = c.positions[:T], c.positions[T - W:T]
+        positions = (qpos[None, :] - pads[:, None]).clamp(min=0)                             # [B, W]
+        causal = qpos[None, :, None] >= pos[None, None, :]                                   # [1, W(q), T(k)]
+        mask = causal & (pos[None, None, :] >= pads[:, None, None])                          # [B, W, T]
+        mask |= qpos[:, None] == pos[None, :]    # padding queries see themselves: no NaN rows
         def write(layer: int, k: torch.Tensor, v: torch.Tensor):
-            c.k[layer, rows, :, :T] = k
-            c.v[layer, rows, :, :T] = v
+            c.k[layer, rows, :, T - W:T] = k
+            c.v[layer, rows, :, T - W:T] = v
             return c.k[layer, rows, :, :T], c.v[layer, rows, :, :T]
         logits = self._forward(tokens, positions, mask[:, None], write, all_positions)
         c.set_prefilled(rows, T, pads)
@@ -100,40 +108,63 @@ class ModelRunner:
 
     @torch.inference_mode()
     def decode(self, num_rows: int) -> torch.Tensor:
-        """One token for each of rows 0..num_rows-1, fed from cache.last_tokens; returns logits [B, V].
-        The layers read the cache and return their new keys and values, written after the last
-        layer in one go: a layer is then a pure function of tensors, which torch.compile can fuse."""
+        """One token for each of rows 0..num_rows-1, fed from cache.last_tokens; returns logits [B, V]."""
+        return self._step(self.cache.last_tokens[:num_rows, None])[:, 0]
+
+    @torch.inference_mode()
+    def verify(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Speculative decoding's step: rows 0..B-1 each take W tokens at once, tokens[:, 0] their
+        last one and the rest a draft; returns logits at every position [B, W, V]. Writes all W
+        keys and values and advances each row by one: the engine advances rows further by the
+        draft tokens it keeps (keys past a row's length are masked, later overwritten)."""
+        return self._step(tokens)
+
+    def _step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Rows 0..B-1 each take the W tokens of tokens [B, W]; logits [B, W, V]. The linear layers
+        see the B x W tokens as that many rows (the kernel for that many rows, the same per row as
+        in a one-token step), attention sees each row's W. The layers read the cache and return
+        their new keys and values, written after the last layer in one go: a layer is then a pure
+        function of tensors, which torch.compile can fuse."""
         c = self.cache
-        B = num_rows
+        B, W = tokens.shape
+        dev = c.k.device
         # cached positions, at least 2 (the second masked): a size of 1 would get a compiled graph of its own
         Tk = max(int(c.row_lengths[:B].max()), 2)
+        assert Tk + W <= c.max_len
         lengths, starts = c.lengths[:B], c.starts[:B]                                        # [B]
-        pos = c.positions[:Tk + 1]
-        mask = (pos[None, :] >= starts[:, None]) & ((pos[None, :] < lengths[:, None]) | (pos[None, :] == Tk))
-        mask = mask[:, None, None]                                                           # [B, 1, 1, Tk+1]
-        x = self.decoder.embed_tokens(c.last_tokens[:B, None])                               # [B, 1, C]
-        cos, sin = self.decoder.rotary_emb(x, (lengths - starts)[:, None])                   # [B, 1, D]
-        cos, sin = cos[:, None], sin[:, None]                                                # [B, 1, 1, D]
+        pos = c.positions[:Tk]
+        past = (pos[None, :] >= starts[:, None]) & (pos[None, :] < lengths[:, None])           # [B, Tk]
+        causal = torch.ones(W, W, dtype=torch.bool, device=dev).tril()                       # [W(q), W(k)]
+        mask = torch.cat([past[:, None, :].expand(B, W, Tk), causal.expand(B, W, W)], dim=-1)[:, None]   # [B, 1, W, Tk+W]
+        x = self.decoder.embed_tokens(tokens.reshape(B * W, 1))                              # [B*W, 1, C]
+        offsets = torch.arange(W, device=dev)
+        cos, sin = self.decoder.rotary_emb(x, ((lengths - starts)[:, None] + offsets).reshape(B * W, 1))
+        cos, sin = cos[:, None], sin[:, None]                                                # [B*W, 1, 1, D]
         new_k, new_v = [], []
-        decode_layer = self.compiled_layer if B <= self.compile_max_rows else self._decode_layer
+        layer_fn = self.compiled_layer if B * W <= self.compile_max_rows else self._decode_layer
         for i, layer in enumerate(self.decoder.layers):
-            x, k, v = decode_layer(layer, x, cos, sin, mask, c.k[i, :B, :, :Tk], c.v[i, :B, :, :Tk])
+            x, k, v = layer_fn(layer, x, cos, sin, mask, c.k[i, :B, :, :Tk], c.v[i, :B, :, :Tk])
             new_k.append(k)
             new_v.append(v)
-        rows = torch.arange(B, device=c.k.device)
-        c.k[:, rows, :, lengths] = torch.stack(new_k, dim=1)                                 # [B, L, Hkv, D]
-        c.v[:, rows, :, lengths] = torch.stack(new_v, dim=1)
+        rows, cols = torch.arange(B, device=dev)[:, None], lengths[:, None] + offsets        # [B, 1], [B, W]
+        c.k[:, rows, :, cols] = torch.stack(new_k, dim=1).permute(0, 3, 1, 2, 4)             # [B, W, L, Hkv, D]
+        c.v[:, rows, :, cols] = torch.stack(new_v, dim=1).permute(0, 3, 1, 2, 4)
         c.advance(B)
-        return self.model.lm_head(rms_norm(self.decoder.norm, x[:, 0])).float()             # [B, V]
+        x = rms_norm(self.decoder.norm, x.reshape(B, W, -1))
+        return self.model.lm_head(x).float()                                                # [B, W, V]
 
     def _decode_layer(self, layer, x, cos, sin, mask, k_past, v_past):
-        """One decoder layer for one new token per row. x: [B, 1, C]; cos, sin: [B, 1, 1, D];
-        mask: [B, 1, 1, Tk+1] (the last position is the new token); k_past, v_past: [B, Hkv, Tk, D].
-        Returns the layer's output and the new token's keys and values [B, Hkv, D]."""
-        q, k, v = self._qkv(layer, x, cos, sin)                                  # [B, H|Hkv, 1, D]
+        """One decoder layer for W new tokens in each of B rows, flattened: x [B*W, 1, C]; cos, sin:
+        [B*W, 1, 1, D]; mask: [B, 1, W, Tk+W] (the last W positions are the new tokens); k_past,
+        v_past: [B, Hkv, Tk, D]. Returns the layer's output [B*W, 1, C] and the new tokens' keys and
+        values [B, Hkv, W, D]."""
+        B, _, W, _ = mask.shape
+        q, k, v = self._qkv(layer, x, cos, sin)                                  # [B*W, H|Hkv, 1, D]
+        q, k, v = (t.reshape(B, W, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))   # [B, H|Hkv, W, D]
         k_all, v_all = torch.cat([k_past, k], dim=2), torch.cat([v_past, v], dim=2)
-        o = decode_attention(q, k_all, v_all, mask, layer.self_attn.scaling)      # [B, H, 1, D]
-        return self._finish_layer(layer, x, o), k[:, :, 0], v[:, :, 0]
+        o = decode_attention(q, k_all, v_all, mask, layer.self_attn.scaling)      # [B, H, W, D]
+        o = o.transpose(1, 2).reshape(B * W, 1, self.num_heads, self.head_dim).transpose(1, 2)   # [B*W, H, 1, D]
+        return self._finish_layer(layer, x, o), k, v
 
     def _qkv(self, layer, x, cos, sin):
         """The layer's input norm, projections and rotary embedding: q [B, H, T, D], k and v [B, Hkv, T, D]."""

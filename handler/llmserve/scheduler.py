@@ -5,6 +5,7 @@ Continuous batching admits newcomers at every step; request-level batching admit
 requests waiting when the engine went idle) and nothing else until that whole batch is done."""
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .request import Request
@@ -19,11 +20,13 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, max_num_seqs: int, max_prefill_tokens: int, kv_capacity_tokens: int,
-                 request_level: bool = False) -> None:
+                 request_level: bool = False, prefill_cost: Callable[[Request], int] | None = None) -> None:
         self.max_num_seqs = max_num_seqs
         self.request_level = request_level
         self.batch_quota = 0                # request-level: members of the current batch not yet admitted
         self.max_prefill_tokens = max_prefill_tokens
+        # tokens a request's prefill computes (the engine leaves out a cached prefix); default all
+        self.prefill_cost = prefill_cost or (lambda r: r.num_tokens)
         self.kv_capacity_tokens = kv_capacity_tokens
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []    # in admission order: the last is preempted first
@@ -62,7 +65,8 @@ class Scheduler:
             if request in out.preempted:
                 break   # do not re-admit in the step that evicted it
             tokens = request.num_tokens   # a preempted request recomputes its output too
-            if out.prefill and num_prefill_tokens + tokens > self.max_prefill_tokens:
+            cost = self.prefill_cost(request)
+            if out.prefill and num_prefill_tokens + cost > self.max_prefill_tokens:
                 break
             if kv_used + tokens + 1 > self.kv_capacity_tokens:
                 break
@@ -72,7 +76,7 @@ class Scheduler:
             out.prefill.append(request)
             if self.request_level:
                 self.batch_quota -= 1
-            num_prefill_tokens += tokens
+            num_prefill_tokens += cost
             kv_used += tokens + 1
         return out
 

@@ -1,0 +1,38 @@
+"""Speculative decoding by prompt lookup: the draft for a sequence's next tokens is what followed the
+last earlier occurrence of its final n tokens (n from lookup_max down to lookup_min) in its prompt
+and output so far; the engine verifies a draft in one forward over it and keeps the longest prefix
+the model agrees with, plus the model's own next token. Only greedy requests draft (their output is
+the same with or without drafts); sampled ones decode one token a step. Pure Python, no torch."""
+
+
+class PromptLookup:
+    """The n-gram index of one sequence, grown as its tokens arrive: each n-gram maps to the
+    position after its latest occurrence, so a lookup costs one dict probe per n."""
+
+    def __init__(self, num_tokens: int, lookup_min: int, lookup_max: int) -> None:
+        self.num_tokens, self.sizes = num_tokens, range(lookup_max, lookup_min - 1, -1)
+        self.index: dict[tuple, int] = {}
+        self.seen = 0                      # tokens indexed so far
+
+    def draft(self, tokens: list[int], limit: int) -> list[int]:
+        """Up to min(num_tokens, limit) tokens that followed the latest earlier occurrence of the
+        longest suffix of `tokens` (the sequence so far) seen before; [] when none was."""
+        for end in range(max(self.seen, 1), len(tokens)):     # index n-grams that ended before each new token
+            for n in self.sizes:
+                if end >= n:
+                    self.index[tuple(tokens[end - n:end])] = end
+        self.seen = len(tokens)
+        limit = min(limit, self.num_tokens)
+        for n in self.sizes:
+            after = self.index.get(tuple(tokens[-n:])) if len(tokens) >= n and limit > 0 else None
+            if after is not None:
+                return tokens[after:after + limit]
+        return []
+
+
+def accepted_length(draft: list[int], predicted: list[int]) -> int:
+    """How many leading draft tokens the model predicted itself (predicted[j] follows draft[:j])."""
+    n = 0
+    while n < len(draft) and draft[n] == predicted[n]:
+        n += 1
+    return n

@@ -1,0 +1,118 @@
+"""Speculative decoding by prompt lookup: the n-gram index (pure Python), and the engine's
+verification on a tiny random Llama (fp32) with drafts from an oracle that knows the greedy answer
+(a random model copies nothing, so real lookups rarely draft; test_engine_real.py has those)."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from llmserve.config import EngineConfig
+from llmserve.engine import Engine
+from llmserve.request import Request, SamplingParams
+from llmserve.speculative import PromptLookup, accepted_length
+
+
+def test_the_draft_follows_the_latest_earlier_occurrence_of_the_longest_suffix():
+    lookup = PromptLookup(num_tokens=3, lookup_min=1, lookup_max=3)
+    tokens = [1, 2, 3, 4, 5, 9, 2, 3, 7, 8, 6, 2, 3]
+    assert lookup.draft(tokens, limit=10) == [7, 8, 6]          # (2, 3) last seen before 7, not before 4
+    assert lookup.draft(tokens + [4], limit=10) == [5, 9, 2]    # (2, 3, 4) is found before (3, 4) or (4,)
+    assert lookup.draft(tokens + [4, 5], limit=2) == [9, 2]     # the limit cuts the draft
+    assert lookup.draft(tokens + [4, 5, 11], limit=5) == []     # 11 never seen: no draft
+    assert lookup.draft([1, 2, 3], limit=0) == []
+
+
+def test_a_suffix_is_not_found_at_its_own_place():
+    lookup = PromptLookup(num_tokens=4, lookup_min=2, lookup_max=2)
+    assert lookup.draft([5, 6], limit=4) == []                  # (5, 6) occurs only as the suffix itself
+    assert lookup.draft([5, 6, 5, 6], limit=4) == [5, 6]        # after the first (5, 6) came 5, 6
+
+
+def test_accepted_length_counts_leading_agreement():
+    assert accepted_length([4, 5, 6], [4, 5, 7, 9]) == 2
+    assert accepted_length([4, 5, 6], [1, 5, 6, 9]) == 0
+    assert accepted_length([], [3]) == 0
+
+
+class Oracle:
+    """Drafts the greedy answer's next tokens, wrong from `wrong_from` on in each draft."""
+
+    def __init__(self, prompt_len: int, answer: list[int], size: int = 4, wrong_from: int = 99) -> None:
+        self.prompt_len, self.answer, self.size, self.wrong_from = prompt_len, answer, size, wrong_from
+
+    def draft(self, tokens: list[int], limit: int) -> list[int]:
+        done = len(tokens) - self.prompt_len
+        d = self.answer[done:done + min(limit, self.size)]
+        return [t if j < self.wrong_from else (t + 1) % 1000 for j, t in enumerate(d)]
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_model_dir):
+    config = EngineConfig(model_path=str(tiny_model_dir), quantization="fp32", max_model_len=64, max_num_seqs=4)
+    return Engine.from_config(config), Engine.from_config(replace(config, spec_tokens=4, spec_max_rows=16))   # batches verify too
+
+
+def greedy(engine, prompts, max_new=20, oracles=None, **kw) -> list[Request]:
+    rs = [Request(f"q{i}", p, SamplingParams(max_new_tokens=max_new, ignore_eos=True, **kw)) for i, p in enumerate(prompts)]
+    for r in rs:
+        engine.add_request(r)
+        if oracles:
+            r.lookup = oracles[r.request_id]
+    while engine.has_unfinished():
+        engine.step()
+        engine.check_invariants()
+    return rs
+
+
+PROMPTS = [[11, 12, 13], [20, 21, 22, 23, 24, 25, 26], [7]]
+
+
+@pytest.mark.parametrize("wrong_from", [99, 2, 0])   # right drafts, half right, all wrong
+def test_verified_drafts_give_exactly_the_tokens_of_one_by_one_decoding(engines, wrong_from):
+    plain, spec = engines
+    expected = [r.output_ids for r in greedy(plain, PROMPTS)]
+    oracles = {f"q{i}": Oracle(len(p), e, wrong_from=wrong_from) for i, (p, e) in enumerate(zip(PROMPTS, expected))}
+    got = greedy(spec, PROMPTS, oracles=oracles)
+    assert [r.output_ids for r in got] == expected
+    assert all(r.finish_reason == "length" and len(r.output_ids) == 20 for r in got)
+    drafted, kept = sum(r.num_draft_tokens for r in got), sum(r.num_accepted_tokens for r in got)
+    assert drafted > 0 and kept == {99: drafted, 2: kept, 0: 0}[wrong_from] and (kept > 0) == (wrong_from > 0)
+
+
+def test_a_stop_token_inside_a_kept_draft_ends_the_answer_there(engines, monkeypatch):
+    plain, spec = engines
+    answer = greedy(plain, PROMPTS[:1])[0].output_ids
+    eos = answer[6]
+    monkeypatch.setattr(spec, "facts", replace(spec.facts, stop_token_ids=frozenset({eos})))
+    r = Request("q0", PROMPTS[0], SamplingParams(max_new_tokens=20))
+    spec.add_request(r)
+    r.lookup = Oracle(len(PROMPTS[0]), answer, size=4)
+    while spec.has_unfinished():
+        spec.step()
+    assert r.finish_reason == "stop" and r.output_ids == answer[:answer.index(eos) + 1]
+    spec.check_invariants()
+
+
+def test_only_greedy_requests_without_logprobs_or_min_tokens_draft(engines):
+    _, spec = engines
+    kinds = [dict(), dict(temperature=0.8, seed=3), dict(logprobs=2), dict(min_tokens=2)]
+    rs = [Request(f"k{i}", [5, 6, 5, 6], SamplingParams(max_new_tokens=4, **kw)) for i, kw in enumerate(kinds)]
+    for r in rs:
+        spec.add_request(r)
+    assert [r.lookup is not None for r in rs] == [True, False, False, False]
+    while spec.has_unfinished():
+        spec.step()
+    assert all(r.num_draft_tokens == 0 and r.is_finished for r in rs[1:])
+
+
+def test_a_step_drafts_only_within_spec_max_rows(engines):
+    plain, _ = engines
+    narrow = Engine.from_config(replace(plain.config, spec_tokens=4, spec_max_rows=3))
+    expected = [r.output_ids for r in greedy(plain, PROMPTS[:2])]
+    oracles = lambda: {f"q{i}": Oracle(len(p), e) for i, (p, e) in enumerate(zip(PROMPTS, expected))}
+    pair = greedy(narrow, PROMPTS[:2], oracles=oracles())          # 2 rows x (1 + 1) > 3: no step drafts
+    assert [r.output_ids for r in pair] == expected and all(r.num_draft_tokens == 0 for r in pair)
+    one, = greedy(narrow, PROMPTS[:1], oracles=oracles())          # 1 row: drafts of 2, all kept
+    assert one.output_ids == expected[0] and one.num_draft_tokens == one.num_accepted_tokens > 0
+    assert one.num_draft_tokens <= 2 * (20 // 3 + 1)
