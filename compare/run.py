@@ -26,7 +26,7 @@ import psutil
 from benchmarks.machine import describe
 from benchmarks.tables import format_table, write_csv
 from compare.systems import ROOT, SYSTEMS, System
-from compare.workload import OUTPUT_TOKENS, closed_loop, messages, send
+from compare.workload import OUTPUT_TOKENS, WORKLOADS, closed_loop, messages, send
 from loadtest.measure import percentile
 
 WARMUP_TOKENS = 8
@@ -35,7 +35,8 @@ TABLE = (  # (column, header, format)
     ("output_tokens_per_s", "out tok/s", "{:.1f}"), ("latency_p50_s", "p50 s", "{:.2f}"),
     ("latency_p99_s", "p99 s", "{:.2f}"), ("ttft_p50_s", "TTFT p50 s", "{:.3f}"),
     ("ttft_p99_s", "TTFT p99 s", "{:.3f}"), ("server_cpu_s", "server CPU s", "{:.1f}"),
-    ("other_cpu_s", "other CPU s", "{:.1f}"),
+    ("other_cpu_s", "other CPU s", "{:.1f}"), ("prompt_tokens_mean", "prompt tok", "{}"),
+    ("cached_tokens_mean", "cached tok", "{}"), ("draft_acceptance", "drafts kept", "{}"),
     ("window_s", "window s", "{:.1f}"), ("num_ok", "ok", "{}"), ("num_errors", "errors", "{}"),
     ("num_abandoned", "abandoned", "{}"), ("num_short", "short", "{}"),
 )
@@ -80,6 +81,9 @@ def summarize(records: list[dict], output_tokens: int) -> dict:
     latencies = [r["end"] - r["start"] for r in ok]
     ttfts = [r["ttft_s"] for r in ok if r["ttft_s"] is not None]
     num_tokens = sum(r["completion_tokens"] for r in ok)
+    usages = [r.get("usage") or {} for r in ok]
+    cached = [u.get("cached_prompt_tokens", (u.get("prompt_tokens_details") or {}).get("cached_tokens")) for u in usages]
+    drafted, kept = (sum(u.get(k, 0) for u in usages) for k in ("draft_tokens", "accepted_draft_tokens"))
     window_s = max(r["end"] for r in ok) - min(r["start"] for r in records) if ok else None
     return {
         "num_requests": len(records), "num_ok": len(ok), "num_errors": len(errors),
@@ -89,6 +93,9 @@ def summarize(records: list[dict], output_tokens: int) -> dict:
         "output_tokens_per_s": round(num_tokens / window_s, 1) if window_s else 0.0,
         "latency_p50_s": rounded(percentile(latencies, 0.50)), "latency_p99_s": rounded(percentile(latencies, 0.99)),
         "ttft_p50_s": rounded(percentile(ttfts, 0.50)), "ttft_p99_s": rounded(percentile(ttfts, 0.99)),
+        "prompt_tokens_mean": rounded(sum(u.get("prompt_tokens", 0) for u in usages) / len(ok), 1) if ok else None,
+        "cached_tokens_mean": rounded(sum(cached) / len(ok), 1) if ok and None not in cached else None,
+        "draft_acceptance": rounded(kept / drafted) if drafted else None,   # ours: drafted tokens kept
         "first_error": errors[0] if errors else "",
     }
 
@@ -97,7 +104,7 @@ def measure_point(name: str, system: System, server, users: int, stream: bool, a
     url = f"http://127.0.0.1:{system.port}{system.protocol.path}"
 
     def sender(num_tokens: int):
-        return lambda i, deadline: send(url, system.protocol.body(messages(i), num_tokens, stream),
+        return lambda i, deadline: send(url, system.protocol.body(messages(i, args.workload), num_tokens, stream),
                                         system.protocol.part, deadline)
 
     wait_idle(server.proc.pid)
@@ -176,6 +183,7 @@ def main() -> None:
     parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=list(SYSTEMS))
     parser.add_argument("--users", nargs="+", type=int, default=[1, 4, 16, 64])
     parser.add_argument("--modes", nargs="+", default=["plain", "stream"], choices=["plain", "stream"])
+    parser.add_argument("--workload", default="chat", choices=list(WORKLOADS), help="compare/workload.py")
     parser.add_argument("--output-tokens", type=int, default=OUTPUT_TOKENS, help="per answer, EOS ignored")
     parser.add_argument("--num-requests", type=int, default=0, help="per point; 0 = max(16, 4 x users)")
     parser.add_argument("--send-cap-s", type=float, default=30, help="no request sent after this (per point)")
@@ -194,7 +202,7 @@ def main() -> None:
     rows, skipped = [], {}
     info = describe_machine({})   # each system's versions are added as it starts
     settings = {"run_id": run_id, "command": " ".join(["python -m compare.run", *sys.argv[1:]]),
-                "users": args.users, "modes": ["stream" if m else "plain" for m in args.modes],
+                "workload": args.workload, "users": args.users, "modes": ["stream" if m else "plain" for m in args.modes],
                 "output_tokens": args.output_tokens, "num_requests": args.num_requests or "max(16, 4 x users)",
                 "send_cap_s": args.send_cap_s,
                 "cut_cap_s": f"{args.cut_cap_s:g} + {args.cut_per_user_s:g} x users", "skipped": skipped, "logs": str(workdir)}

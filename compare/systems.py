@@ -12,6 +12,7 @@ import time
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from importlib import metadata
 from pathlib import Path
 
@@ -67,14 +68,20 @@ def gguf_file() -> Path:
     return next(package.glob("*.gguf"))
 
 
-def start_ours(users: int, port: int, workdir: Path) -> TorchServeProcess:
-    return TorchServeProcess(workdir, port, models="llm=llm.mar").start()
+def start_ours(users: int, port: int, workdir: Path, settings: tuple[str, ...] = ()) -> TorchServeProcess:
+    """TorchServe with llm.mar, or with a variant of it built into workdir (handler settings KEY=VALUE)."""
+    if not settings:
+        return TorchServeProcess(workdir, port, models="llm=llm.mar").start()
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "build_mar.py"), "--name", "llm-variant",
+                    "--export-path", str(workdir), *(f"--set={s}" for s in settings)], check=True)
+    return TorchServeProcess(workdir, port, models="llm=llm-variant.mar", model_store=workdir).start()
 
 
-def start_vllm(users: int, port: int, workdir: Path) -> Server:
+def start_vllm(users: int, port: int, workdir: Path, prefix_caching: bool = True) -> Server:
     cmd = [str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", str(MODEL_DIR),
            "--served-model-name", "llm", "--host", "127.0.0.1", "--port", str(port), "--dtype", "bfloat16",
            "--max-num-seqs", str(users), "--max-model-len", "2048",
+           "--enable-prefix-caching" if prefix_caching else "--no-enable-prefix-caching",
            # the fraction of the NUMA node's memory reserved (KV cache): its 0.92 default fails next to other work
            "--gpu-memory-utilization", "0.3"]
     return Server(cmd, f"http://127.0.0.1:{port}/health", workdir / "vllm.log",
@@ -188,6 +195,13 @@ class System:
 SYSTEMS = {
     "ours": System(start_ours, PROTOCOLS["native"], False, 18280, versions_ours, needs(MAR, "make mar")),
     "vllm": System(start_vllm, PROTOCOLS["openai"], True, 18290, versions_vllm, needs(VLLM_PYTHON, INSTALLER)),
+    # the same with a feature off, for the workloads where it matters (--workload)
+    "ours-no-prefix-cache": System(partial(start_ours, settings=("prefix_cache_tokens=0",)), PROTOCOLS["native"],
+                                   False, 18280, versions_ours, needs(MAR, "make mar")),
+    "ours-no-spec": System(partial(start_ours, settings=("spec_tokens=0",)), PROTOCOLS["native"], False, 18280,
+                           versions_ours, needs(MAR, "make mar")),
+    "vllm-no-prefix-cache": System(partial(start_vllm, prefix_caching=False), PROTOCOLS["openai"], True, 18290,
+                                   versions_vllm, needs(VLLM_PYTHON, INSTALLER)),
     "llama.cpp": System(start_llama_server, PROTOCOLS["openai"], True, 18295, versions_llama_server,
                         needs(LLAMA_SERVER, INSTALLER)),
     "transformers": System(start_hf, PROTOCOLS["openai"], False, 18298, versions_hf,

@@ -1,6 +1,9 @@
-"""The comparison's workload: 32 fixed chat prompts of 34-48 tokens (mean 40) with the chat template
-(the system message is explicit, so every server builds the same prompt), 64 output tokens, and
-the closed loop that sends them: `num_users` threads, each sending its next request when its
+"""The comparison's workloads, each 32 fixed chats with an explicit system message (so every server
+builds the same prompt) and 64 output tokens: `chat`, short questions of 34-48 tokens (mean 40)
+with the chat template; `shared-prefix`, the same questions after a ~500-token system prompt that
+every request shares (a reference document from WikiText-2); `copy`, requests whose answer copies
+their input (proofread or summarize a WikiText paragraph, edit a function and return it whole).
+And the closed loop that sends them: `num_users` threads, each sending its next request when its
 last one is answered, until `num_requests` were sent or `send_cap_s` passed; a request still open
 at `cut_cap_s` is abandoned (its connection closed). Knows nothing about which server answers."""
 
@@ -12,7 +15,7 @@ from collections.abc import Callable
 import requests
 from urllib3.exceptions import ReadTimeoutError
 
-from benchmarks.workload import CHAT_QUESTIONS, CODE_REQUESTS
+from benchmarks.workload import CHAT_QUESTIONS, CODE_REQUESTS, CODE_SNIPPETS, WIKITEXT, load_articles
 
 OUTPUT_TOKENS = 64
 SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
@@ -26,14 +29,29 @@ PROMPTS = CHAT_QUESTIONS + CODE_REQUESTS + (   # 26 shared with the load test, 6
 )
 
 
-def messages(i: int) -> list[dict]:
-    """The chat of request number i (the prompts are used in turn)."""
-    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]
+REFERENCE = " ".join(load_articles(WIKITEXT / "test.txt", num_words=350)[0].split())   # 495 tokens
+PARAGRAPHS = load_articles(WIKITEXT / "test.txt", num_words=60)[1:17]
+COPY_PROMPTS = tuple(f"{task}\n\n{text}" for n, text in enumerate(PARAGRAPHS) for task in (
+    ("Proofread this text and return it corrected, in full:", "Summarize this text:")[n % 2],)) + tuple(
+    f"{task}\n\n{CODE_SNIPPETS[k % 3].format(k=k)}" for k in range(16) for task in (
+        ("Add type hints to this Python code and return the whole code:",
+         "Rename the variables of this Python code to clearer names and return the whole code:")[k % 2],))
+WORKLOADS = {   # name -> (system message, user messages used in turn)
+    "chat": (SYSTEM, PROMPTS),
+    "shared-prefix": (f"{SYSTEM}. Use this reference text when it helps:\n\n{REFERENCE}", PROMPTS),
+    "copy": (SYSTEM, COPY_PROMPTS),
+}
+
+
+def messages(i: int, workload: str = "chat") -> list[dict]:
+    """The chat of request number i of a workload (its prompts are used in turn)."""
+    system, prompts = WORKLOADS[workload]
+    return [{"role": "system", "content": system}, {"role": "user", "content": prompts[i % len(prompts)]}]
 
 
 def send(url: str, body: dict, part: Callable[[str], dict | None], deadline: float) -> dict:
     """One request on a new connection (keep-alive would race servers that close idle ones), timed:
-    latency, time to the first streamed text, completion tokens from the answer's usage; `part`
+    latency, time to the first streamed text, the answer's usage (completion tokens); `part`
     parses one line of a streamed answer (body["stream"])."""
     record = {"start": time.perf_counter(), "ttft_s": None, "completion_tokens": 0, "error": None,
               "is_abandoned": False}
@@ -49,11 +67,12 @@ def send(url: str, body: dict, part: Callable[[str], dict | None], deadline: flo
                     if parsed and parsed["text"] and record["ttft_s"] is None:
                         record["ttft_s"] = time.perf_counter() - record["start"]
                     if parsed and parsed["usage"]:
-                        record["completion_tokens"] = parsed["usage"]["completion_tokens"]
+                        record["usage"] = parsed["usage"]
                     if time.perf_counter() > deadline:
                         raise TimeoutError
             else:
-                record["completion_tokens"] = r.json()["usage"]["completion_tokens"]
+                record["usage"] = r.json()["usage"]
+            record["completion_tokens"] = record.get("usage", {}).get("completion_tokens", 0)
     except (requests.Timeout, TimeoutError):
         record["is_abandoned"] = True
     except (requests.RequestException, ValueError, KeyError) as e:

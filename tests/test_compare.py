@@ -32,6 +32,7 @@ def test_harness_against_ours(tmp_path):
         assert (p["num_ok"], p["num_errors"], p["num_abandoned"]) == (2, 0, 0), p["first_error"]
         assert p["num_short"] == 0 and p["output_tokens"] == 2 * 8   # exactly 8 tokens each: EOS ignored
         assert p["output_tokens_per_s"] > 0 and p["latency_p50_s"] > 0 and p["server_cpu_s"] > 0
+    assert points[1]["prompt_tokens_mean"] > 30 and points[1]["cached_tokens_mean"] >= 16   # the chats' system prompt
     assert points[1]["ttft_p50_s"] is not None and points[1]["ttft_p50_s"] <= points[1]["latency_p50_s"]
     assert results["machine"]["cpu"] and results["machine"]["git_sha"] and "ours" in results["machine"]["systems"]
     assert "| ours | 1 | stream |" in (tmp_path / "README.md").read_text()
