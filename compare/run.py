@@ -180,10 +180,11 @@ def write_results(out: Path, rows: list[dict], info: dict, settings: dict) -> No
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=list(SYSTEMS))
+    parser.add_argument("--systems", nargs="+", choices=list(SYSTEMS),   # default: all but the feature-off variants
+                        default=[name for name in SYSTEMS if "-no-" not in name])
     parser.add_argument("--users", nargs="+", type=int, default=[1, 4, 16, 64])
     parser.add_argument("--modes", nargs="+", default=["plain", "stream"], choices=["plain", "stream"])
-    parser.add_argument("--workload", default="chat", choices=list(WORKLOADS), help="compare/workload.py")
+    parser.add_argument("--workload", default="chat", choices=WORKLOADS, help="compare/workload.py")
     parser.add_argument("--output-tokens", type=int, default=OUTPUT_TOKENS, help="per answer, EOS ignored")
     parser.add_argument("--num-requests", type=int, default=0, help="per point; 0 = max(16, 4 x users)")
     parser.add_argument("--send-cap-s", type=float, default=30, help="no request sent after this (per point)")

@@ -11,7 +11,7 @@ import sys
 import time
 import zipfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from importlib import metadata
 from pathlib import Path
@@ -195,15 +195,14 @@ class System:
 SYSTEMS = {
     "ours": System(start_ours, PROTOCOLS["native"], False, 18280, versions_ours, needs(MAR, "make mar")),
     "vllm": System(start_vllm, PROTOCOLS["openai"], True, 18290, versions_vllm, needs(VLLM_PYTHON, INSTALLER)),
-    # the same with a feature off, for the workloads where it matters (--workload)
-    "ours-no-prefix-cache": System(partial(start_ours, settings=("prefix_cache_tokens=0",)), PROTOCOLS["native"],
-                                   False, 18280, versions_ours, needs(MAR, "make mar")),
-    "ours-no-spec": System(partial(start_ours, settings=("spec_tokens=0",)), PROTOCOLS["native"], False, 18280,
-                           versions_ours, needs(MAR, "make mar")),
-    "vllm-no-prefix-cache": System(partial(start_vllm, prefix_caching=False), PROTOCOLS["openai"], True, 18290,
-                                   versions_vllm, needs(VLLM_PYTHON, INSTALLER)),
     "llama.cpp": System(start_llama_server, PROTOCOLS["openai"], True, 18295, versions_llama_server,
                         needs(LLAMA_SERVER, INSTALLER)),
     "transformers": System(start_hf, PROTOCOLS["openai"], False, 18298, versions_hf,
                            needs(MODEL_DIR / "config.json", "make mar")),
+}
+# the same with a feature off, for the workloads where it matters (--workload)
+SYSTEMS |= {
+    "ours-no-prefix-cache": replace(SYSTEMS["ours"], start=partial(start_ours, settings=("prefix_cache_tokens=0",))),
+    "ours-no-spec": replace(SYSTEMS["ours"], start=partial(start_ours, settings=("spec_tokens=0",))),
+    "vllm-no-prefix-cache": replace(SYSTEMS["vllm"], start=partial(start_vllm, prefix_caching=False)),
 }

@@ -1,12 +1,13 @@
 """The comparison's workloads, each 32 fixed chats with an explicit system message (so every server
 builds the same prompt) and 64 output tokens: `chat`, short questions of 34-48 tokens (mean 40)
-with the chat template; `shared-prefix`, the same questions after a ~500-token system prompt that
+with the chat template; `shared-prefix`, the same questions after a long system prompt that
 every request shares (a reference document from WikiText-2); `copy`, requests whose answer copies
 their input (proofread or summarize a WikiText paragraph, edit a function and return it whole).
 And the closed loop that sends them: `num_users` threads, each sending its next request when its
 last one is answered, until `num_requests` were sent or `send_cap_s` passed; a request still open
 at `cut_cap_s` is abandoned (its connection closed). Knows nothing about which server answers."""
 
+import functools
 import itertools
 import threading
 import time
@@ -29,23 +30,31 @@ PROMPTS = CHAT_QUESTIONS + CODE_REQUESTS + (   # 26 shared with the load test, 6
 )
 
 
-REFERENCE = " ".join(load_articles(WIKITEXT / "test.txt", num_words=350)[0].split())   # 495 tokens
-PARAGRAPHS = load_articles(WIKITEXT / "test.txt", num_words=60)[1:17]
-COPY_PROMPTS = tuple(f"{task}\n\n{text}" for n, text in enumerate(PARAGRAPHS) for task in (
-    ("Proofread this text and return it corrected, in full:", "Summarize this text:")[n % 2],)) + tuple(
-    f"{task}\n\n{CODE_SNIPPETS[k % 3].format(k=k)}" for k in range(16) for task in (
-        ("Add type hints to this Python code and return the whole code:",
-         "Rename the variables of this Python code to clearer names and return the whole code:")[k % 2],))
-WORKLOADS = {   # name -> (system message, user messages used in turn)
-    "chat": (SYSTEM, PROMPTS),
-    "shared-prefix": (f"{SYSTEM}. Use this reference text when it helps:\n\n{REFERENCE}", PROMPTS),
-    "copy": (SYSTEM, COPY_PROMPTS),
-}
+WORKLOADS = ("chat", "shared-prefix", "copy")
+TEXT_TASKS = ("Proofread this text and return it corrected, in full:", "Summarize this text:")
+CODE_TASKS = ("Add type hints to this Python code and return the whole code:",
+              "Rename the variables of this Python code to clearer names and return the whole code:")
 
 
-def messages(i: int, workload: str = "chat") -> list[dict]:
+@functools.cache
+def workload(name: str) -> tuple[str, tuple[str, ...]]:
+    """A workload's system message and the user messages used in turn (WikiText-2 read on first use)."""
+    if name == "chat":
+        return SYSTEM, PROMPTS
+    if name == "shared-prefix":
+        reference = " ".join(load_articles(WIKITEXT / "test.txt", num_words=350)[0].split())
+        return f"{SYSTEM}. Use this reference text when it helps:\n\n{reference}", PROMPTS
+    if name == "copy":
+        paragraphs = load_articles(WIKITEXT / "test.txt", num_words=60)[1:17]
+        texts = [f"{TEXT_TASKS[n % 2]}\n\n{text}" for n, text in enumerate(paragraphs)]
+        code = [f"{CODE_TASKS[k % 2]}\n\n{CODE_SNIPPETS[k % 3].format(k=k)}" for k in range(16)]
+        return SYSTEM, tuple(texts + code)
+    raise ValueError(f"workload must be one of {WORKLOADS}, got {name!r}")
+
+
+def messages(i: int, name: str = "chat") -> list[dict]:
     """The chat of request number i of a workload (its prompts are used in turn)."""
-    system, prompts = WORKLOADS[workload]
+    system, prompts = workload(name)
     return [{"role": "system", "content": system}, {"role": "user", "content": prompts[i % len(prompts)]}]
 
 

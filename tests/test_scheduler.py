@@ -50,6 +50,15 @@ def test_prefill_budget_stops_fifo():
     assert s.schedule().prefill == [a]          # b does not fit; c may not jump the queue
 
 
+def test_prefill_budget_counts_only_what_the_prefill_computes():
+    """A prompt whose prefix is cached costs only its uncached tokens (the engine's prefill_cost)."""
+    a, b, c = req("a", 6), req("b", 6), req("c", 6)
+    s = Scheduler(8, 10, 1000, prefill_cost=lambda r: 1 if r.request_id != "a" else r.num_tokens)
+    for r in (a, b, c):
+        s.add(r)
+    assert s.schedule().prefill == [a, b, c]    # 6 + 1 + 1 fits where 6 + 6 would not
+
+
 def test_kv_budget_limits_admission():
     a, b, c = req("a", 9), req("b", 9), req("c", 1)
     s = queued(a, b, c, kv_capacity_tokens=21)

@@ -77,7 +77,13 @@ def test_verified_drafts_give_exactly_the_tokens_of_one_by_one_decoding(engines,
     assert [r.output_ids for r in got] == expected
     assert all(r.finish_reason == "length" and len(r.output_ids) == 20 for r in got)
     drafted, kept = sum(r.num_draft_tokens for r in got), sum(r.num_accepted_tokens for r in got)
-    assert drafted > 0 and kept == {99: drafted, 2: kept, 0: 0}[wrong_from] and (kept > 0) == (wrong_from > 0)
+    assert drafted > 0
+    if wrong_from == 99:
+        assert kept == drafted
+    elif wrong_from == 2:
+        assert 0 < kept < drafted
+    else:
+        assert kept == 0
 
 
 def test_a_stop_token_inside_a_kept_draft_ends_the_answer_there(engines, monkeypatch):

@@ -43,8 +43,9 @@ class Engine:
         # speculate in steps of at most this many rows (sequences x tokens each): w8/w4 within their
         # packed kernels' rows, where more rows cost little more than reading the weights, and each
         # row gets the kernel (so the tokens) it gets in a one-token step
-        self.spec_max_rows = min(config.spec_max_rows, facts.packed_max_rows if facts.packed_max_rows >= 0
-                                 else config.spec_max_rows)
+        self.spec_max_rows = config.spec_max_rows
+        if facts.packed_max_rows >= 0:
+            self.spec_max_rows = min(self.spec_max_rows, facts.packed_max_rows)
         self.prefix = PrefixCache(self.cache, config.prefix_cache_tokens) if config.prefix_cache_tokens else None
         self.scheduler = Scheduler(config.max_num_seqs, config.max_prefill_tokens, config.kv_capacity_tokens,
                                    request_level=config.batching == "request_level", prefill_cost=self._uncached)
@@ -182,10 +183,11 @@ class Engine:
         """Left-pad prompts into groups of similar uncached length so padding costs little compute;
         copy each prompt's cached prefix into its row first, keep its new full blocks after."""
         budget = self.config.max_prefill_tokens
-        pending = sorted(requests, key=self._uncached)
+        cost = {r: self._uncached(r) for r in requests}
+        pending = sorted(requests, key=cost.get)
         while pending:
             group = [pending.pop(0)]
-            while pending and (len(group) + 1) * self._uncached(pending[0]) <= budget:
+            while pending and (len(group) + 1) * cost[pending[0]] <= budget:
                 group.append(pending.pop(0))
             start = len(self.rows)
             t0 = time.perf_counter()
@@ -196,7 +198,7 @@ class Engine:
                 r.row = start + i
                 r.start_time = r.start_time or t0
                 self.rows.append(r)
-                keys = self.prefix.match(tokens) if self.prefix else []
+                keys = self.prefix.match(tokens) if self.prefix else []   # again: an earlier group may have added blocks
                 if keys:
                     self.prefix.load(keys, r.row, T - len(tokens))
                 num_cached.append(len(keys) * BLOCK)

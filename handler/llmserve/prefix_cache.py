@@ -30,13 +30,11 @@ class PrefixCache:
     def match(self, tokens: list[int]) -> list[int]:
         """Keys of the stored blocks that start `tokens`, first to last, leaving at least one token
         to compute (its logits give the next token)."""
-        keys, parent = [], 0
-        for i in range((len(tokens) - 1) // BLOCK):
-            key = self._find(parent, tokens[i * BLOCK:(i + 1) * BLOCK])
-            if key is None or key not in self.blocks:
+        keys = []
+        for key, _, _ in self._chain(tokens, (len(tokens) - 1) // BLOCK):
+            if key not in self.blocks:
                 break
             keys.append(key)
-            parent = key
         return keys
 
     def load(self, keys: list[int], row: int, start: int) -> None:
@@ -53,12 +51,8 @@ class PrefixCache:
     def save(self, tokens: list[int], row: int, start: int) -> None:
         """Keep the full blocks of `tokens`, prefilled in the KV row from cache position start on,
         that are not stored yet."""
-        keys, parent = [], 0
-        for i in range(len(tokens) // BLOCK):
-            block = tuple(tokens[i * BLOCK:(i + 1) * BLOCK])
-            key = self._find(parent, block)
-            if key is None:
-                break                                   # a hash collision: keep what is stored, stop
+        keys = []
+        for i, (key, block, parent) in enumerate(self._chain(tokens, len(tokens) // BLOCK)):
             if key in self.blocks:
                 self.blocks.move_to_end(key)            # not evicted by this chain's own new blocks
             else:
@@ -70,7 +64,6 @@ class PrefixCache:
                 self.v[slot] = self.cache.v[:, row, :, span]
                 self.blocks[key] = (slot, block, parent)
             keys.append(key)
-            parent = key
         self.touch(keys)
 
     def touch(self, keys: list[int]) -> None:
@@ -78,12 +71,18 @@ class PrefixCache:
         for key in reversed(keys):
             self.blocks.move_to_end(key)
 
-    def _find(self, parent: int, block) -> int | None:
-        """The key of this block after that parent: None when another block holds its hash."""
-        block = tuple(block)
-        key = hash((parent, block))
-        entry = self.blocks.get(key)
-        return None if entry is not None and (entry[1] != block or entry[2] != parent) else key
+    def _chain(self, tokens: list[int], num_blocks: int):
+        """(key, block, parent key) of the first num_blocks blocks of tokens, each keyed after the
+        one before it; ends early at a block whose key another block holds (a hash collision)."""
+        parent = 0
+        for i in range(num_blocks):
+            block = tuple(tokens[i * BLOCK:(i + 1) * BLOCK])
+            key = hash((parent, block))
+            entry = self.blocks.get(key)
+            if entry is not None and (entry[1] != block or entry[2] != parent):
+                return
+            yield key, block, parent
+            parent = key
 
     def _allocate(self) -> int | None:
         if not self.free and self.blocks:

@@ -106,25 +106,20 @@ class ModelRunner:
         c.set_prefilled(rows, T, pads)
         return logits
 
-    @torch.inference_mode()
     def decode(self, num_rows: int) -> torch.Tensor:
         """One token for each of rows 0..num_rows-1, fed from cache.last_tokens; returns logits [B, V]."""
-        return self._step(self.cache.last_tokens[:num_rows, None])[:, 0]
+        return self.verify(self.cache.last_tokens[:num_rows, None])[:, 0]
 
     @torch.inference_mode()
     def verify(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Speculative decoding's step: rows 0..B-1 each take W tokens at once, tokens[:, 0] their
-        last one and the rest a draft; returns logits at every position [B, W, V]. Writes all W
-        keys and values and advances each row by one: the engine advances rows further by the
-        draft tokens it keeps (keys past a row's length are masked, later overwritten)."""
-        return self._step(tokens)
-
-    def _step(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Rows 0..B-1 each take the W tokens of tokens [B, W]; logits [B, W, V]. The linear layers
-        see the B x W tokens as that many rows (the kernel for that many rows, the same per row as
-        in a one-token step), attention sees each row's W. The layers read the cache and return
-        their new keys and values, written after the last layer in one go: a layer is then a pure
-        function of tensors, which torch.compile can fuse."""
+        """Rows 0..B-1 each take the W tokens of tokens [B, W] at once: their last token, then a
+        draft (speculative decoding; W = 1 is a decode step). Returns logits at every position
+        [B, W, V]; writes all W keys and values and advances each row by one: the engine advances
+        rows further by the draft tokens it keeps (keys past a row's length are masked, later
+        overwritten). The linear layers see the B x W tokens as that many rows (the kernel for that
+        many rows, the same per row as in a one-token step), attention sees each row's W. The
+        layers read the cache and return their new keys and values, written after the last layer
+        in one go: a layer is then a pure function of tensors, which torch.compile can fuse."""
         c = self.cache
         B, W = tokens.shape
         dev = c.k.device
