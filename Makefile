@@ -12,7 +12,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 PROFILE ?= quick
 
-.PHONY: serve stop test test-unit fuzz soak status measure quality mar clean sweep bench
+.PHONY: serve stop test test-unit fuzz soak status measure quality mar clean sweep bench chargeback tiers
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PY_SYS) -m venv $(VENV)
@@ -55,6 +55,15 @@ fuzz: $(MAR)
 # 1.5x the measured capacity for DURATION seconds: lost answers, refusals, p99, worker memory (loadtest/soak.py)
 soak: $(MAR)
 	$(PY) -m loadtest.soak --duration $(or $(DURATION),600)
+
+# each tenant's requests, tokens, engine time and cost from the running server's counters;
+# CHARGEBACK_ARGS="--save F" starts a period, "--since F" prints it (loadtest/chargeback.py)
+chargeback: $(VENV)/.installed
+	$(PY) -m loadtest.chargeback $(CHARGEBACK_ARGS)
+
+# premium, standard and batch users at 1.5x the measured capacity, without and with tiers (loadtest/tiers.py)
+tiers: $(MAR)
+	$(PY) -m loadtest.tiers
 
 test-unit: $(VENV)/.installed
 	$(PY) -m pytest -q tests -m "not e2e"

@@ -12,6 +12,7 @@ the native JSON API, v1/... for the OpenAI routes. The only module that imports 
 
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import replace
@@ -25,13 +26,15 @@ from llmserve.config import EngineConfig
 from llmserve.engine import Engine, Overloaded
 from llmserve.exchange import JSON, Exchange, error_json
 from llmserve.openai_api import CHAT, COMPLETIONS, MODELS, ROUTES, Formatter, models_body, parse_openai
-from llmserve.request import Request, RequestError, parse_request
+from llmserve.request import TIERS, Request, RequestError, parse_request
+from llmserve.tenants import ANONYMOUS, RateLimited, Tenants
 
 logger = logging.getLogger(__name__)
 FAILED = {"error": 500, "queue_timeout": 503}     # finish reasons that are the server's error responses
 CLIENT_GONE = 499                               # the metrics' status of a request whose client hung up
 GAUGE_INTERVAL_S = 1.0                          # the engine's gauges are reported at most this often
-PHRASES = {400: "Bad Request", 404: "Not Found", 500: "Internal Server Error", 503: "Service Unavailable"}
+PHRASES = {400: "Bad Request", 404: "Not Found", 429: "Too Many Requests", 500: "Internal Server Error",
+           503: "Service Unavailable"}
 
 
 class LLMHandler(BaseHandler):
@@ -39,6 +42,7 @@ class LLMHandler(BaseHandler):
         super().__init__()
         self.batching = batching               # None: handler.batching from model-config.yaml
         self.engine: Engine | None = None
+        self.tenants = Tenants()               # model-config.yaml's tenants: section
         self.stepwise = True                   # TorchServe's continuous-batching protocol
         self.exchanges: dict[str, Exchange] = {}   # request id -> its protocol state
         self.model_name = "llm"                # as registered: the OpenAI routes' model
@@ -63,6 +67,7 @@ class LLMHandler(BaseHandler):
         # A request that has sent nothing yet comes back with its payload at every step (the frontend
         # caches it only after a first part): take bodies as bytes and parse newcomers' alone.
         os.environ["TS_DECODE_INPUT_REQUEST"] = "false"
+        self.tenants = Tenants(yaml_config.get("tenants"))
         self.engine = Engine.from_config(config)
         # one tiny request at start-up, so the first user does not pay for the kernels' set-up
         warmup = parse_request("warmup", {"prompt": "Hello", "max_new_tokens": 2}, config, self.engine.tokenizer)
@@ -77,9 +82,9 @@ class LLMHandler(BaseHandler):
 
     # -- per request, isolated: nothing one request does can fail another ---------------------------
     def _admit(self, idx: int, row: dict, context) -> Exchange | str:
-        """Route, parse, tokenize and queue one request: its Exchange, or its whole response (an
-        error, or the model list). RequestError is a 4xx naming the field, Overloaded a 503 with
-        Retry-After, anything else a 500: each this request's own."""
+        """Route, rate-limit, parse, tokenize and queue one request: its Exchange, or its whole
+        response (an error, or the model list). RequestError is a 4xx naming the field, RateLimited
+        a 429 and Overloaded a 503, both with Retry-After, anything else a 500: each this request's own."""
         route = (context.get_request_header(idx, "url_path") or "").strip("/")
         is_openai = route.startswith("v1")
         try:
@@ -89,7 +94,9 @@ class LLMHandler(BaseHandler):
             if route not in ("", CHAT, COMPLETIONS):
                 raise RequestError("url_path", f"no route /{route}: the routes are /predictions/{self.model_name} "
                                    f"and, after the version, {['/' + r for r in ROUTES]}", status=404)
-            self.engine.check_room()
+            tenant, tier = self.tenants.identify(context.get_all_request_header(idx))
+            self.engine.check_room(tier)
+            self.tenants.admit(tenant, time.monotonic())
             body = row.get("body") if row.get("body") is not None else row.get("data")
             if body is None and row:
                 raise RequestError("body", "no JSON body found; send a JSON object with Content-Type: application/json")
@@ -99,12 +106,14 @@ class LLMHandler(BaseHandler):
                 ex = Exchange(r, Formatter(route, r, self.model_name, include_usage, self._token_text))
             else:
                 ex = Exchange(parse_request(request_id, body, self.engine.config, self.engine.tokenizer))
+            ex.request.tenant, ex.request.tier = tenant, tier
             self.engine.add_request(ex.request)
         except RequestError as e:
             return self._reply(context, idx, e.status, error_json(is_openai, e.status, e.message, e.field))
-        except Overloaded as e:
-            context.set_response_header(idx, "Retry-After", str(e.retry_after_s))
-            return self._reply(context, idx, 503, error_json(is_openai, 503, str(e), None))
+        except (Overloaded, RateLimited) as e:
+            status, limit = (429, e.limit) if isinstance(e, RateLimited) else (503, None)
+            context.set_response_header(idx, "Retry-After", str(math.ceil(e.retry_after_s)))
+            return self._reply(context, idx, status, error_json(is_openai, status, str(e), limit))
         except Exception as e:
             logger.exception("could not take request %s", idx)
             return self._reply(context, idx, 500, error_json(is_openai, 500, f"could not take the request: "
@@ -171,11 +180,11 @@ class LLMHandler(BaseHandler):
     # -- TorchServe's continuous-batching protocol: one engine step per call -------------------------
     def handle_step(self, data: list, context) -> list:
         ids = [context.get_request_id(idx) for idx in range(len(data))]
-        answered: list[tuple[Request | None, int]] = []       # (request, HTTP status) of those leaving
+        answered: list[tuple] = []       # (request or None, HTTP status, its tenant and tier) of those leaving
         for gone in set(self.exchanges) - set(ids):      # the frontend dropped it: its client went away
             r = self.exchanges.pop(gone).request
             self.engine.abort(r.request_id)
-            answered.append((r, CLIENT_GONE))
+            answered.append((r, CLIENT_GONE, (r.tenant, TIERS[r.tier])))
         replies: dict[int, tuple[str | None, bool | None]] = {}
         for idx, rid in enumerate(ids):
             if rid not in self.exchanges:
@@ -202,24 +211,39 @@ class LLMHandler(BaseHandler):
         return [replies[idx][0] or "" for idx in range(len(data))]
 
     # -- metrics (declared in config/metrics.yaml; TorchServe exports them on its metrics port) ------
-    @staticmethod
-    def _outcome(context, idx: int, item: Exchange | str) -> tuple[Request | None, int] | None:
-        """(request, HTTP status) of one answered for good; None for the model list."""
+    def _outcome(self, context, idx: int, item: Exchange | str) -> tuple[Request | None, int, tuple] | None:
+        """(request, HTTP status, (tenant, tier)) of one answered for good; None for the model list."""
         if isinstance(item, Exchange):
-            return item.request, FAILED.get(item.request.finish_reason, 200)
+            r = item.request
+            return r, FAILED.get(r.finish_reason, 200), (r.tenant, TIERS[r.tier])
         status = context.get_response_status(idx)[0] or 200
-        return (None, status) if status != 200 else None
+        if status == 200:
+            return None
+        try:
+            tenant, tier = self.tenants.identify(context.get_all_request_header(idx))
+        except RequestError:   # refused for its headers
+            tenant, tier = ANONYMOUS, TIERS.index(self.tenants.default.tier)
+        return None, status, (tenant, TIERS[tier])
 
-    def _record(self, context, answered: list[tuple[Request | None, int] | None]) -> None:
-        """Counters and histograms of the requests answered in this call; gauges of the engine."""
+    def _record(self, context, answered: list[tuple | None]) -> None:
+        """Counters and histograms of the requests answered in this call, and by tenant and tier
+        (for chargeback); gauges of the engine. Charges each tenant's tokens-per-minute limit."""
         metrics = context.metrics
-        for r, status in filter(None, answered):
+        for r, status, (tenant, tier) in filter(None, answered):
             reason = r.finish_reason if r is not None else "refused"   # refused: before the engine saw it
             metrics.add_metric("llm_requests_total", 1, "Count", None,
                                [Dimension("finish_reason", reason), Dimension("status", str(status))],
                                MetricTypes.COUNTER)
+            who = [Dimension("tenant", tenant), Dimension("tier", tier)]
+            metrics.add_metric("llm_tenant_requests_total", 1, "Count", None, [*who, Dimension("status", str(status))],
+                               MetricTypes.COUNTER)
             if r is None:
                 continue
+            self.tenants.charge(tenant, len(r.output_ids), time.monotonic())
+            for name, value in (("llm_tenant_prompt_tokens_total", len(r.prompt_ids)),
+                                ("llm_tenant_generation_tokens_total", len(r.output_ids)),
+                                ("llm_tenant_engine_seconds_total", r.engine_s)):
+                metrics.add_metric(name, value, "Count", None, who, MetricTypes.COUNTER)
             metrics.add_metric("llm_prompt_tokens_total", len(r.prompt_ids), "Count", None, [], MetricTypes.COUNTER)
             for name, value in (("llm_prompt_tokens_cached_total", r.num_cached_tokens),
                                 ("llm_spec_draft_tokens_total", r.num_draft_tokens),

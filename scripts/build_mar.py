@@ -20,6 +20,7 @@ from pathlib import Path
 import yaml
 
 from llmserve.config import EngineConfig
+from llmserve.tenants import Tenants
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -33,6 +34,7 @@ def render_config(args) -> dict:
     path = Path(handler.get("model_path", ""))
     handler["model_path"] = str(path if path.is_absolute() else (ROOT / path).resolve())
     engine_config = EngineConfig.from_dict(handler)   # fail here, not in a worker, on a bad key or value
+    Tenants(config.get("tenants"))
     config["handler"] = handler
     for key, value in (("continuousBatching", args.continuous_batching), ("batchSize", args.batch_size),
                        ("maxBatchDelay", args.max_batch_delay)):

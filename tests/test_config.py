@@ -5,6 +5,7 @@ import pytest
 import yaml
 
 from llmserve.config import EngineConfig
+from llmserve.tenants import Tenants
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -15,6 +16,8 @@ def test_repo_model_config_parses():
     assert config.quantization == "w4"       # the shipped default since 480edc9
     assert config.kv_capacity_tokens == config.max_num_seqs * config.max_model_len
     assert config.kv_prefault                # the server maps its KV cache at start-up
+    tenants = Tenants(yaml.safe_load((ROOT / "config/model-config.yaml").read_text())["tenants"])
+    assert tenants.policy("trial").max_requests_per_s > 0    # tests/test_e2e.py's rate-limited tenant
 
 
 def test_unknown_key_is_rejected():
@@ -42,6 +45,8 @@ def test_model_path_required():
     ("spec_max_rows", -1, "spec_max_rows must be a non-negative integer"),
     ("spec_lookup_min", 4, "1 <= min <= max"),
     ("spec_lookup_max", 0, "1 <= min <= max"),
+    ("max_queue_wait_s", float("inf"), "max_queue_wait_s must be a non-negative number"),
+    ("priority_ageing_s", -1, "priority_ageing_s must be a non-negative number"),
 ])
 def test_bad_values_are_rejected(key, value, match):
     with pytest.raises(ValueError, match=match):

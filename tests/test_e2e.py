@@ -38,10 +38,10 @@ def server(tmp_path_factory):
         ts.stop()
 
 
-def post(server, body, model="llm", **kw) -> requests.Response:
+def post(server, body, model="llm", headers: dict | None = None, **kw) -> requests.Response:
     data = body if isinstance(body, (bytes, str)) else json.dumps(body)
     return requests.post(f"{server.inference_url}/predictions/{model}", data=data,
-                         headers={"Content-Type": "application/json"}, timeout=300, **kw)
+                         headers={"Content-Type": "application/json", **(headers or {})}, timeout=300, **kw)
 
 
 @pytest.mark.parametrize("model", ["llm", "llm-rl"])
@@ -303,6 +303,30 @@ def test_llm_metrics_move_under_load(server):
     assert after["llm_prompt_tokens_cached_total"] - before.get("llm_prompt_tokens_cached_total", 0) >= 4 * 16
     assert {"llm_requests_running", "llm_requests_waiting", "llm_kv_cache_usage_ratio"} <= set(after)
     assert 'finish_reason="refused",status="400"' in requests.get(f"{server.metrics_url}/metrics", timeout=10).text
+
+
+def test_tenants_rate_limits_and_chargeback_counters(server):
+    """The archive's tenants: section through real HTTP headers: `trial` may send one request per
+    5 s (its second is a 429 naming the limit), a bad X-Priority is a 400 naming the header, and
+    the per-tenant counters carry what make chargeback reads."""
+    hi = {"prompt": "Hello", "max_new_tokens": 4, "ignore_eos": True}
+    first = post(server, hi, headers={"X-Tenant": "trial"})
+    second = post(server, hi, headers={"x-tenant": "trial"})
+    assert first.status_code == 200 and first.json()["usage"]["completion_tokens"] == 4
+    assert second.status_code == 429 and second.json()["field"] == "max_requests_per_s"
+    assert 1 <= int(second.headers["Retry-After"]) <= 5
+    bad = post(server, hi, headers={"X-Priority": "gold"})
+    assert bad.status_code == 400 and bad.json()["field"] == "X-Priority"
+    text = requests.get(f"{server.metrics_url}/metrics", timeout=10).text
+    for sample in ('llm_tenant_requests_total{tenant="trial",tier="batch",status="200"',
+                   'llm_tenant_requests_total{tenant="trial",tier="batch",status="429"',
+                   'llm_tenant_generation_tokens_total{tenant="trial",tier="batch"',
+                   'llm_tenant_engine_seconds_total{tenant="trial",tier="batch"'):
+        assert sample in text, sample
+    table = subprocess.run([sys.executable, "-m", "loadtest.chargeback", "--metrics-url", f"{server.metrics_url}/metrics"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=60, check=True).stdout
+    trial = next(t for t in json.loads(table.splitlines()[-1])["tenants"] if t["tenant"] == "trial")
+    assert trial["num_ok"] == 1 and trial["num_limited"] == 1 and trial["output_tokens"] == 4 and trial["usd"] > 0
 
 
 def test_overload_queue_wait_and_timeout(server):

@@ -192,3 +192,15 @@ def test_the_engines_forward_scores_a_window_like_hugging_faces(engine):
     ours = perplexity(engine_loss(engine), ids, 32, 16, torch.device("cpu"))
     theirs = perplexity(engine.runner.model, ids, 32, 16, torch.device("cpu"))
     assert ours == pytest.approx(theirs, rel=1e-4)
+
+
+def test_engine_time_is_shared_by_tokens_computed(engine, monkeypatch):
+    """Chargeback: every step's time goes to its requests, a prefill's by its prompt length."""
+    clock = iter(range(10**6))                           # every reading of the clock is 1 s later
+    monkeypatch.setattr("llmserve.engine.time.perf_counter", lambda: float(next(clock)))
+    short, long = make(engine, "share", "x", max_new=1, ignore_eos=True), make(engine, "share", PROMPTS[3], max_new=1, ignore_eos=True)
+    steps = []
+    engine.generate([short, long], on_step=lambda: steps.append(1))
+    assert len(steps) == 1 and short.engine_s + long.engine_s > 0
+    computed = [len(r.prompt_ids) - r.num_cached_tokens for r in (long, short)]
+    assert long.engine_s / short.engine_s == pytest.approx(computed[0] / computed[1]) and computed[0] > computed[1]

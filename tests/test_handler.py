@@ -33,16 +33,21 @@ class MockContext:
         self.metrics = Metrics()
         self.new_batch([])
 
-    def new_batch(self, ids: list[str], paths: dict[int, str] | None = None) -> None:
+    def new_batch(self, ids: list[str], paths: dict[int, str] | None = None,
+                  request_headers: dict[int, dict] | None = None) -> None:
         self.request_ids = dict(enumerate(ids))
         self.paths = paths or {}                       # idx -> url_path (what follows the version)
+        self.request_headers = request_headers or {}   # idx -> the HTTP request's headers
         self.status, self.content_types, self.headers, self.stopping_criteria = {}, {}, {}, None
 
     def get_request_id(self, idx: int = 0):
         return self.request_ids.get(idx)
 
     def get_request_header(self, idx: int, key: str):
-        return self.paths.get(idx) if key == "url_path" else None
+        return self.get_all_request_header(idx).get(key)
+
+    def get_all_request_header(self, idx: int) -> dict:
+        return {**self.request_headers.get(idx, {}), "url_path": self.paths.get(idx)}
 
     def set_response_status(self, code: int = 200, phrase: str = "", idx: int = 0):
         self.status[idx] = code
@@ -142,7 +147,8 @@ def test_policy_comes_from_yaml_unless_the_entry_point_names_one(tiny_model_dir,
         make_handler(tiny_model_dir, batching="sometimes")
 
 
-def run_steps(h, ctx, arrivals: dict[int, dict], paths: dict[str, str] | None = None) -> dict[str, list]:
+def run_steps(h, ctx, arrivals: dict[int, dict], paths: dict[str, str] | None = None,
+              headers: dict[str, dict] | None = None) -> dict[str, list]:
     """Drive handle() like TorchServe's ContinuousBatching: a request brings its payload until its
     first response (then it is cached and comes back by id alone); one the handler leaves out of
     context.request_ids gets nothing that step; a request leaves once its stopping criterion says
@@ -158,7 +164,8 @@ def run_steps(h, ctx, arrivals: dict[int, dict], paths: dict[str, str] | None = 
             break
         if not active:
             continue
-        ctx.new_batch(active, {idx: (paths or {}).get(rid) for idx, rid in enumerate(active)})
+        ctx.new_batch(active, {idx: (paths or {}).get(rid) for idx, rid in enumerate(active)},
+                      {idx: (headers or {}).get(rid, {}) for idx, rid in enumerate(active)})
         data = [payloads.get(rid, {}) for rid in active]
         out = h.handle(data, ctx)
         assert len(out) == len(active)
@@ -424,6 +431,16 @@ def test_a_full_queue_refuses_at_once_with_503(tiny_model_dir):
     assert h.did_step and len(h.engine.rows) == 1
 
 
+def test_a_queue_full_of_lower_tiers_still_takes_a_premium_request(tiny_model_dir):
+    h, ctx = make_handler(tiny_model_dir, yaml={"batchSize": 8}, max_num_seqs=1, max_waiting_requests=1)
+    tiers = ["batch", "batch", "batch", "premium", "premium", "premium"]
+    ctx.new_batch(list("abcdef"), request_headers={i: {"X-Priority": t} for i, t in enumerate(tiers)})
+    h.handle([body("Hello there", max_new_tokens=20, ignore_eos=True)] * 6, ctx)
+    # one row (free until the step) and one waiting place per tier and better: c finds a and b ahead,
+    # d and e find no premium one ahead (batch ones do not count against them), f finds d and e
+    assert ctx.status == {2: 503, 5: 503}
+
+
 def test_queue_wait_limit_and_own_timeout(tiny_model_dir, monkeypatch):
     h, ctx = make_handler(tiny_model_dir, yaml={"batchSize": 4}, max_num_seqs=1, max_queue_wait_s=0.05)
     decode = h.engine.runner.decode
@@ -459,3 +476,28 @@ def test_a_queued_chat_stream_sends_nothing_before_its_first_token(tiny_model_di
     ctx.new_batch(["a", "b"], {0: "v1/chat/completions", 1: "v1/chat/completions"})
     h.handle([{"body": json.dumps(chat).encode()}] * 2, ctx)
     assert h.exchanges["b"].request.status == "waiting" and 1 not in ctx.request_ids
+
+
+def test_tenants_get_their_tier_rate_limit_and_account(tiny_model_dir):
+    h, ctx = make_handler(tiny_model_dir, yaml={"tenants": {"team-a": {"max_requests_per_s": 0.01}}})
+    team_a = {"X-Tenant": "team-a"}
+    responses = run_steps(h, ctx, {0: {"a": body("Hello there", max_new_tokens=5), "b": body("Hello", max_new_tokens=5),
+                                       "c": body("Hi", max_new_tokens=3), "d": body("Hi")}},
+                          headers={"a": team_a, "b": team_a, "c": {"X-Tenant": "team-c", "X-Priority": "premium"},
+                                   "d": {"X-Priority": "gold"}})
+    assert whole(responses["a"])["usage"]["completion_tokens"] == 5
+    assert whole(responses["c"])["usage"]["completion_tokens"] == 3
+    (refused, status, _), = responses["b"]            # over team-a's one request a second: never queued
+    assert status == 429 and json.loads(refused)["field"] == "max_requests_per_s"
+    (bad, status, _), = responses["d"]
+    assert status == 400 and json.loads(bad)["field"] == "X-Priority"
+    ctx.new_batch(["e"], request_headers={0: team_a})
+    h.handle([body("Hi")], ctx)
+    assert ctx.status[0] == 429 and 1 <= int(ctx.headers[0]["Retry-After"]) <= 100
+    counted = ctx.metrics.values
+    assert counted[("llm_tenant_requests_total", "tenant=team-a", "tier=standard", "status=200")] == [1]
+    assert counted[("llm_tenant_requests_total", "tenant=team-a", "tier=standard", "status=429")] == [1, 1]
+    assert counted[("llm_tenant_requests_total", "tenant=anonymous", "tier=standard", "status=400")] == [1]
+    assert counted[("llm_tenant_generation_tokens_total", "tenant=team-c", "tier=premium")] == [3]
+    assert counted[("llm_tenant_prompt_tokens_total", "tenant=team-a", "tier=standard")][0] > 0
+    assert counted[("llm_tenant_engine_seconds_total", "tenant=team-c", "tier=premium")][0] > 0

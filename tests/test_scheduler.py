@@ -1,17 +1,20 @@
 """Scheduler policy with hand-built requests and step results; no torch, no model."""
 
-from llmserve.request import Request, SamplingParams
+from llmserve.request import TIERS, Request, SamplingParams
 from llmserve.scheduler import Scheduler
 
 
-def req(name: str, prompt_len: int, max_new: int = 10) -> Request:
-    return Request(request_id=name, prompt_ids=[1] * prompt_len, params=SamplingParams(max_new_tokens=max_new))
+def req(name: str, prompt_len: int, max_new: int = 10, tier: str = "standard", arrival: float = 0.0) -> Request:
+    """Requests made in one test arrive at the same time (by tier, then queue order) unless told."""
+    return Request(request_id=name, prompt_ids=[1] * prompt_len, params=SamplingParams(max_new_tokens=max_new),
+                   tier=TIERS.index(tier), arrival_time=arrival)
 
 
 def queued(*requests: Request, max_num_seqs: int = 8, max_prefill_tokens: int = 1000,
-           kv_capacity_tokens: int = 1000, request_level: bool = False) -> Scheduler:
+           kv_capacity_tokens: int = 1000, request_level: bool = False, ageing_s: float = 0) -> Scheduler:
     """A scheduler with these requests waiting, in this order."""
-    s = Scheduler(max_num_seqs, max_prefill_tokens, kv_capacity_tokens, request_level=request_level)
+    s = Scheduler(max_num_seqs, max_prefill_tokens, kv_capacity_tokens, request_level=request_level,
+                  priority_ageing_s=ageing_s)
     for r in requests:
         s.add(r)
     return s
@@ -163,3 +166,62 @@ def test_request_level_preempted_member_returns_to_its_batch():
     assert out.prefill == [b]                  # b, not late: late waits until b is done
     s.finish(b, "stop")
     assert s.schedule().prefill == [late]
+
+
+# -- priority tiers (the handler sets a request's tier from its tenant, tenants.py) ------------------
+def test_tiers_admit_premium_first_then_arrival():
+    b, s1, p, s2 = req("b", 5, tier="batch"), req("s1", 5), req("p", 5, tier="premium"), req("s2", 5)
+    s = queued(b, s1, p, s2, max_num_seqs=3)
+    assert s.schedule(now=0).prefill == [p, s1, s2]   # batch b arrived first and still waits
+
+
+def test_kv_pressure_preempts_the_lowest_tier_first():
+    p, b, st = req("p", 9, tier="premium"), req("b", 9, tier="batch"), req("st", 9)
+    s = queued(p, b, st, kv_capacity_tokens=33)
+    s.schedule(now=0)
+    decode_one(s)
+    s.schedule(now=0)                                  # 3 x (10 + 1) = 33: fits
+    decode_one(s)
+    out = s.schedule(now=0)                            # 3 x (11 + 1) = 36: one must go
+    assert out.preempted == [b] and out.decode == [p, st]
+
+
+def test_premium_displaces_running_batch_work_but_not_its_own_tier():
+    b1, b2 = req("b1", 5, tier="batch"), req("b2", 5, tier="batch")
+    s = queued(b1, b2, max_num_seqs=2)
+    s.schedule(now=0)
+    p = req("p", 5, tier="premium")
+    s.add(p)
+    out = s.schedule(now=0)
+    assert out.preempted == [b2] and out.prefill == [p] and out.decode == [b1]   # the newest batch one goes
+    p2 = req("p2", 5, tier="premium")
+    s.add(p2)
+    out = s.schedule(now=0)
+    assert out.preempted == [b1] and out.prefill == [p2]
+    s.add(req("p3", 5, tier="premium"))
+    out = s.schedule(now=0)
+    assert out.preempted == [] and out.prefill == [] and out.decode == [p, p2]   # it waits for its peers
+
+
+def test_ageing_lifts_batch_work_one_tier_per_period():
+    b = req("b", 5, tier="batch", arrival=0)
+    s = queued(b, max_num_seqs=1, ageing_s=10)
+    assert s.rank(b, now=9.9)[0] == 2 and s.rank(b, now=10)[0] == 1 and s.rank(b, now=25)[0] == 0
+    p = req("p", 5, tier="premium", arrival=19)
+    s.add(p)
+    assert s.schedule(now=19).prefill == [p]           # b ranks standard at 19 s: premium goes first
+    s.finish(p, "stop")
+    p2 = req("p2", 5, tier="premium", arrival=20)
+    s.add(p2)
+    assert s.schedule(now=20).prefill == [b]           # b ranks premium at 20 s and arrived first
+    p3 = req("p3", 5, tier="premium", arrival=21)
+    s.add(p3)
+    out = s.schedule(now=21)
+    assert out.preempted == [] and out.decode == [b]   # and is no longer displaced
+
+
+def test_request_level_ignores_tiers():
+    b, p = req("b", 5, tier="batch"), req("p", 5, tier="premium")
+    s = queued(b, p, max_num_seqs=1, request_level=True)
+    assert s.schedule(now=0).prefill == [b]
+    assert s.schedule(now=0).preempted == []

@@ -38,6 +38,8 @@ class EngineConfig:
     spec_lookup_max: int = 3
     spec_max_rows: int = 3            # speculate while sequences x (1 + draft) fit in this many rows
                                       # (w8/w4: and in the packed kernels' rows)
+    priority_ageing_s: float = 60.0   # a waiting request ranks one tier higher per this many seconds
+                                      # since it arrived (scheduler.py); 0 = never
     kv_prefault: bool = False         # CPU: map the whole KV cache into memory at start-up (its full
                                       # size resident at once) instead of page by page as rows first use it
 
@@ -61,9 +63,10 @@ class EngineConfig:
         for name in ("compile", "kv_prefault"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
-        if not isinstance(self.max_queue_wait_s, (int, float)) or isinstance(self.max_queue_wait_s, bool) \
-                or not 0 <= self.max_queue_wait_s < float("inf"):
-            raise ValueError(f"max_queue_wait_s must be a non-negative number of seconds, got {self.max_queue_wait_s!r}")
+        for name in ("max_queue_wait_s", "priority_ageing_s"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < float("inf"):
+                raise ValueError(f"{name} must be a non-negative number of seconds, got {value!r}")
         for name in ("kv_budget_tokens", "num_threads", "max_waiting_requests", "prefix_cache_tokens",
                      "spec_tokens", "spec_max_rows"):
             value = getattr(self, name)

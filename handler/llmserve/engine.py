@@ -16,7 +16,7 @@ from .config import EngineConfig
 from .kv_cache import KVCache
 from .load import ModelFacts, load_model
 from .prefix_cache import BLOCK, PrefixCache
-from .request import Request
+from .request import TIERS, Request
 from .runner import ModelRunner
 from .sampling import make_generator, sample
 from .scheduler import Scheduler
@@ -48,7 +48,8 @@ class Engine:
             self.spec_max_rows = min(self.spec_max_rows, facts.packed_max_rows)
         self.prefix = PrefixCache(self.cache, config.prefix_cache_tokens) if config.prefix_cache_tokens else None
         self.scheduler = Scheduler(config.max_num_seqs, config.max_prefill_tokens, config.kv_capacity_tokens,
-                                   request_level=config.batching == "request_level", prefill_cost=self._uncached)
+                                   request_level=config.batching == "request_level", prefill_cost=self._uncached,
+                                   priority_ageing_s=config.priority_ageing_s)
         self.rows: list[Request] = []          # rows[i] is the request in KV row i
         self.requests: dict[str, Request] = {}  # unfinished requests by id
         self.scheduled: list[Request] = []     # the requests the current (or last) step runs
@@ -65,7 +66,7 @@ class Engine:
     def add_request(self, request: Request) -> None:
         """Queue a request; raises Overloaded when max_waiting_requests are already waiting."""
         assert request.request_id not in self.requests, f"duplicate request id {request.request_id}"
-        self.check_room()
+        self.check_room(request.tier)
         request.generator = make_generator(request.params, self.facts.device)
         p, c = request.params, self.config
         if c.spec_tokens and p.is_greedy and p.logprobs is None and not p.min_tokens:   # the only ones that draft
@@ -75,11 +76,13 @@ class Engine:
         self.requests[request.request_id] = request
         self.scheduler.add(request)
 
-    def check_room(self) -> None:
-        """Raise Overloaded if a new request would find the waiting queue full (those that free
-        slots will take at the next step do not count as waiting)."""
+    def check_room(self, tier: int = TIERS.index("standard")) -> None:
+        """Raise Overloaded if a new request of this tier would find the waiting queue full of
+        requests of its tier or better (those that free slots will take at the next step do not
+        count as waiting): lower tiers' waiting requests never keep a higher tier out."""
         num_free = self.config.max_num_seqs - len(self.scheduler.running)
-        num_waiting, limit = len(self.scheduler.waiting) - num_free, self.config.max_waiting_requests
+        num_ahead = sum(r.tier <= tier for r in self.scheduler.waiting)
+        num_waiting, limit = num_ahead - num_free, self.config.max_waiting_requests
         if limit and num_waiting >= limit:
             # a slot frees about every mean_latency / max_num_seqs seconds; the queue ahead must drain
             retry = self.mean_latency_s * (num_waiting + 1) / self.config.max_num_seqs
@@ -116,8 +119,9 @@ class Engine:
     @torch.inference_mode()
     def step(self) -> None:
         """One iteration: decode every running sequence (rows 0..B-1), then prefill newcomers."""
+        t0 = time.perf_counter()
         self._expire()
-        out = self.scheduler.schedule()
+        out = self.scheduler.schedule(t0)
         self.scheduled = out.decode + out.prefill
         for r in out.preempted:
             self._release_row(r)
@@ -131,6 +135,12 @@ class Engine:
                 self._postprocess(self.rows[:B], logits, batch_size=B + len(out.prefill))
         if out.prefill:
             self._prefill(out.prefill)
+        # each request's share of the step's time, by the tokens computed for it (chargeback); a
+        # prefill computed all but its cached prefix and its (just sampled) last token
+        tokens = {r: 1 for r in out.decode} | {r: max(r.num_tokens - 1 - r.num_cached_tokens, 1) for r in out.prefill}
+        seconds = (time.perf_counter() - t0) / max(sum(tokens.values()), 1)
+        for r, n in tokens.items():
+            r.engine_s += n * seconds
 
     def fail(self, r: Request, error: str) -> None:
         """End r with finish_reason "error" (freeing its row if it still runs)."""

@@ -10,6 +10,7 @@ from .config import EngineConfig
 KNOWN_FIELDS = ("prompt", "messages", "max_new_tokens", "temperature", "top_p", "top_k", "seed",
                 "stop", "stream", "ignore_eos", "min_tokens", "timeout_s")
 MAX_STOP_STRINGS = 8
+TIERS = ("premium", "standard", "batch")   # priority tiers, first served first (scheduler.py)
 MAX_TOP_K = 2**31 - 1
 
 
@@ -73,6 +74,9 @@ class Request:
     num_accepted_tokens: int = 0      # ... and kept
     max_batch_size: int = 0           # most sequences this request was decoded together with
     num_preemptions: int = 0
+    tenant: str = "anonymous"         # who it is for (tenants.py): its accounting and rate limits
+    tier: int = 1                     # index in TIERS (1: standard)
+    engine_s: float = 0.0             # its share of the engine steps it was in, by tokens computed
     generator: object = None          # the sampler's own random stream (set by the engine) when seeded
 
     @property

@@ -1,9 +1,14 @@
-"""Which requests run in the next step. Pure Python policy, no torch: FIFO admission up to
-max_num_seqs running sequences, a per-step prefill token budget and a KV-cache token budget;
-when running sequences outgrow the KV budget the newest is preempted (recomputed later).
+"""Which requests run in the next step. Pure Python policy, no torch: admission by priority tier,
+then arrival, up to max_num_seqs running sequences, a per-step prefill token budget and a KV-cache
+token budget; when running sequences outgrow the KV budget the lowest tier's newest is preempted
+(recomputed later), and under continuous batching the best waiting request displaces running
+ones of a lower tier whose room it needs. Ageing: a request ranks one tier higher for every
+priority_ageing_s since it arrived, so batch work waits at most twice that behind newcomers.
 Continuous batching admits newcomers at every step; request-level batching admits a batch (the
-requests waiting when the engine went idle) and nothing else until that whole batch is done."""
+requests waiting when the engine went idle, in arrival order) and nothing else until that whole
+batch is done."""
 
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,16 +25,18 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, max_num_seqs: int, max_prefill_tokens: int, kv_capacity_tokens: int,
-                 request_level: bool = False, prefill_cost: Callable[[Request], int] | None = None) -> None:
+                 request_level: bool = False, prefill_cost: Callable[[Request], int] | None = None,
+                 priority_ageing_s: float = 0.0) -> None:
         self.max_num_seqs = max_num_seqs
+        self.priority_ageing_s = priority_ageing_s   # 0: no ageing
         self.request_level = request_level
         self.batch_quota = 0                # request-level: members of the current batch not yet admitted
         self.max_prefill_tokens = max_prefill_tokens
         # tokens a request's prefill computes (the engine leaves out a cached prefix); default all
         self.prefill_cost = prefill_cost or (lambda r: r.num_tokens)
         self.kv_capacity_tokens = kv_capacity_tokens
-        self.waiting: deque[Request] = deque()
-        self.running: list[Request] = []    # in admission order: the last is preempted first
+        self.waiting: deque[Request] = deque()   # in arrival order, preempted ones first
+        self.running: list[Request] = []
 
     @property
     def num_unfinished(self) -> int:
@@ -39,29 +46,43 @@ class Scheduler:
         request.status = "waiting"
         self.waiting.append(request)
 
-    def schedule(self) -> SchedulerOutput:
+    def rank(self, request: Request, now: float) -> tuple[int, float]:
+        """Who goes first: the lower rank, by tier (less one per priority_ageing_s waited), then
+        arrival; request-level batching knows no tiers."""
+        if self.request_level:
+            return 0, request.arrival_time
+        aged = int((now - request.arrival_time) // self.priority_ageing_s) if self.priority_ageing_s else 0
+        return max(request.tier - aged, 0), request.arrival_time
+
+    def schedule(self, now: float | None = None) -> SchedulerOutput:
         """The rule: running sequences first, each needs room for one more token in the KV budget,
-        evicting the newest until they fit; then admit waiting requests in FIFO order while a slot,
-        the prefill budget and the KV budget allow; the first that does not fit stops admission."""
+        evicting the worst ranked until they fit; then (continuous) the best ranked waiting request
+        evicts running ones of a worse tier while it lacks a slot or KV room; then admit waiting
+        requests best rank first while a slot, the prefill budget and the KV budget allow; the first
+        that does not fit stops admission. Request-level batching admits in arrival order."""
+        now = time.perf_counter() if now is None else now
         out = SchedulerOutput()
         while self.running and self._kv_needed(self.running) > self.kv_capacity_tokens:
-            victim = self.running.pop()
-            victim.status = "waiting"
-            victim.num_preemptions += 1
-            out.preempted.append(victim)
-            self.waiting.appendleft(victim)
-        out.decode = list(self.running)
+            self._preempt(self._worst(now), out)
         if self.request_level:
             self.batch_quota += len(out.preempted)      # an evicted member stays in its batch
             if not self.running and not self.batch_quota:
                 self.batch_quota = min(len(self.waiting), self.max_num_seqs)   # the next batch
+            order = list(self.waiting)
+        else:
+            order = sorted(self.waiting, key=lambda r: self.rank(r, now))
+            while order and self.running and not self._can_fit(order[0]):
+                victim = self._worst(now)
+                if self.rank(victim, now)[0] <= self.rank(order[0], now)[0]:
+                    break                                # displaces only a worse tier
+                self._preempt(victim, out)
+        out.decode = list(self.running)
 
         kv_used = self._kv_needed(self.running)
         num_prefill_tokens = 0
-        while self.waiting and len(self.running) < self.max_num_seqs:
-            if self.request_level and not self.batch_quota:
+        for request in order:
+            if len(self.running) >= self.max_num_seqs or (self.request_level and not self.batch_quota):
                 break
-            request = self.waiting[0]
             if request in out.preempted:
                 break   # do not re-admit in the step that evicted it
             tokens = request.num_tokens   # a preempted request recomputes its output too
@@ -70,7 +91,7 @@ class Scheduler:
                 break
             if kv_used + tokens + 1 > self.kv_capacity_tokens:
                 break
-            self.waiting.popleft()
+            self.waiting.remove(request)
             request.status = "running"
             self.running.append(request)
             out.prefill.append(request)
@@ -90,6 +111,22 @@ class Scheduler:
             if self.batch_quota and self.waiting.index(request) < self.batch_quota:   # a member that never ran
                 self.batch_quota -= 1
             self.waiting.remove(request)
+
+    def _worst(self, now: float) -> Request:
+        """The running request to evict first: the worst rank, the last admitted among equals."""
+        return max(reversed(self.running), key=lambda r: self.rank(r, now))
+
+    def _preempt(self, victim: Request, out: SchedulerOutput) -> None:
+        self.running.remove(victim)
+        victim.status = "waiting"
+        victim.num_preemptions += 1
+        out.preempted.append(victim)
+        self.waiting.appendleft(victim)
+
+    def _can_fit(self, request: Request) -> bool:
+        """A slot and KV room for request beside the running ones."""
+        return len(self.running) < self.max_num_seqs and \
+            self._kv_needed(self.running) + request.num_tokens + 1 <= self.kv_capacity_tokens
 
     @staticmethod
     def _kv_needed(requests: list[Request]) -> int:
