@@ -6,6 +6,7 @@ The tests and the tooling run their own server on other ports through TorchServe
 """
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -114,14 +115,20 @@ class TorchServeProcess:
 
 
 def stop_process_group(proc: subprocess.Popen, timeout: float = 30) -> None:
-    """End a child started with start_new_session=True and all it started: SIGTERM, then SIGKILL."""
-    if proc.poll() is None:
+    """End a child started with start_new_session=True and all it started: SIGTERM, then SIGKILL.
+    Returns once the whole group is gone (the child may exit before its Java server lets go of
+    its ports, and the next server on them would find them in use)."""
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    deadline = time.monotonic() + timeout
+    with contextlib.suppress(ProcessLookupError):
+        while time.monotonic() < deadline + 10:          # bounded: an unreaped zombie stays in the group
+            proc.poll()                                  # reap the child, so the group can empty
+            os.killpg(proc.pid, 0)                       # ProcessLookupError: none of the group is left
+            if time.monotonic() > deadline:
+                os.killpg(proc.pid, signal.SIGKILL)
+            time.sleep(0.2)
+    proc.wait()
 
 
 def start() -> None:
