@@ -42,7 +42,7 @@ def labels(key: str) -> dict[str, str]:
 
 
 def table(now: dict[str, float], before: dict[str, float]) -> list[dict]:
-    """One row per tenant and tier: the counters' growth over the period."""
+    """One row per tenant and tier that grew over the period: the growth of its counters."""
     rows: dict[tuple, dict] = defaultdict(lambda: dict.fromkeys(("num_ok", "num_limited", "num_failed",
                                                                  *COUNTERS.values()), 0.0))
     for key, value in now.items():
@@ -54,7 +54,7 @@ def table(now: dict[str, float], before: dict[str, float]) -> list[dict]:
             row["num_ok" if status == "200" else "num_limited" if status == "429" else "num_failed"] += grown
         elif name in COUNTERS:
             row[COUNTERS[name]] += grown
-    return [{"tenant": tenant, "tier": tier, **row} for (tenant, tier), row in sorted(rows.items())]
+    return [{"tenant": tenant, "tier": tier, **row} for (tenant, tier), row in sorted(rows.items()) if any(row.values())]
 
 
 def price(rows: list[dict], period_s: float, usd_per_hour: float) -> None:

@@ -148,7 +148,7 @@ class LLMUser(HttpUser):
         Run.num_started += 1
         stream = opts.stream or self.rng.random() < opts.stream_share
         body["stream"] = stream
-        context = {"task": task_name, "max_new_tokens": body["max_new_tokens"]}
+        context = {"task": task_name, "max_new_tokens": body["max_new_tokens"], "user_class": type(self).__name__}
         t0 = time.perf_counter()
         with self.client.post(self.url, json=body, name=NAME, stream=stream, context=context, catch_response=True,
                               timeout=self.environment.parsed_options.request_timeout) as resp:

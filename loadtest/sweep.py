@@ -97,10 +97,10 @@ def plan(args: argparse.Namespace) -> list[dict]:
 
 
 def run_locust(host: str, prefix: Path, users: int, spawn_rate: float, run_time_s: float,
-               flags: list[str]) -> list[dict]:
+               flags: list[str], locustfile: Path = LOCUSTFILE) -> list[dict]:
     """One headless run of the locustfile (the sweep's and the soak's): Locust's CSVs and log, its
     console output and our per-request log beside prefix; returns the per-request log."""
-    cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--only-summary",
+    cmd = [sys.executable, "-m", "locust", "-f", str(locustfile), "--headless", "--only-summary",
            "-u", str(users), "-r", str(spawn_rate), "--host", host, "--run-time", f"{int(run_time_s)}s",
            "--exit-code-on-error", "0", "--csv", str(prefix), "--logfile", f"{prefix}_locust.log",
            "--request-log", f"{prefix}_requests.jsonl", *flags]
