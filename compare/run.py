@@ -11,13 +11,14 @@ everything else on the machine (other work there skews the point).
 
     .venv/bin/python -m compare.run                    # all: compare/results/<run-id>/
     .venv/bin/python -m compare.run --systems ours --users 1 --num-requests 4 --out /tmp/cmp
+    .venv/bin/python -m compare.run --paired --systems ours ours-no-spec --num-requests 40   # A/B, taking turns
 """
 
 import argparse
 import json
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -100,21 +101,26 @@ def summarize(records: list[dict], output_tokens: int) -> dict:
     }
 
 
-def measure_point(name: str, system: System, server, users: int, stream: bool, args) -> dict:
+def sender(system: System, stream: bool, num_tokens: int, args) -> Callable[[int, float], dict]:
+    """send_one(i, deadline): request number i of the workload to this system."""
     url = f"http://127.0.0.1:{system.port}{system.protocol.path}"
+    return lambda i, deadline: send(url, system.protocol.body(messages(i, args.workload), num_tokens, stream),
+                                    system.protocol.part, deadline)
 
-    def sender(num_tokens: int):
-        return lambda i, deadline: send(url, system.protocol.body(messages(i, args.workload), num_tokens, stream),
-                                        system.protocol.part, deadline)
 
-    wait_idle(server.proc.pid)
+def warm_up(system: System, users: int, stream: bool, args) -> None:
     num_warm = min(users, 8)   # short answers: warm-up is for first-call costs, not for the decode
-    closed_loop(sender(min(WARMUP_TOKENS, args.output_tokens)), num_warm, num_warm, args.warmup_cap_s,
-                args.warmup_cap_s)
+    closed_loop(sender(system, stream, min(WARMUP_TOKENS, args.output_tokens), args), num_warm, num_warm,
+                args.warmup_cap_s, args.warmup_cap_s)
+
+
+def measure_point(name: str, system: System, server, users: int, stream: bool, args) -> dict:
+    wait_idle(server.proc.pid)
+    warm_up(system, users, stream, args)
     num_requests = args.num_requests or max(16, 4 * users)
     before = (tree_cpu_s(server.proc.pid), time.process_time(), machine_cpu_s())
     cut_cap_s = args.cut_cap_s + args.cut_per_user_s * users
-    records = closed_loop(sender(args.output_tokens), users, num_requests, args.send_cap_s, cut_cap_s)
+    records = closed_loop(sender(system, stream, args.output_tokens, args), users, num_requests, args.send_cap_s, cut_cap_s)
     server_s, client_s, machine_s = (b - a for a, b in zip(before, (tree_cpu_s(server.proc.pid), time.process_time(),
                                                                    machine_cpu_s())))
     row = {"system": name, "users": users, "mode": "stream" if stream else "plain",
@@ -142,6 +148,36 @@ def run_system(name: str, system: System, args, workdir: Path) -> Iterator[dict]
                 yield measure_point(name, system, server, users, stream, args)
     finally:
         if server is not None:
+            server.stop()
+
+
+def measure_paired(names: list[str], args, workdir: Path) -> Iterator[dict]:
+    """--paired: one user, the systems up side by side and taking turns request by request (A B,
+    then B A, ...), so a slow spell of a shared machine hits each alike. Output tokens/s is over
+    the time spent answering (the sum of the latencies), not the wall time; no CPU accounting."""
+    servers = []
+    try:
+        for name in names:
+            (workdir / f"{name}-paired").mkdir(parents=True, exist_ok=True)
+            servers.append(SYSTEMS[name].start(1, SYSTEMS[name].port, workdir / f"{name}-paired"))
+        for stream in args.modes:
+            records: dict[str, list[dict]] = {name: [] for name in names}
+            for name in names:
+                warm_up(SYSTEMS[name], 1, stream, args)
+            senders = {name: sender(SYSTEMS[name], stream, args.output_tokens, args) for name in names}
+            for i in range(args.num_requests or 16):
+                for name in names[i % len(names):] + names[:i % len(names)]:
+                    records[name].append(senders[name](i, time.perf_counter() + args.cut_cap_s + args.cut_per_user_s))
+            for name in names:
+                row = {"system": name, "users": 1, "mode": "stream" if stream else "plain",
+                       **summarize(records[name], args.output_tokens)}
+                busy_s = sum(r["end"] - r["start"] for r in records[name] if r["error"] is None and not r["is_abandoned"])
+                row.update(window_s=round(busy_s, 2), output_tokens_per_s=round(row["output_tokens"] / busy_s, 1) if busy_s else 0.0)
+                print(f"{name:>12} paired {row['mode']:>6}: {row['output_tokens_per_s']:7.1f} tok/s  "
+                      f"p50 {row['latency_p50_s']} s  ok {row['num_ok']}/{row['num_requests']}", flush=True)
+                yield row
+    finally:
+        for server in servers:
             server.stop()
 
 
@@ -191,6 +227,8 @@ def main() -> None:
     parser.add_argument("--cut-cap-s", type=float, default=60, help="open requests abandoned at this ...")
     parser.add_argument("--cut-per-user-s", type=float, default=1.5, help="... plus this per user (per point)")
     parser.add_argument("--warmup-cap-s", type=float, default=60)
+    parser.add_argument("--paired", action="store_true",
+                        help="one user, the systems side by side taking turns request by request (see measure_paired)")
     parser.add_argument("--out", type=Path, help="results folder (default compare/results/<run-id>)")
     parser.add_argument("--logs", type=Path, help="servers' logs and work files (default build/compare/<run-id>)")
     args = parser.parse_args()
@@ -207,7 +245,14 @@ def main() -> None:
                 "output_tokens": args.output_tokens, "num_requests": args.num_requests or "max(16, 4 x users)",
                 "send_cap_s": args.send_cap_s,
                 "cut_cap_s": f"{args.cut_cap_s:g} + {args.cut_per_user_s:g} x users", "skipped": skipped, "logs": str(workdir)}
-    for name in args.systems:
+    if args.paired:
+        args.users, settings["users"] = [1], [1]
+        info["systems"] = {name: SYSTEMS[name].versions() for name in args.systems}
+        for row in measure_paired(args.systems, args, workdir):
+            rows.append(row)
+            settings["wall_s"] = round(time.monotonic() - started, 1)
+            write_results(out, rows, info, settings)
+    for name in args.systems if not args.paired else ():
         system = SYSTEMS[name]
         if reason := system.missing():
             print(f"{name}: skipped ({reason})", flush=True)

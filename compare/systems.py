@@ -201,8 +201,10 @@ SYSTEMS = {
                            needs(MODEL_DIR / "config.json", "make mar")),
 }
 # the same with a feature off, for the workloads where it matters (--workload)
+# (ports of their own: compare.run --paired runs a system and its variant side by side)
 SYSTEMS |= {
-    "ours-no-prefix-cache": replace(SYSTEMS["ours"], start=partial(start_ours, settings=("prefix_cache_tokens=0",))),
-    "ours-no-spec": replace(SYSTEMS["ours"], start=partial(start_ours, settings=("spec_tokens=0",))),
-    "vllm-no-prefix-cache": replace(SYSTEMS["vllm"], start=partial(start_vllm, prefix_caching=False)),
+    "ours-no-prefix-cache": replace(SYSTEMS["ours"], start=partial(start_ours, settings=("prefix_cache_tokens=0",)),
+                                    port=18300),
+    "ours-no-spec": replace(SYSTEMS["ours"], start=partial(start_ours, settings=("spec_tokens=0",)), port=18310),
+    "vllm-no-prefix-cache": replace(SYSTEMS["vllm"], start=partial(start_vllm, prefix_caching=False), port=18320),
 }

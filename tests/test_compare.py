@@ -6,9 +6,13 @@ being installed and runnable here (starting vLLM alone takes minutes): `make com
 import json
 import subprocess
 import sys
+import time
+from argparse import Namespace
+from dataclasses import replace
 
 import pytest
 
+from compare import run
 from compare.systems import ROOT, SYSTEMS
 
 pytestmark = pytest.mark.e2e
@@ -45,3 +49,27 @@ def test_peer_is_installed(name, expected):
     if reason := SYSTEMS[name].missing():
         pytest.skip(f"{name} is not installed: {reason} (or make compare)")
     assert expected in SYSTEMS[name].versions()
+
+
+def test_paired_systems_take_turns(monkeypatch, tmp_path):
+    """--paired with stand-in servers: A B, then B A, ...; tokens/s over the time spent answering."""
+    sent = []
+
+    class Stub:
+        def stop(self):
+            sent.append("stop")
+
+    def fake_send(url, body, part, deadline):
+        sent.append(url.split(":")[2].split("/")[0])   # the port names the system
+        t = time.perf_counter()
+        return {"start": t, "end": t + 0.5, "ttft_s": 0.1, "completion_tokens": 8, "error": None,
+                "is_abandoned": False, "usage": {}}
+
+    for name, port in (("a", 1), ("b", 2)):
+        monkeypatch.setitem(run.SYSTEMS, name, replace(SYSTEMS["ours"], start=lambda *_: Stub(), port=port))
+    monkeypatch.setattr(run, "send", fake_send)
+    args = Namespace(modes=[True], output_tokens=8, workload="chat", num_requests=4, warmup_cap_s=5, cut_cap_s=60,
+                     cut_per_user_s=1.5)
+    rows = list(run.measure_paired(["a", "b"], args, tmp_path))
+    assert sent == ["1", "2"] + ["1", "2", "2", "1", "1", "2", "2", "1"] + ["stop", "stop"]
+    assert [(r["system"], r["num_ok"], r["output_tokens_per_s"]) for r in rows] == [("a", 4, 16.0), ("b", 4, 16.0)]
