@@ -10,7 +10,7 @@ import torch
 from llmserve.config import EngineConfig
 from llmserve.engine import Engine
 from llmserve.kv_cache import KVCache
-from llmserve.request import Request, SamplingParams
+from llmserve.request import TIERS, Request, SamplingParams
 
 PROMPTS = ["Hello there", "The quick brown fox jumps over", "1 2 3", "A much longer prompt about many things, "
            "with commas, words and more words to pad it out", "x"]
@@ -99,6 +99,32 @@ def test_preemption_recomputes_to_the_same_output(tiny_model_dir):
     small.generate(batch)
     assert [r.output_ids for r in batch] == expected
     assert sum(r.num_preemptions for r in batch) > 0
+
+
+def test_premium_newcomers_displace_and_jump_without_changing_anyone_s_tokens(tiny_model_dir):
+    """Tiers on the real engine: premium requests arriving mid-way take the rows of running batch
+    ones (recomputed later) in prefill-only steps; every greedy output is still its alone output."""
+    small = Engine.from_config(EngineConfig(model_path=str(tiny_model_dir), quantization="fp32", max_model_len=64,
+                                            max_num_seqs=2))
+    expected = {p: alone(small, p, max_new=16) for p in PROMPTS[:4]}
+    batch = [make(small, i, p, max_new=16) for i, p in enumerate(PROMPTS[:2])]
+    premium = [make(small, i, p, max_new=16) for i, p in enumerate(PROMPTS[2:4])]
+    for r in batch:
+        r.tier = TIERS.index("batch")
+        small.add_request(r)
+    for _ in range(3):
+        small.step()
+    decoded = [len(r.output_ids) for r in batch]
+    for r in premium:
+        r.tier = TIERS.index("premium")
+        small.add_request(r)
+    small.step()
+    assert [len(r.output_ids) for r in batch] == decoded and all(len(r.output_ids) == 1 for r in premium)
+    while small.has_unfinished():
+        small.step()
+        small.check_invariants()
+    assert all(r.num_preemptions == 1 for r in batch) and not any(r.num_preemptions for r in premium)
+    assert all(r.output_ids == expected[small.tokenizer.decode(r.prompt_ids)] for r in batch + premium)
 
 
 @pytest.mark.parametrize("prefault", [False, True])

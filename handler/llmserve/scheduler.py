@@ -1,8 +1,9 @@
 """Which requests run in the next step. Pure Python policy, no torch: admission by priority tier,
 then arrival, up to max_num_seqs running sequences, a per-step prefill token budget and a KV-cache
 token budget; when running sequences outgrow the KV budget the lowest tier's newest is preempted
-(recomputed later), and under continuous batching the best waiting request displaces running
-ones of a lower tier whose room it needs. Ageing: a request ranks one tier higher for every
+(recomputed later); under continuous batching waiting requests displace running ones of a lower
+tier whose room they need, and a premium newcomer is prefilled in a step of its own (the
+lower tiers' decode waits one step). Ageing: a request ranks one tier higher for every
 priority_ageing_s since it arrived, so batch work waits at most twice that behind newcomers.
 Continuous batching admits newcomers at every step; request-level batching admits a batch (the
 requests waiting when the engine went idle, in arrival order) and nothing else until that whole
@@ -56,10 +57,12 @@ class Scheduler:
 
     def schedule(self, now: float | None = None) -> SchedulerOutput:
         """The rule: running sequences first, each needs room for one more token in the KV budget,
-        evicting the worst ranked until they fit; then (continuous) the best ranked waiting request
-        evicts running ones of a worse tier while it lacks a slot or KV room; then admit waiting
+        evicting the worst ranked until they fit; then (continuous) each waiting request, best ranked
+        first, evicts running ones of a worse tier while it lacks a slot or KV room; then admit waiting
         requests best rank first while a slot, the prefill budget and the KV budget allow; the first
-        that does not fit stops admission. Request-level batching admits in arrival order."""
+        that does not fit stops admission; a step that admits a premium request beside running
+        requests of lower tiers decodes nobody (they wait one prefill, not the premium one a whole
+        decode step). Request-level batching admits in arrival order."""
         now = time.perf_counter() if now is None else now
         out = SchedulerOutput()
         while self.running and self._kv_needed(self.running) > self.kv_capacity_tokens:
@@ -71,11 +74,14 @@ class Scheduler:
             order = list(self.waiting)
         else:
             order = sorted(self.waiting, key=lambda r: self.rank(r, now))
-            while order and self.running and not self._can_fit(order[0]):
-                victim = self._worst(now)
-                if self.rank(victim, now)[0] <= self.rank(order[0], now)[0]:
-                    break                                # displaces only a worse tier
-                self._preempt(victim, out)
+            room_for: list[Request] = []                 # waiting ones, best first, that will find room
+            for request in order:
+                while self.running and not self._can_fit(request, room_for) \
+                        and self.rank(self._worst(now), now)[0] > self.rank(request, now)[0]:
+                    self._preempt(self._worst(now), out)  # displaces only a worse tier
+                if not self._can_fit(request, room_for):
+                    break
+                room_for.append(request)
         out.decode = list(self.running)
 
         kv_used = self._kv_needed(self.running)
@@ -99,6 +105,9 @@ class Scheduler:
                 self.batch_quota -= 1
             num_prefill_tokens += cost
             kv_used += tokens + 1
+        if out.prefill and out.decode and min(self.rank(r, now)[0] for r in out.prefill) == 0 \
+                and max(self.rank(r, now)[0] for r in out.decode) > 0:
+            out.decode = []   # a premium newcomer does not wait for lower tiers' decode: this step only prefills
         return out
 
     def finish(self, request: Request, reason: str) -> None:
@@ -123,10 +132,10 @@ class Scheduler:
         out.preempted.append(victim)
         self.waiting.appendleft(victim)
 
-    def _can_fit(self, request: Request) -> bool:
-        """A slot and KV room for request beside the running ones."""
-        return len(self.running) < self.max_num_seqs and \
-            self._kv_needed(self.running) + request.num_tokens + 1 <= self.kv_capacity_tokens
+    def _can_fit(self, request: Request, also: list[Request]) -> bool:
+        """A slot and KV room for request beside the running ones and `also`."""
+        return len(self.running) + len(also) < self.max_num_seqs and \
+            self._kv_needed(self.running + also) + request.num_tokens + 1 <= self.kv_capacity_tokens
 
     @staticmethod
     def _kv_needed(requests: list[Request]) -> int:
