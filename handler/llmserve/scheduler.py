@@ -1,8 +1,8 @@
 """Which requests run in the next step. Pure Python policy, no torch: admission by priority tier,
 then arrival, up to max_num_seqs running sequences, a per-step prefill token budget and a KV-cache
 token budget; when running sequences outgrow the KV budget the lowest tier's newest is preempted
-(recomputed later); under continuous batching waiting requests displace running ones of a lower
-tier whose room they need, and a premium newcomer is prefilled in a step of its own (the
+(recomputed later); under continuous batching waiting premium requests displace running ones of
+lower tiers whose room they need, and a premium newcomer is prefilled in a step of its own (the
 lower tiers' decode waits one step). Ageing: a request ranks one tier higher for every
 priority_ageing_s since it arrived, so batch work waits at most twice that behind newcomers.
 Continuous batching admits newcomers at every step; request-level batching admits a batch (the
@@ -57,8 +57,8 @@ class Scheduler:
 
     def schedule(self, now: float | None = None) -> SchedulerOutput:
         """The rule: running sequences first, each needs room for one more token in the KV budget,
-        evicting the worst ranked until they fit; then (continuous) each waiting request, best ranked
-        first, evicts running ones of a worse tier while it lacks a slot or KV room; then admit waiting
+        evicting the worst ranked until they fit; then (continuous) each waiting premium request evicts
+        running ones of lower tiers while it lacks a slot or KV room; then admit waiting
         requests best rank first while a slot, the prefill budget and the KV budget allow; the first
         that does not fit stops admission; a step that admits a premium request beside running
         requests of lower tiers decodes nobody (they wait one prefill, not the premium one a whole
@@ -76,9 +76,9 @@ class Scheduler:
             order = sorted(self.waiting, key=lambda r: self.rank(r, now))
             room_for: list[Request] = []                 # waiting ones, best first, that will find room
             for request in order:
-                while self.running and not self._can_fit(request, room_for) \
-                        and self.rank(self._worst(now), now)[0] > self.rank(request, now)[0]:
-                    self._preempt(self._worst(now), out)  # displaces only a worse tier
+                while self.rank(request, now)[0] == 0 and self.running and not self._can_fit(request, room_for) \
+                        and self.rank(self._worst(now), now)[0] > 0:
+                    self._preempt(self._worst(now), out)  # only premium displaces, only lower tiers
                 if not self._can_fit(request, room_for):
                     break
                 room_for.append(request)
