@@ -14,7 +14,8 @@ from llmserve.speculative import PromptLookup, accepted_length
 
 
 def test_the_draft_follows_the_latest_earlier_occurrence_of_the_longest_suffix():
-    lookup = PromptLookup(num_tokens=3, lookup_min=1, lookup_max=3)
+    lookup = PromptLookup(max_tokens=3, lookup_min=1, lookup_max=3)
+    lookup.num_tokens = 3                                       # (its length adapts: the next test)
     tokens = [1, 2, 3, 4, 5, 9, 2, 3, 7, 8, 6, 2, 3]
     assert lookup.draft(tokens, limit=10) == [7, 8, 6]          # (2, 3) last seen before 7, not before 4
     assert lookup.draft(tokens + [4], limit=10) == [5, 9, 2]    # (2, 3, 4) is found before (3, 4) or (4,)
@@ -24,9 +25,25 @@ def test_the_draft_follows_the_latest_earlier_occurrence_of_the_longest_suffix()
 
 
 def test_a_suffix_is_not_found_at_its_own_place():
-    lookup = PromptLookup(num_tokens=4, lookup_min=2, lookup_max=2)
+    lookup = PromptLookup(max_tokens=4, lookup_min=2, lookup_max=2)
     assert lookup.draft([5, 6], limit=4) == []                  # (5, 6) occurs only as the suffix itself
     assert lookup.draft([5, 6, 5, 6], limit=4) == [5, 6]        # after the first (5, 6) came 5, 6
+
+
+def test_the_draft_grows_while_it_is_kept_and_shrinks_when_it_is_not():
+    lookup = PromptLookup(max_tokens=5, lookup_min=1, lookup_max=1)
+    tokens = list(range(10)) + [0]
+    assert lookup.draft(tokens, limit=10) == [1, 2]             # starts at 2
+    lookup.kept(2, 2)
+    assert lookup.draft(tokens, limit=10) == [1, 2, 3, 4]       # kept whole: 2 more
+    lookup.kept(4, 4)
+    assert len(lookup.draft(tokens, limit=10)) == 5             # at most max_tokens
+    lookup.kept(5, 1)
+    lookup.kept(4, 0)
+    assert lookup.draft(tokens, limit=10) == [1, 2, 3]          # cut short twice: 1 fewer each time
+    for _ in range(5):
+        lookup.kept(3, 0)
+    assert lookup.draft(tokens, limit=10) == [1]                # never below 1
 
 
 def test_accepted_length_counts_leading_agreement():
@@ -40,6 +57,9 @@ class Oracle:
 
     def __init__(self, prompt_len: int, answer: list[int], size: int = 4, wrong_from: int = 99) -> None:
         self.prompt_len, self.answer, self.size, self.wrong_from = prompt_len, answer, size, wrong_from
+
+    def kept(self, num_drafted: int, num_kept: int) -> None:
+        pass
 
     def draft(self, tokens: list[int], limit: int) -> list[int]:
         done = len(tokens) - self.prompt_len

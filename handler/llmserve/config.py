@@ -32,8 +32,8 @@ class EngineConfig:
                                       # torch.compile at start-up (other modes run eagerly)
     prefix_cache_tokens: int = 0      # prompt prefix tokens whose keys and values are kept for reuse
                                       # (blocks of 16, least recently used evicted); 0 = off
-    spec_tokens: int = 0              # speculative decoding by prompt lookup: draft tokens per step for
-                                      # greedy requests (see speculative.py); 0 = off
+    spec_tokens: int = 0              # speculative decoding by prompt lookup: draft tokens per step at
+                                      # most for greedy requests (see speculative.py); 0 = off
     spec_lookup_min: int = 2          # the n-gram sizes looked up, longest first
     spec_lookup_max: int = 3
     spec_max_rows: int = 3            # speculate while sequences x (1 + draft) fit in this many rows

@@ -253,6 +253,8 @@ class Engine:
         for r, d, p, n in zip(requests, drafts, predicted, kept):
             r.num_draft_tokens += len(d)
             r.num_accepted_tokens += n
+            if d:
+                r.lookup.kept(len(d), n)
             if n and not r.is_finished:
                 self.cache.last_tokens[r.row] = p[n]
                 for token in p[1:n + 1]:

@@ -7,12 +7,22 @@ the same with or without drafts); sampled ones decode one token a step. Pure Pyt
 
 class PromptLookup:
     """The n-gram index of one sequence, grown as its tokens arrive: each n-gram maps to the
-    position after its latest occurrence, so a lookup costs one dict probe per n."""
+    position after its latest occurrence, so a lookup costs one dict probe per n. The draft's
+    length adapts (Hugging Face's assisted-generation heuristic): 2 more after a draft kept whole,
+    1 fewer after one cut short, between 1 and max_tokens."""
 
-    def __init__(self, num_tokens: int, lookup_min: int, lookup_max: int) -> None:
-        self.num_tokens, self.sizes = num_tokens, range(lookup_max, lookup_min - 1, -1)
+    def __init__(self, max_tokens: int, lookup_min: int, lookup_max: int) -> None:
+        self.max_tokens, self.sizes = max_tokens, range(lookup_max, lookup_min - 1, -1)
+        self.num_tokens = min(2, max_tokens)   # the next draft's length at most
         self.index: dict[tuple, int] = {}
         self.seen = 0                      # tokens indexed so far
+
+    def kept(self, num_drafted: int, num_kept: int) -> None:
+        """What the model made of the last draft: the next one's length."""
+        if num_kept == num_drafted:
+            self.num_tokens = min(self.num_tokens + 2, self.max_tokens)
+        else:
+            self.num_tokens = max(self.num_tokens - 1, 1)
 
     def draft(self, tokens: list[int], limit: int) -> list[int]:
         """Up to min(num_tokens, limit) tokens that followed the latest earlier occurrence of the
