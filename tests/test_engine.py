@@ -103,7 +103,7 @@ def test_preemption_recomputes_to_the_same_output(tiny_model_dir):
 
 def test_premium_newcomers_displace_and_jump_without_changing_anyone_s_tokens(tiny_model_dir):
     """Tiers on the real engine: premium requests arriving mid-way take the rows of running batch
-    ones (recomputed later) in prefill-only steps; every greedy output is still its alone output."""
+    ones (recomputed later) at once; every greedy output is still its alone output."""
     small = Engine.from_config(EngineConfig(model_path=str(tiny_model_dir), quantization="fp32", max_model_len=64,
                                             max_num_seqs=2))
     expected = {p: alone(small, p, max_new=16) for p in PROMPTS[:4]}

@@ -236,23 +236,3 @@ def test_request_level_ignores_tiers():
     s = queued(b, p, max_num_seqs=1, request_level=True)
     assert s.schedule(now=0).prefill == [b]
     assert s.schedule(now=0).preempted == []
-
-
-def test_a_premium_newcomer_gets_a_prefill_step_of_its_own():
-    b, s1 = req("b", 5, tier="batch"), req("s1", 5)
-    s = queued(b, s1)
-    s.schedule(now=0)
-    p, s2 = req("p", 5, tier="premium"), req("s2", 5)
-    s.add(p)
-    s.add(s2)
-    out = s.schedule(now=0)
-    assert out.prefill == [p, s2] and out.decode == []   # b and s1 skip this step's decode
-    assert s.schedule(now=0).decode == [s1, b, p, s2]     # (s1 was admitted before b)
-    s.add(req("s3", 5))
-    out = s.schedule(now=0)
-    assert out.decode == [s1, b, p, s2] and len(out.prefill) == 1   # a standard newcomer: no skip
-    for r in (b, s1, s2, out.prefill[0]):
-        s.finish(r, "stop")
-    s.add(req("p2", 5, tier="premium"))
-    out = s.schedule(now=0)
-    assert out.decode == [p] and len(out.prefill) == 1   # only premium runs: nobody to jump

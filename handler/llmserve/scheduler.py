@@ -2,8 +2,7 @@
 then arrival, up to max_num_seqs running sequences, a per-step prefill token budget and a KV-cache
 token budget; when running sequences outgrow the KV budget the lowest tier's newest is preempted
 (recomputed later); under continuous batching waiting premium requests displace running ones of
-lower tiers whose room they need, and a premium newcomer is prefilled in a step of its own (the
-lower tiers' decode waits one step). Ageing: a request ranks one tier higher for every
+lower tiers whose room they need. Ageing: a request ranks one tier higher for every
 priority_ageing_s since it arrived, so batch work waits at most twice that behind newcomers.
 Continuous batching admits newcomers at every step; request-level batching admits a batch (the
 requests waiting when the engine went idle, in arrival order) and nothing else until that whole
@@ -60,9 +59,7 @@ class Scheduler:
         evicting the worst ranked until they fit; then (continuous) each waiting premium request evicts
         running ones of lower tiers while it lacks a slot or KV room; then admit waiting
         requests best rank first while a slot, the prefill budget and the KV budget allow; the first
-        that does not fit stops admission; a step that admits a premium request beside running
-        requests of lower tiers decodes nobody (they wait one prefill, not the premium one a whole
-        decode step). Request-level batching admits in arrival order."""
+        that does not fit stops admission. Request-level batching admits in arrival order."""
         now = time.perf_counter() if now is None else now
         out = SchedulerOutput()
         while self.running and self._kv_needed(self.running) > self.kv_capacity_tokens:
@@ -105,9 +102,6 @@ class Scheduler:
                 self.batch_quota -= 1
             num_prefill_tokens += cost
             kv_used += tokens + 1
-        if out.prefill and out.decode and min(self.rank(r, now)[0] for r in out.prefill) == 0 \
-                and max(self.rank(r, now)[0] for r in out.decode) > 0:
-            out.decode = []   # a premium newcomer does not wait for lower tiers' decode: this step only prefills
         return out
 
     def finish(self, request: Request, reason: str) -> None:
