@@ -204,8 +204,7 @@ def test_premium_displaces_running_batch_work_but_not_its_own_tier():
 
 
 def test_standard_requests_wait_for_a_row_rather_than_displace_batch_work():
-    """Displacing costs the victim's recomputation: only premium requests do it (the tiers run at
-    1.5x capacity lost 12.6 % of its throughput when standard ones did too)."""
+    """Displacing costs the victim's recomputation: only premium requests do it."""
     b = req("b", 5, tier="batch")
     s = queued(b, max_num_seqs=1)
     s.schedule(now=0)
