@@ -40,16 +40,21 @@ def load_price(instance: str, path: Path = PRICES) -> float:
     return float(instances[instance]["usd_per_hour"])
 
 
+def window_s(records: list[dict]) -> float:
+    """Seconds from the first of these requests sent to the last answered (the request log's records)."""
+    return max(r["start"] + r["latency_ms"] / 1000 for r in records) - min(r["start"] for r in records)
+
+
 def summarize(records: list[dict], usd_per_hour: float) -> dict:
     """Throughput over the measured window (first request sent to last answer), latency over all
     requests like Locust's (failures included), the rest over successful ones."""
     assert records, "no requests were logged"
     ok = [r for r in records if r["ok"]]
     latencies = [r["latency_ms"] for r in records]
-    window_s = max(r["start"] + r["latency_ms"] / 1000 for r in records) - min(r["start"] for r in records)
+    window = window_s(records)
     num_output_tokens = sum(r["output_tokens"] for r in ok)
-    requests_per_s = len(ok) / window_s
-    tokens_per_s = num_output_tokens / window_s
+    requests_per_s = len(ok) / window
+    tokens_per_s = num_output_tokens / window
     usd_per_s = usd_per_hour / 3600
     ttfts = [r["ttft_ms"] for r in ok if r.get("ttft_ms") is not None]
     errors = Counter(r["kind"] for r in records if not r["ok"])
@@ -57,7 +62,7 @@ def summarize(records: list[dict], usd_per_hour: float) -> dict:
         "num_requests": len(records),
         "num_failures": len(records) - len(ok),
         "errors": ";".join(f"{kind}:{n}" for kind, n in sorted(errors.items())),
-        "duration_s": round(window_s, 2),
+        "duration_s": round(window, 2),
         "requests_per_s": round(requests_per_s, 4),
         "output_tokens_per_s": round(tokens_per_s, 2),
         "mean_output_tokens": round(num_output_tokens / len(ok), 1) if ok else None,

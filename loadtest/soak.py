@@ -17,7 +17,7 @@ from pathlib import Path
 
 from benchmarks.machine import describe
 from benchmarks.memory import PeakMemory
-from loadtest.measure import percentile
+from loadtest.measure import percentile, window_s
 from loadtest.server import warm_up, worker_pids
 from loadtest.sweep import ROOT, run_locust
 from scripts.serve import TorchServeProcess
@@ -51,8 +51,7 @@ def main() -> None:
         warm_up(server, "llm", 8)
         capacity = locust(server, args.out, "capacity", args.slots, args.capacity_duration, common)
         ok = [r for r in capacity if r["ok"]]
-        span = max(r["start"] + r["latency_ms"] / 1000 for r in ok) - min(r["start"] for r in ok)
-        capacity_rps = len(ok) / span
+        capacity_rps = len(ok) / window_s(ok)
         # enough users that each sends rarely: the offered rate holds while answers slow down
         users = 4 * args.slots
         rate = args.overload * capacity_rps / users

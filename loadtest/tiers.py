@@ -20,7 +20,7 @@ from benchmarks.machine import describe
 from benchmarks.plots import pyplot
 from benchmarks.tables import format_table
 from loadtest import chargeback
-from loadtest.measure import load_price, percentile
+from loadtest.measure import load_price, percentile, window_s
 from loadtest.server import warm_up
 from loadtest.sweep import ROOT, run_locust
 from scripts.serve import TorchServeProcess
@@ -87,8 +87,7 @@ def main() -> None:
     try:
         warm_up(server, "llm", 8)
         capacity = [r for r in locust("capacity", args.slots, args.capacity_duration, []) if r["ok"]]
-        span = max(r["start"] + r["latency_ms"] / 1000 for r in capacity) - min(r["start"] for r in capacity)
-        capacity_rps = len(capacity) / span
+        capacity_rps = len(capacity) / window_s(capacity)
         users = 4 * args.slots    # each sends rarely: the offered rate holds while answers slow down
         rate = ["--user-rate", f"{args.overload * capacity_rps / users:.6f}"]
         runs = {"no tiers": locust("no-tiers", users, args.duration, rate)}

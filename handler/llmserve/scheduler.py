@@ -8,6 +8,7 @@ Continuous batching admits newcomers at every step; request-level batching admit
 requests waiting when the engine went idle, in arrival order) and nothing else until that whole
 batch is done."""
 
+import itertools
 import time
 from collections import deque
 from collections.abc import Callable
@@ -71,14 +72,13 @@ class Scheduler:
             order = list(self.waiting)
         else:
             order = sorted(self.waiting, key=lambda r: self.rank(r, now))
-            room_for: list[Request] = []                 # waiting ones, best first, that will find room
-            for request in order:
-                while self.rank(request, now)[0] == 0 and self.running and not self._can_fit(request, room_for) \
-                        and self.rank(self._worst(now), now)[0] > 0:
-                    self._preempt(self._worst(now), out)  # only premium displaces, only lower tiers
-                if not self._can_fit(request, room_for):
+            premium = list(itertools.takewhile(lambda r: self.rank(r, now)[0] == 0, order))
+            for i, request in enumerate(premium):        # room for each, beside those before it
+                while self.running and not self._can_fit(request, premium[:i]) \
+                        and self.rank(victim := self._worst(now), now)[0] > 0:
+                    self._preempt(victim, out)           # only premium displaces, only lower tiers
+                if not self._can_fit(request, premium[:i]):
                     break
-                room_for.append(request)
         out.decode = list(self.running)
 
         kv_used = self._kv_needed(self.running)
