@@ -150,12 +150,13 @@ def steps(engine, rows: slice, prompts: list[list[int]], num_decode: int = 3, fe
 
 
 def close(a: torch.Tensor, b: torch.Tensor, engine) -> bool:
-    """Equal with torch's kernels (their bf16 activations round float noise away); within 5 % of the
+    """Equal with torch's kernels (their bf16 activations round float noise away); within 10 % of the
     largest logit with ours: another batch size or a compiled layer changes float rounding by ulps,
-    which an int8 activation can round to a whole step, and this random model amplifies (a row that
-    mixed with another would be off by about 100 %)."""
+    which an int8 activation can round to a whole step, and this random model amplifies (0-5.5 %
+    seen with the AVX-512 build, whose sums round in another order; a row that mixed with another
+    would be off by about 100 %)."""
     own = any(getattr(m, "own_kernel", False) for m in engine.runner.model.modules())
-    return torch.equal(a, b) if not own else bool((a - b).abs().max() < 0.05 * a.abs().max())
+    return torch.equal(a, b) if not own else bool((a - b).abs().max() < 0.10 * a.abs().max())
 
 
 def test_weight_only_engine_cached_equals_uncached(engine):
