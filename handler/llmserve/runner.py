@@ -21,18 +21,24 @@ def rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.variance_epsilon)
 
 
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+def decode_attention(q: torch.Tensor, k_past: torch.Tensor, k_new: torch.Tensor, v_past: torch.Tensor,
+                     v_new: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
     """Attention for a few new tokens per sequence (one when decoding, a draft's when verifying),
     query heads grouped over their shared KV head. Plain matrix products: on the CPU,
     scaled_dot_product_attention's flash kernel is several times slower than this for a single
-    query in bf16. q: [B, H, W, D]; k, v: [B, Hkv, Tk, D]; mask: [B, 1, W, Tk]."""
+    query in bf16. The cached and the new keys and values are taken apart, never concatenated:
+    a concatenation copied every row's whole context in every layer, each step. q: [B, H, W, D];
+    k_past, v_past: [B, Hkv, Tk, D] (views into the cache); k_new, v_new: [B, Hkv, W, D];
+    mask: [B, 1, W, Tk+W]."""
     B, H, W, D = q.shape
-    Hkv = k.shape[1]
+    Hkv, Tk = k_past.shape[1], k_past.shape[2]
     qg = q.reshape(B, Hkv, H // Hkv * W, D)                                     # [B, Hkv, G*W, D]
-    scores = torch.matmul(qg, k.transpose(-1, -2)).float() * scale              # [B, Hkv, G*W, Tk]
+    scores = torch.cat([torch.matmul(qg, k_past.transpose(-1, -2)), torch.matmul(qg, k_new.transpose(-1, -2))],
+                       dim=-1).float() * scale                                   # [B, Hkv, G*W, Tk+W]
     scores = scores.view(B, Hkv, H // Hkv, W, -1).masked_fill(~mask[:, :, None], float("-inf"))
-    probs = torch.softmax(scores, dim=-1).to(v.dtype).flatten(2, 3)            # [B, Hkv, G*W, Tk]
-    return torch.matmul(probs, v).reshape(B, H, W, D)
+    probs = torch.softmax(scores, dim=-1).to(v_new.dtype).flatten(2, 3)        # [B, Hkv, G*W, Tk+W]
+    o = torch.matmul(probs[..., :Tk], v_past) + torch.matmul(probs[..., Tk:], v_new)
+    return o.reshape(B, H, W, D)
 
 
 class ModelRunner:
@@ -156,8 +162,7 @@ class ModelRunner:
         B, _, W, _ = mask.shape
         q, k, v = self._qkv(layer, x, cos, sin)                                  # [B*W, H|Hkv, 1, D]
         q, k, v = (t.reshape(B, W, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))   # [B, H|Hkv, W, D]
-        k_all, v_all = torch.cat([k_past, k], dim=2), torch.cat([v_past, v], dim=2)
-        o = decode_attention(q, k_all, v_all, mask, layer.self_attn.scaling)      # [B, H, W, D]
+        o = decode_attention(q, k_past, k, v_past, v, mask, layer.self_attn.scaling)   # [B, H, W, D]
         o = o.transpose(1, 2).reshape(B * W, 1, self.num_heads, self.head_dim).transpose(1, 2)   # [B*W, H, 1, D]
         return self._finish_layer(layer, x, o), k, v
 
