@@ -10,8 +10,8 @@
 //   scale, low  [N, K/32] float32: weight = q * scale + low
 // Built at start-up by llmserve.quantize (torch.utils.cpp_extension); see there for the fallback.
 // The build for the CPU at hand: with AVX-512 VNNI two blocks go through one 512-bit instruction
-// (vpdpbusd), with AVX-VNNI one 256-bit instruction replaces vpmaddubsw + vpmaddwd; on a Xeon
-// without AMX the AVX-512 build took the whole model's products 25-28 % faster from 4 rows up.
+// (vpdpbusd), with AVX-VNNI one 256-bit instruction replaces vpmaddubsw + vpmaddwd (kernel_ms in
+// benchmarks.profile_step's report times the build a machine takes).
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <torch/extension.h>
@@ -94,7 +94,8 @@ template <int ROWS>
 void dot_rows(const uint8_t* W, const float* S, const float* L, const int8_t* xq, const float* xs,
               const float* xs8, const float* xsum, float* y, int64_t n0, int64_t n1, int64_t N, int64_t K) {
   const int64_t blocks = K / kBlock;
-  const __m128i nibble = _mm_set1_epi8(0x0F);
+  const __m256i nibbles = _mm256_set1_epi8(0x0F);
+  const __m128i nibble = _mm256_castsi256_si128(nibbles);
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* wrow = W + n * (K / 2);
     const float* srow = S + n * blocks;
@@ -104,7 +105,6 @@ void dot_rows(const uint8_t* W, const float* S, const float* L, const int8_t* xq
 #if LLMSERVE_AVX512
     // two blocks an instruction: weights [lo nibbles b | high b | lo b+1 | high b+1] against the
     // row's 64 int8 values; lanes 0-7 belong to block b, 8-15 to b+1, and so do the scales
-    const __m256i nibbles = _mm256_set1_epi8(0x0F);
     const __m512i pick = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
     __m512 acc2[ROWS];
     for (int i = 0; i < ROWS; ++i) acc2[i] = _mm512_setzero_ps();

@@ -103,10 +103,10 @@ def lowbit_kernels() -> bool:
     """Build (once per machine: torch's extension cache, TORCH_EXTENSIONS_DIR) and load
     llmserve::q4_mm; False, with a warning, where the CPU lacks AVX2/FMA or the build fails."""
     try:
-        flags = open("/proc/cpuinfo").read().split()
+        flags = set(open("/proc/cpuinfo").read().split())
     except OSError:
-        flags = []
-    if not {"avx2", "fma"} <= set(flags):
+        flags = set()
+    if not {"avx2", "fma"} <= flags:
         logger.warning("no AVX2/FMA on this CPU; w4 uses torch's kernels")
         return False
     try:
@@ -115,7 +115,7 @@ def lowbit_kernels() -> bool:
         # one build per instruction set (its own name: a cache shared between machines never hands
         # a build to a CPU without its instructions): AVX-512 VNNI takes two blocks an instruction,
         # AVX-VNNI one instruction for the integer products instead of two
-        if {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= set(flags):
+        if {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= flags:
             variant, isa = "_avx512", ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"]
         elif "avx_vnni" in flags:
             variant, isa = "_vnni", ["-mavxvnni"]
