@@ -181,12 +181,19 @@ def test_weight_only_engine_batched_equals_alone(engine):
 
 
 def test_compiled_decode_matches_eager_and_builds_no_graph_after_start_up(tiny_model_dir, kernels):
+    """compile: true fuses the packed-kernel decode steps, by torch.compile (torch's kernels) or our
+    C++ decoder step (ours): the same logits as the eager layers at batch sizes 1-8 over left-padded
+    prompts and growing contexts, and no graph built while serving."""
     torch._dynamo.reset()   # one graph serves every layer, unguarded on modules: not another test's kernels
     def make(compile: bool) -> Engine:
         return Engine.from_config(EngineConfig(model_path=str(tiny_model_dir), quantization="w4", max_model_len=128,
                                                max_num_seqs=8, packed_max_rows=8, compile=compile))
     eager, compiled = make(False), make(True)
-    assert compiled.facts.compiled_graphs >= 2 and eager.facts.compiled_graphs == 0   # batch 1 and 2..8, at start-up
+    assert eager.facts.compiled_graphs == 0 and eager.runner.fused_weights is None
+    if kernels == "own":     # our C++ decoder step (llmserve::decode_layers) instead of torch.compile
+        assert compiled.facts.compiled_graphs == 0 and compiled.runner.fused_weights is not None
+    else:
+        assert compiled.facts.compiled_graphs >= 2 and compiled.runner.fused_weights is None   # batch 1 and 2..8
     graphs = ModelRunner.compiled_graphs()                 # built in this process so far
     assert len(eager.tokenizer(PROMPTS[3])["input_ids"]) == 1        # alone, its first decode has a context of 1
     for prompts in (PROMPTS, PROMPTS[:1], PROMPTS[1:4], PROMPTS * 2, PROMPTS[3:], PROMPTS[3:] * 2):
@@ -205,7 +212,8 @@ def test_compiled_decode_matches_eager_and_builds_no_graph_after_start_up(tiny_m
 def test_compiled_verify_steps_match_eager_and_are_built_at_start_up(tiny_model_dir, kernels):
     """With speculative decoding on, start-up also compiles the verify step (W = 1 + spec_tokens
     tokens per row, fewer at run time): verifying drafts of 1 to 3 tokens in batches of 1 and 2
-    builds no graph, and gives the eager engine's logits."""
+    builds no graph, and gives the eager engine's logits (with our kernels: the C++ decoder step's,
+    each drafted token attending to the tokens before it only)."""
     torch._dynamo.reset()
     def make(compile: bool) -> Engine:
         return Engine.from_config(EngineConfig(model_path=str(tiny_model_dir), quantization="w4", max_model_len=128,

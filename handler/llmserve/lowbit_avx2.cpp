@@ -12,12 +12,14 @@
 // The build for the CPU at hand: with AVX-512 VNNI two blocks go through one 512-bit instruction
 // (vpdpbusd), with AVX-VNNI one 256-bit instruction replaces vpmaddubsw + vpmaddwd (kernel_ms in
 // benchmarks.profile_step's report times the build a machine takes).
+// llmserve::decode_layers (at the end) runs a whole decode step's layers on this kernel in one call.
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <torch/extension.h>
 
 #include <algorithm>
 #include <cmath>
+#include <vector>
 
 // Built with -mavx512vnni etc. where the CPU has them (llmserve.quantize): two blocks an instruction
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__) && defined(__AVX512VL__)
@@ -145,6 +147,70 @@ void dot_rows(const uint8_t* W, const float* S, const float* L, const int8_t* xq
   }
 }
 
+// y [M, N] = x [M, K] @ W^T, all contiguous (W, S, L as q4_mm's packed, scale and low)
+void q4_matmul(const float* x, int64_t M, int64_t K, const uint8_t* W, const float* S, const float* L, int64_t N,
+               float* Y) {
+  const int64_t blocks = K / kBlock;
+  std::vector<int8_t> xq(M * K);
+  std::vector<float> xscale(M * blocks), xsum(M * blocks), xscale8(LLMSERVE_AVX512 ? M * blocks * 8 : 0);
+  const int8_t* XQ = xq.data();
+  const float* XS = xscale.data();
+  const float* XS8 = xscale8.data();
+  const float* XSUM = xsum.data();
+  quantize_rows(x, M, K, xq.data(), xscale.data(), LLMSERVE_AVX512 ? xscale8.data() : nullptr, xsum.data());
+  // a thread's columns go kColTile at a time, each tile's weights (L1-sized) used by every row tile
+  at::parallel_for(0, N, 8, [&](int64_t n0, int64_t n1) {
+    for (int64_t c0 = n0; c0 < n1; c0 += kColTile) {
+      const int64_t c1 = std::min(c0 + kColTile, n1);
+      for (int64_t m0 = 0; m0 < M; m0 += kRowTile) {
+        const int64_t rows = std::min(kRowTile, M - m0);
+        const int64_t r0 = m0 * blocks;
+        const float* xs8 = LLMSERVE_AVX512 ? XS8 + r0 * 8 : nullptr;
+        switch (rows) {   // the tile's accumulators stay in registers only with a fixed row count
+          case 1: dot_rows<1>(W, S, L, XQ + r0 * kBlock, XS + r0, xs8, XSUM + r0, Y + m0 * N, c0, c1, N, K); break;
+          case 2: dot_rows<2>(W, S, L, XQ + r0 * kBlock, XS + r0, xs8, XSUM + r0, Y + m0 * N, c0, c1, N, K); break;
+          case 3: dot_rows<3>(W, S, L, XQ + r0 * kBlock, XS + r0, xs8, XSUM + r0, Y + m0 * N, c0, c1, N, K); break;
+          default: dot_rows<4>(W, S, L, XQ + r0 * kBlock, XS + r0, xs8, XSUM + r0, Y + m0 * N, c0, c1, N, K);
+        }
+      }
+    }
+  });
+}
+
+// A PackedLinear's packed [N, K/2] uint8 and scales [2, N, K/32] float32 (scale, then low)
+struct Q4Weight {
+  const uint8_t* w;
+  const float* s;
+  const float* l;
+  int64_t n, k;
+};
+
+Q4Weight q4_weight(const torch::Tensor& packed, const torch::Tensor& scales) {
+  TORCH_CHECK(packed.scalar_type() == torch::kUInt8 && packed.is_contiguous() && scales.scalar_type() == torch::kFloat32 &&
+              scales.is_contiguous() && scales.dim() == 3 && scales.size(0) == 2 && scales.size(1) == packed.size(0) &&
+              scales.size(2) * kBlock == packed.size(1) * 2, "a projection must be packed [N, K/2] uint8 and scales [2, N, K/32] float32");
+  const float* s = scales.data_ptr<float>();
+  return {packed.data_ptr<uint8_t>(), s, s + scales.size(1) * scales.size(2), packed.size(0), packed.size(1) * 2};
+}
+
+void rms_norm_rows(const float* x, const float* w, float* y, int64_t R, int64_t C, float eps) {
+  for (int64_t r = 0; r < R; ++r) {
+    const float* xr = x + r * C;
+    const float inv = 1.f / std::sqrt(dot_floats(xr, xr, C) / C + eps);
+    for (int64_t i = 0; i < C; ++i) y[r * C + i] = xr[i] * inv * w[i];
+  }
+}
+
+// the model's rotary embedding (rotate_half) of one head's D values, in place
+void rotate_head(float* x, const float* cos, const float* sin, int64_t D) {
+  const int64_t half = D / 2;
+  for (int64_t i = 0; i < half; ++i) {
+    const float a = x[i], b = x[i + half];
+    x[i] = a * cos[i] - b * sin[i];
+    x[i + half] = b * cos[i + half] + a * sin[i + half];
+  }
+}
+
 }  // namespace
 
 torch::Tensor q4_mm(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scale,
@@ -159,41 +225,125 @@ torch::Tensor q4_mm(const torch::Tensor& x, const torch::Tensor& packed, const t
   const auto pc = packed.contiguous();
   const auto sc = scale.contiguous();
   const auto lc = low.contiguous();
-  auto xq = torch::empty({M, K}, torch::kInt8);
-  auto xscale = torch::empty({M, blocks}, torch::kFloat32);
-  auto xsum = torch::empty({M, blocks}, torch::kFloat32);
-  auto xscale8 = torch::empty({LLMSERVE_AVX512 ? M * blocks * 8 : 0}, torch::kFloat32);
-  float* XS8 = LLMSERVE_AVX512 ? xscale8.data_ptr<float>() : nullptr;
-  quantize_rows(xc.data_ptr<float>(), M, K, xq.data_ptr<int8_t>(), xscale.data_ptr<float>(), XS8, xsum.data_ptr<float>());
   auto y = torch::empty({M, N}, torch::kFloat32);
-
-  const uint8_t* W = pc.data_ptr<uint8_t>();
-  const float* S = sc.data_ptr<float>();
-  const float* L = lc.data_ptr<float>();
-  const int8_t* XQ = xq.data_ptr<int8_t>();
-  const float* XS = xscale.data_ptr<float>();
-  const float* XSUM = xsum.data_ptr<float>();
-  float* Y = y.data_ptr<float>();
-
-  // a thread's columns go kColTile at a time, each tile's weights (L1-sized) used by every row tile
-  at::parallel_for(0, N, 8, [&](int64_t n0, int64_t n1) {
-    for (int64_t c0 = n0; c0 < n1; c0 += kColTile) {
-      const int64_t c1 = std::min(c0 + kColTile, n1);
-      for (int64_t m0 = 0; m0 < M; m0 += kRowTile) {
-        const int64_t rows = std::min(kRowTile, M - m0);
-        const int64_t r0 = m0 * blocks;
-        switch (rows) {   // the tile's accumulators stay in registers only with a fixed row count
-          case 1: dot_rows<1>(W, S, L, XQ + r0 * kBlock, XS + r0, XS8 + r0 * 8, XSUM + r0, Y + m0 * N, c0, c1, N, K); break;
-          case 2: dot_rows<2>(W, S, L, XQ + r0 * kBlock, XS + r0, XS8 + r0 * 8, XSUM + r0, Y + m0 * N, c0, c1, N, K); break;
-          case 3: dot_rows<3>(W, S, L, XQ + r0 * kBlock, XS + r0, XS8 + r0 * 8, XSUM + r0, Y + m0 * N, c0, c1, N, K); break;
-          default: dot_rows<4>(W, S, L, XQ + r0 * kBlock, XS + r0, XS8 + r0 * 8, XSUM + r0, Y + m0 * N, c0, c1, N, K);
-        }
-      }
-    }
-  });
+  q4_matmul(xc.data_ptr<float>(), M, K, pc.data_ptr<uint8_t>(), sc.data_ptr<float>(), lc.data_ptr<float>(), N,
+            y.data_ptr<float>());
   return y;
 }
 
-TORCH_LIBRARY(llmserve, m) { m.def("q4_mm(Tensor x, Tensor packed, Tensor scale, Tensor low) -> Tensor"); }
+// llmserve::decode_layers: every decoder layer of a Llama-style model (RMSNorm, fused q|k|v with
+// rotary embedding, grouped-query attention over the KV cache, o, fused gate|up with SiLU, down)
+// for W new tokens in each of B rows, in one call: the layers' ~60 small ops each (norms, rotary,
+// softmax, residuals, cache writes) cost more than their products at a few rows when torch runs
+// them one by one, or torch.compile's guards and wrappers do. Writes the new keys and values into
+// the cache at positions lengths[b] .. lengths[b] + W - 1; token j of row b attends to positions
+// starts[b] .. lengths[b] + j.
+//   x [B*W, C] the embedded tokens (row b's W tokens adjacent); cos, sin [B*W, D]
+//   k_cache, v_cache [L, S, Hkv, T, D] float32; starts, lengths [>= B] int64
+//   weights: per layer input norm, qkv packed, qkv scales, o packed, o scales, post-attention
+//   norm, gate|up packed, gate|up scales, down packed, down scales (PackedLinear's buffers)
+// Returns the last layer's output [B*W, C] (before the final norm).
+torch::Tensor decode_layers(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
+                            torch::Tensor k_cache, torch::Tensor v_cache, const torch::Tensor& starts,
+                            const torch::Tensor& lengths, int64_t W, int64_t num_heads, double eps, double scale,
+                            at::TensorList weights) {
+  constexpr int64_t kPerLayer = 10;
+  const int64_t R = x.size(0), C = x.size(1), B = R / W;
+  const int64_t L = k_cache.size(0), Hkv = k_cache.size(2), T = k_cache.size(3), D = k_cache.size(4);
+  const int64_t H = num_heads, G = H / Hkv;
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.dim() == 2 && R == B * W && cos.sizes() == sin.sizes() &&
+              cos.size(0) == R && cos.size(1) == D && cos.scalar_type() == torch::kFloat32 && D % 2 == 0 && H % Hkv == 0,
+              "x [B*W, C] and cos, sin [B*W, D] float32");
+  TORCH_CHECK(k_cache.scalar_type() == torch::kFloat32 && k_cache.is_contiguous() && v_cache.sizes() == k_cache.sizes() &&
+              v_cache.scalar_type() == torch::kFloat32 && v_cache.is_contiguous() && k_cache.size(1) >= B,
+              "the cache must be [L, S >= B, Hkv, T, D] float32, contiguous");
+  TORCH_CHECK(starts.scalar_type() == torch::kInt64 && lengths.scalar_type() == torch::kInt64 && starts.numel() >= B &&
+              lengths.numel() >= B, "starts and lengths: int64, one per row");
+  TORCH_CHECK(static_cast<int64_t>(weights.size()) == L * kPerLayer, "weights: ", kPerLayer, " tensors per layer");
+  const auto cs = cos.contiguous(), sn = sin.contiguous();
+  const auto st = starts.contiguous(), ln = lengths.contiguous();
+  const int64_t* START = st.data_ptr<int64_t>();
+  const int64_t* LEN = ln.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK(0 <= START[b] && START[b] <= LEN[b] && LEN[b] + W <= T, "row ", b, ": its new tokens do not fit the cache");
+  const float* COS = cs.data_ptr<float>();
+  const float* SIN = sn.data_ptr<float>();
+  const int64_t QKV = (H + 2 * Hkv) * D;
+  const int64_t layer_stride = k_cache.stride(0), row_stride = k_cache.stride(1), head_stride = k_cache.stride(2);
+  float* KC = k_cache.data_ptr<float>();
+  float* VC = v_cache.data_ptr<float>();
 
-TORCH_LIBRARY_IMPL(llmserve, CPU, m) { m.impl("q4_mm", &q4_mm); }
+  auto out = x.contiguous().clone();     // the residual stream
+  float* X = out.data_ptr<float>();
+  std::vector<float> h(R * C), qkv(R * QKV), o(R * H * D), delta(R * C), gate_up, act;
+  for (int64_t layer = 0; layer < L; ++layer) {
+    const auto* w = &weights[layer * kPerLayer];
+    const Q4Weight wqkv = q4_weight(w[1], w[2]), wo = q4_weight(w[3], w[4]);
+    const Q4Weight wgu = q4_weight(w[6], w[7]), wdown = q4_weight(w[8], w[9]);
+    TORCH_CHECK(wqkv.k == C && wqkv.n == QKV && wo.k == H * D && wo.n == C && wgu.k == C && wdown.n == C &&
+                wgu.n == 2 * wdown.k && w[0].numel() == C && w[5].numel() == C, "layer ", layer, ": weight shapes");
+    const int64_t I = wdown.k;
+    gate_up.resize(R * 2 * I);
+    act.resize(R * I);
+
+    rms_norm_rows(X, w[0].data_ptr<float>(), h.data(), R, C, static_cast<float>(eps));
+    q4_matmul(h.data(), R, C, wqkv.w, wqkv.s, wqkv.l, QKV, qkv.data());
+    float* kl = KC + layer * layer_stride;
+    float* vl = VC + layer * layer_stride;
+    for (int64_t r = 0; r < R; ++r) {        // rotary embedding; the new keys and values into the cache
+      float* q = qkv.data() + r * QKV;
+      for (int64_t head = 0; head < H + Hkv; ++head) rotate_head(q + head * D, COS + r * D, SIN + r * D, D);
+      const int64_t b = r / W, pos = LEN[b] + r % W;
+      for (int64_t kv = 0; kv < Hkv; ++kv) {
+        std::copy_n(q + (H + kv) * D, D, kl + b * row_stride + kv * head_stride + pos * D);
+        std::copy_n(q + (H + Hkv + kv) * D, D, vl + b * row_stride + kv * head_stride + pos * D);
+      }
+    }
+    at::parallel_for(0, R * Hkv, 1, [&](int64_t t0, int64_t t1) {   // attention: a task per token and KV head
+      std::vector<float> p(T);
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t r = t / Hkv, kv = t % Hkv, b = r / W;
+        const int64_t first = START[b], end = LEN[b] + r % W + 1;   // positions [first, end)
+        const float* keys = kl + b * row_stride + kv * head_stride;
+        const float* values = vl + b * row_stride + kv * head_stride;
+        for (int64_t g = 0; g < G; ++g) {
+          const int64_t head = kv * G + g;
+          const float* q = qkv.data() + r * QKV + head * D;
+          float top = -INFINITY, sum = 0.f;
+          for (int64_t i = first; i < end; ++i) top = std::max(top, p[i] = dot_floats(q, keys + i * D, D) * static_cast<float>(scale));
+          for (int64_t i = first; i < end; ++i) sum += p[i] = std::exp(p[i] - top);
+          float* y = o.data() + r * H * D + head * D;
+          std::fill_n(y, D, 0.f);
+          for (int64_t i = first; i < end; ++i) {
+            const float weight = p[i] / sum;
+            const float* v = values + i * D;
+            for (int64_t d = 0; d < D; ++d) y[d] += weight * v[d];
+          }
+        }
+      }
+    });
+    q4_matmul(o.data(), R, H * D, wo.w, wo.s, wo.l, C, delta.data());
+    for (int64_t i = 0; i < R * C; ++i) X[i] += delta[i];
+    rms_norm_rows(X, w[5].data_ptr<float>(), h.data(), R, C, static_cast<float>(eps));
+    q4_matmul(h.data(), R, C, wgu.w, wgu.s, wgu.l, 2 * I, gate_up.data());
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t i = 0; i < I; ++i) {
+        const float g = gate_up[r * 2 * I + i];
+        act[r * I + i] = g / (1.f + std::exp(-g)) * gate_up[r * 2 * I + I + i];
+      }
+    q4_matmul(act.data(), R, I, wdown.w, wdown.s, wdown.l, C, delta.data());
+    for (int64_t i = 0; i < R * C; ++i) X[i] += delta[i];
+  }
+  return out;
+}
+
+TORCH_LIBRARY(llmserve, m) {
+  m.def("q4_mm(Tensor x, Tensor packed, Tensor scale, Tensor low) -> Tensor");
+  m.def("decode_layers(Tensor x, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor starts, "
+        "Tensor lengths, int W, int num_heads, float eps, float scale, Tensor[] weights) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(llmserve, CPU, m) {
+  m.impl("q4_mm", &q4_mm);
+  m.impl("decode_layers", &decode_layers);
+}

@@ -53,7 +53,9 @@ class ModelRunner:
         # the steps bound by per-op overhead (few rows, packed kernels); larger ones run eagerly
         self.compile_max_rows = min(compile_max_rows, cache.k.shape[1])
         self.compiled_layer = self._decode_layer
-        if self.compile_max_rows:
+        # where every projection takes our 4-bit kernel, those steps run our C++ decoder instead
+        self.fused_weights = self._fused_weights() if self.compile_max_rows else None
+        if self.compile_max_rows and self.fused_weights is None:
             # sizes that merely coincide must not be taken for equal (a context of 3 is not the
             # number of KV heads): without duck sizing the warm-up's sizes cannot leak into guards
             torch.fx.experimental._config.use_duck_shape = False
@@ -77,6 +79,23 @@ class ModelRunner:
                 self.verify(torch.zeros(B, W, dtype=torch.long, device=c.k.device))
                 c.set_prefilled(slice(0, B), 0, torch.zeros(B, dtype=torch.long, device=c.k.device))
         return self.compiled_graphs() - before
+
+    def _fused_weights(self) -> list[torch.Tensor] | None:
+        """llmserve::decode_layers' weights (lowbit_avx2.cpp), or None where it cannot run the model:
+        a projection not on our 4-bit kernel, with a bias, unfused, or a cache not fp32 on the CPU."""
+        c = self.cache
+        if c.k.dtype != torch.float32 or c.k.device.type != "cpu" or self.model.config.hidden_act != "silu":
+            return None
+        weights = []
+        for layer in self.decoder.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+            if not all(getattr(m, "own_kernel", False) and m.bias is None for m in linears):
+                return None
+            (qkv, o, gate_up, down), norms = linears, (layer.input_layernorm, layer.post_attention_layernorm)
+            weights += [norms[0].weight, qkv.packed, qkv.scales, o.packed, o.scales,
+                        norms[1].weight, gate_up.packed, gate_up.scales, down.packed, down.scales]
+        return weights
 
     @staticmethod
     def compiled_graphs() -> int:
@@ -133,23 +152,29 @@ class ModelRunner:
         Tk = max(int(c.row_lengths[:B].max()), 2)
         assert Tk + W <= c.max_len
         lengths, starts = c.lengths[:B], c.starts[:B]                                        # [B]
-        pos = c.positions[:Tk]
-        past = (pos[None, :] >= starts[:, None]) & (pos[None, :] < lengths[:, None])           # [B, Tk]
-        causal = torch.ones(W, W, dtype=torch.bool, device=dev).tril()                       # [W(q), W(k)]
-        mask = torch.cat([past[:, None, :].expand(B, W, Tk), causal.expand(B, W, W)], dim=-1)[:, None]   # [B, 1, W, Tk+W]
         x = self.decoder.embed_tokens(tokens.reshape(B * W, 1))                              # [B*W, 1, C]
         offsets = torch.arange(W, device=dev)
         cos, sin = self.decoder.rotary_emb(x, ((lengths - starts)[:, None] + offsets).reshape(B * W, 1))
-        cos, sin = cos[:, None], sin[:, None]                                                # [B*W, 1, 1, D]
-        new_k, new_v = [], []
-        layer_fn = self.compiled_layer if B * W <= self.compile_max_rows else self._decode_layer
-        for i, layer in enumerate(self.decoder.layers):
-            x, k, v = layer_fn(layer, x, cos, sin, mask, c.k[i, :B, :, :Tk], c.v[i, :B, :, :Tk])
-            new_k.append(k)
-            new_v.append(v)
-        rows, cols = torch.arange(B, device=dev)[:, None], lengths[:, None] + offsets        # [B, 1], [B, W]
-        c.k[:, rows, :, cols] = torch.stack(new_k, dim=1).permute(0, 3, 1, 2, 4)             # [B, W, L, Hkv, D]
-        c.v[:, rows, :, cols] = torch.stack(new_v, dim=1).permute(0, 3, 1, 2, 4)
+        if self.fused_weights is not None and B * W <= self.compile_max_rows:   # writes the cache itself
+            first = self.decoder.layers[0]
+            x = torch.ops.llmserve.decode_layers(
+                x.reshape(B * W, -1), cos.reshape(B * W, -1), sin.reshape(B * W, -1), c.k, c.v, starts, lengths, W,
+                self.num_heads, first.input_layernorm.variance_epsilon, first.self_attn.scaling, self.fused_weights)
+        else:
+            cos, sin = cos[:, None], sin[:, None]                                            # [B*W, 1, 1, D]
+            pos = c.positions[:Tk]
+            past = (pos[None, :] >= starts[:, None]) & (pos[None, :] < lengths[:, None])       # [B, Tk]
+            causal = torch.ones(W, W, dtype=torch.bool, device=dev).tril()                   # [W(q), W(k)]
+            mask = torch.cat([past[:, None, :].expand(B, W, Tk), causal.expand(B, W, W)], dim=-1)[:, None]   # [B, 1, W, Tk+W]
+            new_k, new_v = [], []
+            layer_fn = self.compiled_layer if B * W <= self.compile_max_rows else self._decode_layer
+            for i, layer in enumerate(self.decoder.layers):
+                x, k, v = layer_fn(layer, x, cos, sin, mask, c.k[i, :B, :, :Tk], c.v[i, :B, :, :Tk])
+                new_k.append(k)
+                new_v.append(v)
+            rows, cols = torch.arange(B, device=dev)[:, None], lengths[:, None] + offsets        # [B, 1], [B, W]
+            c.k[:, rows, :, cols] = torch.stack(new_k, dim=1).permute(0, 3, 1, 2, 4)             # [B, W, L, Hkv, D]
+            c.v[:, rows, :, cols] = torch.stack(new_v, dim=1).permute(0, 3, 1, 2, 4)
         c.advance(B)
         x = rms_norm(self.decoder.norm, x.reshape(B, W, -1))
         return self.model.lm_head(x).float()                                                # [B, W, V]
