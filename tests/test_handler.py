@@ -83,6 +83,12 @@ def whole(responses: list) -> dict:
     return json.loads(responses[0][0])
 
 
+@pytest.fixture(autouse=True)
+def one_step_per_call(monkeypatch):
+    """The tests drive handle() a step at a time; test_call_runs_steps_until_something_to_send lifts it."""
+    monkeypatch.setattr(llm_handler, "CALL_S", 0)
+
+
 @pytest.fixture(scope="module")
 def continuous(tiny_model_dir):
     return make_handler(tiny_model_dir)
@@ -214,6 +220,19 @@ def test_continuous_newcomer_joins_the_running_batch(continuous):
                                    2: {"late": body("three more words", max_new_tokens=4)}})
     assert whole(responses["late"])["timings"]["batch_size"] == 2
     assert responses["late"][-1][2] < responses["a"][-1][2]     # left before a finished
+
+
+def test_call_runs_steps_until_something_to_send(continuous, monkeypatch):
+    """A call goes on stepping while it has time (CALL_S) and nothing to send: a newcomer's call
+    ends at its first token, the next one when it is done; a stream's parts then hold several
+    tokens' text. One step a call: one call a token."""
+    h, ctx = continuous
+    slow = run_steps(h, ctx, {0: {"a": body("one", max_new_tokens=12, stop=["zzz"])}})
+    monkeypatch.setattr(llm_handler, "CALL_S", 60)
+    fast = run_steps(h, ctx, {0: {"a": body("one", max_new_tokens=12, stop=["zzz"]),
+                                  "s": body("one", max_new_tokens=12, stop=["zzz"], stream=True)}})
+    assert slow["a"][-1][2] >= 11 and fast["a"][-1][2] == 1 == fast["s"][-1][2]   # the step of the last response
+    assert whole(fast["a"])["text"] == whole(slow["a"])["text"] == "".join(json.loads(p)["text"] for p, *_ in fast["s"])
 
 
 def test_both_policies_give_the_same_greedy_text(continuous, request_level):
