@@ -25,9 +25,10 @@ from llmserve.quantize import WEIGHT_ONLY_MODES
 from llmserve.request import parse_request
 
 PARTS = (   # (part, substrings of aten op / profiler event names), first match wins
-    # a compiled layer's fused kernels, its wrapper and guard checks (events outside aten::)
+    # a compiled layer's fused kernels, its wrapper and guard checks (events outside aten::), or our
+    # C++ decoder step (all layers, their products included)
     ("fused", ("CompiledFxGraph", "Torch-Compiled Region", "TorchDynamo Cache Lookup", "Pregraph bytecode",
-               "AOTDispatcher")),
+               "AOTDispatcher", "decode_layers")),
     ("attention", ("bmm", "softmax", "masked_fill", "scaled_dot_product", "flash_attention")),
     ("linear", ("_weight_int4pack_mm", "_weight_int8pack_mm", "q4_mm", "q8_mm", "addmm", "aten::mm", "linear", "matmul")),
     ("kv_write", ("index_put",)),
