@@ -144,7 +144,8 @@ class ModelRunner:
         overwritten). The linear layers see the B x W tokens as that many rows (the kernel for that
         many rows, the same per row as in a one-token step), attention sees each row's W. The
         layers read the cache and return their new keys and values, written after the last layer
-        in one go: a layer is then a pure function of tensors, which torch.compile can fuse."""
+        in one go: a layer is then a pure function of tensors, which torch.compile can fuse. Our C++
+        decoder step (fused_weights) takes all layers in one call and writes the cache itself."""
         c = self.cache
         B, W = tokens.shape
         dev = c.k.device
