@@ -147,10 +147,20 @@ void dot_rows(const uint8_t* W, const float* S, const float* L, const int8_t* xq
   }
 }
 
-// y [M, N] = x [M, K] @ W^T, all contiguous (W, S, L as q4_mm's packed, scale and low)
-void q4_matmul(const float* x, int64_t M, int64_t K, const uint8_t* W, const float* S, const float* L, int64_t N,
-               float* Y) {
-  const int64_t blocks = K / kBlock;
+// 4-bit weights [N, K] as q4_mm takes them: w packed [N, K/2], s and l (scale, low) [N, K/32]
+struct Q4Weight {
+  const uint8_t* w;
+  const float* s;
+  const float* l;
+  int64_t n, k;
+};
+
+// y [M, N] = x [M, K] @ W^T, x and y contiguous
+void q4_matmul(const float* x, int64_t M, const Q4Weight& wt, float* Y) {
+  const int64_t K = wt.k, N = wt.n, blocks = K / kBlock;
+  const uint8_t* W = wt.w;
+  const float* S = wt.s;
+  const float* L = wt.l;
   std::vector<int8_t> xq(M * K);
   std::vector<float> xscale(M * blocks), xsum(M * blocks), xscale8(LLMSERVE_AVX512 ? M * blocks * 8 : 0);
   const int8_t* XQ = xq.data();
@@ -178,13 +188,6 @@ void q4_matmul(const float* x, int64_t M, int64_t K, const uint8_t* W, const flo
 }
 
 // A PackedLinear's packed [N, K/2] uint8 and scales [2, N, K/32] float32 (scale, then low)
-struct Q4Weight {
-  const uint8_t* w;
-  const float* s;
-  const float* l;
-  int64_t n, k;
-};
-
 Q4Weight q4_weight(const torch::Tensor& packed, const torch::Tensor& scales) {
   TORCH_CHECK(packed.scalar_type() == torch::kUInt8 && packed.is_contiguous() && scales.scalar_type() == torch::kFloat32 &&
               scales.is_contiguous() && scales.dim() == 3 && scales.size(0) == 2 && scales.size(1) == packed.size(0) &&
@@ -226,7 +229,7 @@ torch::Tensor q4_mm(const torch::Tensor& x, const torch::Tensor& packed, const t
   const auto sc = scale.contiguous();
   const auto lc = low.contiguous();
   auto y = torch::empty({M, N}, torch::kFloat32);
-  q4_matmul(xc.data_ptr<float>(), M, K, pc.data_ptr<uint8_t>(), sc.data_ptr<float>(), lc.data_ptr<float>(), N,
+  q4_matmul(xc.data_ptr<float>(), M, {pc.data_ptr<uint8_t>(), sc.data_ptr<float>(), lc.data_ptr<float>(), N, K},
             y.data_ptr<float>());
   return y;
 }
@@ -287,7 +290,7 @@ torch::Tensor decode_layers(const torch::Tensor& x, const torch::Tensor& cos, co
     act.resize(R * I);
 
     rms_norm_rows(X, w[0].data_ptr<float>(), h.data(), R, C, static_cast<float>(eps));
-    q4_matmul(h.data(), R, C, wqkv.w, wqkv.s, wqkv.l, QKV, qkv.data());
+    q4_matmul(h.data(), R, wqkv, qkv.data());
     float* kl = KC + layer * layer_stride;
     float* vl = VC + layer * layer_stride;
     for (int64_t r = 0; r < R; ++r) {        // rotary embedding; the new keys and values into the cache
@@ -322,16 +325,16 @@ torch::Tensor decode_layers(const torch::Tensor& x, const torch::Tensor& cos, co
         }
       }
     });
-    q4_matmul(o.data(), R, H * D, wo.w, wo.s, wo.l, C, delta.data());
+    q4_matmul(o.data(), R, wo, delta.data());
     for (int64_t i = 0; i < R * C; ++i) X[i] += delta[i];
     rms_norm_rows(X, w[5].data_ptr<float>(), h.data(), R, C, static_cast<float>(eps));
-    q4_matmul(h.data(), R, C, wgu.w, wgu.s, wgu.l, 2 * I, gate_up.data());
+    q4_matmul(h.data(), R, wgu, gate_up.data());
     for (int64_t r = 0; r < R; ++r)
       for (int64_t i = 0; i < I; ++i) {
         const float g = gate_up[r * 2 * I + i];
         act[r * I + i] = g / (1.f + std::exp(-g)) * gate_up[r * 2 * I + I + i];
       }
-    q4_matmul(act.data(), R, I, wdown.w, wdown.s, wdown.l, C, delta.data());
+    q4_matmul(act.data(), R, wdown, delta.data());
     for (int64_t i = 0; i < R * C; ++i) X[i] += delta[i];
   }
   return out;

@@ -88,13 +88,12 @@ class ModelRunner:
             return None
         weights = []
         for layer in self.decoder.layers:
-            attn, mlp = layer.self_attn, layer.mlp
-            linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
-            if not all(getattr(m, "own_kernel", False) and m.bias is None for m in linears):
+            qkv, o = layer.self_attn.qkv_proj, layer.self_attn.o_proj
+            gate_up, down = layer.mlp.gate_up_proj, layer.mlp.down_proj
+            if not all(getattr(m, "own_kernel", False) and m.bias is None for m in (qkv, o, gate_up, down)):
                 return None
-            (qkv, o, gate_up, down), norms = linears, (layer.input_layernorm, layer.post_attention_layernorm)
-            weights += [norms[0].weight, qkv.packed, qkv.scales, o.packed, o.scales,
-                        norms[1].weight, gate_up.packed, gate_up.scales, down.packed, down.scales]
+            weights += [layer.input_layernorm.weight, qkv.packed, qkv.scales, o.packed, o.scales,
+                        layer.post_attention_layernorm.weight, gate_up.packed, gate_up.scales, down.packed, down.scales]
         return weights
 
     @staticmethod
