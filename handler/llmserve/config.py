@@ -28,9 +28,10 @@ class EngineConfig:
                                       # (the handler's 503 overloaded); 0 = unbounded
     max_queue_wait_s: float = 0.0     # a request not started after this long ends "queue_timeout"
                                       # (the handler's 503); 0 = no limit
-    compile: bool = False             # w8/w4: fuse the packed-kernel decode steps: our C++ decoder
-                                      # step where our 4-bit kernel runs every projection, else each
-                                      # layer torch.compile'd at start-up (other modes run eagerly)
+    compile: bool = False             # w8/w4: fuse the decode steps: our C++ decoder step (every
+                                      # step) where our 4-bit kernel runs every projection, else each
+                                      # packed-kernel step's layers torch.compile'd at start-up
+                                      # (other modes run eagerly)
     prefix_cache_tokens: int = 0      # prompt prefix tokens whose keys and values are kept for reuse
                                       # (blocks of 16, least recently used evicted); 0 = off
     spec_tokens: int = 0              # speculative decoding by prompt lookup: draft tokens per step at

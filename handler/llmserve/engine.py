@@ -38,7 +38,7 @@ class Engine:
         self.cache = KVCache(facts.num_layers, config.max_num_seqs, facts.num_kv_heads, config.max_model_len,
                              facts.head_dim, facts.dtype, facts.device, config.kv_prefault)
         compile_rows = max(facts.packed_max_rows, 0) if config.compile else 0   # w8/w4's packed-kernel steps
-        self.runner = ModelRunner(model, self.cache, compile_max_rows=compile_rows)
+        self.runner = ModelRunner(model, self.cache, compile_max_rows=compile_rows, fuse=config.compile)
         self.facts = replace(facts, compiled_graphs=self.runner.warm_up(config.spec_tokens))
         # speculate in steps of at most this many rows (sequences x tokens each): w8/w4 within their
         # packed kernels' rows, where more rows cost little more than reading the weights, and each

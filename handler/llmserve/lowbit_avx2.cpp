@@ -196,6 +196,28 @@ Q4Weight q4_weight(const torch::Tensor& packed, const torch::Tensor& scales) {
   return {packed.data_ptr<uint8_t>(), s, s + scales.size(1) * scales.size(2), packed.size(0), packed.size(1) * 2};
 }
 
+// One of a layer's projections, y [R, N] = x [R, K] @ W^T: our 4-bit kernel up to max_packed_rows
+// rows (bound by reading the weights), else the float weight [N, K] through torch's matrix product
+// (oneDNN/MKL: arithmetic-bound steps of many rows, where a dense product beats unpacking blocks).
+struct Projection {
+  Q4Weight packed;
+  torch::Tensor dense;
+};
+
+void project(const float* x, int64_t R, const Projection& p, int64_t max_packed_rows, float* y) {
+  if (R <= max_packed_rows) {
+    q4_matmul(x, R, p.packed, y);
+    return;
+  }
+  const auto opts = torch::TensorOptions().dtype(torch::kFloat32);
+  const auto xt = torch::from_blob(const_cast<float*>(x), {R, p.packed.k}, opts);
+  auto yt = torch::from_blob(y, {R, p.packed.n}, opts);
+  if (p.dense.scalar_type() == torch::kFloat32)
+    at::mm_out(yt, xt, p.dense.t());
+  else   // bf16 weights (AMX): the product in their dtype, the result back to float
+    yt.copy_(at::mm(xt.to(p.dense.scalar_type()), p.dense.t()));
+}
+
 void rms_norm_rows(const float* x, const float* w, float* y, int64_t R, int64_t C, float eps) {
   for (int64_t r = 0; r < R; ++r) {
     const float* xr = x + r * C;
@@ -243,14 +265,16 @@ torch::Tensor q4_mm(const torch::Tensor& x, const torch::Tensor& packed, const t
 // starts[b] .. lengths[b] + j.
 //   x [B*W, C] the embedded tokens (row b's W tokens adjacent); cos, sin [B*W, D]
 //   k_cache, v_cache [L, S, Hkv, T, D] float32; starts, lengths [>= B] int64
-//   weights: per layer input norm, qkv packed, qkv scales, o packed, o scales, post-attention
-//   norm, gate|up packed, gate|up scales, down packed, down scales (PackedLinear's buffers)
+//   weights: per layer input norm, qkv packed, qkv scales, qkv weight, o packed, o scales, o weight,
+//   post-attention norm, gate|up packed, scales, weight, down packed, scales, weight (PackedLinear's)
+//   max_packed_rows: steps of at most this many rows (B*W) take the packed weights, others the float
+//   ones (PackedLinear.max_packed_rows, the crossover measured at start-up)
 // Returns the last layer's output [B*W, C] (before the final norm).
 torch::Tensor decode_layers(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
                             torch::Tensor k_cache, torch::Tensor v_cache, const torch::Tensor& starts,
                             const torch::Tensor& lengths, int64_t W, int64_t num_heads, double eps, double scale,
-                            at::TensorList weights) {
-  constexpr int64_t kPerLayer = 10;
+                            int64_t max_packed_rows, at::TensorList weights) {
+  constexpr int64_t kPerLayer = 14;
   const int64_t R = x.size(0), C = x.size(1), B = R / W;
   const int64_t L = k_cache.size(0), Hkv = k_cache.size(2), T = k_cache.size(3), D = k_cache.size(4);
   const int64_t H = num_heads, G = H / Hkv;
@@ -281,16 +305,20 @@ torch::Tensor decode_layers(const torch::Tensor& x, const torch::Tensor& cos, co
   std::vector<float> h(R * C), qkv(R * QKV), o(R * H * D), delta(R * C), gate_up, act;
   for (int64_t layer = 0; layer < L; ++layer) {
     const auto* w = &weights[layer * kPerLayer];
-    const Q4Weight wqkv = q4_weight(w[1], w[2]), wo = q4_weight(w[3], w[4]);
-    const Q4Weight wgu = q4_weight(w[6], w[7]), wdown = q4_weight(w[8], w[9]);
-    TORCH_CHECK(wqkv.k == C && wqkv.n == QKV && wo.k == H * D && wo.n == C && wgu.k == C && wdown.n == C &&
-                wgu.n == 2 * wdown.k && w[0].numel() == C && w[5].numel() == C, "layer ", layer, ": weight shapes");
-    const int64_t I = wdown.k;
+    const Projection wqkv{q4_weight(w[1], w[2]), w[3]}, wo{q4_weight(w[4], w[5]), w[6]};
+    const Projection wgu{q4_weight(w[8], w[9]), w[10]}, wdown{q4_weight(w[11], w[12]), w[13]};
+    for (const Projection* p : {&wqkv, &wo, &wgu, &wdown})
+      TORCH_CHECK(p->dense.dim() == 2 && p->dense.is_contiguous() && p->dense.size(0) == p->packed.n &&
+                  p->dense.size(1) == p->packed.k, "layer ", layer, ": a float weight's shape");
+    TORCH_CHECK(wqkv.packed.k == C && wqkv.packed.n == QKV && wo.packed.k == H * D && wo.packed.n == C &&
+                wgu.packed.k == C && wdown.packed.n == C && wgu.packed.n == 2 * wdown.packed.k && w[0].numel() == C &&
+                w[7].numel() == C, "layer ", layer, ": weight shapes");
+    const int64_t I = wdown.packed.k;
     gate_up.resize(R * 2 * I);
     act.resize(R * I);
 
     rms_norm_rows(X, w[0].data_ptr<float>(), h.data(), R, C, static_cast<float>(eps));
-    q4_matmul(h.data(), R, wqkv, qkv.data());
+    project(h.data(), R, wqkv, max_packed_rows, qkv.data());
     float* kl = KC + layer * layer_stride;
     float* vl = VC + layer * layer_stride;
     for (int64_t r = 0; r < R; ++r) {        // rotary embedding; the new keys and values into the cache
@@ -325,16 +353,16 @@ torch::Tensor decode_layers(const torch::Tensor& x, const torch::Tensor& cos, co
         }
       }
     });
-    q4_matmul(o.data(), R, wo, delta.data());
+    project(o.data(), R, wo, max_packed_rows, delta.data());
     for (int64_t i = 0; i < R * C; ++i) X[i] += delta[i];
-    rms_norm_rows(X, w[5].data_ptr<float>(), h.data(), R, C, static_cast<float>(eps));
-    q4_matmul(h.data(), R, wgu, gate_up.data());
+    rms_norm_rows(X, w[7].data_ptr<float>(), h.data(), R, C, static_cast<float>(eps));
+    project(h.data(), R, wgu, max_packed_rows, gate_up.data());
     for (int64_t r = 0; r < R; ++r)
       for (int64_t i = 0; i < I; ++i) {
         const float g = gate_up[r * 2 * I + i];
         act[r * I + i] = g / (1.f + std::exp(-g)) * gate_up[r * 2 * I + I + i];
       }
-    q4_matmul(act.data(), R, wdown, delta.data());
+    project(act.data(), R, wdown, max_packed_rows, delta.data());
     for (int64_t i = 0; i < R * C; ++i) X[i] += delta[i];
   }
   return out;
@@ -343,7 +371,7 @@ torch::Tensor decode_layers(const torch::Tensor& x, const torch::Tensor& cos, co
 TORCH_LIBRARY(llmserve, m) {
   m.def("q4_mm(Tensor x, Tensor packed, Tensor scale, Tensor low) -> Tensor");
   m.def("decode_layers(Tensor x, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor starts, "
-        "Tensor lengths, int W, int num_heads, float eps, float scale, Tensor[] weights) -> Tensor");
+        "Tensor lengths, int W, int num_heads, float eps, float scale, int max_packed_rows, Tensor[] weights) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(llmserve, CPU, m) {

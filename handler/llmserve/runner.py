@@ -42,7 +42,7 @@ def decode_attention(q: torch.Tensor, k_past: torch.Tensor, k_new: torch.Tensor,
 
 
 class ModelRunner:
-    def __init__(self, model, cache: KVCache, compile_max_rows: int = 0) -> None:
+    def __init__(self, model, cache: KVCache, compile_max_rows: int = 0, fuse: bool = False) -> None:
         self.model = model
         self.cache = cache
         self.decoder = model.model
@@ -53,8 +53,9 @@ class ModelRunner:
         # the steps bound by per-op overhead (few rows, packed kernels); larger ones run eagerly
         self.compile_max_rows = min(compile_max_rows, cache.k.shape[1])
         self.compiled_layer = self._decode_layer
-        # where every projection takes our 4-bit kernel, those steps run our C++ decoder instead
-        self.fused_weights = self._fused_weights() if self.compile_max_rows else None
+        # fuse: where every projection takes our 4-bit kernel, every decode step runs our C++ decoder
+        # step instead, its products packed or float as the layers choose (max_packed_rows)
+        self.fused_weights = self._fused_weights() if fuse else None
         if self.compile_max_rows and self.fused_weights is None:
             # sizes that merely coincide must not be taken for equal (a context of 3 is not the
             # number of KV heads): without duck sizing the warm-up's sizes cannot leak into guards
@@ -92,8 +93,9 @@ class ModelRunner:
             gate_up, down = layer.mlp.gate_up_proj, layer.mlp.down_proj
             if not all(getattr(m, "own_kernel", False) and m.bias is None for m in (qkv, o, gate_up, down)):
                 return None
-            weights += [layer.input_layernorm.weight, qkv.packed, qkv.scales, o.packed, o.scales,
-                        layer.post_attention_layernorm.weight, gate_up.packed, gate_up.scales, down.packed, down.scales]
+            weights += [layer.input_layernorm.weight, qkv.packed, qkv.scales, qkv.weight, o.packed, o.scales, o.weight,
+                        layer.post_attention_layernorm.weight, gate_up.packed, gate_up.scales, gate_up.weight,
+                        down.packed, down.scales, down.weight]
         return weights
 
     @staticmethod
@@ -155,11 +157,12 @@ class ModelRunner:
         x = self.decoder.embed_tokens(tokens.reshape(B * W, 1))                              # [B*W, 1, C]
         offsets = torch.arange(W, device=dev)
         cos, sin = self.decoder.rotary_emb(x, ((lengths - starts)[:, None] + offsets).reshape(B * W, 1))
-        if self.fused_weights is not None and B * W <= self.compile_max_rows:   # writes the cache itself
+        if self.fused_weights is not None:   # writes the cache itself
             first = self.decoder.layers[0]
             x = torch.ops.llmserve.decode_layers(
                 x.reshape(B * W, -1), cos.reshape(B * W, -1), sin.reshape(B * W, -1), c.k, c.v, starts, lengths, W,
-                self.num_heads, first.input_layernorm.variance_epsilon, first.self_attn.scaling, self.fused_weights)
+                self.num_heads, first.input_layernorm.variance_epsilon, first.self_attn.scaling,
+                first.self_attn.qkv_proj.max_packed_rows, self.fused_weights)
         else:
             cos, sin = cos[:, None], sin[:, None]                                            # [B*W, 1, 1, D]
             pos = c.positions[:Tk]
