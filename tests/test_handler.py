@@ -85,8 +85,9 @@ def whole(responses: list) -> dict:
 
 @pytest.fixture(autouse=True)
 def one_step_per_call(monkeypatch):
-    """The tests drive handle() a step at a time; test_call_runs_steps_until_something_to_send lifts it."""
+    """The tests drive handle() a step at a time; the tests of call length lift it."""
     monkeypatch.setattr(llm_handler, "CALL_S", 0)
+    monkeypatch.setattr(llm_handler, "PLAIN_CALL_S", 0)
 
 
 @pytest.fixture(scope="module")
@@ -233,6 +234,17 @@ def test_call_runs_steps_until_something_to_send(continuous, monkeypatch):
                                   "s": body("one", max_new_tokens=12, stop=["zzz"], stream=True)}})
     assert slow["a"][-1][2] >= 11 and fast["a"][-1][2] == 1 == fast["s"][-1][2]   # the step of the last response
     assert whole(fast["a"])["text"] == whole(slow["a"])["text"] == "".join(json.loads(p)["text"] for p, *_ in fast["s"])
+
+
+def test_calls_without_streams_run_longer(continuous, monkeypatch):
+    """PLAIN_CALL_S, not CALL_S, bounds a call while no request in flight streams: a plain request
+    alone is answered in its second call; beside a stream, calls stay short."""
+    h, ctx = continuous
+    monkeypatch.setattr(llm_handler, "PLAIN_CALL_S", 60)
+    alone = run_steps(h, ctx, {0: {"a": body("one", max_new_tokens=12, stop=["zzz"])}})
+    beside = run_steps(h, ctx, {0: {"a": body("one", max_new_tokens=12, stop=["zzz"]),
+                                    "s": body("one", max_new_tokens=12, stop=["zzz"], stream=True)}})
+    assert alone["a"][-1][2] == 1 and beside["a"][-1][2] >= 11
 
 
 def test_both_policies_give_the_same_greedy_text(continuous, request_level):
