@@ -40,9 +40,11 @@ def q4_1_weight(N: int = 48, K: int = 128, seed: int = 0) -> torch.Tensor:
 def test_w4_recovers_a_q4_1_grid_exactly(kernels):
     w = q4_1_weight()
     assert (dequantize_w4(*quantize_w4(w)) - w).abs().max() < 1e-6
-    x = torch.randn(3, w.shape[1])                                         # the kernel: bf16 scales
+    # off by torch's bf16 scales, or our kernel's int8 activations (up to 1.3 % over 2,000 seeds of x:
+    # unseeded, 1 % failed now and then)
+    x = torch.randn(3, w.shape[1], generator=torch.Generator().manual_seed(0))
     expected = F.linear(x, w)
-    assert (PackedLinear(linear_with(w), bits=4)(x) - expected).norm() < 0.01 * expected.norm()
+    assert (PackedLinear(linear_with(w), bits=4)(x) - expected).norm() < 0.02 * expected.norm()
 
 
 def test_w4_recovers_the_default_models_weights_exactly():
@@ -74,7 +76,7 @@ def test_packed_output_is_close_to_float_output(bits, tolerance, kernels):
     x = torch.randn(5, 256)
     expected = F.linear(x, w)
     layer = PackedLinear(linear_with(w), bits)
-    assert layer.own_kernel == (kernels == "own" and bits == 4)      # 8 bits: always torch's
+    assert layer.own_kernel == (kernels == "own")
     error = (layer(x) - expected).norm() / expected.norm()
     assert 0 < error < tolerance
 
@@ -91,6 +93,20 @@ def test_own_kernel_matches_its_weights_at_every_row_tile(rows):
     x[0, :32] *= 50                                       # one block far larger: scales are per block
     error = (layer(x) - F.linear(x, w)).abs().amax(dim=1) / F.linear(x, w).abs().amax(dim=1)
     assert error.max() < 0.02, error
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 17])
+def test_own_8bit_kernel_multiplies_float_activations_exactly(rows):
+    """Our 8-bit kernel (w8, w4's LM head) rounds nothing but the weights: it gives the product with
+    its dequantized weights to float rounding, in every row of a tile of 4 and past the last one."""
+    w = torch.randn(40, 96, generator=torch.Generator().manual_seed(rows)) * 0.05
+    layer = PackedLinear(linear_with(w), bits=8)
+    if not layer.own_kernel:
+        pytest.skip("our kernels did not load (no AVX2 here?); test_packed_output_is_close_to_float_output checks")
+    x = torch.randn(rows, 96, generator=torch.Generator().manual_seed(2))
+    x[0, :32] *= 50
+    expected = F.linear(x, layer.packed.float() * layer.scales[:, None])
+    assert (layer(x) - expected).abs().max() < 1e-5 * expected.abs().max()
 
 
 @pytest.mark.parametrize("bf16_units", [False, True])

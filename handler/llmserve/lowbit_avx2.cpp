@@ -187,6 +187,43 @@ void q4_matmul(const float* x, int64_t M, const Q4Weight& wt, float* Y) {
   });
 }
 
+// llmserve::q8_mm's columns [n0, n1) for ROWS rows: 8-bit weights (one scale per output column)
+// times float activations, as they are: no rounding of the activations (an int8-activation kernel
+// turned the first token of "What is the capital of France?" as w4's LM head). Each 16 weights are
+// widened to floats once for all the tile's rows; two accumulators per row hide the FMA latency.
+template <int ROWS>
+void dot_rows_q8(const int8_t* W, const float* S, const float* x, float* y, int64_t n0, int64_t n1, int64_t N,
+                 int64_t K) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* wrow = W + n * K;
+#if LLMSERVE_AVX512
+    __m512 acc[2][ROWS];
+    for (int i = 0; i < ROWS; ++i) acc[0][i] = acc[1][i] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 32) {
+      if ((k & 127) == 0) _mm_prefetch(reinterpret_cast<const char*>(wrow + k) + kPrefetchBytes, _MM_HINT_T0);
+      for (int h = 0; h < 2; ++h) {
+        const __m512 w = _mm512_cvtepi32_ps(
+            _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wrow + k + 16 * h))));
+        for (int i = 0; i < ROWS; ++i) acc[h][i] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + i * K + k + 16 * h), acc[h][i]);
+      }
+    }
+    for (int i = 0; i < ROWS; ++i) y[i * N + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0][i], acc[1][i])) * S[n];
+#else
+    __m256 acc[2][ROWS];
+    for (int i = 0; i < ROWS; ++i) acc[0][i] = acc[1][i] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; k += 16) {
+      if ((k & 127) == 0) _mm_prefetch(reinterpret_cast<const char*>(wrow + k) + kPrefetchBytes, _MM_HINT_T0);
+      for (int h = 0; h < 2; ++h) {
+        const __m256 w = _mm256_cvtepi32_ps(
+            _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(wrow + k + 8 * h))));
+        for (int i = 0; i < ROWS; ++i) acc[h][i] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + i * K + k + 8 * h), acc[h][i]);
+      }
+    }
+    for (int i = 0; i < ROWS; ++i) y[i * N + n] = horizontal_sum(_mm256_add_ps(acc[0][i], acc[1][i])) * S[n];
+#endif
+  }
+}
+
 // A PackedLinear's packed [N, K/2] uint8 and scales [2, N, K/32] float32 (scale, then low)
 Q4Weight q4_weight(const torch::Tensor& packed, const torch::Tensor& scales) {
   TORCH_CHECK(packed.scalar_type() == torch::kUInt8 && packed.is_contiguous() && scales.scalar_type() == torch::kFloat32 &&
@@ -253,6 +290,40 @@ torch::Tensor q4_mm(const torch::Tensor& x, const torch::Tensor& packed, const t
   auto y = torch::empty({M, N}, torch::kFloat32);
   q4_matmul(xc.data_ptr<float>(), M, {pc.data_ptr<uint8_t>(), sc.data_ptr<float>(), lc.data_ptr<float>(), N, K},
             y.data_ptr<float>());
+  return y;
+}
+
+// llmserve::q8_mm: y [M, N] = x [M, K] @ (q * scale)^T for w8's layers (and w4's LM head):
+//   x [M, K] float32, K a multiple of 32; q [N, K] int8; scale [N] float32
+torch::Tensor q8_mm(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32 && x.dim() == 2, "x must be [M, K] float32 on the CPU");
+  TORCH_CHECK(q.scalar_type() == torch::kChar && q.dim() == 2 && scale.scalar_type() == torch::kFloat32 &&
+              scale.numel() == q.size(0) && q.size(1) == x.size(1) && x.size(1) % 32 == 0,
+              "q [N, K] int8 and scale [N] float32, K a multiple of 32");
+  const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
+  const auto xc = x.contiguous();
+  const auto qc = q.contiguous();
+  const auto sc = scale.contiguous();
+  auto y = torch::empty({M, N}, torch::kFloat32);
+  const float* X = xc.data_ptr<float>();
+  const int8_t* W = qc.data_ptr<int8_t>();
+  const float* S = sc.data_ptr<float>();
+  float* Y = y.data_ptr<float>();
+  at::parallel_for(0, N, 8, [&](int64_t n0, int64_t n1) {   // as q4_matmul: column tiles, each for every row tile
+    for (int64_t c0 = n0; c0 < n1; c0 += kColTile) {
+      const int64_t c1 = std::min(c0 + kColTile, n1);
+      for (int64_t m0 = 0; m0 < M; m0 += kRowTile) {
+        const float* xt = X + m0 * K;
+        float* yt = Y + m0 * N;
+        switch (std::min(kRowTile, M - m0)) {
+          case 1: dot_rows_q8<1>(W, S, xt, yt, c0, c1, N, K); break;
+          case 2: dot_rows_q8<2>(W, S, xt, yt, c0, c1, N, K); break;
+          case 3: dot_rows_q8<3>(W, S, xt, yt, c0, c1, N, K); break;
+          default: dot_rows_q8<4>(W, S, xt, yt, c0, c1, N, K);
+        }
+      }
+    }
+  });
   return y;
 }
 
@@ -370,11 +441,13 @@ torch::Tensor decode_layers(const torch::Tensor& x, const torch::Tensor& cos, co
 
 TORCH_LIBRARY(llmserve, m) {
   m.def("q4_mm(Tensor x, Tensor packed, Tensor scale, Tensor low) -> Tensor");
+  m.def("q8_mm(Tensor x, Tensor q, Tensor scale) -> Tensor");
   m.def("decode_layers(Tensor x, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor starts, "
         "Tensor lengths, int W, int num_heads, float eps, float scale, int max_packed_rows, Tensor[] weights) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(llmserve, CPU, m) {
   m.impl("q4_mm", &q4_mm);
+  m.impl("q8_mm", &q8_mm);
   m.impl("decode_layers", &decode_layers);
 }

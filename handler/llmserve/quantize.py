@@ -7,7 +7,8 @@ fastest) beside a packed int8 / int4 copy (for steps with few, which are bound b
 weights), and choose per call by the number of rows; the crossover is measured at start-up.
 w4's 4-bit kernel is our own (lowbit_avx2.cpp, built at start-up: int8 activations per block of 32
 times 4-bit weights, summed in integers as llama.cpp does) where the CPU has AVX2 and a compiler
-is at hand, else torch's; 8-bit layers always take torch's weight-only int8 kernel."""
+is at hand, else torch's; 8-bit layers likewise take our kernel (float activations times int8
+weights) there, torch's weight-only int8 kernel elsewhere."""
 
 import functools
 import logging
@@ -130,6 +131,7 @@ def lowbit_kernels() -> bool:
         return False
     torch.library.register_fake("llmserve::q4_mm")(   # the output's shape, for torch.compile
         lambda x, packed, scale, low: x.new_empty(x.shape[0], packed.shape[0]))
+    torch.library.register_fake("llmserve::q8_mm")(lambda x, q, scale: x.new_empty(x.shape[0], q.shape[0]))
     return True
 
 
@@ -184,10 +186,11 @@ KERNEL_DTYPE = torch.bfloat16
 class PackedLinear(torch.nn.Module):
     """A linear layer with its float weight and a packed int8 / int4 copy; forward takes the
     packed kernel when the input has at most max_packed_rows rows, the float one otherwise.
-    own_kernel: 4-bit layers take our AVX2 kernel where it builds (faster, but it rounds the
-    activations to int8 per block of 32: w4's WikiText-2 perplexity +0.7 % against +0.1 % with
-    torch's). 8-bit layers keep torch's kernel: ours rounded w8 0.66 % off bf16 (the aim is 0.5 %),
-    and as w4's LM head it turned the first token of "What is the capital of France?" from "The"
+    own_kernel: our AVX2 kernels where they build (lowbit_avx2.cpp), else torch's. 4-bit layers:
+    faster, but it rounds the activations to int8 per block of 32 (w4's WikiText-2 perplexity +0.7 %
+    against +0.1 % with torch's). 8-bit layers (w8, w4's LM head): float activations times int8
+    weights, no rounding: an int8-activation kernel rounded w8 0.66 % off bf16 (the aim is 0.5 %)
+    and as w4's LM head turned the first token of "What is the capital of France?" from "The"
     (capital ... is Paris) to "L'" (French rambling): the last hidden state's outliers."""
 
     def __init__(self, linear: torch.nn.Linear, bits: int) -> None:
@@ -201,7 +204,8 @@ class PackedLinear(torch.nn.Module):
         self.bits = bits
         self.out_features = linear.out_features
         self.max_packed_rows = ALWAYS_PACKED
-        self.own_kernel = bits == 4 and linear.weight.device.type == "cpu" and lowbit_kernels()
+        self.own_kernel = (linear.weight.device.type == "cpu" and linear.in_features % 32 == 0
+                           and lowbit_kernels())
         with torch.no_grad():
             if bits == 8:
                 packed, scales = quantize_w8(linear.weight)
@@ -220,14 +224,16 @@ class PackedLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])                                                     # [rows, K]
-        # a prefill ([B, T > 1, K]) takes the float weights unless told always to pack: our kernel's
+        # a prefill ([B, T > 1, K]) takes the float weights unless told always to pack: our 4-bit kernel's
         # int8 activations can flip a near-tied first token ("What is the capital of France?": "The"
         # ... Paris, or "L'" ... French rambling), which every later token follows
         prefill = self.own_kernel and x.dim() == 3 and x.shape[1] > 1 and self.max_packed_rows < ALWAYS_PACKED
         if x2.shape[0] > self.max_packed_rows or prefill:
             return F.linear(x.to(self.weight.dtype), self.weight, self.bias).to(x.dtype)
-        if self.own_kernel:
+        if self.own_kernel and self.bits == 4:
             y = torch.ops.llmserve.q4_mm(x2.float(), self.packed, self.scales[0], self.scales[1])
+        elif self.own_kernel:
+            y = torch.ops.llmserve.q8_mm(x2.float(), self.packed, self.scales)
         elif self.bits == 8:
             y = torch._weight_int8pack_mm(x2.to(KERNEL_DTYPE), self.packed, self.scales)
         else:

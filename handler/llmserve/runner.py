@@ -91,7 +91,7 @@ class ModelRunner:
         for layer in self.decoder.layers:
             qkv, o = layer.self_attn.qkv_proj, layer.self_attn.o_proj
             gate_up, down = layer.mlp.gate_up_proj, layer.mlp.down_proj
-            if not all(getattr(m, "own_kernel", False) and m.bias is None for m in (qkv, o, gate_up, down)):
+            if not all(getattr(m, "own_kernel", False) and m.bits == 4 and m.bias is None for m in (qkv, o, gate_up, down)):
                 return None
             weights += [layer.input_layernorm.weight, qkv.packed, qkv.scales, qkv.weight, o.packed, o.scales, o.weight,
                         layer.post_attention_layernorm.weight, gate_up.packed, gate_up.scales, gate_up.weight,
