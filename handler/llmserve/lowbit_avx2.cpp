@@ -263,6 +263,40 @@ void rms_norm_rows(const float* x, const float* w, float* y, int64_t R, int64_t 
   }
 }
 
+// exp(x) of 8 floats x <= 0 (softmax's, after subtracting the largest): 2^n e^r with n = round(x
+// log2 e) and |r| <= ln 2 / 2, e^r by Cephes' degree-7 polynomial (float rounding, as std::exp);
+// below -87 it gives 2^-126-ish where std::exp underflows: nothing a sum of at least 1 notices
+inline __m256 exp_ps(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);       // x - n ln 2, in two parts
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 e = _mm256_set1_ps(1.9875691500e-4f);
+  for (const float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
+    e = _mm256_fmadd_ps(e, r, _mm256_set1_ps(c));
+  e = _mm256_fmadd_ps(e, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  const __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(e, _mm256_castsi256_ps(two_n));
+}
+
+// p[i] = exp(p[i] - max p), i < n; returns their sum
+inline float softmax_numerators(float* p, int64_t n) {
+  float top = -INFINITY;
+  for (int64_t i = 0; i < n; ++i) top = std::max(top, p[i]);
+  const __m256 vtop = _mm256_set1_ps(top);
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 e = exp_ps(_mm256_sub_ps(_mm256_loadu_ps(p + i), vtop));
+    _mm256_storeu_ps(p + i, e);
+    acc = _mm256_add_ps(acc, e);
+  }
+  float sum = horizontal_sum(acc);
+  for (; i < n; ++i) sum += p[i] = std::exp(p[i] - top);
+  return sum;
+}
+
 // the model's rotary embedding (rotate_half) of one head's D values, in place
 void rotate_head(float* x, const float* cos, const float* sin, int64_t D) {
   const int64_t half = D / 2;
@@ -401,25 +435,26 @@ torch::Tensor decode_layers(const torch::Tensor& x, const torch::Tensor& cos, co
         std::copy_n(q + (H + Hkv + kv) * D, D, vl + b * row_stride + kv * head_stride + pos * D);
       }
     }
-    at::parallel_for(0, R * Hkv, 1, [&](int64_t t0, int64_t t1) {   // attention: a task per token and KV head
-      std::vector<float> p(T);
+    // attention: a task per token and KV head, whose G query heads (adjacent in q) read each key
+    // and value once between them
+    at::parallel_for(0, R * Hkv, 1, [&](int64_t t0, int64_t t1) {
+      std::vector<float> p(G * T), inv_sum(G);
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t r = t / Hkv, kv = t % Hkv, b = r / W;
         const int64_t first = START[b], end = LEN[b] + r % W + 1;   // positions [first, end)
         const float* keys = kl + b * row_stride + kv * head_stride;
         const float* values = vl + b * row_stride + kv * head_stride;
-        for (int64_t g = 0; g < G; ++g) {
-          const int64_t head = kv * G + g;
-          const float* q = qkv.data() + r * QKV + head * D;
-          float top = -INFINITY, sum = 0.f;
-          for (int64_t i = first; i < end; ++i) top = std::max(top, p[i] = dot_floats(q, keys + i * D, D) * static_cast<float>(scale));
-          for (int64_t i = first; i < end; ++i) sum += p[i] = std::exp(p[i] - top);
-          float* y = o.data() + r * H * D + head * D;
-          std::fill_n(y, D, 0.f);
-          for (int64_t i = first; i < end; ++i) {
-            const float weight = p[i] / sum;
-            const float* v = values + i * D;
-            for (int64_t d = 0; d < D; ++d) y[d] += weight * v[d];
+        const float* q = qkv.data() + r * QKV + kv * G * D;       // head kv * G + g at q + g * D
+        for (int64_t i = first; i < end; ++i)
+          for (int64_t g = 0; g < G; ++g) p[g * T + i] = dot_floats(q + g * D, keys + i * D, D) * static_cast<float>(scale);
+        for (int64_t g = 0; g < G; ++g) inv_sum[g] = 1.f / softmax_numerators(p.data() + g * T + first, end - first);
+        float* y = o.data() + r * H * D + kv * G * D;
+        std::fill_n(y, G * D, 0.f);
+        for (int64_t i = first; i < end; ++i) {
+          const float* v = values + i * D;
+          for (int64_t g = 0; g < G; ++g) {
+            const float weight = p[g * T + i] * inv_sum[g];
+            for (int64_t d = 0; d < D; ++d) y[g * D + d] += weight * v[d];
           }
         }
       }
