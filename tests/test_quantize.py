@@ -109,6 +109,21 @@ def test_own_8bit_kernel_multiplies_float_activations_exactly(rows):
     assert (layer(x) - expected).abs().max() < 1e-5 * expected.abs().max()
 
 
+def test_mkl_packed_float_weights_give_the_float_product(monkeypatch):
+    """pack_dense: above the packed limit the product runs on the float weights packed once for MKL
+    (the plain ones dropped, their shape kept), prefill-shaped inputs too, to float rounding."""
+    monkeypatch.setattr(quantize, "cpu_has_amx", lambda: False)
+    w = torch.randn(48, 64, generator=torch.Generator().manual_seed(3)) * 0.1
+    layer = PackedLinear(linear_with(w), bits=4, pack_dense=True)
+    if layer.dense_packed is None:
+        pytest.skip("no MKL in this torch, or our kernels did not load: the plain float weights stay")
+    assert layer.weight.shape == w.shape and layer.weight.untyped_storage().nbytes() == 4
+    choose_kernels([layer], max_packed_rows=2, max_rows=8)
+    for x in (torch.randn(5, 64), torch.randn(2, 7, 64)):       # 5 rows; a prefill of 2 x 7
+        expected = F.linear(x, w)
+        assert (layer(x) - expected).abs().max() < 1e-5 * expected.abs().max()
+
+
 @pytest.mark.parametrize("bf16_units", [False, True])
 def test_float_weights_are_bf16_only_where_the_cpu_multiplies_bf16_and_activations_stay_fp32(bf16_units, monkeypatch):
     """On AMX the many-row products take bf16 weights, but the layer takes and returns

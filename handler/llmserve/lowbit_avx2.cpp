@@ -14,6 +14,7 @@
 // benchmarks.profile_step's report times the build a machine takes).
 // llmserve::decode_layers (at the end) runs a whole decode step's layers on this kernel in one call.
 #include <ATen/Parallel.h>
+#include <dlfcn.h>
 #include <immintrin.h>
 #include <torch/extension.h>
 
@@ -233,9 +234,45 @@ Q4Weight q4_weight(const torch::Tensor& packed, const torch::Tensor& scales) {
   return {packed.data_ptr<uint8_t>(), s, s + scales.size(1) * scales.size(2), packed.size(0), packed.size(1) * 2};
 }
 
+// MKL's packed single-precision product, from torch's own library (its x86 builds link MKL in),
+// looked up at run time: elsewhere mkl_pack returns nothing and the float weights stay as they
+// are. torch's matrix product repacks the weight matrix on every call (a fifth of a 64-row step's
+// product time in perf); packed once, it is not. The integers are MKL_INT: passed as 64 bits, which
+// an LP64 MKL reads the low half of.
+struct MklSgemm {
+  using GetSize = size_t (*)(int, int64_t, int64_t, int64_t);
+  using Pack = void (*)(int, int, int, int64_t, int64_t, int64_t, float, const float*, int64_t, float*);
+  using Compute = void (*)(int, int64_t, int64_t, int64_t, int64_t, int64_t, const float*, int64_t, const float*,
+                           int64_t, float, float*, int64_t);
+  GetSize get_size = nullptr;
+  Pack pack = nullptr;
+  Compute compute = nullptr;
+};
+constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112, kPackedMatrix = 151, kBMatrix = 162;   // mkl_cblas.h
+
+const MklSgemm& mkl_sgemm() {
+  static const MklSgemm found = [] {
+    MklSgemm m;
+    if (void* lib = dlopen("libtorch_cpu.so", RTLD_LAZY | RTLD_NOLOAD)) {
+      m.get_size = reinterpret_cast<MklSgemm::GetSize>(dlsym(lib, "cblas_sgemm_pack_get_size"));
+      m.pack = reinterpret_cast<MklSgemm::Pack>(dlsym(lib, "cblas_sgemm_pack"));
+      m.compute = reinterpret_cast<MklSgemm::Compute>(dlsym(lib, "cblas_sgemm_compute"));
+    }
+    return m.get_size && m.pack && m.compute ? m : MklSgemm{};
+  }();
+  return found;
+}
+
+// y [M, N] = x [M, K] @ W^T with W [N, K] packed by mkl_pack
+void mkl_packed_matmul(const float* x, int64_t M, int64_t N, int64_t K, const torch::Tensor& packed, float* y) {
+  mkl_sgemm().compute(kRowMajor, kNoTrans, kPackedMatrix, M, N, K, x, K, reinterpret_cast<const float*>(packed.data_ptr()),
+                      K, 0.f, y, N);
+}
+
 // One of a layer's projections, y [R, N] = x [R, K] @ W^T: our 4-bit kernel up to max_packed_rows
-// rows (bound by reading the weights), else the float weight [N, K] through torch's matrix product
-// (oneDNN/MKL: arithmetic-bound steps of many rows, where a dense product beats unpacking blocks).
+// rows (bound by reading the weights), else the float weight [N, K], MKL-packed (uint8 bytes from
+// mkl_pack) or as it is through torch's matrix product: arithmetic-bound steps of many rows, where a
+// dense product beats unpacking blocks.
 struct Projection {
   Q4Weight packed;
   torch::Tensor dense;
@@ -244,6 +281,10 @@ struct Projection {
 void project(const float* x, int64_t R, const Projection& p, int64_t max_packed_rows, float* y) {
   if (R <= max_packed_rows) {
     q4_matmul(x, R, p.packed, y);
+    return;
+  }
+  if (p.dense.scalar_type() == torch::kByte) {
+    mkl_packed_matmul(x, R, p.packed.n, p.packed.k, p.dense, y);
     return;
   }
   const auto opts = torch::TensorOptions().dtype(torch::kFloat32);
@@ -324,6 +365,30 @@ torch::Tensor q4_mm(const torch::Tensor& x, const torch::Tensor& packed, const t
   auto y = torch::empty({M, N}, torch::kFloat32);
   q4_matmul(xc.data_ptr<float>(), M, {pc.data_ptr<uint8_t>(), sc.data_ptr<float>(), lc.data_ptr<float>(), N, K},
             y.data_ptr<float>());
+  return y;
+}
+
+// llmserve::mkl_pack: w [N, K] float32 packed for MKL's products with it (uint8 bytes), or an empty
+// tensor where torch's library has no MKL
+torch::Tensor mkl_pack(const torch::Tensor& w) {
+  TORCH_CHECK(w.scalar_type() == torch::kFloat32 && w.dim() == 2 && w.device().is_cpu(), "w must be [N, K] float32");
+  const auto& mkl = mkl_sgemm();
+  if (!mkl.pack) return torch::empty({0}, torch::kUInt8);
+  const auto wc = w.contiguous();
+  const int64_t N = w.size(0), K = w.size(1);
+  auto packed = torch::empty({static_cast<int64_t>(mkl.get_size(kBMatrix, 64, N, K))}, torch::kUInt8);
+  mkl.pack(kRowMajor, kBMatrix, kTrans, 64, N, K, 1.f, wc.data_ptr<float>(), K, reinterpret_cast<float*>(packed.data_ptr()));
+  return packed;
+}
+
+// llmserve::mkl_mm: y [M, N] = x [M, K] @ W^T, W packed by mkl_pack
+torch::Tensor mkl_mm(const torch::Tensor& x, const torch::Tensor& packed, int64_t N) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.dim() == 2 && packed.scalar_type() == torch::kByte &&
+              mkl_sgemm().compute && packed.numel() == static_cast<int64_t>(mkl_sgemm().get_size(kBMatrix, 64, N, x.size(1))),
+              "x [M, K] float32 and a weight [N, K] from mkl_pack");
+  const auto xc = x.contiguous();
+  auto y = torch::empty({x.size(0), N}, torch::kFloat32);
+  mkl_packed_matmul(xc.data_ptr<float>(), x.size(0), N, x.size(1), packed, y.data_ptr<float>());
   return y;
 }
 
@@ -413,8 +478,9 @@ torch::Tensor decode_layers(const torch::Tensor& x, const torch::Tensor& cos, co
     const Projection wqkv{q4_weight(w[1], w[2]), w[3]}, wo{q4_weight(w[4], w[5]), w[6]};
     const Projection wgu{q4_weight(w[8], w[9]), w[10]}, wdown{q4_weight(w[11], w[12]), w[13]};
     for (const Projection* p : {&wqkv, &wo, &wgu, &wdown})
-      TORCH_CHECK(p->dense.dim() == 2 && p->dense.is_contiguous() && p->dense.size(0) == p->packed.n &&
-                  p->dense.size(1) == p->packed.k, "layer ", layer, ": a float weight's shape");
+      TORCH_CHECK(p->dense.scalar_type() == torch::kByte ? p->dense.numel() > 0 && mkl_sgemm().compute
+                      : p->dense.dim() == 2 && p->dense.is_contiguous() && p->dense.size(0) == p->packed.n &&
+                        p->dense.size(1) == p->packed.k, "layer ", layer, ": a float weight's shape");
     TORCH_CHECK(wqkv.packed.k == C && wqkv.packed.n == QKV && wo.packed.k == H * D && wo.packed.n == C &&
                 wgu.packed.k == C && wdown.packed.n == C && wgu.packed.n == 2 * wdown.packed.k && w[0].numel() == C &&
                 w[7].numel() == C, "layer ", layer, ": weight shapes");
@@ -477,6 +543,8 @@ torch::Tensor decode_layers(const torch::Tensor& x, const torch::Tensor& cos, co
 TORCH_LIBRARY(llmserve, m) {
   m.def("q4_mm(Tensor x, Tensor packed, Tensor scale, Tensor low) -> Tensor");
   m.def("q8_mm(Tensor x, Tensor q, Tensor scale) -> Tensor");
+  m.def("mkl_pack(Tensor w) -> Tensor");
+  m.def("mkl_mm(Tensor x, Tensor packed, int N) -> Tensor");
   m.def("decode_layers(Tensor x, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor starts, "
         "Tensor lengths, int W, int num_heads, float eps, float scale, int max_packed_rows, Tensor[] weights) -> Tensor");
 }
@@ -484,5 +552,7 @@ TORCH_LIBRARY(llmserve, m) {
 TORCH_LIBRARY_IMPL(llmserve, CPU, m) {
   m.impl("q4_mm", &q4_mm);
   m.impl("q8_mm", &q8_mm);
+  m.impl("mkl_pack", &mkl_pack);
+  m.impl("mkl_mm", &mkl_mm);
   m.impl("decode_layers", &decode_layers);
 }

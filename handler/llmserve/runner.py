@@ -93,9 +93,10 @@ class ModelRunner:
             gate_up, down = layer.mlp.gate_up_proj, layer.mlp.down_proj
             if not all(getattr(m, "own_kernel", False) and m.bits == 4 and m.bias is None for m in (qkv, o, gate_up, down)):
                 return None
-            weights += [layer.input_layernorm.weight, qkv.packed, qkv.scales, qkv.weight, o.packed, o.scales, o.weight,
-                        layer.post_attention_layernorm.weight, gate_up.packed, gate_up.scales, gate_up.weight,
-                        down.packed, down.scales, down.weight]
+            dense = [m.weight if m.dense_packed is None else m.dense_packed for m in (qkv, o, gate_up, down)]
+            weights += [layer.input_layernorm.weight, qkv.packed, qkv.scales, dense[0], o.packed, o.scales, dense[1],
+                        layer.post_attention_layernorm.weight, gate_up.packed, gate_up.scales, dense[2],
+                        down.packed, down.scales, dense[3]]
         return weights
 
     @staticmethod
