@@ -239,7 +239,9 @@ class PackedLinear(torch.nn.Module):
         # a prefill ([B, T > 1, K]) takes the float weights unless told always to pack: our 4-bit kernel's
         # int8 activations can flip a near-tied first token ("What is the capital of France?": "The"
         # ... Paris, or "L'" ... French rambling), which every later token follows
-        prefill = self.own_kernel and x.dim() == 3 and x.shape[1] > 1 and self.max_packed_rows < ALWAYS_PACKED
+        # (our 8-bit kernel rounds no activations: a verify step's LM head, [B, W > 1, K], stays on it)
+        prefill = self.own_kernel and self.bits == 4 and x.dim() == 3 and x.shape[1] > 1 \
+            and self.max_packed_rows < ALWAYS_PACKED
         if x2.shape[0] > self.max_packed_rows or prefill:
             if self.dense_packed is not None:
                 y = torch.ops.llmserve.mkl_mm(x2.float(), self.dense_packed, self.out_features)
