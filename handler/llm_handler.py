@@ -38,7 +38,7 @@ GAUGE_INTERVAL_S = 1.0                          # the engine's gauges are report
 # frontend, paid once per call, not once per step (a one-sequence step takes ~8 ms on a 2-core Xeon)
 CALL_S = 0.025
 # ... or this long while no request in flight streams: a plain answer goes out whole, so only a
-# newcomer's wait to join (and each call's round trip, ~4 ms: 14 % of 25 ms calls) depends on it
+# newcomer's wait to join (and how often the round trip is paid) depends on it
 PLAIN_CALL_S = 0.1
 PHRASES = {400: "Bad Request", 404: "Not Found", 429: "Too Many Requests", 500: "Internal Server Error",
            503: "Service Unavailable"}

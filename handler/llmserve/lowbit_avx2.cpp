@@ -20,6 +20,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 // Built with -mavx512vnni etc. where the CPU has them (llmserve.quantize): two blocks an instruction
@@ -156,6 +157,26 @@ struct Q4Weight {
   int64_t n, k;
 };
 
+// The tiling both kernels share: a thread's output columns go kColTile at a time, each tile's
+// weights (L1-sized) used by every tile of up to kRowTile rows; tile(rows, m0, c0, c1) gets the row
+// count as a compile-time constant (std::integral_constant), so that its accumulators stay in registers
+template <typename Tile>
+void for_each_tile(int64_t M, int64_t N, const Tile& tile) {
+  at::parallel_for(0, N, 8, [&](int64_t n0, int64_t n1) {
+    for (int64_t c0 = n0; c0 < n1; c0 += kColTile) {
+      const int64_t c1 = std::min(c0 + kColTile, n1);
+      for (int64_t m0 = 0; m0 < M; m0 += kRowTile) {
+        switch (std::min(kRowTile, M - m0)) {
+          case 1: tile(std::integral_constant<int, 1>{}, m0, c0, c1); break;
+          case 2: tile(std::integral_constant<int, 2>{}, m0, c0, c1); break;
+          case 3: tile(std::integral_constant<int, 3>{}, m0, c0, c1); break;
+          default: tile(std::integral_constant<int, 4>{}, m0, c0, c1);
+        }
+      }
+    }
+  });
+}
+
 // y [M, N] = x [M, K] @ W^T, x and y contiguous
 void q4_matmul(const float* x, int64_t M, const Q4Weight& wt, float* Y) {
   const int64_t K = wt.k, N = wt.n, blocks = K / kBlock;
@@ -169,22 +190,10 @@ void q4_matmul(const float* x, int64_t M, const Q4Weight& wt, float* Y) {
   const float* XS8 = xscale8.data();
   const float* XSUM = xsum.data();
   quantize_rows(x, M, K, xq.data(), xscale.data(), LLMSERVE_AVX512 ? xscale8.data() : nullptr, xsum.data());
-  // a thread's columns go kColTile at a time, each tile's weights (L1-sized) used by every row tile
-  at::parallel_for(0, N, 8, [&](int64_t n0, int64_t n1) {
-    for (int64_t c0 = n0; c0 < n1; c0 += kColTile) {
-      const int64_t c1 = std::min(c0 + kColTile, n1);
-      for (int64_t m0 = 0; m0 < M; m0 += kRowTile) {
-        const int64_t rows = std::min(kRowTile, M - m0);
-        const int64_t r0 = m0 * blocks;
-        const float* xs8 = LLMSERVE_AVX512 ? XS8 + r0 * 8 : nullptr;
-        switch (rows) {   // the tile's accumulators stay in registers only with a fixed row count
-          case 1: dot_rows<1>(W, S, L, XQ + r0 * kBlock, XS + r0, xs8, XSUM + r0, Y + m0 * N, c0, c1, N, K); break;
-          case 2: dot_rows<2>(W, S, L, XQ + r0 * kBlock, XS + r0, xs8, XSUM + r0, Y + m0 * N, c0, c1, N, K); break;
-          case 3: dot_rows<3>(W, S, L, XQ + r0 * kBlock, XS + r0, xs8, XSUM + r0, Y + m0 * N, c0, c1, N, K); break;
-          default: dot_rows<4>(W, S, L, XQ + r0 * kBlock, XS + r0, xs8, XSUM + r0, Y + m0 * N, c0, c1, N, K);
-        }
-      }
-    }
+  for_each_tile(M, N, [&](auto rows, int64_t m0, int64_t c0, int64_t c1) {
+    const int64_t r0 = m0 * blocks;
+    dot_rows<decltype(rows)::value>(W, S, L, XQ + r0 * kBlock, XS + r0, LLMSERVE_AVX512 ? XS8 + r0 * 8 : nullptr,
+                                    XSUM + r0, Y + m0 * N, c0, c1, N, K);
   });
 }
 
@@ -236,9 +245,8 @@ Q4Weight q4_weight(const torch::Tensor& packed, const torch::Tensor& scales) {
 
 // MKL's packed single-precision product, from torch's own library (its x86 builds link MKL in),
 // looked up at run time: elsewhere mkl_pack returns nothing and the float weights stay as they
-// are. torch's matrix product repacks the weight matrix on every call (a fifth of a 64-row step's
-// product time in perf); packed once, it is not. The integers are MKL_INT: passed as 64 bits, which
-// an LP64 MKL reads the low half of.
+// are. torch's matrix product repacks the weight matrix on every call; packed once, it is not.
+// The integers are MKL_INT: passed as 64 bits, which an LP64 MKL reads the low half of.
 struct MklSgemm {
   using GetSize = size_t (*)(int, int64_t, int64_t, int64_t);
   using Pack = void (*)(int, int, int, int64_t, int64_t, int64_t, float, const float*, int64_t, float*);
@@ -408,20 +416,8 @@ torch::Tensor q8_mm(const torch::Tensor& x, const torch::Tensor& q, const torch:
   const int8_t* W = qc.data_ptr<int8_t>();
   const float* S = sc.data_ptr<float>();
   float* Y = y.data_ptr<float>();
-  at::parallel_for(0, N, 8, [&](int64_t n0, int64_t n1) {   // as q4_matmul: column tiles, each for every row tile
-    for (int64_t c0 = n0; c0 < n1; c0 += kColTile) {
-      const int64_t c1 = std::min(c0 + kColTile, n1);
-      for (int64_t m0 = 0; m0 < M; m0 += kRowTile) {
-        const float* xt = X + m0 * K;
-        float* yt = Y + m0 * N;
-        switch (std::min(kRowTile, M - m0)) {
-          case 1: dot_rows_q8<1>(W, S, xt, yt, c0, c1, N, K); break;
-          case 2: dot_rows_q8<2>(W, S, xt, yt, c0, c1, N, K); break;
-          case 3: dot_rows_q8<3>(W, S, xt, yt, c0, c1, N, K); break;
-          default: dot_rows_q8<4>(W, S, xt, yt, c0, c1, N, K);
-        }
-      }
-    }
+  for_each_tile(M, N, [&](auto rows, int64_t m0, int64_t c0, int64_t c1) {
+    dot_rows_q8<decltype(rows)::value>(W, S, X + m0 * K, Y + m0 * N, c0, c1, N, K);
   });
   return y;
 }

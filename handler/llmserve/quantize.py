@@ -223,8 +223,8 @@ class PackedLinear(torch.nn.Module):
         self.register_buffer("packed", packed)
         self.register_buffer("scales", scales.float().contiguous() if self.own_kernel else scales.to(KERNEL_DTYPE))
         # pack_dense: fp32 float weights packed once for MKL (torch's product repacks them every call),
-        # in place of the plain ones. MKL asks for ~5x their bytes (11.6 MB for the 2.2 MB q|k|v), of
-        # which it touches part: the default model's w4 engine took 1,989 MB resident, 1,644 unpacked
+        # in place of the plain ones. MKL's buffers are several times the weights' bytes, of which it
+        # touches part: more memory resident, and more still counted in weight_bytes
         self.register_buffer("dense_packed", None)
         if pack_dense and self.own_kernel and self.weight.dtype == torch.float32 and self.bias is None:
             dense_packed = torch.ops.llmserve.mkl_pack(self.weight.detach())
@@ -277,20 +277,17 @@ def pack_linears(model, mode: str) -> list[PackedLinear]:
             packed.append(getattr(parent, name))
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
-        if attn.qkv_proj is not None:
-            pack(attn, "qkv_proj", bits)
-            attn.q_proj = attn.k_proj = attn.v_proj = None
-        else:
-            for name in ("q_proj", "k_proj", "v_proj"):
-                pack(attn, name, bits)
+        for name in ("qkv_proj",) if attn.qkv_proj is not None else ("q_proj", "k_proj", "v_proj"):
+            pack(attn, name, bits)
         pack(attn, "o_proj", bits)
-        if mlp.gate_up_proj is not None:
-            pack(mlp, "gate_up_proj", bits)
-            mlp.gate_proj = mlp.up_proj = None
-        else:
-            for name in ("gate_proj", "up_proj"):
-                pack(mlp, name, bits)
+        for name in ("gate_up_proj",) if mlp.gate_up_proj is not None else ("gate_proj", "up_proj"):
+            pack(mlp, name, bits)
         pack(mlp, "down_proj", bits)
+        # the fused projections run; their parts (views of the fused weights) would keep the plain weights
+        if attn.qkv_proj is not None:
+            attn.q_proj = attn.k_proj = attn.v_proj = None
+        if mlp.gate_up_proj is not None:
+            mlp.gate_proj = mlp.up_proj = None
     pack(model, "lm_head", 8, pack_dense=False)
     return packed
 
