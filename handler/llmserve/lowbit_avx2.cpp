@@ -9,7 +9,7 @@
 //          the block in its low nibble and weight j + 16 in its high nibble (values 0..15)
 //   scale, low  [N, K/32] float32: weight = q * scale + low
 // Built at start-up by llmserve.quantize (torch.utils.cpp_extension); see there for the fallback.
-// The build for the CPU at hand: with AVX-512 VNNI two blocks go through one 512-bit instruction
+// The build for the CPU at hand: with AVX-512 VNNI four blocks go through two 512-bit instructions
 // (vpdpbusd), with AVX-VNNI one 256-bit instruction replaces vpmaddubsw + vpmaddwd (kernel_ms in
 // benchmarks.profile_step's report times the build a machine takes).
 // llmserve::decode_layers (at the end) runs a whole decode step's layers on this kernel in one call.
@@ -48,11 +48,33 @@ inline float horizontal_sum(__m256 v) {
 }
 
 // Per block of 32: int8 values, their scale (max |x| / 127) and the block's float sum.
-// xscale8 (AVX-512 builds): each scale 8 times, as the 512-bit loop multiplies two blocks' lanes.
-void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* xq, float* xscale, float* xscale8, float* xsum) {
-  const int64_t blocks = K / kBlock;
+// xscale4 (AVX-512 builds): each scale 4 times, and each row's blocks in groups of 4 laid out as the
+// 512-bit loop reads them: the 4 blocks' first halves (values 0-15 of each), then their second halves
+// (16-31), matching the low and high nibbles of the 4 blocks' 64 weight bytes; xsum4: each sum / 4,
+// 4 times. A row's last blocks % 4 blocks stay in order.
+void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* xq, float* xscale, float* xscale4, float* xsum4,
+                   float* xsum) {
+  const int64_t blocks = K / kBlock, grouped = xscale4 ? blocks / 4 * 4 : 0;
   for (int64_t r = 0; r < M * blocks; ++r) {
     const float* src = x + r * kBlock;
+    const int64_t b = r % blocks;
+    int8_t* dst = xq + r * kBlock;      // where the block is, in order
+    int64_t half = 16;                  // where its values 16-31 go, from dst
+    if (b < grouped) {                  // within a group of 4: block j's halves at 16 j and 64 + 16 j
+      dst = xq + (r - b % 4) * kBlock + (b % 4) * 16;
+      half = 64;
+    }
+#if LLMSERVE_AVX512
+    const __m512 first = _mm512_loadu_ps(src), second = _mm512_loadu_ps(src + 16);
+    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(first), _mm512_abs_ps(second)));
+    const float sum = _mm512_reduce_add_ps(_mm512_add_ps(first, second));
+    const float d = amax / 127.f;
+    const __m512 inv = _mm512_set1_ps(d > 0.f ? 1.f / d : 0.f);
+    // rounded to nearest even (the default mode), as std::nearbyint
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(first, inv))));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + half),
+                     _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(second, inv))));
+#else
     float amax = 0.f, sum = 0.f;
     for (int64_t i = 0; i < kBlock; ++i) {
       amax = std::max(amax, std::fabs(src[i]));
@@ -60,9 +82,12 @@ void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* xq, float* xsca
     }
     const float d = amax / 127.f;
     const float inv = d > 0.f ? 1.f / d : 0.f;
-    for (int64_t i = 0; i < kBlock; ++i) xq[r * kBlock + i] = static_cast<int8_t>(std::nearbyint(src[i] * inv));
+    for (int64_t i = 0; i < kBlock; ++i)
+      dst[i < 16 ? i : half + i - 16] = static_cast<int8_t>(std::nearbyint(src[i] * inv));
+#endif
     xscale[r] = d;
-    if (xscale8) std::fill(xscale8 + r * 8, xscale8 + r * 8 + 8, d);
+    if (xscale4) std::fill(xscale4 + r * 4, xscale4 + r * 4 + 4, d);
+    if (xsum4) std::fill(xsum4 + r * 4, xsum4 + r * 4 + 4, sum / 4);
     xsum[r] = sum;
   }
 }
@@ -91,42 +116,66 @@ inline __m256i dot_q4_q8(__m256i q, __m256i x) {
 }
 
 // Output columns [n0, n1) for ROWS activation rows: each weight block is unpacked once and used
-// by every row; the block's weight scale is broadcast once for all of them, and each row's
-// minimum term (sum over blocks of low x the block's activation sum) is one vector dot at the end.
-// xq, xs, xsum and y point at the tile's first row.
+// by every row; the block's weight scale is broadcast once for all of them, and so is its minimum
+// ("low"), whose term is low x the block's activation sum. xq, xs, xs4, xsum4 and y point at the
+// tile's first row. (A row's end costs as much as a few blocks: K = 576 has only 18.)
 template <int ROWS>
 void dot_rows(const uint8_t* W, const float* S, const float* L, const int8_t* xq, const float* xs,
-              const float* xs8, const float* xsum, float* y, int64_t n0, int64_t n1, int64_t N, int64_t K) {
+              const float* xs4, const float* xsum4, const float* xsum, float* y, int64_t n0, int64_t n1,
+              int64_t N, int64_t K) {
   const int64_t blocks = K / kBlock;
   const __m256i nibbles = _mm256_set1_epi8(0x0F);
   const __m128i nibble = _mm256_castsi256_si128(nibbles);
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* wrow = W + n * (K / 2);
     const float* srow = S + n * blocks;
+    const float* lrow = L + n * blocks;
     __m256 acc[ROWS];
-    for (int i = 0; i < ROWS; ++i) acc[i] = _mm256_setzero_ps();
+    float lows[ROWS];      // the low terms of the blocks the vector loops do not take
+    for (int i = 0; i < ROWS; ++i) acc[i] = _mm256_setzero_ps(), lows[i] = 0.f;
     int64_t b = 0;
 #if LLMSERVE_AVX512
-    // two blocks an instruction: weights [lo nibbles b | high b | lo b+1 | high b+1] against the
-    // row's 64 int8 values; lanes 0-7 belong to block b, 8-15 to b+1, and so do the scales
-    const __m512i pick = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    // four blocks (64 bytes of weights) at a time: their low nibbles against the 4 blocks' values 0-15,
+    // the high ones against 16-31 (quantize_rows lays them out so), summed into 16 lanes, 4 a block;
+    // each lane also takes a quarter of its block's low term (xsum4: the block's sum / 4)
+    const __m512i nibbles4 = _mm512_set1_epi8(0x0F);
+    const __m512i pick = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
     __m512 acc2[ROWS];
     for (int i = 0; i < ROWS; ++i) acc2[i] = _mm512_setzero_ps();
-    for (; b + 2 <= blocks; b += 2) {
-      if ((b & 3) == 0) _mm_prefetch(reinterpret_cast<const char*>(wrow + b * 16) + kPrefetchBytes, _MM_HINT_T0);
+    for (; b + 4 <= blocks; b += 4) {
+      _mm_prefetch(reinterpret_cast<const char*>(wrow + b * 16) + kPrefetchBytes, _MM_HINT_T0);
+      const __m512i raw = _mm512_loadu_si512(wrow + b * 16);
+      const __m512i lo = _mm512_and_si512(raw, nibbles4);
+      const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), nibbles4);
+      const __m512 wscale = _mm512_permutexvar_ps(pick, _mm512_castps128_ps512(_mm_loadu_ps(srow + b)));
+      const __m512 wlow = _mm512_permutexvar_ps(pick, _mm512_castps128_ps512(_mm_loadu_ps(lrow + b)));
+      for (int i = 0; i < ROWS; ++i) {
+        const int64_t r = i * blocks + b;
+        const int8_t* xg = xq + r * kBlock;
+        const __m512i s = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xg)),
+                                              hi, _mm512_loadu_si512(xg + 64));
+        acc2[i] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(s), _mm512_loadu_ps(xs4 + r * 4)), wscale, acc2[i]);
+        acc2[i] = _mm512_fmadd_ps(wlow, _mm512_loadu_ps(xsum4 + r * 4), acc2[i]);
+      }
+    }
+    // two blocks left (K = 576): in order, weights [lo nibbles b | high b | lo b+1 | high b+1]
+    if (b + 2 <= blocks) {
+      const __m512i pick2 = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
       const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wrow + b * 16));
       const __m512i lo_hi = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(raw, nibbles)),
                                                _mm256_and_si256(_mm256_srli_epi16(raw, 4), nibbles), 1);
       const __m512i q = _mm512_shuffle_i64x2(lo_hi, lo_hi, _MM_SHUFFLE(3, 1, 2, 0));
       const __m512 wscale = _mm512_permutexvar_ps(
-          pick, _mm512_castps128_ps512(_mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(srow + b)))));
+          pick2, _mm512_castps128_ps512(_mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(srow + b)))));
       for (int i = 0; i < ROWS; ++i) {
         const int64_t r = i * blocks + b;
-        const __m512i xv = _mm512_loadu_si512(xq + r * kBlock);
-        const __m512 d = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), q, xv)),
-                                       _mm512_loadu_ps(xs8 + r * 8));
-        acc2[i] = _mm512_fmadd_ps(d, wscale, acc2[i]);
+        const __m512 xscale = _mm512_permutexvar_ps(
+            pick2, _mm512_castps128_ps512(_mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(xs + r)))));
+        const __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q, _mm512_loadu_si512(xq + r * kBlock));
+        acc2[i] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(s), xscale), wscale, acc2[i]);
+        lows[i] += lrow[b] * xsum[r] + lrow[b + 1] * xsum[r + 1];
       }
+      b += 2;
     }
     for (int i = 0; i < ROWS; ++i)
       acc[i] = _mm256_add_ps(_mm512_castps512_ps256(acc2[i]),
@@ -142,10 +191,10 @@ void dot_rows(const uint8_t* W, const float* S, const float* L, const int8_t* xq
         const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + r * kBlock));
         const __m256 d = _mm256_mul_ps(_mm256_cvtepi32_ps(dot_q4_q8(q, xv)), _mm256_broadcast_ss(xs + r));
         acc[i] = _mm256_fmadd_ps(d, wscale, acc[i]);
+        lows[i] += lrow[b] * xsum[r];
       }
     }
-    for (int i = 0; i < ROWS; ++i)
-      y[i * N + n] = horizontal_sum(acc[i]) + dot_floats(L + n * blocks, xsum + i * blocks, blocks);
+    for (int i = 0; i < ROWS; ++i) y[i * N + n] = horizontal_sum(acc[i]) + lows[i];
   }
 }
 
@@ -184,16 +233,19 @@ void q4_matmul(const float* x, int64_t M, const Q4Weight& wt, float* Y) {
   const float* S = wt.s;
   const float* L = wt.l;
   std::vector<int8_t> xq(M * K);
-  std::vector<float> xscale(M * blocks), xsum(M * blocks), xscale8(LLMSERVE_AVX512 ? M * blocks * 8 : 0);
+  std::vector<float> xscale(M * blocks), xsum(M * blocks);
+  std::vector<float> xscale4(LLMSERVE_AVX512 ? M * blocks * 4 : 0), xsum4(LLMSERVE_AVX512 ? M * blocks * 4 : 0);
   const int8_t* XQ = xq.data();
   const float* XS = xscale.data();
-  const float* XS8 = xscale8.data();
+  const float* XS4 = xscale4.data();
+  const float* XSUM4 = xsum4.data();
   const float* XSUM = xsum.data();
-  quantize_rows(x, M, K, xq.data(), xscale.data(), LLMSERVE_AVX512 ? xscale8.data() : nullptr, xsum.data());
+  quantize_rows(x, M, K, xq.data(), xscale.data(), LLMSERVE_AVX512 ? xscale4.data() : nullptr,
+                LLMSERVE_AVX512 ? xsum4.data() : nullptr, xsum.data());
   for_each_tile(M, N, [&](auto rows, int64_t m0, int64_t c0, int64_t c1) {
     const int64_t r0 = m0 * blocks;
-    dot_rows<decltype(rows)::value>(W, S, L, XQ + r0 * kBlock, XS + r0, LLMSERVE_AVX512 ? XS8 + r0 * 8 : nullptr,
-                                    XSUM + r0, Y + m0 * N, c0, c1, N, K);
+    dot_rows<decltype(rows)::value>(W, S, L, XQ + r0 * kBlock, XS + r0, LLMSERVE_AVX512 ? XS4 + r0 * 4 : nullptr,
+                                    LLMSERVE_AVX512 ? XSUM4 + r0 * 4 : nullptr, XSUM + r0, Y + m0 * N, c0, c1, N, K);
   });
 }
 
