@@ -7,7 +7,8 @@
 //   x      [M, K] float32, K a multiple of 32
 //   packed [N, K/2] uint8: block b of row n is bytes [16 b, 16 b + 16); byte j holds weight j of
 //          the block in its low nibble and weight j + 16 in its high nibble (values 0..15)
-//   scale, low  [N, K/32] float32: weight = q * scale + low
+//   scale, low  [N, K/32] float16: weight = q * scale + low (half the bytes of float32: a one-row
+//          step reads every weight, and these were a third of what it read)
 // Built at start-up by llmserve.quantize (torch.utils.cpp_extension); see there for the fallback.
 // The build for the CPU at hand: with AVX-512 VNNI four blocks go through two 512-bit instructions
 // (vpdpbusd), with AVX-VNNI one 256-bit instruction replaces vpmaddubsw + vpmaddwd (kernel_ms in
@@ -20,6 +21,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -45,6 +47,14 @@ inline float horizontal_sum(__m256 v) {
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
+}
+
+// 4 (2) float16 values from p, as floats in lanes 0-3 (0-1)
+inline __m128 halves4(const uint16_t* p) { return _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))); }
+inline __m128 halves2(const uint16_t* p) {
+  int32_t two;
+  std::memcpy(&two, p, sizeof two);
+  return _mm_cvtph_ps(_mm_cvtsi32_si128(two));
 }
 
 // Per block of 32: int8 values, their scale (max |x| / 127) and the block's float sum.
@@ -120,7 +130,7 @@ inline __m256i dot_q4_q8(__m256i q, __m256i x) {
 // ("low"), whose term is low x the block's activation sum. xq, xs, xs4, xsum4 and y point at the
 // tile's first row. (A row's end costs as much as a few blocks: K = 576 has only 18.)
 template <int ROWS>
-void dot_rows(const uint8_t* W, const float* S, const float* L, const int8_t* xq, const float* xs,
+void dot_rows(const uint8_t* W, const uint16_t* S, const uint16_t* L, const int8_t* xq, const float* xs,
               const float* xs4, const float* xsum4, const float* xsum, float* y, int64_t n0, int64_t n1,
               int64_t N, int64_t K) {
   const int64_t blocks = K / kBlock;
@@ -128,8 +138,8 @@ void dot_rows(const uint8_t* W, const float* S, const float* L, const int8_t* xq
   const __m128i nibble = _mm256_castsi256_si128(nibbles);
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* wrow = W + n * (K / 2);
-    const float* srow = S + n * blocks;
-    const float* lrow = L + n * blocks;
+    const uint16_t* srow = S + n * blocks;
+    const uint16_t* lrow = L + n * blocks;
     __m256 acc[ROWS];
     float lows[ROWS];      // the low terms of the blocks the vector loops do not take
     for (int i = 0; i < ROWS; ++i) acc[i] = _mm256_setzero_ps(), lows[i] = 0.f;
@@ -147,8 +157,8 @@ void dot_rows(const uint8_t* W, const float* S, const float* L, const int8_t* xq
       const __m512i raw = _mm512_loadu_si512(wrow + b * 16);
       const __m512i lo = _mm512_and_si512(raw, nibbles4);
       const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), nibbles4);
-      const __m512 wscale = _mm512_permutexvar_ps(pick, _mm512_castps128_ps512(_mm_loadu_ps(srow + b)));
-      const __m512 wlow = _mm512_permutexvar_ps(pick, _mm512_castps128_ps512(_mm_loadu_ps(lrow + b)));
+      const __m512 wscale = _mm512_permutexvar_ps(pick, _mm512_castps128_ps512(halves4(srow + b)));
+      const __m512 wlow = _mm512_permutexvar_ps(pick, _mm512_castps128_ps512(halves4(lrow + b)));
       for (int i = 0; i < ROWS; ++i) {
         const int64_t r = i * blocks + b;
         const int8_t* xg = xq + r * kBlock;
@@ -165,15 +175,14 @@ void dot_rows(const uint8_t* W, const float* S, const float* L, const int8_t* xq
       const __m512i lo_hi = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(raw, nibbles)),
                                                _mm256_and_si256(_mm256_srli_epi16(raw, 4), nibbles), 1);
       const __m512i q = _mm512_shuffle_i64x2(lo_hi, lo_hi, _MM_SHUFFLE(3, 1, 2, 0));
-      const __m512 wscale = _mm512_permutexvar_ps(
-          pick2, _mm512_castps128_ps512(_mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(srow + b)))));
+      const __m512 wscale = _mm512_permutexvar_ps(pick2, _mm512_castps128_ps512(halves2(srow + b)));
       for (int i = 0; i < ROWS; ++i) {
         const int64_t r = i * blocks + b;
         const __m512 xscale = _mm512_permutexvar_ps(
             pick2, _mm512_castps128_ps512(_mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(xs + r)))));
         const __m512i s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q, _mm512_loadu_si512(xq + r * kBlock));
         acc2[i] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(s), xscale), wscale, acc2[i]);
-        lows[i] += lrow[b] * xsum[r] + lrow[b + 1] * xsum[r + 1];
+        lows[i] += _cvtsh_ss(lrow[b]) * xsum[r] + _cvtsh_ss(lrow[b + 1]) * xsum[r + 1];
       }
       b += 2;
     }
@@ -185,24 +194,25 @@ void dot_rows(const uint8_t* W, const float* S, const float* L, const int8_t* xq
       if ((b & 3) == 0) _mm_prefetch(reinterpret_cast<const char*>(wrow + b * 16) + kPrefetchBytes, _MM_HINT_T0);
       const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wrow + b * 16));
       const __m256i q = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(raw, 4), nibble), _mm_and_si128(raw, nibble));
-      const __m256 wscale = _mm256_set1_ps(srow[b]);
+      const __m256 wscale = _mm256_set1_ps(_cvtsh_ss(srow[b]));
+      const float wlow = _cvtsh_ss(lrow[b]);
       for (int i = 0; i < ROWS; ++i) {
         const int64_t r = i * blocks + b;
         const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + r * kBlock));
         const __m256 d = _mm256_mul_ps(_mm256_cvtepi32_ps(dot_q4_q8(q, xv)), _mm256_broadcast_ss(xs + r));
         acc[i] = _mm256_fmadd_ps(d, wscale, acc[i]);
-        lows[i] += lrow[b] * xsum[r];
+        lows[i] += wlow * xsum[r];
       }
     }
     for (int i = 0; i < ROWS; ++i) y[i * N + n] = horizontal_sum(acc[i]) + lows[i];
   }
 }
 
-// 4-bit weights [N, K] as q4_mm takes them: w packed [N, K/2], s and l (scale, low) [N, K/32]
+// 4-bit weights [N, K] as q4_mm takes them: w packed [N, K/2], s and l (scale, low) [N, K/32] float16
 struct Q4Weight {
   const uint8_t* w;
-  const float* s;
-  const float* l;
+  const uint16_t* s;
+  const uint16_t* l;
   int64_t n, k;
 };
 
@@ -230,8 +240,8 @@ void for_each_tile(int64_t M, int64_t N, const Tile& tile) {
 void q4_matmul(const float* x, int64_t M, const Q4Weight& wt, float* Y) {
   const int64_t K = wt.k, N = wt.n, blocks = K / kBlock;
   const uint8_t* W = wt.w;
-  const float* S = wt.s;
-  const float* L = wt.l;
+  const uint16_t* S = wt.s;
+  const uint16_t* L = wt.l;
   std::vector<int8_t> xq(M * K);
   std::vector<float> xscale(M * blocks), xsum(M * blocks);
   std::vector<float> xscale4(LLMSERVE_AVX512 ? M * blocks * 4 : 0), xsum4(LLMSERVE_AVX512 ? M * blocks * 4 : 0);
@@ -286,12 +296,14 @@ void dot_rows_q8(const int8_t* W, const float* S, const float* x, float* y, int6
   }
 }
 
-// A PackedLinear's packed [N, K/2] uint8 and scales [2, N, K/32] float32 (scale, then low)
+const uint16_t* halves(const torch::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<at::Half>()); }
+
+// A PackedLinear's packed [N, K/2] uint8 and scales [2, N, K/32] float16 (scale, then low)
 Q4Weight q4_weight(const torch::Tensor& packed, const torch::Tensor& scales) {
-  TORCH_CHECK(packed.scalar_type() == torch::kUInt8 && packed.is_contiguous() && scales.scalar_type() == torch::kFloat32 &&
+  TORCH_CHECK(packed.scalar_type() == torch::kUInt8 && packed.is_contiguous() && scales.scalar_type() == torch::kHalf &&
               scales.is_contiguous() && scales.dim() == 3 && scales.size(0) == 2 && scales.size(1) == packed.size(0) &&
-              scales.size(2) * kBlock == packed.size(1) * 2, "a projection must be packed [N, K/2] uint8 and scales [2, N, K/32] float32");
-  const float* s = scales.data_ptr<float>();
+              scales.size(2) * kBlock == packed.size(1) * 2, "a projection must be packed [N, K/2] uint8 and scales [2, N, K/32] float16");
+  const uint16_t* s = halves(scales);
   return {packed.data_ptr<uint8_t>(), s, s + scales.size(1) * scales.size(2), packed.size(0), packed.size(1) * 2};
 }
 
@@ -413,8 +425,8 @@ void rotate_head(float* x, const float* cos, const float* sin, int64_t D) {
 torch::Tensor q4_mm(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scale,
                     const torch::Tensor& low) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32 && x.dim() == 2, "x must be [M, K] float32 on the CPU");
-  TORCH_CHECK(packed.scalar_type() == torch::kUInt8 && scale.scalar_type() == torch::kFloat32 &&
-              low.scalar_type() == torch::kFloat32, "packed must be uint8, scale and low float32");
+  TORCH_CHECK(packed.scalar_type() == torch::kUInt8 && scale.scalar_type() == torch::kHalf &&
+              low.scalar_type() == torch::kHalf, "packed must be uint8, scale and low float16");
   const int64_t M = x.size(0), K = x.size(1), N = packed.size(0), blocks = K / kBlock;
   TORCH_CHECK(K % kBlock == 0 && packed.size(1) == K / 2 && scale.size(0) == N && scale.size(1) == blocks &&
               low.sizes() == scale.sizes(), "shapes: x [M, K], packed [N, K/2], scale and low [N, K/32]");
@@ -423,7 +435,7 @@ torch::Tensor q4_mm(const torch::Tensor& x, const torch::Tensor& packed, const t
   const auto sc = scale.contiguous();
   const auto lc = low.contiguous();
   auto y = torch::empty({M, N}, torch::kFloat32);
-  q4_matmul(xc.data_ptr<float>(), M, {pc.data_ptr<uint8_t>(), sc.data_ptr<float>(), lc.data_ptr<float>(), N, K},
+  q4_matmul(xc.data_ptr<float>(), M, {pc.data_ptr<uint8_t>(), halves(sc), halves(lc), N, K},
             y.data_ptr<float>());
   return y;
 }

@@ -107,8 +107,8 @@ def lowbit_kernels() -> bool:
         flags = set(open("/proc/cpuinfo").read().split())
     except OSError:
         flags = set()
-    if not {"avx2", "fma"} <= flags:
-        logger.warning("no AVX2/FMA on this CPU; w4 uses torch's kernels")
+    if not {"avx2", "fma", "f16c"} <= flags:
+        logger.warning("no AVX2/FMA/F16C on this CPU; w4 uses torch's kernels")
         return False
     try:
         from torch.utils.cpp_extension import load
@@ -123,7 +123,7 @@ def lowbit_kernels() -> bool:
         else:
             variant, isa = "", []
         load(name="llmserve_lowbit_avx2" + variant, sources=[str(Path(__file__).with_name("lowbit_avx2.cpp"))],
-             extra_cflags=["-O3", "-mavx2", "-mfma", *isa, "-ffp-contract=off", "-fopenmp"],
+             extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", *isa, "-ffp-contract=off", "-fopenmp"],
              extra_ldflags=["-fopenmp"],
              is_python_module=False, verbose=os.environ.get("LLMSERVE_VERBOSE_BUILD") == "1")
     except Exception as e:     # no compiler, no ninja, a failed build: the slower kernel still works
@@ -212,7 +212,7 @@ class PackedLinear(torch.nn.Module):
                 packed, scales = quantize_w8(linear.weight)
             elif bits == 4:
                 q, scales = quantize_w4(linear.weight)
-                if self.own_kernel:   # weight = q * scale + low, fp32 per block, for llmserve::q4_mm
+                if self.own_kernel:   # weight = q * scale + low, fp16 per block, for llmserve::q4_mm
                     scale, zero = scales.transpose(0, 1).unbind(-1)                          # [N, K/32]
                     packed, scales = pack_q4(q), torch.stack([scale, zero - 8 * scale])     # [2, N, K/32]
                 else:
@@ -221,7 +221,8 @@ class PackedLinear(torch.nn.Module):
                 raise ValueError(f"bits must be 8 or 4, got {bits}")
         # buffers, not plain attributes: torch.compile then treats their shapes as fixed
         self.register_buffer("packed", packed)
-        self.register_buffer("scales", scales.float().contiguous() if self.own_kernel else scales.to(KERNEL_DTYPE))
+        own_dtype = torch.float16 if bits == 4 else torch.float32     # the source's Q4_1 scales are fp16 too
+        self.register_buffer("scales", scales.to(own_dtype if self.own_kernel else KERNEL_DTYPE).contiguous())
         # pack_dense: fp32 float weights packed once for MKL (torch's product repacks them every call),
         # in place of the plain ones. MKL's buffers are several times the weights' bytes, of which it
         # touches part: more memory resident, and more still counted in weight_bytes
