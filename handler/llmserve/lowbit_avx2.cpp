@@ -25,7 +25,7 @@
 #include <type_traits>
 #include <vector>
 
-// Built with -mavx512vnni etc. where the CPU has them (llmserve.quantize): two blocks an instruction
+// Built with -mavx512vnni etc. where the CPU has them (llmserve.quantize): four blocks a step
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__) && defined(__AVX512VL__)
 #define LLMSERVE_AVX512 1
 #else
@@ -58,10 +58,10 @@ inline __m128 halves2(const uint16_t* p) {
 }
 
 // Per block of 32: int8 values, their scale (max |x| / 127) and the block's float sum.
-// xscale4 (AVX-512 builds): each scale 4 times, and each row's blocks in groups of 4 laid out as the
-// 512-bit loop reads them: the 4 blocks' first halves (values 0-15 of each), then their second halves
-// (16-31), matching the low and high nibbles of the 4 blocks' 64 weight bytes; xsum4: each sum / 4,
-// 4 times. A row's last blocks % 4 blocks stay in order.
+// AVX-512 builds: each row's blocks in groups of 4 laid out as the 512-bit loop reads them (the 4
+// blocks' values 0-15, then their 16-31, matching the low and high nibbles of the 4 blocks' 64 weight
+// bytes; a row's last blocks % 4 blocks stay in order), and xscale4 / xsum4: each scale, and each
+// sum / 4, 4 times (expanded once here: permuting xscale and xsum inside the block loop was slower)
 void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* xq, float* xscale, float* xscale4, float* xsum4,
                    float* xsum) {
   const int64_t blocks = K / kBlock, grouped = xscale4 ? blocks / 4 * 4 : 0;

@@ -102,7 +102,7 @@ def from_pretrained_kwargs(mode: str, device: torch.device) -> dict:
 @functools.cache
 def lowbit_kernels() -> bool:
     """Build (once per machine: torch's extension cache, TORCH_EXTENSIONS_DIR) and load
-    llmserve::q4_mm; False, with a warning, where the CPU lacks AVX2/FMA or the build fails."""
+    llmserve::q4_mm; False, with a warning, where the CPU lacks AVX2/FMA/F16C or the build fails."""
     try:
         flags = set(open("/proc/cpuinfo").read().split())
     except OSError:
@@ -114,7 +114,7 @@ def lowbit_kernels() -> bool:
         from torch.utils.cpp_extension import load
 
         # one build per instruction set (its own name: a cache shared between machines never hands
-        # a build to a CPU without its instructions): AVX-512 VNNI takes two blocks an instruction,
+        # a build to a CPU without its instructions): AVX-512 VNNI takes four blocks a step,
         # AVX-VNNI one instruction for the integer products instead of two
         if {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= flags:
             variant, isa = "_avx512", ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"]
