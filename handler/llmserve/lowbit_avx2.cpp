@@ -410,6 +410,17 @@ inline float softmax_numerators(float* p, int64_t n) {
   return sum;
 }
 
+// out[i] = silu(gate[i]) * up[i], i < n (SwiGLU); -gate above 88 would overflow exp_ps, where silu is 0
+inline void silu_mul(const float* gate, const float* up, float* out, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 g = _mm256_loadu_ps(gate + i);
+    const __m256 e = exp_ps(_mm256_min_ps(_mm256_sub_ps(_mm256_setzero_ps(), g), _mm256_set1_ps(88.f)));
+    _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.f), e)), _mm256_loadu_ps(up + i)));
+  }
+  for (; i < n; ++i) out[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
+}
+
 // the model's rotary embedding (rotate_half) of one head's D values, in place
 void rotate_head(float* x, const float* cos, const float* sin, int64_t D) {
   const int64_t half = D / 2;
@@ -589,11 +600,9 @@ torch::Tensor decode_layers(const torch::Tensor& x, const torch::Tensor& cos, co
     for (int64_t i = 0; i < R * C; ++i) X[i] += delta[i];
     rms_norm_rows(X, w[7].data_ptr<float>(), h.data(), R, C, static_cast<float>(eps));
     project(h.data(), R, wgu, max_packed_rows, gate_up.data());
-    for (int64_t r = 0; r < R; ++r)
-      for (int64_t i = 0; i < I; ++i) {
-        const float g = gate_up[r * 2 * I + i];
-        act[r * I + i] = g / (1.f + std::exp(-g)) * gate_up[r * 2 * I + I + i];
-      }
+    at::parallel_for(0, R, 1, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) silu_mul(&gate_up[r * 2 * I], &gate_up[r * 2 * I + I], &act[r * I], I);
+    });
     project(act.data(), R, wdown, max_packed_rows, delta.data());
     for (int64_t i = 0; i < R * C; ++i) X[i] += delta[i];
   }
