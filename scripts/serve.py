@@ -72,6 +72,9 @@ class TorchServeProcess:
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 300) -> "TorchServeProcess":
+        for spec in self.models.split(","):       # a stale archive would be measured under this git SHA
+            if "=" in spec and (source := newer_source(Path(self.model_store) / spec.split("=", 1)[1])):
+                raise ValueError(f"{spec.split('=', 1)[1]} is older than {source.relative_to(ROOT)}: rebuild it (make mar)")
         for port in range(self.port, self.port + 5):   # else another server's API would answer in place of ours
             if self._is_listening(port):
                 raise ValueError(f"port {port} on 127.0.0.1 is in use; pick free ports")
@@ -112,6 +115,14 @@ class TorchServeProcess:
         if self.proc:
             stop_process_group(self.proc)
             self.log.close()
+
+
+def newer_source(mar: Path) -> Path | None:
+    """A source the archive carries (handler code, model-config.yaml) changed after `mar` was built, or None."""
+    if not mar.exists():
+        return None
+    sources = [*(ROOT / "handler").rglob("*.py"), *(ROOT / "handler").rglob("*.cpp"), ROOT / "config" / "model-config.yaml"]
+    return next((p for p in sources if p.stat().st_mtime > mar.stat().st_mtime), None)
 
 
 def stop_process_group(proc: subprocess.Popen, timeout: float = 30) -> None:

@@ -16,7 +16,7 @@ import openai
 import pytest
 import requests
 
-from scripts.serve import ROOT, TorchServeProcess, wait_ready
+from scripts.serve import ROOT, TorchServeProcess, newer_source, wait_ready
 
 pytestmark = pytest.mark.e2e
 FRANCE = {"messages": [{"role": "user", "content": "What is the capital of France?"}], "max_new_tokens": 24}
@@ -363,6 +363,18 @@ def test_overload_queue_wait_and_timeout(server):
             assert int(r.headers["Retry-After"]) >= 1 and seconds < 1.0
     finally:
         requests.delete(f"{server.management_url}/models/llm-tight", timeout=60)
+
+
+def test_a_stale_archive_is_refused_before_a_server_starts(tmp_path):
+    """An archive built before a change to the handler would be measured under the new git SHA."""
+    mar = tmp_path / "llm.mar"
+    mar.write_bytes(b"")
+    os.utime(mar, (0, 0))                     # built before every source
+    with pytest.raises(ValueError, match="llm.mar is older than (handler/|config/model-config.yaml)"):
+        TorchServeProcess(tmp_path / "ts", port=18095, models="llm=llm.mar", model_store=tmp_path).start(timeout=20)
+    assert not (tmp_path / "ts").exists()     # refused before anything was set up
+    os.utime(mar)                             # built now
+    assert newer_source(mar) is None
 
 
 def test_token_authorization_switch(tmp_path):
