@@ -214,6 +214,7 @@ struct Q4Weight {
   const uint16_t* s;
   const uint16_t* l;
   int64_t n, k;
+  bool columns16 = false;   // the AVX-512 layout (dot_columns16), else the rows layout above
 };
 
 // The tiling both kernels share: a thread's output columns go kColTile at a time, each tile's
@@ -236,8 +237,83 @@ void for_each_tile(int64_t M, int64_t N, const Tile& tile) {
   });
 }
 
+#if LLMSERVE_AVX512
+// The AVX-512 layout (quantize.pack_q4_columns16): 16 output columns at a time, so that one
+// vpdpbusd multiplies 4 inputs of one activation row (broadcast) by the 4 weights of each of 16
+// columns, and the block's scale and minimum apply to the 16 columns' sums in one vector each: no
+// horizontal sums, and a row costs 8 vpdpbusd per block. Per group of 16 columns and block of 32:
+// 256 bytes, vector m (64 bytes) holds in byte 4c + t weight 4(2m) + t of column c (low nibble)
+// and weight 4(2m + 1) + t (high nibble); scale and low [N/16, K/32, 16] float16.
+// ROWS rows of activations (plain layout: quantize_rows without xscale4) for column group g.
+template <int ROWS>
+void dot_columns16(const uint8_t* W, const uint16_t* S, const uint16_t* L, const int8_t* xq, const float* xs,
+                   const float* xsum, float* y, int64_t g, int64_t N, int64_t K) {
+  const int64_t blocks = K / kBlock;
+  const __m512i nibble = _mm512_set1_epi8(0x0F);
+  __m512 acc[ROWS];
+  for (int r = 0; r < ROWS; ++r) acc[r] = _mm512_setzero_ps();
+  const uint8_t* wg = W + g * blocks * 256;
+  for (int64_t b = 0; b < blocks; ++b) {
+    const uint8_t* src = wg + b * 256;
+    for (int m = 0; m < 4; ++m) _mm_prefetch(reinterpret_cast<const char*>(src + kPrefetchBytes + 64 * m), _MM_HINT_T0);
+    __m512i w[8];
+    for (int m = 0; m < 4; ++m) {
+      const __m512i v = _mm512_loadu_si512(src + 64 * m);
+      w[2 * m] = _mm512_and_si512(v, nibble);
+      w[2 * m + 1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
+    }
+    const int64_t sb = (g * blocks + b) * 16;
+    const __m512 wscale = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(S + sb)));
+    const __m512 wlow = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(L + sb)));
+    for (int r = 0; r < ROWS; ++r) {
+      const int32_t* a = reinterpret_cast<const int32_t*>(xq + r * K + b * kBlock);
+      __m512i even = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[0], _mm512_set1_epi32(a[0]));
+      __m512i odd = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[1], _mm512_set1_epi32(a[1]));
+      for (int j = 2; j < 8; j += 2) {
+        even = _mm512_dpbusd_epi32(even, w[j], _mm512_set1_epi32(a[j]));
+        odd = _mm512_dpbusd_epi32(odd, w[j + 1], _mm512_set1_epi32(a[j + 1]));
+      }
+      const __m512 sums = _mm512_cvtepi32_ps(_mm512_add_epi32(even, odd));
+      acc[r] = _mm512_fmadd_ps(sums, _mm512_mul_ps(wscale, _mm512_set1_ps(xs[r * blocks + b])), acc[r]);
+      acc[r] = _mm512_fmadd_ps(wlow, _mm512_set1_ps(xsum[r * blocks + b]), acc[r]);
+    }
+  }
+  for (int r = 0; r < ROWS; ++r) _mm512_storeu_ps(y + r * N + g * 16, acc[r]);
+}
+
+// f(std::integral_constant<int, n>{}) for 1 <= n <= MAX: the row count as a compile-time constant
+template <int MAX, typename F>
+void with_rows(int64_t n, const F& f) {
+  if constexpr (MAX > 1) {
+    if (n < MAX) return with_rows<MAX - 1>(n, f);
+  }
+  f(std::integral_constant<int, MAX>{});
+}
+
+constexpr int kColumns16RowTile = 8;   // rows per unpacking of a block (16 registers of the 32 hold w and acc)
+
+void q4_matmul_columns16(const float* x, int64_t M, const Q4Weight& wt, float* Y) {
+  const int64_t K = wt.k, N = wt.n, blocks = K / kBlock;
+  std::vector<int8_t> xq(M * K);
+  std::vector<float> xscale(M * blocks), xsum(M * blocks);
+  quantize_rows(x, M, K, xq.data(), xscale.data(), nullptr, nullptr, xsum.data());
+  at::parallel_for(0, N / 16, 1, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g)
+      for (int64_t m0 = 0; m0 < M; m0 += kColumns16RowTile)
+        with_rows<kColumns16RowTile>(std::min<int64_t>(M - m0, kColumns16RowTile), [&](auto rows) {
+          dot_columns16<decltype(rows)::value>(wt.w, wt.s, wt.l, xq.data() + m0 * K, xscale.data() + m0 * blocks,
+                                               xsum.data() + m0 * blocks, Y + m0 * N, g, N, K);
+        });
+  });
+}
+#endif
+
 // y [M, N] = x [M, K] @ W^T, x and y contiguous
 void q4_matmul(const float* x, int64_t M, const Q4Weight& wt, float* Y) {
+#if LLMSERVE_AVX512
+  if (wt.columns16) return q4_matmul_columns16(x, M, wt, Y);
+#endif
+  TORCH_CHECK(!wt.columns16, "the 16-column layout needs the AVX-512 build");
   const int64_t K = wt.k, N = wt.n, blocks = K / kBlock;
   const uint8_t* W = wt.w;
   const uint16_t* S = wt.s;
@@ -298,13 +374,27 @@ void dot_rows_q8(const int8_t* W, const float* S, const float* x, float* y, int6
 
 const uint16_t* halves(const torch::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<at::Half>()); }
 
-// A PackedLinear's packed [N, K/2] uint8 and scales [2, N, K/32] float16 (scale, then low)
+// A 4-bit weight's packed bytes and its scale and low (float16): rows layout packed [N, K/2], scale
+// and low [N, K/32]; 16-column layout packed [N/16, K/32, 256], scale and low [N/16, K/32, 16]
+Q4Weight q4_weight(const torch::Tensor& packed, const torch::Tensor& scale, const torch::Tensor& low) {
+  TORCH_CHECK(packed.scalar_type() == torch::kUInt8 && packed.is_contiguous() && scale.scalar_type() == torch::kHalf &&
+              low.scalar_type() == torch::kHalf && scale.is_contiguous() && low.is_contiguous() && low.sizes() == scale.sizes(),
+              "packed must be uint8, scale and low float16, all contiguous");
+  if (packed.dim() == 3) {
+    TORCH_CHECK(packed.size(2) == 256 && scale.dim() == 3 && scale.size(0) == packed.size(0) &&
+                scale.size(1) == packed.size(1) && scale.size(2) == 16,
+                "16-column layout: packed [N/16, K/32, 256], scale and low [N/16, K/32, 16]");
+    return {packed.data_ptr<uint8_t>(), halves(scale), halves(low), packed.size(0) * 16, packed.size(1) * kBlock, true};
+  }
+  TORCH_CHECK(packed.dim() == 2 && scale.dim() == 2 && scale.size(0) == packed.size(0) &&
+              scale.size(1) * kBlock == packed.size(1) * 2, "rows layout: packed [N, K/2], scale and low [N, K/32]");
+  return {packed.data_ptr<uint8_t>(), halves(scale), halves(low), packed.size(0), packed.size(1) * 2};
+}
+
+// A PackedLinear's packed bytes and scales [2, ...] float16 (scale, then low)
 Q4Weight q4_weight(const torch::Tensor& packed, const torch::Tensor& scales) {
-  TORCH_CHECK(packed.scalar_type() == torch::kUInt8 && packed.is_contiguous() && scales.scalar_type() == torch::kHalf &&
-              scales.is_contiguous() && scales.dim() == 3 && scales.size(0) == 2 && scales.size(1) == packed.size(0) &&
-              scales.size(2) * kBlock == packed.size(1) * 2, "a projection must be packed [N, K/2] uint8 and scales [2, N, K/32] float16");
-  const uint16_t* s = halves(scales);
-  return {packed.data_ptr<uint8_t>(), s, s + scales.size(1) * scales.size(2), packed.size(0), packed.size(1) * 2};
+  TORCH_CHECK(scales.dim() >= 3 && scales.size(0) == 2, "scales must be [2, ...]: scale, then low");
+  return q4_weight(packed, scales[0], scales[1]);
 }
 
 // MKL's packed single-precision product, from torch's own library (its x86 builds link MKL in),
@@ -436,18 +526,14 @@ void rotate_head(float* x, const float* cos, const float* sin, int64_t D) {
 torch::Tensor q4_mm(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scale,
                     const torch::Tensor& low) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32 && x.dim() == 2, "x must be [M, K] float32 on the CPU");
-  TORCH_CHECK(packed.scalar_type() == torch::kUInt8 && scale.scalar_type() == torch::kHalf &&
-              low.scalar_type() == torch::kHalf, "packed must be uint8, scale and low float16");
-  const int64_t M = x.size(0), K = x.size(1), N = packed.size(0), blocks = K / kBlock;
-  TORCH_CHECK(K % kBlock == 0 && packed.size(1) == K / 2 && scale.size(0) == N && scale.size(1) == blocks &&
-              low.sizes() == scale.sizes(), "shapes: x [M, K], packed [N, K/2], scale and low [N, K/32]");
-  const auto xc = x.contiguous();
   const auto pc = packed.contiguous();
   const auto sc = scale.contiguous();
   const auto lc = low.contiguous();
-  auto y = torch::empty({M, N}, torch::kFloat32);
-  q4_matmul(xc.data_ptr<float>(), M, {pc.data_ptr<uint8_t>(), halves(sc), halves(lc), N, K},
-            y.data_ptr<float>());
+  const Q4Weight wt = q4_weight(pc, sc, lc);
+  TORCH_CHECK(x.size(1) == wt.k && wt.k % kBlock == 0, "x [M, K] against a weight of K = ", wt.k);
+  const auto xc = x.contiguous();
+  auto y = torch::empty({x.size(0), wt.n}, torch::kFloat32);
+  q4_matmul(xc.data_ptr<float>(), x.size(0), wt, y.data_ptr<float>());
   return y;
 }
 

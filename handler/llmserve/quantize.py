@@ -100,16 +100,17 @@ def from_pretrained_kwargs(mode: str, device: torch.device) -> dict:
 
 
 @functools.cache
-def lowbit_kernels() -> bool:
+def lowbit_kernels() -> str:
     """Build (once per machine: torch's extension cache, TORCH_EXTENSIONS_DIR) and load
-    llmserve::q4_mm; False, with a warning, where the CPU lacks AVX2/FMA/F16C or the build fails."""
+    llmserve::q4_mm; the build's instruction set ("avx512", "vnni" or "avx2"), or "" with a warning
+    where the CPU lacks AVX2/FMA/F16C or the build fails."""
     try:
         flags = set(open("/proc/cpuinfo").read().split())
     except OSError:
         flags = set()
     if not {"avx2", "fma", "f16c"} <= flags:
         logger.warning("no AVX2/FMA/F16C on this CPU; w4 uses torch's kernels")
-        return False
+        return ""
     try:
         from torch.utils.cpp_extension import load
 
@@ -128,16 +129,27 @@ def lowbit_kernels() -> bool:
              is_python_module=False, verbose=os.environ.get("LLMSERVE_VERBOSE_BUILD") == "1")
     except Exception as e:     # no compiler, no ninja, a failed build: the slower kernel still works
         logger.warning("building lowbit_avx2.cpp failed (%s); w4 uses torch's kernels", e)
-        return False
+        return ""
     torch.library.register_fake("llmserve::q4_mm")(   # the output's shape, for torch.compile
-        lambda x, packed, scale, low: x.new_empty(x.shape[0], packed.shape[0]))
+        lambda x, packed, scale, low: x.new_empty(x.shape[0], packed.shape[0] * (16 if packed.dim() == 3 else 1)))
     torch.library.register_fake("llmserve::q8_mm")(lambda x, q, scale: x.new_empty(x.shape[0], q.shape[0]))
     torch.library.register_fake("llmserve::mkl_mm")(lambda x, packed, n: x.new_empty(x.shape[0], n))
-    return True
+    return variant.lstrip("_") or "avx2"
+
+
+def pack_q4_columns16(q: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q4_mm's AVX-512 layout of q [N, K] (0..15) and its scale and low [N, K/32], N a multiple of 16:
+    packed [N/16, K/32, 256], where 64-byte vector m of a block holds in byte 4c + t weight
+    4(2m) + t of column c (low nibble) and 4(2m + 1) + t (high nibble); scales [2, N/16, K/32, 16]."""
+    N, K = q.shape
+    weights = q.to(torch.uint8).reshape(N // 16, 16, K // 32, 8, 4).permute(0, 2, 3, 1, 4).reshape(N // 16, K // 32, 8, 64)
+    packed = (weights[:, :, 0::2] | (weights[:, :, 1::2] << 4)).reshape(N // 16, K // 32, 256).contiguous()
+    scales = torch.stack([scale, low]).reshape(2, N // 16, 16, K // 32).permute(0, 1, 3, 2).contiguous()
+    return packed, scales
 
 
 def pack_q4(q: torch.Tensor) -> torch.Tensor:
-    """q4_mm's layout of q [N, K] (0..15): per block of 32, byte j holds weight j (low nibble) and j + 16."""
+    """q4_mm's rows layout of q [N, K] (0..15): per block of 32, byte j holds weight j (low nibble) and j + 16."""
     N, K = q.shape
     blocks = q.reshape(N, K // 32, 2, 16).to(torch.uint8)
     return (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(N, K // 2).contiguous()
@@ -214,7 +226,10 @@ class PackedLinear(torch.nn.Module):
                 q, scales = quantize_w4(linear.weight)
                 if self.own_kernel:   # weight = q * scale + low, fp16 per block, for llmserve::q4_mm
                     scale, zero = scales.transpose(0, 1).unbind(-1)                          # [N, K/32]
-                    packed, scales = pack_q4(q), torch.stack([scale, zero - 8 * scale])     # [2, N, K/32]
+                    if self.own_kernel == "avx512" and self.out_features % 16 == 0:
+                        packed, scales = pack_q4_columns16(q, scale, zero - 8 * scale)
+                    else:
+                        packed, scales = pack_q4(q), torch.stack([scale, zero - 8 * scale])     # [2, N, K/32]
                 else:
                     packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
             else:
