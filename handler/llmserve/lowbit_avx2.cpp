@@ -374,27 +374,27 @@ void dot_rows_q8(const int8_t* W, const float* S, const float* x, float* y, int6
 
 const uint16_t* halves(const torch::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<at::Half>()); }
 
-// A 4-bit weight's packed bytes and its scale and low (float16): rows layout packed [N, K/2], scale
-// and low [N, K/32]; 16-column layout packed [N/16, K/32, 256], scale and low [N/16, K/32, 16]
-Q4Weight q4_weight(const torch::Tensor& packed, const torch::Tensor& scale, const torch::Tensor& low) {
-  TORCH_CHECK(packed.scalar_type() == torch::kUInt8 && packed.is_contiguous() && scale.scalar_type() == torch::kHalf &&
-              low.scalar_type() == torch::kHalf && scale.is_contiguous() && low.is_contiguous() && low.sizes() == scale.sizes(),
-              "packed must be uint8, scale and low float16, all contiguous");
+// A 4-bit weight's packed bytes and its scale and low (float16, each of shape `sizes`): rows layout
+// packed [N, K/2], scale and low [N, K/32]; 16-column layout packed [N/16, K/32, 256], scale and low
+// [N/16, K/32, 16]. Pointers only: decode_layers calls it for every projection of every step.
+Q4Weight q4_weight(const torch::Tensor& packed, at::IntArrayRef sizes, const uint16_t* scale, const uint16_t* low) {
+  TORCH_CHECK(packed.scalar_type() == torch::kUInt8 && packed.is_contiguous(), "packed must be contiguous uint8");
   if (packed.dim() == 3) {
-    TORCH_CHECK(packed.size(2) == 256 && scale.dim() == 3 && scale.size(0) == packed.size(0) &&
-                scale.size(1) == packed.size(1) && scale.size(2) == 16,
-                "16-column layout: packed [N/16, K/32, 256], scale and low [N/16, K/32, 16]");
-    return {packed.data_ptr<uint8_t>(), halves(scale), halves(low), packed.size(0) * 16, packed.size(1) * kBlock, true};
+    TORCH_CHECK(packed.size(2) == 256 && sizes.size() == 3 && sizes[0] == packed.size(0) && sizes[1] == packed.size(1) &&
+                sizes[2] == 16, "16-column layout: packed [N/16, K/32, 256], scale and low [N/16, K/32, 16]");
+    return {packed.data_ptr<uint8_t>(), scale, low, packed.size(0) * 16, packed.size(1) * kBlock, true};
   }
-  TORCH_CHECK(packed.dim() == 2 && scale.dim() == 2 && scale.size(0) == packed.size(0) &&
-              scale.size(1) * kBlock == packed.size(1) * 2, "rows layout: packed [N, K/2], scale and low [N, K/32]");
-  return {packed.data_ptr<uint8_t>(), halves(scale), halves(low), packed.size(0), packed.size(1) * 2};
+  TORCH_CHECK(packed.dim() == 2 && sizes.size() == 2 && sizes[0] == packed.size(0) && sizes[1] * kBlock == packed.size(1) * 2,
+              "rows layout: packed [N, K/2], scale and low [N, K/32]");
+  return {packed.data_ptr<uint8_t>(), scale, low, packed.size(0), packed.size(1) * 2};
 }
 
 // A PackedLinear's packed bytes and scales [2, ...] float16 (scale, then low)
 Q4Weight q4_weight(const torch::Tensor& packed, const torch::Tensor& scales) {
-  TORCH_CHECK(scales.dim() >= 3 && scales.size(0) == 2, "scales must be [2, ...]: scale, then low");
-  return q4_weight(packed, scales[0], scales[1]);
+  TORCH_CHECK(scales.scalar_type() == torch::kHalf && scales.is_contiguous() && scales.dim() >= 3 && scales.size(0) == 2,
+              "scales must be [2, ...] contiguous float16: scale, then low");
+  const uint16_t* s = halves(scales);
+  return q4_weight(packed, scales.sizes().slice(1), s, s + scales.numel() / 2);
 }
 
 // MKL's packed single-precision product, from torch's own library (its x86 builds link MKL in),
@@ -529,7 +529,9 @@ torch::Tensor q4_mm(const torch::Tensor& x, const torch::Tensor& packed, const t
   const auto pc = packed.contiguous();
   const auto sc = scale.contiguous();
   const auto lc = low.contiguous();
-  const Q4Weight wt = q4_weight(pc, sc, lc);
+  TORCH_CHECK(sc.scalar_type() == torch::kHalf && lc.scalar_type() == torch::kHalf && lc.sizes() == sc.sizes(),
+              "scale and low must be float16, of one shape");
+  const Q4Weight wt = q4_weight(pc, sc.sizes(), halves(sc), halves(lc));
   TORCH_CHECK(x.size(1) == wt.k && wt.k % kBlock == 0, "x [M, K] against a weight of K = ", wt.k);
   const auto xc = x.contiguous();
   auto y = torch::empty({x.size(0), wt.n}, torch::kFloat32);
