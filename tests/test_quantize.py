@@ -82,17 +82,18 @@ def test_packed_output_is_close_to_float_output(bits, tolerance, kernels):
 
 
 @pytest.mark.parametrize("N", [40, 48])
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 7, 8, 9, 17])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 7, 8, 9, 17, 70])
 def test_own_kernel_matches_its_weights_at_every_row_tile(rows, N):
-    """Against the layer's weights, which sit on a 4-bit grid (so only the int8 activations differ): every
-    output column, every row of a tile (4 rows; 8 in the AVX-512 16-column layout, which the CPU with
-    AVX-512 VNNI takes where N is a multiple of 16) and the rows past the last full tile; 7 blocks: a
-    group of 4 and 3 alone."""
+    """Against the layer's weights, which sit on a 4-bit grid (so only the rounding of the activations
+    differs): every output column, every row of a tile (4 rows; 8 in the AVX-512 16-column layout, which
+    the CPU with AVX-512 VNNI takes where N is a multiple of 16; on AMX from 16 rows, tiles of 16 rows
+    four at a time: 70 rows are 4 tiles, then one of 6) and the rows past the last full tile; 7 blocks:
+    a group of 4 and 3 alone."""
     w = q4_1_weight(N=N, K=224, seed=rows)                # on a 4-bit grid: q4_mm's weights are exact
     layer = PackedLinear(linear_with(w), bits=4)
     if not layer.own_kernel:
         pytest.skip("our kernel did not load (no AVX2 here?); test_packed_output_is_close_to_float_output checks")
-    assert layer.packed.dim() == (3 if layer.own_kernel == "avx512" and N % 16 == 0 else 2)
+    assert layer.packed.dim() == (3 if layer.own_kernel in ("amx", "avx512") and N % 16 == 0 else 2)
     x = torch.randn(rows, 224, generator=torch.Generator().manual_seed(2))
     x[0, :32] *= 50                                       # one block far larger: scales are per block
     error = (layer(x) - F.linear(x, w)).abs().amax(dim=1) / F.linear(x, w).abs().amax(dim=1)
@@ -114,6 +115,18 @@ def test_own_8bit_kernel_multiplies_float_activations_exactly(rows):
     # several tokens per row (a verify step's LM head) stay on it: no float-weight rule for 8 bits
     choose_kernels([layer], max_packed_rows=32, max_rows=32)
     assert torch.equal(layer(x[None]), layer(x)[None])
+
+
+def test_each_kernel_gets_a_crossover_of_its_own(monkeypatch):
+    """w4's decoder layers (our 4-bit kernel) and LM head (8-bit) are timed apart and each takes
+    its own row limit: on an AMX Xeon the first beat bf16 past 64 rows, the second lost from 16."""
+    layers = [PackedLinear(linear_with(torch.randn(32, 64)), bits) for bits in (4, 4, 8)]
+    def time_kernels(group, max_rows):
+        assert len({layer.bits for layer in group}) == 1
+        return {4: 64, 8: 8}[group[0].bits], {1: {}}
+    monkeypatch.setattr(quantize, "time_kernels", time_kernels)
+    assert choose_kernels(layers, max_packed_rows=-1, max_rows=64) == (64, {"4-bit": {1: {}}, "8-bit": {1: {}}})
+    assert [layer.max_packed_rows for layer in layers] == [64, 64, 8]
 
 
 def test_mkl_packed_float_weights_give_the_float_product(monkeypatch):

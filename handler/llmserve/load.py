@@ -23,7 +23,7 @@ class ModelFacts:
     num_kv_heads: int
     head_dim: int
     packed_max_rows: int = -1      # w8/w4: steps of at most this many rows ran the packed kernels
-    kernel_ms: dict | None = None  # w8/w4: {rows: {packed_ms, dense_ms}} over all linear layers, timed at start-up
+    kernel_ms: dict | None = None  # w8/w4: {"4-bit" / "8-bit": {rows: {packed_ms, dense_ms}}}, timed at start-up
     compiled_graphs: int = 0       # compile: the decode graphs torch.compile built at start-up
 
 

@@ -12,7 +12,8 @@
 // Built at start-up by llmserve.quantize (torch.utils.cpp_extension); see there for the fallback.
 // The build for the CPU at hand: with AVX-512 VNNI four blocks go through two 512-bit instructions
 // (vpdpbusd), with AVX-VNNI one 256-bit instruction replaces vpmaddubsw + vpmaddwd (kernel_ms in
-// benchmarks.profile_step's report times the build a machine takes).
+// benchmarks.profile_step's report times the build a machine takes). With AMX (-mamx-bf16), steps of
+// kAmxMinRows rows or more dequantize the weights to bf16 tiles instead (q4_matmul_amx).
 // llmserve::decode_layers (at the end) runs a whole decode step's layers on this kernel in one call.
 #include <ATen/Parallel.h>
 #include <dlfcn.h>
@@ -30,6 +31,14 @@
 #define LLMSERVE_AVX512 1
 #else
 #define LLMSERVE_AVX512 0
+#endif
+// and with -mamx-tile -mamx-bf16 -mavx512bf16 where the CPU has AMX: bf16 tiles for many rows
+#if LLMSERVE_AVX512 && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+#define LLMSERVE_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
+#else
+#define LLMSERVE_AMX 0
 #endif
 
 namespace {
@@ -291,6 +300,9 @@ void with_rows(int64_t n, const F& f) {
 }
 
 constexpr int kColumns16RowTile = 8;   // rows per unpacking of a block (16 registers of the 32 hold w and acc)
+// rows from which AMX's bf16 tiles beat the AVX-512 kernel: the model's 120 decoder products, AMX Xeon
+// (build/exp/amx2/bench.py, scratch): 8 / 16 / 32 / 64 rows 8.2 / 14.0 / 26.6 / 47.3 ms -> 14.5 / 14.1 / 18.6 / 27.5
+constexpr int64_t kAmxMinRows = 16;
 
 void q4_matmul_columns16(const float* x, int64_t M, const Q4Weight& wt, float* Y) {
   const int64_t K = wt.k, N = wt.n, blocks = K / kBlock;
@@ -306,10 +318,137 @@ void q4_matmul_columns16(const float* x, int64_t M, const Q4Weight& wt, float* Y
         });
   });
 }
+
+#if LLMSERVE_AMX
+// The same 16-column layout on AMX (Sapphire Rapids and later) for steps of many rows: each block
+// of 32 weights of 16 columns is dequantized once to bf16 (w = q * scale + low, as the float
+// weights' bf16 copy holds them) in the tile layout of tdpbf16ps, then multiplied by up to 64 rows
+// of bf16 activations (4 tiles of 16 rows), the sums kept in float in the tiles over the whole
+// input: no per-block epilogue and no int8 rounding of the activations. Reads a quarter of the bf16
+// weights' bytes, where oneDNN's bf16 product of 64 rows waited on them.
+// Linux hands tile registers only to a process that asks once (arch_prctl ARCH_REQ_XCOMP_PERM for
+// XTILEDATA); a refusal leaves the AVX-512 kernel
+bool amx_ready() {
+  static const bool ready = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+  return ready;
+}
+
+// tiles 0-3: sums (16 rows x 16 floats), 4: activations (16 rows x 32 bf16), 5: weights (16 rows,
+// one per pair of inputs, of 16 columns x 2 bf16); a tile configuration is per thread
+void configure_tiles() {
+  struct alignas(64) {
+    uint8_t palette = 1, start_row = 0, reserved[14] = {};
+    uint16_t colsb[16] = {};
+    uint8_t rows[16] = {};
+  } config;
+  for (int t = 0; t < 6; ++t) config.colsb[t] = 64, config.rows[t] = 16;
+  _tile_loadconfig(&config);
+}
+
+// block b of column group g (256 bytes, scale and low 16 float16 each) as tdpbf16ps' weight tile:
+// row j holds, for each column c, weights 2j and 2j + 1 (bf16, 4 bytes). Nibble vector (m, h) has
+// in bytes 4c + t the weights 8m + 4h + t of column c: rows 4m + 2h (t 0, 1) and 4m + 2h + 1 (t 2, 3)
+inline void dequantize_bf16(const uint8_t* src, const uint16_t* S, const uint16_t* L, uint32_t* tile) {
+  const __m512i nibble = _mm512_set1_epi8(0x0F);
+  const __m512 scale16 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(S)));
+  const __m512 low16 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(L)));
+  __m512 scale[4], low[4];   // quarter j of a vector (16 bytes) is columns 4j .. 4j + 3, lane i column 4j + i / 4
+  for (int j = 0; j < 4; ++j) {
+    const __m512i pick = _mm512_set_epi32(4 * j + 3, 4 * j + 3, 4 * j + 3, 4 * j + 3, 4 * j + 2, 4 * j + 2, 4 * j + 2,
+                                          4 * j + 2, 4 * j + 1, 4 * j + 1, 4 * j + 1, 4 * j + 1, 4 * j, 4 * j, 4 * j, 4 * j);
+    scale[j] = _mm512_permutexvar_ps(pick, scale16);
+    low[j] = _mm512_permutexvar_ps(pick, low16);
+  }
+  // two float vectors to bf16 hold columns 0-7 (or 8-15) in dwords 2c + t / 2: even dwords are t 0, 1
+  const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+  for (int m = 0; m < 4; ++m) {
+    const __m512i v = _mm512_loadu_si512(src + 64 * m);
+    for (int h = 0; h < 2; ++h) {
+      const __m512i q = _mm512_and_si512(h ? _mm512_srli_epi16(v, 4) : v, nibble);
+      __m512 f[4];
+      for (int j = 0; j < 4; ++j)
+        f[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(q, j))), scale[j], low[j]);
+      const __m512i first = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(f[1], f[0]));
+      const __m512i second = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(f[3], f[2]));
+      _mm512_store_si512(tile + (4 * m + 2 * h) * 16, _mm512_permutex2var_epi32(first, even, second));
+      _mm512_store_si512(tile + (4 * m + 2 * h + 1) * 16, _mm512_permutex2var_epi32(first, odd, second));
+    }
+  }
+}
+
+// Column group g for TILES tiles of 16 rows from row m0 of xb [*, K] bf16 (rows past M are zeros):
+// Y's rows m0 .. M - 1 (a partial tile through the 16 x 16 buffer part)
+template <int TILES>
+void amx_columns16(const Q4Weight& wt, const uint16_t* xb, float* Y, int64_t M, int64_t m0, int64_t g, uint32_t* wtile,
+                   float* part) {
+  const int64_t K = wt.k, N = wt.n, blocks = K / kBlock, stride = K * 2;
+  _tile_zero(0);
+  if constexpr (TILES > 1) _tile_zero(1);
+  if constexpr (TILES > 2) _tile_zero(2);
+  if constexpr (TILES > 3) _tile_zero(3);
+  const uint16_t* x = xb + m0 * K;
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t at = g * blocks + b;
+    for (int m = 0; m < 4; ++m)
+      _mm_prefetch(reinterpret_cast<const char*>(wt.w + at * 256 + kPrefetchBytes + 64 * m), _MM_HINT_T0);
+    dequantize_bf16(wt.w + at * 256, wt.s + at * 16, wt.l + at * 16, wtile);
+    _tile_loadd(5, wtile, 64);
+    _tile_loadd(4, x + b * kBlock, stride);
+    _tile_dpbf16ps(0, 4, 5);
+    if constexpr (TILES > 1) {
+      _tile_loadd(4, x + 16 * K + b * kBlock, stride);
+      _tile_dpbf16ps(1, 4, 5);
+    }
+    if constexpr (TILES > 2) {
+      _tile_loadd(4, x + 32 * K + b * kBlock, stride);
+      _tile_dpbf16ps(2, 4, 5);
+    }
+    if constexpr (TILES > 3) {
+      _tile_loadd(4, x + 48 * K + b * kBlock, stride);
+      _tile_dpbf16ps(3, 4, 5);
+    }
+  }
+  // tile i to part, then its rows that exist to Y
+  auto store = [&](int i) {
+    const int64_t first = m0 + 16 * i, rows = std::min<int64_t>(16, M - first);
+    for (int64_t r = 0; r < rows; ++r) std::copy_n(part + 256 * i + 16 * r, 16, Y + (first + r) * N + g * 16);
+  };
+  _tile_stored(0, part, 64);
+  if constexpr (TILES > 1) _tile_stored(1, part + 256, 64);
+  if constexpr (TILES > 2) _tile_stored(2, part + 512, 64);
+  if constexpr (TILES > 3) _tile_stored(3, part + 768, 64);
+  for (int i = 0; i < TILES; ++i) store(i);
+}
+
+void q4_matmul_amx(const float* x, int64_t M, const Q4Weight& wt, float* Y) {
+  const int64_t K = wt.k, N = wt.n, tiles = (M + 15) / 16;
+  std::vector<uint16_t> xb(tiles * 16 * K, 0);      // the activations in bf16, zeros past row M
+  at::parallel_for(0, M, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t i = r0 * K; i < r1 * K; i += 32)   // K is a multiple of 32
+      _mm512_storeu_si512(xb.data() + i, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(_mm512_loadu_ps(x + i + 16),
+                                                                                      _mm512_loadu_ps(x + i))));
+  });
+  at::parallel_for(0, N / 16, 1, [&](int64_t g0, int64_t g1) {
+    configure_tiles();
+    alignas(64) uint32_t wtile[256];
+    alignas(64) float part[1024];
+    for (int64_t g = g0; g < g1; ++g)
+      for (int64_t t = 0; t < tiles; t += 4)
+        with_rows<4>(std::min<int64_t>(tiles - t, 4), [&](auto n) {
+          amx_columns16<decltype(n)::value>(wt, xb.data(), Y, M, 16 * t, g, wtile, part);
+        });
+    _tile_release();
+  });
+}
+#endif
 #endif
 
 // y [M, N] = x [M, K] @ W^T, x and y contiguous
 void q4_matmul(const float* x, int64_t M, const Q4Weight& wt, float* Y) {
+#if LLMSERVE_AMX
+  if (wt.columns16 && M >= kAmxMinRows && amx_ready()) return q4_matmul_amx(x, M, wt, Y);
+#endif
 #if LLMSERVE_AVX512
   if (wt.columns16) return q4_matmul_columns16(x, M, wt, Y);
 #endif

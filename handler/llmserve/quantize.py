@@ -102,7 +102,7 @@ def from_pretrained_kwargs(mode: str, device: torch.device) -> dict:
 @functools.cache
 def lowbit_kernels() -> str:
     """Build (once per machine: torch's extension cache, TORCH_EXTENSIONS_DIR) and load
-    llmserve::q4_mm; the build's instruction set ("avx512", "vnni" or "avx2"), or "" with a warning
+    llmserve::q4_mm; the build's instruction set ("amx", "avx512", "vnni" or "avx2"), or "" with a warning
     where the CPU lacks AVX2/FMA/F16C or the build fails."""
     try:
         flags = set(open("/proc/cpuinfo").read().split())
@@ -119,6 +119,8 @@ def lowbit_kernels() -> str:
         # AVX-VNNI one instruction for the integer products instead of two
         if {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= flags:
             variant, isa = "_avx512", ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"]
+            if {"amx_tile", "amx_bf16", "avx512_bf16"} <= flags:   # bf16 tiles for steps of many rows
+                variant, isa = "_amx", [*isa, "-mavx512bf16", "-mamx-tile", "-mamx-bf16"]
         elif "avx_vnni" in flags:
             variant, isa = "_vnni", ["-mavxvnni"]
         else:
@@ -201,7 +203,7 @@ class PackedLinear(torch.nn.Module):
     packed kernel when the input has at most max_packed_rows rows, the float one otherwise.
     own_kernel: our AVX2 kernels where they build (lowbit_avx2.cpp), else torch's. 4-bit layers:
     faster, but it rounds the activations to int8 per block of 32 (w4's WikiText-2 perplexity +0.7 %
-    against +0.1 % with torch's). 8-bit layers (w8, w4's LM head): float activations times int8
+    against +0.1 % with torch's; on AMX, steps of 16 rows or more take bf16 activations and tiles). 8-bit layers (w8, w4's LM head): float activations times int8
     weights, no rounding: an int8-activation kernel rounded w8 0.66 % off bf16 (the aim is 0.5 %)
     and as w4's LM head turned the first token of "What is the capital of France?" from "The"
     (capital ... is Paris) to "L'" (French rambling): the last hidden state's outliers."""
@@ -226,7 +228,7 @@ class PackedLinear(torch.nn.Module):
                 q, scales = quantize_w4(linear.weight)
                 if self.own_kernel:   # weight = q * scale + low, fp16 per block, for llmserve::q4_mm
                     scale, zero = scales.transpose(0, 1).unbind(-1)                          # [N, K/32]
-                    if self.own_kernel == "avx512" and self.out_features % 16 == 0:
+                    if self.own_kernel in ("amx", "avx512") and self.out_features % 16 == 0:
                         packed, scales = pack_q4_columns16(q, scale, zero - 8 * scale)
                     else:
                         packed, scales = pack_q4(q), torch.stack([scale, zero - 8 * scale])     # [2, N, K/32]
@@ -310,12 +312,26 @@ def pack_linears(model, mode: str) -> list[PackedLinear]:
 
 def choose_kernels(layers: list[PackedLinear], max_packed_rows: int, max_rows: int) -> tuple[int, dict]:
     """Set every layer's max_packed_rows: as configured, or (-1) the most rows at which the packed
-    kernels beat the float ones over the whole model, timed here on the real weights. Returns it
-    and the timings {rows: {"packed_ms", "dense_ms"}}."""
+    kernels beat the float ones, timed here on the real weights, each kernel's layers together
+    (w4: the decoder's 4-bit layers, the 8-bit LM head: on AMX the first win past 64 rows, the
+    second lose from 16). Returns the first layer's (a decoder layer's) and the timings
+    {"4-bit" / "8-bit": {rows: {"packed_ms", "dense_ms"}}}."""
     if not layers or max_packed_rows >= 0:
         for layer in layers:
             layer.max_packed_rows = max_packed_rows
         return max_packed_rows, {}
+    timings, crossover = {}, {}
+    for bits in dict.fromkeys(layer.bits for layer in layers):
+        group = [layer for layer in layers if layer.bits == bits]
+        crossover[bits], timings[f"{bits}-bit"] = time_kernels(group, max_rows)
+        for layer in group:
+            layer.max_packed_rows = crossover[bits]
+    return crossover[layers[0].bits], timings
+
+
+def time_kernels(layers: list[PackedLinear], max_rows: int) -> tuple[int, dict]:
+    """The most rows (1, 2, 4, ... up to max_rows) at which the packed kernels beat the float ones
+    over all the layers, and the timings {rows: {"packed_ms", "dense_ms"}}."""
     timings, best = {}, 0
     rows = 1
     while rows <= max_rows and best == rows // 2:      # until the packed kernels first lose
@@ -335,6 +351,4 @@ def choose_kernels(layers: list[PackedLinear], max_packed_rows: int, max_rows: i
         if ms["packed_ms"] < ms["dense_ms"]:
             best = rows
         rows *= 2
-    for layer in layers:
-        layer.max_packed_rows = best
     return best, timings
