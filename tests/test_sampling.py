@@ -1,9 +1,23 @@
+import pytest
 import torch
 
 from llmserve.request import SamplingParams
-from llmserve.sampling import make_generator, sample
+from llmserve.sampling import CHUNK, argmax, make_generator, sample
 
 LOGITS = torch.tensor([[0.0, 3.0, 1.0, 2.0], [5.0, 0.0, 0.0, 4.9]])
+
+
+@pytest.mark.parametrize("V", [3 * CHUNK, 3 * CHUNK + 5])
+def test_argmax_gives_torchs_first_largest(V):
+    """By chunk (V a multiple of the chunk) or torch's own: the first of equal largest, also when they
+    sit in different chunks, and in a chunk after one holding a lesser maximum."""
+    logits = torch.randn(4, 2, V, generator=torch.Generator().manual_seed(0))
+    logits[0, 0, [CHUNK + 7, 2 * CHUNK + 1]] = 9.0          # a tie across chunks: the first
+    logits[1, 1, [5, CHUNK - 1]] = 9.0                        # a tie within one
+    logits[2, 0, 2 * CHUNK + 3] = 9.0
+    logits[2, 0, 4] = 8.0
+    assert torch.equal(argmax(logits), logits.argmax(dim=-1))
+    assert argmax(logits)[0, 0] == CHUNK + 7 and argmax(logits)[1, 1] == 5 and argmax(logits)[2, 0] == 2 * CHUNK + 3
 
 
 def test_greedy_is_argmax():

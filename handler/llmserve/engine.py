@@ -18,7 +18,7 @@ from .load import ModelFacts, load_model
 from .prefix_cache import BLOCK, PrefixCache
 from .request import TIERS, Request
 from .runner import ModelRunner
-from .sampling import make_generator, sample
+from .sampling import argmax, make_generator, sample
 from .scheduler import Scheduler
 from .speculative import PromptLookup, accepted_length
 
@@ -242,7 +242,7 @@ class Engine:
         tokens = torch.tensor([[0] + d + [0] * (W - 1 - len(d)) for d in drafts], device=self.facts.device)
         tokens[:, 0] = self.cache.last_tokens[:B]
         logits = self.runner.verify(tokens)                                                   # [B, W, V]
-        predicted = logits.argmax(dim=-1).tolist()
+        predicted = argmax(logits).tolist()
         kept = [accepted_length(d, p) for d, p in zip(drafts, predicted)]
         # rows advance over their kept draft before any request finishes: a finished row's hole is
         # filled by moving the last row, whose keys move only up to its length

@@ -15,9 +15,25 @@ def make_generator(params: SamplingParams, device: torch.device) -> torch.Genera
     return g
 
 
+CHUNK = 1024
+
+
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """logits.argmax(-1), the first of equal largest as torch's: torch's own took 8 ms over 64 x
+    49,152 logits (AMX Xeon, 2 threads), its amax 1 ms; so each chunk's largest first, then the
+    first chunk holding the largest of all is searched."""
+    *lead, V = logits.shape
+    if V % CHUNK:
+        return logits.argmax(dim=-1)
+    chunks = logits.reshape(-1, V // CHUNK, CHUNK)                           # [N, V / CHUNK, CHUNK]
+    best = chunks.amax(dim=-1).argmax(dim=-1)                                 # [N]
+    inner = chunks[torch.arange(chunks.shape[0], device=logits.device), best].argmax(dim=-1)
+    return (best * CHUNK + inner).reshape(lead)
+
+
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> torch.Tensor:
     """logits: [B, V] float32 -> token ids [B]. An all-greedy batch costs one argmax."""
-    tokens = logits.argmax(dim=-1)                                            # [B]
+    tokens = argmax(logits)                                                   # [B]
     sampled = [i for i, p in enumerate(params) if not p.is_greedy]
     if not sampled:
         return tokens
