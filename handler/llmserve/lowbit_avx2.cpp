@@ -13,7 +13,7 @@
 // The build for the CPU at hand: with AVX-512 VNNI four blocks go through two 512-bit instructions
 // (vpdpbusd), with AVX-VNNI one 256-bit instruction replaces vpmaddubsw + vpmaddwd (kernel_ms in
 // benchmarks.profile_step's report times the build a machine takes). With AMX (-mamx-bf16), steps of
-// kAmxMinRows rows or more dequantize the weights to bf16 tiles instead (q4_matmul_amx).
+// amx_min_rows rows or more dequantize the weights to bf16 tiles instead (q4_matmul_amx).
 // llmserve::decode_layers (at the end) runs a whole decode step's layers on this kernel in one call.
 #include <ATen/Parallel.h>
 #include <dlfcn.h>
@@ -21,6 +21,7 @@
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <type_traits>
@@ -302,7 +303,8 @@ void with_rows(int64_t n, const F& f) {
 constexpr int kColumns16RowTile = 8;   // rows per unpacking of a block (16 registers of the 32 hold w and acc)
 // rows from which AMX's bf16 tiles beat the AVX-512 kernel: the model's 120 decoder products, AMX Xeon
 // (build/exp/amx2/bench.py, scratch): 8 / 16 / 32 / 64 rows 8.2 / 14.0 / 26.6 / 47.3 ms -> 14.5 / 14.1 / 18.6 / 27.5
-constexpr int64_t kAmxMinRows = 16;
+// (llmserve::amx_min_rows sets it: tests compare like with like)
+std::atomic<int64_t> amx_min_rows_now{16};
 
 void q4_matmul_columns16(const float* x, int64_t M, const Q4Weight& wt, float* Y) {
   const int64_t K = wt.k, N = wt.n, blocks = K / kBlock;
@@ -371,17 +373,18 @@ inline void dequantize_bf16(const uint8_t* src, const uint16_t* S, const uint16_
         f[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(q, j))), scale[j], low[j]);
       const __m512i first = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(f[1], f[0]));
       const __m512i second = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(f[3], f[2]));
-      _mm512_store_si512(tile + (4 * m + 2 * h) * 16, _mm512_permutex2var_epi32(first, even, second));
-      _mm512_store_si512(tile + (4 * m + 2 * h + 1) * 16, _mm512_permutex2var_epi32(first, odd, second));
+      _mm512_storeu_si512(tile + (4 * m + 2 * h) * 16, _mm512_permutex2var_epi32(first, even, second));
+      _mm512_storeu_si512(tile + (4 * m + 2 * h + 1) * 16, _mm512_permutex2var_epi32(first, odd, second));
     }
   }
 }
 
 // Column group g for TILES tiles of 16 rows from row m0 of xb [*, K] bf16 (rows past M are zeros):
-// Y's rows m0 .. M - 1 (a partial tile through the 16 x 16 buffer part)
+// Y's rows m0 .. M - 1 (a partial tile through the 16 x 16 buffer part). wtiles: the group's blocks
+// as weight tiles (K / 32 x 1 KiB), dequantized here unless an earlier 64 rows did (a prefill)
 template <int TILES>
-void amx_columns16(const Q4Weight& wt, const uint16_t* xb, float* Y, int64_t M, int64_t m0, int64_t g, uint32_t* wtile,
-                   float* part) {
+void amx_columns16(const Q4Weight& wt, const uint16_t* xb, float* Y, int64_t M, int64_t m0, int64_t g, uint32_t* wtiles,
+                   bool dequantized, float* part) {
   const int64_t K = wt.k, N = wt.n, blocks = K / kBlock, stride = K * 2;
   _tile_zero(0);
   if constexpr (TILES > 1) _tile_zero(1);
@@ -392,8 +395,8 @@ void amx_columns16(const Q4Weight& wt, const uint16_t* xb, float* Y, int64_t M, 
     const int64_t at = g * blocks + b;
     for (int m = 0; m < 4; ++m)
       _mm_prefetch(reinterpret_cast<const char*>(wt.w + at * 256 + kPrefetchBytes + 64 * m), _MM_HINT_T0);
-    dequantize_bf16(wt.w + at * 256, wt.s + at * 16, wt.l + at * 16, wtile);
-    _tile_loadd(5, wtile, 64);
+    if (!dequantized) dequantize_bf16(wt.w + at * 256, wt.s + at * 16, wt.l + at * 16, wtiles + b * 256);
+    _tile_loadd(5, wtiles + b * 256, 64);
     _tile_loadd(4, x + b * kBlock, stride);
     _tile_dpbf16ps(0, 4, 5);
     if constexpr (TILES > 1) {
@@ -431,12 +434,12 @@ void q4_matmul_amx(const float* x, int64_t M, const Q4Weight& wt, float* Y) {
   });
   at::parallel_for(0, N / 16, 1, [&](int64_t g0, int64_t g1) {
     configure_tiles();
-    alignas(64) uint32_t wtile[256];
+    std::vector<uint32_t> wtiles(wt.k / kBlock * 256);
     alignas(64) float part[1024];
     for (int64_t g = g0; g < g1; ++g)
       for (int64_t t = 0; t < tiles; t += 4)
         with_rows<4>(std::min<int64_t>(tiles - t, 4), [&](auto n) {
-          amx_columns16<decltype(n)::value>(wt, xb.data(), Y, M, 16 * t, g, wtile, part);
+          amx_columns16<decltype(n)::value>(wt, xb.data(), Y, M, 16 * t, g, wtiles.data(), t > 0, part);
         });
     _tile_release();
   });
@@ -447,7 +450,7 @@ void q4_matmul_amx(const float* x, int64_t M, const Q4Weight& wt, float* Y) {
 // y [M, N] = x [M, K] @ W^T, x and y contiguous
 void q4_matmul(const float* x, int64_t M, const Q4Weight& wt, float* Y) {
 #if LLMSERVE_AMX
-  if (wt.columns16 && M >= kAmxMinRows && amx_ready()) return q4_matmul_amx(x, M, wt, Y);
+  if (wt.columns16 && M >= amx_min_rows_now && amx_ready()) return q4_matmul_amx(x, M, wt, Y);
 #endif
 #if LLMSERVE_AVX512
   if (wt.columns16) return q4_matmul_columns16(x, M, wt, Y);
@@ -650,6 +653,31 @@ inline void silu_mul(const float* gate, const float* up, float* out, int64_t n) 
   for (; i < n; ++i) out[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
 }
 
+#if LLMSERVE_AVX512
+// One query head's attention over positions [first, end) of its KV head, D = 16 DV values a head:
+// y = softmax(q . keys * scale) @ values, the D sums in registers over all positions (the loop in
+// decode_layers reads and writes them for every position: 17.9 -> 12.9 ms of a 64-row step's
+// attention, scratch build/exp/amx2/dl.py, AMX Xeon). p: scratch of at least end floats.
+template <int DV>
+void attend_head(const float* q, const float* keys, const float* values, int64_t first, int64_t end, float scale,
+                 float* p, float* y) {
+  constexpr int64_t D = 16 * DV;
+  __m512 qv[DV], acc[DV];
+  for (int j = 0; j < DV; ++j) qv[j] = _mm512_loadu_ps(q + 16 * j), acc[j] = _mm512_setzero_ps();
+  for (int64_t i = first; i < end; ++i) {
+    __m512 dot = _mm512_mul_ps(qv[0], _mm512_loadu_ps(keys + i * D));
+    for (int j = 1; j < DV; ++j) dot = _mm512_fmadd_ps(qv[j], _mm512_loadu_ps(keys + i * D + 16 * j), dot);
+    p[i] = _mm512_reduce_add_ps(dot) * scale;
+  }
+  const __m512 inv_sum = _mm512_set1_ps(1.f / softmax_numerators(p + first, end - first));
+  for (int64_t i = first; i < end; ++i) {
+    const __m512 weight = _mm512_set1_ps(p[i]);
+    for (int j = 0; j < DV; ++j) acc[j] = _mm512_fmadd_ps(weight, _mm512_loadu_ps(values + i * D + 16 * j), acc[j]);
+  }
+  for (int j = 0; j < DV; ++j) _mm512_storeu_ps(y + 16 * j, _mm512_mul_ps(acc[j], inv_sum));
+}
+#endif
+
 // the model's rotary embedding (rotate_half) of one head's D values, in place
 void rotate_head(float* x, const float* cos, const float* sin, int64_t D) {
   const int64_t half = D / 2;
@@ -730,9 +758,9 @@ torch::Tensor q8_mm(const torch::Tensor& x, const torch::Tensor& q, const torch:
 // softmax, residuals, cache writes) cost more than their products at a few rows when torch runs
 // them one by one, or torch.compile's guards and wrappers do. Writes the new keys and values into
 // the cache at positions lengths[b] .. lengths[b] + W - 1; token j of row b attends to positions
-// starts[b] .. lengths[b] + j.
+// starts[b] .. lengths[b] + j (itself alone where that is before starts[b]: a prefill's left padding).
 //   x [B*W, C] the embedded tokens (row b's W tokens adjacent); cos, sin [B*W, D]
-//   k_cache, v_cache [L, S, Hkv, T, D] float32; starts, lengths [>= B] int64
+//   k_cache, v_cache [L, S, Hkv, T, D] float32, each row contiguous (a prefill passes its rows); starts, lengths [>= B] int64
 //   weights: per layer input norm, qkv packed, qkv scales, qkv weight, o packed, o scales, o weight,
 //   post-attention norm, gate|up packed, scales, weight, down packed, scales, weight (PackedLinear's)
 //   max_packed_rows: steps of at most this many rows (B*W) take the packed weights, others the float
@@ -749,9 +777,13 @@ torch::Tensor decode_layers(const torch::Tensor& x, const torch::Tensor& cos, co
   TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.dim() == 2 && R == B * W && cos.sizes() == sin.sizes() &&
               cos.size(0) == R && cos.size(1) == D && cos.scalar_type() == torch::kFloat32 && D % 2 == 0 && H % Hkv == 0,
               "x [B*W, C] and cos, sin [B*W, D] float32");
-  TORCH_CHECK(k_cache.scalar_type() == torch::kFloat32 && k_cache.is_contiguous() && v_cache.sizes() == k_cache.sizes() &&
-              v_cache.scalar_type() == torch::kFloat32 && v_cache.is_contiguous() && k_cache.size(1) >= B,
-              "the cache must be [L, S >= B, Hkv, T, D] float32, contiguous");
+  // a prefill passes the rows it fills (a slice of the cache's rows: only dims 2-4 need be contiguous)
+  auto rows_contiguous = [](const torch::Tensor& c) {
+    return c.stride(4) == 1 && c.stride(3) == c.size(4) && c.stride(2) == c.size(3) * c.size(4);
+  };
+  TORCH_CHECK(k_cache.scalar_type() == torch::kFloat32 && rows_contiguous(k_cache) && v_cache.sizes() == k_cache.sizes() &&
+              v_cache.strides() == k_cache.strides() && v_cache.scalar_type() == torch::kFloat32 && k_cache.size(1) >= B,
+              "the cache must be [L, S >= B, Hkv, T, D] float32, each row contiguous");
   TORCH_CHECK(starts.scalar_type() == torch::kInt64 && lengths.scalar_type() == torch::kInt64 && starts.numel() >= B &&
               lengths.numel() >= B, "starts and lengths: int64, one per row");
   TORCH_CHECK(static_cast<int64_t>(weights.size()) == L * kPerLayer, "weights: ", kPerLayer, " tensors per layer");
@@ -760,7 +792,7 @@ torch::Tensor decode_layers(const torch::Tensor& x, const torch::Tensor& cos, co
   const int64_t* START = st.data_ptr<int64_t>();
   const int64_t* LEN = ln.data_ptr<int64_t>();
   for (int64_t b = 0; b < B; ++b)
-    TORCH_CHECK(0 <= START[b] && START[b] <= LEN[b] && LEN[b] + W <= T, "row ", b, ": its new tokens do not fit the cache");
+    TORCH_CHECK(0 <= START[b] && 0 <= LEN[b] && LEN[b] + W <= T, "row ", b, ": its new tokens do not fit the cache");
   const float* COS = cs.data_ptr<float>();
   const float* SIN = sn.data_ptr<float>();
   const int64_t QKV = (H + 2 * Hkv) * D;
@@ -805,14 +837,23 @@ torch::Tensor decode_layers(const torch::Tensor& x, const torch::Tensor& cos, co
       std::vector<float> p(G * T), inv_sum(G);
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t r = t / Hkv, kv = t % Hkv, b = r / W;
-        const int64_t first = START[b], end = LEN[b] + r % W + 1;   // positions [first, end)
+        // positions [first, end); a prefill's left padding (before starts[b]) sees itself alone
+        const int64_t end = LEN[b] + r % W + 1, first = std::min(START[b], end - 1);
         const float* keys = kl + b * row_stride + kv * head_stride;
         const float* values = vl + b * row_stride + kv * head_stride;
         const float* q = qkv.data() + r * QKV + kv * G * D;       // head kv * G + g at q + g * D
+        float* y = o.data() + r * H * D + kv * G * D;
+#if LLMSERVE_AVX512
+        if (D == 64 || D == 128) {
+          for (int64_t g = 0; g < G; ++g)
+            (D == 64 ? attend_head<4> : attend_head<8>)(q + g * D, keys, values, first, end, static_cast<float>(scale),
+                                                       p.data(), y + g * D);
+          continue;
+        }
+#endif
         for (int64_t i = first; i < end; ++i)
           for (int64_t g = 0; g < G; ++g) p[g * T + i] = dot_floats(q + g * D, keys + i * D, D) * static_cast<float>(scale);
         for (int64_t g = 0; g < G; ++g) inv_sum[g] = 1.f / softmax_numerators(p.data() + g * T + first, end - first);
-        float* y = o.data() + r * H * D + kv * G * D;
         std::fill_n(y, G * D, 0.f);
         for (int64_t i = first; i < end; ++i) {
           const float* v = values + i * D;
@@ -836,7 +877,20 @@ torch::Tensor decode_layers(const torch::Tensor& x, const torch::Tensor& cos, co
   return out;
 }
 
+// llmserve::amx_min_rows: the rows from which the AMX build's 4-bit products take AMX tiles (bf16
+// activations) where the AVX-512 kernel rounds them to int8; rows >= 0 sets it. Returns the value
+// before, or 1 << 30 (never) where this build or process has no AMX.
+int64_t amx_min_rows(int64_t rows) {
+#if LLMSERVE_AMX
+  if (!amx_ready()) return int64_t{1} << 30;
+  return rows >= 0 ? amx_min_rows_now.exchange(rows) : amx_min_rows_now.load();
+#else
+  return int64_t{1} << 30;
+#endif
+}
+
 TORCH_LIBRARY(llmserve, m) {
+  m.def("amx_min_rows(int rows) -> int", &amx_min_rows);
   m.def("q4_mm(Tensor x, Tensor packed, Tensor scale, Tensor low) -> Tensor");
   m.def("q8_mm(Tensor x, Tensor q, Tensor scale) -> Tensor");
   m.def("mkl_pack(Tensor w) -> Tensor");

@@ -139,6 +139,12 @@ def lowbit_kernels() -> str:
     return variant.lstrip("_") or "avx2"
 
 
+def amx_min_rows() -> int:
+    """The rows from which our 4-bit kernel takes AMX tiles and bf16 activations, where below it
+    rounds them to int8 (lowbit_avx2.cpp); ALWAYS_PACKED where it never does (no AMX)."""
+    return torch.ops.llmserve.amx_min_rows(-1) if lowbit_kernels() else ALWAYS_PACKED
+
+
 def pack_q4_columns16(q: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """q4_mm's AVX-512 layout of q [N, K] (0..15) and its scale and low [N, K/32], N a multiple of 16:
     packed [N/16, K/32, 256], where 64-byte vector m of a block holds in byte 4c + t weight
@@ -256,11 +262,15 @@ class PackedLinear(torch.nn.Module):
         x2 = x.reshape(-1, x.shape[-1])                                                     # [rows, K]
         # a prefill ([B, T > 1, K]) takes the float weights unless told always to pack: our 4-bit kernel's
         # int8 activations can flip a near-tied first token ("What is the capital of France?": "The"
-        # ... Paris, or "L'" ... French rambling), which every later token follows
+        # ... Paris, or "L'" ... French rambling), which every later token follows; but AMX tiles
+        # take bf16 activations, and beat the bf16 products up to 512 rows (273.5 against 285.4 ms
+        # for the 120 decoder products, scratch build/exp/amx2/bench.py), so there every prefill packs
         # (our 8-bit kernel rounds no activations: a verify step's LM head, [B, W > 1, K], stays on it)
-        prefill = self.own_kernel and self.bits == 4 and x.dim() == 3 and x.shape[1] > 1 \
-            and self.max_packed_rows < ALWAYS_PACKED
-        if x2.shape[0] > self.max_packed_rows or prefill:
+        if self.own_kernel and self.bits == 4 and x.dim() == 3 and x.shape[1] > 1 and self.max_packed_rows < ALWAYS_PACKED:
+            packed = self.max_packed_rows > 0 and x2.shape[0] >= amx_min_rows()
+        else:
+            packed = x2.shape[0] <= self.max_packed_rows
+        if not packed:
             if self.dense_packed is not None:
                 y = torch.ops.llmserve.mkl_mm(x2.float(), self.dense_packed, self.out_features)
                 return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from .kv_cache import KVCache
+from .quantize import ALWAYS_PACKED, amx_min_rows
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -129,9 +130,28 @@ class ModelRunner:
             c.k[layer, rows, :, T - W:T] = k
             c.v[layer, rows, :, T - W:T] = v
             return c.k[layer, rows, :, :T], c.v[layer, rows, :, :T]
-        logits = self._forward(tokens, positions, mask[:, None], write, all_positions)
+        if self.fused_weights is None:
+            logits = self._forward(tokens, positions, mask[:, None], write, all_positions)
+        else:   # our C++ decoder step, each row's W tokens at once, written into the rows' cache
+            x = self.decoder.embed_tokens(tokens.reshape(B * W, 1))                          # [B*W, 1, C]
+            cos, sin = self.decoder.rotary_emb(x, positions.reshape(B * W, 1))
+            first = self.decoder.layers[0]
+            x = torch.ops.llmserve.decode_layers(
+                x.reshape(B * W, -1), cos.reshape(B * W, -1), sin.reshape(B * W, -1), c.k[:, rows], c.v[:, rows], pads,
+                torch.full_like(pads, T - W), W, self.num_heads, first.input_layernorm.variance_epsilon,
+                first.self_attn.scaling, self._prefill_packed_rows(B, W), self.fused_weights).reshape(B, W, -1)
+            logits = self.model.lm_head(rms_norm(self.decoder.norm, x if all_positions else x[:, -1])).float()
         c.set_prefilled(rows, T, pads)
         return logits
+
+    def _prefill_packed_rows(self, B: int, W: int) -> int:
+        """The C++ step's max_packed_rows for a prefill of W tokens in each of B rows, by
+        PackedLinear.forward's rule: one token a row as a decode step; more, packed where told always
+        to pack or where AMX tiles take them (bf16 activations), else 0 (the float weights)."""
+        limit = self.decoder.layers[0].self_attn.qkv_proj.max_packed_rows
+        if W == 1 or limit >= ALWAYS_PACKED:
+            return limit
+        return ALWAYS_PACKED if limit > 0 and B * W >= amx_min_rows() else 0
 
     def decode(self, num_rows: int) -> torch.Tensor:
         """One token for each of rows 0..num_rows-1, fed from cache.last_tokens; returns logits [B, V]."""
