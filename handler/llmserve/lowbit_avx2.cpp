@@ -393,9 +393,11 @@ void amx_columns16(const Q4Weight& wt, const uint16_t* xb, float* Y, int64_t M, 
   const uint16_t* x = xb + m0 * K;
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t at = g * blocks + b;
-    for (int m = 0; m < 4; ++m)
-      _mm_prefetch(reinterpret_cast<const char*>(wt.w + at * 256 + kPrefetchBytes + 64 * m), _MM_HINT_T0);
-    if (!dequantized) dequantize_bf16(wt.w + at * 256, wt.s + at * 16, wt.l + at * 16, wtiles + b * 256);
+    if (!dequantized) {
+      for (int m = 0; m < 4; ++m)
+        _mm_prefetch(reinterpret_cast<const char*>(wt.w + at * 256 + kPrefetchBytes + 64 * m), _MM_HINT_T0);
+      dequantize_bf16(wt.w + at * 256, wt.s + at * 16, wt.l + at * 16, wtiles + b * 256);
+    }
     _tile_loadd(5, wtiles + b * 256, 64);
     _tile_loadd(4, x + b * kBlock, stride);
     _tile_dpbf16ps(0, 4, 5);

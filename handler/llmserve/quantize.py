@@ -145,6 +145,19 @@ def amx_min_rows() -> int:
     return torch.ops.llmserve.amx_min_rows(-1) if lowbit_kernels() else ALWAYS_PACKED
 
 
+def prefill_packed_rows(max_packed_rows: int, rows: int) -> int:
+    """The packed-kernel row limit for a prefill of `rows` rows (several tokens a row) on our 4-bit
+    kernel, whose int8 activations can flip a near-tied first token ("What is the capital of
+    France?": "The" ... Paris, or "L'" ... French rambling), which every later token follows: the
+    float weights (0) unless told always to pack; but AMX tiles take bf16 activations and beat the
+    bf16 products up to 512 rows (scratch timings in commit e758a75's message), so from
+    amx_min_rows() rows every prefill packs unless the layers never do. PackedLinear.forward and
+    the C++ decoder step (runner.prefill) both follow it."""
+    if max_packed_rows >= ALWAYS_PACKED or (max_packed_rows > 0 and rows >= amx_min_rows()):
+        return ALWAYS_PACKED
+    return 0
+
+
 def pack_q4_columns16(q: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """q4_mm's AVX-512 layout of q [N, K] (0..15) and its scale and low [N, K/32], N a multiple of 16:
     packed [N/16, K/32, 256], where 64-byte vector m of a block holds in byte 4c + t weight
@@ -209,8 +222,8 @@ class PackedLinear(torch.nn.Module):
     packed kernel when the input has at most max_packed_rows rows, the float one otherwise.
     own_kernel: our AVX2 kernels where they build (lowbit_avx2.cpp), else torch's. 4-bit layers:
     faster, but it rounds the activations to int8 per block of 32 (w4's WikiText-2 perplexity +0.7 %
-    against +0.1 % with torch's; on AMX, steps of 16 rows or more take bf16 activations and tiles). 8-bit layers (w8, w4's LM head): float activations times int8
-    weights, no rounding: an int8-activation kernel rounded w8 0.66 % off bf16 (the aim is 0.5 %)
+    against +0.1 % with torch's; on AMX, steps of 16 rows or more take bf16 activations and tiles).
+    8-bit layers (w8, w4's LM head): float activations times int8 weights, no rounding: an int8-activation kernel rounded w8 0.66 % off bf16 (the aim is 0.5 %)
     and as w4's LM head turned the first token of "What is the capital of France?" from "The"
     (capital ... is Paris) to "L'" (French rambling): the last hidden state's outliers."""
 
@@ -260,17 +273,11 @@ class PackedLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])                                                     # [rows, K]
-        # a prefill ([B, T > 1, K]) takes the float weights unless told always to pack: our 4-bit kernel's
-        # int8 activations can flip a near-tied first token ("What is the capital of France?": "The"
-        # ... Paris, or "L'" ... French rambling), which every later token follows; but AMX tiles
-        # take bf16 activations, and beat the bf16 products up to 512 rows (273.5 against 285.4 ms
-        # for the 120 decoder products, scratch build/exp/amx2/bench.py), so there every prefill packs
+        limit = self.max_packed_rows
+        if self.own_kernel and self.bits == 4 and x.dim() == 3 and x.shape[1] > 1:   # a prefill: [B, T > 1, K]
+            limit = prefill_packed_rows(limit, x2.shape[0])
         # (our 8-bit kernel rounds no activations: a verify step's LM head, [B, W > 1, K], stays on it)
-        if self.own_kernel and self.bits == 4 and x.dim() == 3 and x.shape[1] > 1 and self.max_packed_rows < ALWAYS_PACKED:
-            packed = self.max_packed_rows > 0 and x2.shape[0] >= amx_min_rows()
-        else:
-            packed = x2.shape[0] <= self.max_packed_rows
-        if not packed:
+        if x2.shape[0] > limit:
             if self.dense_packed is not None:
                 y = torch.ops.llmserve.mkl_mm(x2.float(), self.dense_packed, self.out_features)
                 return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
@@ -323,8 +330,8 @@ def pack_linears(model, mode: str) -> list[PackedLinear]:
 def choose_kernels(layers: list[PackedLinear], max_packed_rows: int, max_rows: int) -> tuple[int, dict]:
     """Set every layer's max_packed_rows: as configured, or (-1) the most rows at which the packed
     kernels beat the float ones, timed here on the real weights, each kernel's layers together
-    (w4: the decoder's 4-bit layers, the 8-bit LM head: on AMX the first win past 64 rows, the
-    second lose from 16). Returns the first layer's (a decoder layer's) and the timings
+    (w4: the decoder's 4-bit layers, the 8-bit LM head: on AMX the first won to 64 rows, the
+    second lost from 16). Returns the first layer's (a decoder layer's) and the timings
     {"4-bit" / "8-bit": {rows: {"packed_ms", "dense_ms"}}}."""
     if not layers or max_packed_rows >= 0:
         for layer in layers:

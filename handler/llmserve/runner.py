@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from .kv_cache import KVCache
-from .quantize import ALWAYS_PACKED, amx_min_rows
+from .quantize import prefill_packed_rows
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -123,35 +123,40 @@ class ModelRunner:
         tokens = torch.tensor([[0] * (T - len(t)) + t for t in token_lists], device=dev)[:, T - W:]   # [B, W]
         pos, qpos = c.positions[:T], c.positions[T - W:T]
         positions = (qpos[None, :] - pads[:, None]).clamp(min=0)                             # [B, W]
-        causal = qpos[None, :, None] >= pos[None, None, :]                                   # [1, W(q), T(k)]
-        mask = causal & (pos[None, None, :] >= pads[:, None, None])                          # [B, W, T]
-        mask |= qpos[:, None] == pos[None, :]    # padding queries see themselves: no NaN rows
-        def write(layer: int, k: torch.Tensor, v: torch.Tensor):
-            c.k[layer, rows, :, T - W:T] = k
-            c.v[layer, rows, :, T - W:T] = v
-            return c.k[layer, rows, :, :T], c.v[layer, rows, :, :T]
         if self.fused_weights is None:
+            causal = qpos[None, :, None] >= pos[None, None, :]                               # [1, W(q), T(k)]
+            mask = causal & (pos[None, None, :] >= pads[:, None, None])                      # [B, W, T]
+            mask |= qpos[:, None] == pos[None, :]    # padding queries see themselves: no NaN rows
+            def write(layer: int, k: torch.Tensor, v: torch.Tensor):
+                c.k[layer, rows, :, T - W:T] = k
+                c.v[layer, rows, :, T - W:T] = v
+                return c.k[layer, rows, :, :T], c.v[layer, rows, :, :T]
             logits = self._forward(tokens, positions, mask[:, None], write, all_positions)
         else:   # our C++ decoder step, each row's W tokens at once, written into the rows' cache
-            x = self.decoder.embed_tokens(tokens.reshape(B * W, 1))                          # [B*W, 1, C]
-            cos, sin = self.decoder.rotary_emb(x, positions.reshape(B * W, 1))
-            first = self.decoder.layers[0]
-            x = torch.ops.llmserve.decode_layers(
-                x.reshape(B * W, -1), cos.reshape(B * W, -1), sin.reshape(B * W, -1), c.k[:, rows], c.v[:, rows], pads,
-                torch.full_like(pads, T - W), W, self.num_heads, first.input_layernorm.variance_epsilon,
-                first.self_attn.scaling, self._prefill_packed_rows(B, W), self.fused_weights).reshape(B, W, -1)
-            logits = self.model.lm_head(rms_norm(self.decoder.norm, x if all_positions else x[:, -1])).float()
+            x, cos, sin = self._embed(tokens, positions)
+            packed_rows = self.decoder.layers[0].self_attn.qkv_proj.max_packed_rows   # one token a row: a decode step's
+            x = self._fused_layers(x, cos, sin, c.k[:, rows], c.v[:, rows], pads, torch.full_like(pads, T - W), W,
+                                   packed_rows if W == 1 else prefill_packed_rows(packed_rows, B * W)).reshape(B, W, -1)
+            logits = self._logits(x if all_positions else x[:, -1])
         c.set_prefilled(rows, T, pads)
         return logits
 
-    def _prefill_packed_rows(self, B: int, W: int) -> int:
-        """The C++ step's max_packed_rows for a prefill of W tokens in each of B rows, by
-        PackedLinear.forward's rule: one token a row as a decode step; more, packed where told always
-        to pack or where AMX tiles take them (bf16 activations), else 0 (the float weights)."""
-        limit = self.decoder.layers[0].self_attn.qkv_proj.max_packed_rows
-        if W == 1 or limit >= ALWAYS_PACKED:
-            return limit
-        return ALWAYS_PACKED if limit > 0 and B * W >= amx_min_rows() else 0
+    def _embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> tuple:
+        """tokens, positions [B, W] -> the embedded tokens [B*W, 1, C] and their rotary cos, sin [B*W, 1, D]."""
+        x = self.decoder.embed_tokens(tokens.reshape(-1, 1))
+        return x, *self.decoder.rotary_emb(x, positions.reshape(-1, 1))
+
+    def _fused_layers(self, x, cos, sin, k, v, starts, lengths, W: int, max_packed_rows: int) -> torch.Tensor:
+        """Every decoder layer in our C++ step (llmserve::decode_layers) over x [B*W, 1, C], writing
+        the new keys and values into k, v (the cache's rows 0..B-1); the last layer's output [B*W, C]."""
+        first, R = self.decoder.layers[0], x.shape[0]
+        return torch.ops.llmserve.decode_layers(
+            x.reshape(R, -1), cos.reshape(R, -1), sin.reshape(R, -1), k, v, starts, lengths, W, self.num_heads,
+            first.input_layernorm.variance_epsilon, first.self_attn.scaling, max_packed_rows, self.fused_weights)
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The final norm and the LM head: logits [..., V] float32 of hidden states [..., C]."""
+        return self.model.lm_head(rms_norm(self.decoder.norm, x)).float()
 
     def decode(self, num_rows: int) -> torch.Tensor:
         """One token for each of rows 0..num_rows-1, fed from cache.last_tokens; returns logits [B, V]."""
@@ -175,15 +180,11 @@ class ModelRunner:
         Tk = max(int(c.row_lengths[:B].max()), 2)
         assert Tk + W <= c.max_len
         lengths, starts = c.lengths[:B], c.starts[:B]                                        # [B]
-        x = self.decoder.embed_tokens(tokens.reshape(B * W, 1))                              # [B*W, 1, C]
         offsets = torch.arange(W, device=dev)
-        cos, sin = self.decoder.rotary_emb(x, ((lengths - starts)[:, None] + offsets).reshape(B * W, 1))
+        x, cos, sin = self._embed(tokens, (lengths - starts)[:, None] + offsets)             # [B*W, 1, C|D]
         if self.fused_weights is not None:   # writes the cache itself
-            first = self.decoder.layers[0]
-            x = torch.ops.llmserve.decode_layers(
-                x.reshape(B * W, -1), cos.reshape(B * W, -1), sin.reshape(B * W, -1), c.k, c.v, starts, lengths, W,
-                self.num_heads, first.input_layernorm.variance_epsilon, first.self_attn.scaling,
-                first.self_attn.qkv_proj.max_packed_rows, self.fused_weights)
+            x = self._fused_layers(x, cos, sin, c.k, c.v, starts, lengths, W,
+                                   self.decoder.layers[0].self_attn.qkv_proj.max_packed_rows)
         else:
             cos, sin = cos[:, None], sin[:, None]                                            # [B*W, 1, 1, D]
             pos = c.positions[:Tk]
@@ -200,8 +201,7 @@ class ModelRunner:
             c.k[:, rows, :, cols] = torch.stack(new_k, dim=1).permute(0, 3, 1, 2, 4)             # [B, W, L, Hkv, D]
             c.v[:, rows, :, cols] = torch.stack(new_v, dim=1).permute(0, 3, 1, 2, 4)
         c.advance(B)
-        x = rms_norm(self.decoder.norm, x.reshape(B, W, -1))
-        return self.model.lm_head(x).float()                                                # [B, W, V]
+        return self._logits(x.reshape(B, W, -1))                                            # [B, W, V]
 
     def _decode_layer(self, layer, x, cos, sin, mask, k_past, v_past):
         """One decoder layer for W new tokens in each of B rows, flattened: x [B*W, 1, C]; cos, sin:
@@ -252,5 +252,4 @@ class ModelRunner:
             o = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, scale=layer.self_attn.scaling,
                                                enable_gqa=self.num_heads != self.num_kv_heads)   # [B, H, T, D]
             x = self._finish_layer(layer, x, o)
-        x = rms_norm(self.decoder.norm, x if all_positions else x[:, -1])       # [B, T, C] or [B, C]
-        return self.model.lm_head(x).float()                                    # [B, T, V] or [B, V]
+        return self._logits(x if all_positions else x[:, -1])                   # [B, T, V] or [B, V]
