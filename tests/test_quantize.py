@@ -100,21 +100,51 @@ def test_own_kernel_matches_its_weights_at_every_row_tile(rows, N):
     assert error.max() < 0.02, error
 
 
-@pytest.mark.parametrize("rows", [1, 3, 4, 5, 17])
-def test_own_8bit_kernel_multiplies_float_activations_exactly(rows):
-    """Our 8-bit kernel (w8, w4's LM head) rounds nothing but the weights: it gives the product with
-    its dequantized weights to float rounding, in every row of a tile of 4 and past the last one."""
-    w = torch.randn(40, 96, generator=torch.Generator().manual_seed(rows)) * 0.05
-    layer = PackedLinear(linear_with(w), bits=8)
-    if not layer.own_kernel:
+@pytest.fixture
+def amx_rows():
+    """Sets the rows from which our kernels take AMX tiles (llmserve::amx_min_rows) for one test."""
+    if not lowbit_kernels():
         pytest.skip("our kernels did not load (no AVX2 here?); test_packed_output_is_close_to_float_output checks")
+    before = torch.ops.llmserve.amx_min_rows(-1)
+    yield lambda rows: torch.ops.llmserve.amx_min_rows(rows)
+    torch.ops.llmserve.amx_min_rows(before)
+
+
+@pytest.mark.parametrize("N", [40, 48])
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 8, 9, 17])
+def test_own_8bit_kernel_multiplies_float_activations_exactly(rows, N, amx_rows):
+    """Our 8-bit kernel (w8, w4's LM head) rounds nothing but the weights, without AMX tiles: it gives
+    the product with its dequantized weights to float rounding, in every row of a tile (4 rows; 8 in
+    the AVX-512 pairs layout, where N is a multiple of 16) and past the last one."""
+    amx_rows(ALWAYS_PACKED)
+    w = torch.randn(N, 96, generator=torch.Generator().manual_seed(rows)) * 0.05
+    layer = PackedLinear(linear_with(w), bits=8)
+    assert layer.packed.dim() == (3 if layer.own_kernel in ("amx", "avx512") and N % 16 == 0 else 2)
     x = torch.randn(rows, 96, generator=torch.Generator().manual_seed(2))
     x[0, :32] *= 50
-    expected = F.linear(x, layer.packed.float() * layer.scales[:, None])
+    q, scales = quantize.quantize_w8(w)
+    expected = F.linear(x, q.float() * scales[:, None])
     assert (layer(x) - expected).abs().max() < 1e-5 * expected.abs().max()
     # several tokens per row (a verify step's LM head) stay on it: no float-weight rule for 8 bits
     choose_kernels([layer], max_packed_rows=32, max_rows=32)
     assert torch.equal(layer(x[None]), layer(x)[None])
+
+
+@pytest.mark.parametrize("rows", [16, 17, 64, 70])
+def test_own_8bit_kernel_on_amx_tiles_rounds_only_the_activations_to_bf16(rows, amx_rows):
+    """On AMX, from amx_min_rows rows, the 8-bit weights are widened to bf16 exactly and the
+    activations rounded to bf16 (as the float weights' bf16 products round them): every row of
+    the 4 tiles of 16 and of a partial one, each column times its own scale."""
+    if amx_rows(-1) == ALWAYS_PACKED:
+        pytest.skip("no AMX tiles on this CPU")
+    amx_rows(16)
+    w = torch.randn(48, 96, generator=torch.Generator().manual_seed(rows)) * 0.05
+    w[5] *= 40                                                        # one column's scale far larger
+    layer = PackedLinear(linear_with(w), bits=8)
+    x = torch.randn(rows, 96, generator=torch.Generator().manual_seed(2))
+    q, scales = quantize.quantize_w8(w)
+    expected = F.linear(x.bfloat16().float(), q.float() * scales[:, None])
+    assert (layer(x) - expected).abs().max() < 1e-5 * expected.abs().max()
 
 
 def test_each_kernel_gets_a_crossover_of_its_own(monkeypatch):

@@ -380,24 +380,20 @@ inline void dequantize_bf16(const uint8_t* src, const uint16_t* S, const uint16_
 }
 
 // Column group g for TILES tiles of 16 rows from row m0 of xb [*, K] bf16 (rows past M are zeros):
-// Y's rows m0 .. M - 1 (a partial tile through the 16 x 16 buffer part). wtiles: the group's blocks
-// as weight tiles (K / 32 x 1 KiB), dequantized here unless an earlier 64 rows did (a prefill)
-template <int TILES>
-void amx_columns16(const Q4Weight& wt, const uint16_t* xb, float* Y, int64_t M, int64_t m0, int64_t g, uint32_t* wtiles,
-                   bool dequantized, float* part) {
-  const int64_t K = wt.k, N = wt.n, blocks = K / kBlock, stride = K * 2;
+// Y's rows m0 .. M - 1 (a partial tile through the 16 x 16 buffer part), times colscale's 16 columns
+// where given. wtiles: the group's blocks as weight tiles (K / 32 x 1 KiB), filled here by
+// dequant(g, b, tile) unless an earlier 64 rows did (a prefill)
+template <int TILES, typename Dequant>
+void amx_group(int64_t K, int64_t N, const uint16_t* xb, float* Y, int64_t M, int64_t m0, int64_t g, uint32_t* wtiles,
+               bool dequantized, float* part, const float* colscale, const Dequant& dequant) {
+  const int64_t blocks = K / kBlock, stride = K * 2;
   _tile_zero(0);
   if constexpr (TILES > 1) _tile_zero(1);
   if constexpr (TILES > 2) _tile_zero(2);
   if constexpr (TILES > 3) _tile_zero(3);
   const uint16_t* x = xb + m0 * K;
   for (int64_t b = 0; b < blocks; ++b) {
-    const int64_t at = g * blocks + b;
-    if (!dequantized) {
-      for (int m = 0; m < 4; ++m)
-        _mm_prefetch(reinterpret_cast<const char*>(wt.w + at * 256 + kPrefetchBytes + 64 * m), _MM_HINT_T0);
-      dequantize_bf16(wt.w + at * 256, wt.s + at * 16, wt.l + at * 16, wtiles + b * 256);
-    }
+    if (!dequantized) dequant(g, b, wtiles + b * 256);
     _tile_loadd(5, wtiles + b * 256, 64);
     _tile_loadd(4, x + b * kBlock, stride);
     _tile_dpbf16ps(0, 4, 5);
@@ -415,9 +411,11 @@ void amx_columns16(const Q4Weight& wt, const uint16_t* xb, float* Y, int64_t M, 
     }
   }
   // tile i to part, then its rows that exist to Y
+  const __m512 scale = colscale ? _mm512_loadu_ps(colscale + g * 16) : _mm512_set1_ps(1.f);
   auto store = [&](int i) {
     const int64_t first = m0 + 16 * i, rows = std::min<int64_t>(16, M - first);
-    for (int64_t r = 0; r < rows; ++r) std::copy_n(part + 256 * i + 16 * r, 16, Y + (first + r) * N + g * 16);
+    for (int64_t r = 0; r < rows; ++r)
+      _mm512_storeu_ps(Y + (first + r) * N + g * 16, _mm512_mul_ps(_mm512_load_ps(part + 256 * i + 16 * r), scale));
   };
   _tile_stored(0, part, 64);
   if constexpr (TILES > 1) _tile_stored(1, part + 256, 64);
@@ -426,8 +424,10 @@ void amx_columns16(const Q4Weight& wt, const uint16_t* xb, float* Y, int64_t M, 
   for (int i = 0; i < TILES; ++i) store(i);
 }
 
-void q4_matmul_amx(const float* x, int64_t M, const Q4Weight& wt, float* Y) {
-  const int64_t K = wt.k, N = wt.n, tiles = (M + 15) / 16;
+// Y [M, N] = x [M, K] (rounded to bf16) times the weights dequant gives, block by block, as bf16 tiles
+template <typename Dequant>
+void amx_matmul(const float* x, int64_t M, int64_t K, int64_t N, float* Y, const float* colscale, const Dequant& dequant) {
+  const int64_t tiles = (M + 15) / 16;
   std::vector<uint16_t> xb(tiles * 16 * K, 0);      // the activations in bf16, zeros past row M
   at::parallel_for(0, M, 1, [&](int64_t r0, int64_t r1) {
     for (int64_t i = r0 * K; i < r1 * K; i += 32)   // K is a multiple of 32
@@ -436,14 +436,24 @@ void q4_matmul_amx(const float* x, int64_t M, const Q4Weight& wt, float* Y) {
   });
   at::parallel_for(0, N / 16, 1, [&](int64_t g0, int64_t g1) {
     configure_tiles();
-    std::vector<uint32_t> wtiles(wt.k / kBlock * 256);
+    std::vector<uint32_t> wtiles(K / kBlock * 256);
     alignas(64) float part[1024];
     for (int64_t g = g0; g < g1; ++g)
       for (int64_t t = 0; t < tiles; t += 4)
         with_rows<4>(std::min<int64_t>(tiles - t, 4), [&](auto n) {
-          amx_columns16<decltype(n)::value>(wt, xb.data(), Y, M, 16 * t, g, wtiles.data(), t > 0, part);
+          amx_group<decltype(n)::value>(K, N, xb.data(), Y, M, 16 * t, g, wtiles.data(), t > 0, part, colscale, dequant);
         });
     _tile_release();
+  });
+}
+
+void q4_matmul_amx(const float* x, int64_t M, const Q4Weight& wt, float* Y) {
+  const int64_t blocks = wt.k / kBlock;
+  amx_matmul(x, M, wt.k, wt.n, Y, nullptr, [&](int64_t g, int64_t b, uint32_t* tile) {
+    const int64_t at = g * blocks + b;
+    for (int m = 0; m < 4; ++m)
+      _mm_prefetch(reinterpret_cast<const char*>(wt.w + at * 256 + kPrefetchBytes + 64 * m), _MM_HINT_T0);
+    dequantize_bf16(wt.w + at * 256, wt.s + at * 16, wt.l + at * 16, tile);
   });
 }
 #endif
@@ -515,6 +525,76 @@ void dot_rows_q8(const int8_t* W, const float* S, const float* x, float* y, int6
 #endif
   }
 }
+
+#if LLMSERVE_AVX512
+// The 8-bit pairs layout (quantize.pack_q8_pairs), where the CPU has AVX-512: q [N/16, K/32, 512]
+// int8, block b of column group g holding in byte 32 j + 2 c + t weight 32 b + 2 j + t of column
+// 16 g + c. It is tdpbf16ps' weight-tile layout in int8 (q8_matmul_amx widens it in order, exactly:
+// bf16 holds every int8); here 16 bytes widen to 16 floats, two inputs of each of 8 columns, times
+// the activations' pair broadcast: float activations as they are, and no horizontal sums.
+inline __m512 widen16(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+
+// ROWS rows of x [*, K] times column group g: y's 16 columns of those rows
+template <int ROWS>
+void dot_pairs_q8(const int8_t* W, const float* S, const float* x, float* y, int64_t g, int64_t N, int64_t K) {
+  const int64_t blocks = K / kBlock;
+  __m512 acc[ROWS][2];   // columns 0-7 and 8-15 of the group, lane 2c + t: the sum over inputs 2j + t
+  for (int r = 0; r < ROWS; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  const int8_t* wg = W + g * blocks * 512;
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int8_t* src = wg + b * 512;
+    for (int m = 0; m < 8; ++m) _mm_prefetch(reinterpret_cast<const char*>(src + kPrefetchBytes + 64 * m), _MM_HINT_T0);
+    for (int j = 0; j < 16; ++j) {
+      const __m512 lo = widen16(src + 32 * j), hi = widen16(src + 32 * j + 16);
+      for (int r = 0; r < ROWS; ++r) {
+        double pair;   // inputs 2j and 2j + 1 of row r, broadcast as one 64-bit lane
+        std::memcpy(&pair, x + r * K + b * kBlock + 2 * j, sizeof pair);
+        const __m512 xv = _mm512_castpd_ps(_mm512_set1_pd(pair));
+        acc[r][0] = _mm512_fmadd_ps(lo, xv, acc[r][0]);
+        acc[r][1] = _mm512_fmadd_ps(hi, xv, acc[r][1]);
+      }
+    }
+  }
+  const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+  const __m512 scale = _mm512_loadu_ps(S + g * 16);
+  for (int r = 0; r < ROWS; ++r) {
+    const __m512 sums = _mm512_add_ps(_mm512_permutex2var_ps(acc[r][0], even, acc[r][1]),
+                                      _mm512_permutex2var_ps(acc[r][0], odd, acc[r][1]));
+    _mm512_storeu_ps(y + r * N + g * 16, _mm512_mul_ps(sums, scale));
+  }
+}
+
+#if LLMSERVE_AMX
+// The pairs layout on AMX from amx_min_rows rows (bf16 activations): w4's LM head at 64 rows took
+// 11.8 ms through the bf16 weights (oneDNN, then the logits widened to float), reading 56 MB
+void q8_matmul_amx(const float* x, int64_t M, int64_t K, int64_t N, const int8_t* W, const float* S, float* Y) {
+  const int64_t blocks = K / kBlock;
+  amx_matmul(x, M, K, N, Y, S, [&](int64_t g, int64_t b, uint32_t* tile) {
+    const int8_t* src = W + (g * blocks + b) * 512;
+    for (int m = 0; m < 8; ++m) _mm_prefetch(reinterpret_cast<const char*>(src + kPrefetchBytes + 64 * m), _MM_HINT_T0);
+    for (int j = 0; j < 16; ++j)
+      _mm512_storeu_si512(tile + 16 * j, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(widen16(src + 32 * j + 16),
+                                                                                       widen16(src + 32 * j))));
+  });
+}
+#endif
+
+void q8_matmul_pairs(const float* x, int64_t M, int64_t K, int64_t N, const int8_t* W, const float* S, float* Y) {
+#if LLMSERVE_AMX
+  if (M >= amx_min_rows_now && amx_ready()) return q8_matmul_amx(x, M, K, N, W, S, Y);
+#endif
+  at::parallel_for(0, N / 16, 1, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g)
+      for (int64_t m0 = 0; m0 < M; m0 += kColumns16RowTile)
+        with_rows<kColumns16RowTile>(std::min<int64_t>(M - m0, kColumns16RowTile), [&](auto rows) {
+          dot_pairs_q8<decltype(rows)::value>(W, S, x + m0 * K, Y + m0 * N, g, N, K);
+        });
+  });
+}
+#endif
 
 const uint16_t* halves(const torch::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<at::Half>()); }
 
@@ -733,13 +813,15 @@ torch::Tensor mkl_mm(const torch::Tensor& x, const torch::Tensor& packed, int64_
 }
 
 // llmserve::q8_mm: y [M, N] = x [M, K] @ (q * scale)^T for w8's layers (and w4's LM head):
-//   x [M, K] float32, K a multiple of 32; q [N, K] int8; scale [N] float32
+//   x [M, K] float32, K a multiple of 32; q [N, K] int8, or in the pairs layout [N/16, K/32, 512]
+//   (AVX-512 builds, q8_matmul_pairs); scale [N] float32
 torch::Tensor q8_mm(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32 && x.dim() == 2, "x must be [M, K] float32 on the CPU");
-  TORCH_CHECK(q.scalar_type() == torch::kChar && q.dim() == 2 && scale.scalar_type() == torch::kFloat32 &&
-              scale.numel() == q.size(0) && q.size(1) == x.size(1) && x.size(1) % 32 == 0,
-              "q [N, K] int8 and scale [N] float32, K a multiple of 32");
-  const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
+  const bool pairs = q.dim() == 3;
+  const int64_t M = x.size(0), K = x.size(1), N = pairs ? q.size(0) * 16 : q.size(0);
+  TORCH_CHECK(q.scalar_type() == torch::kChar && scale.scalar_type() == torch::kFloat32 && scale.numel() == N &&
+              K % 32 == 0 && (pairs ? q.size(1) * kBlock == K && q.size(2) == 512 : q.dim() == 2 && q.size(1) == K),
+              "q [N, K] or [N/16, K/32, 512] int8 and scale [N] float32, K a multiple of 32");
   const auto xc = x.contiguous();
   const auto qc = q.contiguous();
   const auto sc = scale.contiguous();
@@ -748,6 +830,14 @@ torch::Tensor q8_mm(const torch::Tensor& x, const torch::Tensor& q, const torch:
   const int8_t* W = qc.data_ptr<int8_t>();
   const float* S = sc.data_ptr<float>();
   float* Y = y.data_ptr<float>();
+  if (pairs) {
+#if LLMSERVE_AVX512
+    q8_matmul_pairs(X, M, K, N, W, S, Y);
+    return y;
+#else
+    TORCH_CHECK(false, "the 8-bit pairs layout needs the AVX-512 build");
+#endif
+  }
   for_each_tile(M, N, [&](auto rows, int64_t m0, int64_t c0, int64_t c1) {
     dot_rows_q8<decltype(rows)::value>(W, S, X + m0 * K, Y + m0 * N, c0, c1, N, K);
   });
@@ -879,9 +969,9 @@ torch::Tensor decode_layers(const torch::Tensor& x, const torch::Tensor& cos, co
   return out;
 }
 
-// llmserve::amx_min_rows: the rows from which the AMX build's 4-bit products take AMX tiles (bf16
-// activations) where the AVX-512 kernel rounds them to int8; rows >= 0 sets it. Returns the value
-// before, or 1 << 30 (never) where this build or process has no AMX.
+// llmserve::amx_min_rows: the rows from which the AMX build's 4-bit and 8-bit products take AMX tiles
+// (bf16 activations) where the AVX-512 kernels take int8 (4-bit) or float (8-bit) ones; rows >= 0
+// sets it. Returns the value before, or 1 << 30 (never) where this build or process has no AMX.
 int64_t amx_min_rows(int64_t rows) {
 #if LLMSERVE_AMX
   if (!amx_ready()) return int64_t{1} << 30;

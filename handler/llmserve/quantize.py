@@ -134,7 +134,7 @@ def lowbit_kernels() -> str:
         return ""
     torch.library.register_fake("llmserve::q4_mm")(   # the output's shape, for torch.compile
         lambda x, packed, scale, low: x.new_empty(x.shape[0], packed.shape[0] * (16 if packed.dim() == 3 else 1)))
-    torch.library.register_fake("llmserve::q8_mm")(lambda x, q, scale: x.new_empty(x.shape[0], q.shape[0]))
+    torch.library.register_fake("llmserve::q8_mm")(lambda x, q, scale: x.new_empty(x.shape[0], scale.shape[0]))
     torch.library.register_fake("llmserve::mkl_mm")(lambda x, packed, n: x.new_empty(x.shape[0], n))
     return variant.lstrip("_") or "avx2"
 
@@ -167,6 +167,14 @@ def pack_q4_columns16(q: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -
     packed = (weights[:, :, 0::2] | (weights[:, :, 1::2] << 4)).reshape(N // 16, K // 32, 256).contiguous()
     scales = torch.stack([scale, low]).reshape(2, N // 16, 16, K // 32).permute(0, 1, 3, 2).contiguous()
     return packed, scales
+
+
+def pack_q8_pairs(q: torch.Tensor) -> torch.Tensor:
+    """q8_mm's AVX-512 and AMX layout of q [N, K] int8, N a multiple of 16, K of 32: [N/16, K/32, 512],
+    block b of column group g holding in byte 32j + 2c + t weight 32b + 2j + t of column 16g + c
+    (AMX's bf16 weight tile, in int8)."""
+    N, K = q.shape
+    return q.reshape(N // 16, 16, K // 32, 16, 2).permute(0, 2, 3, 1, 4).reshape(N // 16, K // 32, 512).contiguous()
 
 
 def pack_q4(q: torch.Tensor) -> torch.Tensor:
@@ -223,9 +231,11 @@ class PackedLinear(torch.nn.Module):
     own_kernel: our AVX2 kernels where they build (lowbit_avx2.cpp), else torch's. 4-bit layers:
     faster, but it rounds the activations to int8 per block of 32 (w4's WikiText-2 perplexity +0.7 %
     against +0.1 % with torch's; on AMX, steps of 16 rows or more take bf16 activations and tiles).
-    8-bit layers (w8, w4's LM head): float activations times int8 weights, no rounding: an int8-activation kernel rounded w8 0.66 % off bf16 (the aim is 0.5 %)
-    and as w4's LM head turned the first token of "What is the capital of France?" from "The"
-    (capital ... is Paris) to "L'" (French rambling): the last hidden state's outliers."""
+    8-bit layers (w8, w4's LM head): float activations times int8 weights, no rounding: an
+    int8-activation kernel rounded w8 0.66 % off bf16 (the aim is 0.5 %) and as w4's LM head turned
+    the first token of "What is the capital of France?" from "The" (capital ... is Paris) to "L'"
+    (French rambling): the last hidden state's outliers. On AMX, from 16 rows, bf16 activations
+    (as the float weights' products take) times the int8 weights widened exactly in tiles."""
 
     def __init__(self, linear: torch.nn.Linear, bits: int, pack_dense: bool = False) -> None:
         super().__init__()
@@ -243,6 +253,8 @@ class PackedLinear(torch.nn.Module):
         with torch.no_grad():
             if bits == 8:
                 packed, scales = quantize_w8(linear.weight)
+                if self.own_kernel in ("amx", "avx512") and self.out_features % 16 == 0:
+                    packed = pack_q8_pairs(packed)
             elif bits == 4:
                 q, scales = quantize_w4(linear.weight)
                 if self.own_kernel:   # weight = q * scale + low, fp16 per block, for llmserve::q4_mm
