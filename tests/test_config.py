@@ -40,6 +40,7 @@ def test_model_path_required():
     ("kv_budget_tokens", 100, "must hold one whole sequence"),
     ("default_max_new_tokens", 5000, "exceeds max_new_tokens_cap"),
     ("kv_prefault", "yes", "kv_prefault must be true or false"),
+    ("kv_cache_dtype", "bf16", "kv_cache_dtype must be one of"),
     ("prefix_cache_tokens", -16, "prefix_cache_tokens must be a non-negative integer"),
     ("spec_tokens", 1.5, "spec_tokens must be a non-negative integer"),
     ("spec_max_rows", -1, "spec_max_rows must be a non-negative integer"),

@@ -301,6 +301,30 @@ def test_compiled_decode_matches_eager_and_builds_no_graph_after_start_up(tiny_m
     assert ModelRunner.compiled_graphs() == graphs         # no recompilation while serving
 
 
+def test_kv_cache_is_fp16_under_our_decoder_step_and_errors_name_the_key(tiny_model_dir, kernels):
+    """kv_cache_dtype auto: fp16 where our C++ decoder step runs (half the bytes its attention reads),
+    the fp32 cache's logits over a prefill and decode steps (as close as another batch size's: this
+    random model amplifies roundings, here 5.7 % of the largest logit); else the activations' dtype. fp16 where the step cannot run, fp32 under bf16 activations: errors naming it."""
+    def make(kv: str, mode: str = "w4", compile: bool = True) -> Engine:
+        return Engine.from_config(EngineConfig(model_path=str(tiny_model_dir), quantization=mode, max_model_len=128,
+                                               max_num_seqs=8, packed_max_rows=4, compile=compile, kv_cache_dtype=kv))
+    auto, fp32 = make("auto"), make("fp32")
+    assert fp32.cache.k.dtype == torch.float32
+    if kernels == "own":
+        assert auto.cache.k.dtype == torch.float16 and auto.runner.fused_weights is not None
+        ids = [auto.tokenizer(p)["input_ids"] for p in PROMPTS]
+        expected = steps(fp32, slice(0, len(ids)), ids, 3)
+        for a, b in zip(expected, steps(auto, slice(0, len(ids)), ids, 3, fed=expected)):
+            assert close(a, b, auto)
+    else:
+        assert auto.cache.k.dtype == torch.float32
+    assert make("auto", compile=False).cache.k.dtype == torch.float32
+    with pytest.raises(ValueError, match="kv_cache_dtype fp16 needs our C.. decoder step"):
+        make("fp16", compile=False)
+    with pytest.raises(ValueError, match="kv_cache_dtype fp32 needs fp32 activations"):
+        make("fp32", mode="bf16")
+
+
 def test_compiled_verify_steps_match_eager_and_are_built_at_start_up(tiny_model_dir, kernels):
     """With speculative decoding on, start-up also compiles the verify step (W = 1 + spec_tokens
     tokens per row, fewer at run time): verifying drafts of 1 to 3 tokens in batches of 1 and 2

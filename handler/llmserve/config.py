@@ -6,6 +6,7 @@ from dataclasses import dataclass, fields
 QUANTIZATION_MODES = ("fp32", "fp16", "bf16", "int8", "nf4", "fp4", "w8", "w4")
 DEVICES = ("auto", "cpu", "cuda")
 BATCHING_MODES = ("continuous", "request_level")
+KV_CACHE_DTYPES = ("auto", "fp32", "fp16")
 
 
 @dataclass(frozen=True)
@@ -44,12 +45,17 @@ class EngineConfig:
                                       # since it arrived (scheduler.py); 0 = never
     kv_prefault: bool = False         # CPU: map the whole KV cache into memory at start-up (its full
                                       # size resident at once) instead of page by page as rows first use it
+    kv_cache_dtype: str = "auto"      # auto: fp16 where our C++ decoder step runs (w4, compile), else the
+                                      # activations' dtype; fp16 / fp32 insist (an error where the step
+                                      # cannot take it)
 
     def __post_init__(self) -> None:
         if self.quantization not in QUANTIZATION_MODES:
             raise ValueError(f"quantization must be one of {QUANTIZATION_MODES}, got {self.quantization!r}")
         if self.batching not in BATCHING_MODES:
             raise ValueError(f"batching must be one of {BATCHING_MODES}, got {self.batching!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
         if self.device not in DEVICES:
             raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
         if not isinstance(self.model_path, str) or not self.model_path:

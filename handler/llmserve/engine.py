@@ -23,6 +23,21 @@ from .scheduler import Scheduler
 from .speculative import PromptLookup, accepted_length
 
 
+def cache_dtype(config: EngineConfig, model, facts: ModelFacts) -> torch.dtype:
+    """The KV cache's dtype (config.kv_cache_dtype): fp16 where our C++ decoder step runs, which
+    converts as it reads and writes (half the bytes a step's attention reads: 206 MB of fp32 keys and
+    values at 64 rows of ~70 tokens, its wait on memory), else the activations' dtype."""
+    fused = config.compile and facts.device.type == "cpu" and ModelRunner.fusable(model)
+    if config.kv_cache_dtype == "fp16" and not fused:
+        raise ValueError("kv_cache_dtype fp16 needs our C++ decoder step (w4, compile: true, our kernels built on "
+                         f"the CPU); here the cache takes the activations' dtype ({facts.dtype})")
+    if config.kv_cache_dtype == "fp32" and facts.dtype != torch.float32:
+        raise ValueError(f"kv_cache_dtype fp32 needs fp32 activations (fp32, w8, w4 on the CPU); here they are {facts.dtype}")
+    if config.kv_cache_dtype == "fp16" or (config.kv_cache_dtype == "auto" and fused):
+        return torch.float16
+    return facts.dtype
+
+
 class Overloaded(Exception):
     """The waiting queue is full (config.max_waiting_requests): the server's 503."""
 
@@ -36,7 +51,7 @@ class Engine:
         self.config = config
         self.tokenizer = tokenizer
         self.cache = KVCache(facts.num_layers, config.max_num_seqs, facts.num_kv_heads, config.max_model_len,
-                             facts.head_dim, facts.dtype, facts.device, config.kv_prefault)
+                             facts.head_dim, cache_dtype(config, model, facts), facts.device, config.kv_prefault)
         compile_rows = max(facts.packed_max_rows, 0) if config.compile else 0   # w8/w4's packed-kernel steps
         self.runner = ModelRunner(model, self.cache, compile_max_rows=compile_rows, fuse=config.compile)
         self.facts = replace(facts, compiled_graphs=self.runner.warm_up(config.spec_tokens))

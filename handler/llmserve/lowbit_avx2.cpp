@@ -112,13 +112,28 @@ void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* xq, float* xsca
   }
 }
 
-// sum of a[i] * b[i], i < n
-inline float dot_floats(const float* a, const float* b, int64_t n) {
+// The KV cache's values: float32, or float16 (uint16_t here) where the engine keeps it so (half the
+// bytes: a 64-row step's attention read 206 MB of fp32 keys and values, a wait on memory)
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+inline float load1(const float* p) { return *p; }
+inline float load1(const uint16_t* p) { return _cvtsh_ss(*p); }
+inline void store_kv(const float* src, int64_t n, float* dst) { std::copy_n(src, n, dst); }
+inline void store_kv(const float* src, int64_t n, uint16_t* dst) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+  for (; i < n; ++i) dst[i] = _cvtss_sh(src[i], _MM_FROUND_TO_NEAREST_INT);
+}
+
+// sum of a[i] * b[i], i < n (b: floats, or a float16 cache's keys)
+template <typename KV>
+inline float dot_floats(const float* a, const KV* b, int64_t n) {
   __m256 acc = _mm256_setzero_ps();
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load8(b + i), acc);
   float sum = horizontal_sum(acc);
-  for (; i < n; ++i) sum += a[i] * b[i];
+  for (; i < n; ++i) sum += a[i] * load1(b + i);
   return sum;
 }
 
@@ -740,21 +755,24 @@ inline void silu_mul(const float* gate, const float* up, float* out, int64_t n) 
 // y = softmax(q . keys * scale) @ values, the D sums in registers over all positions (the loop in
 // decode_layers reads and writes them for every position: 17.9 -> 12.9 ms of a 64-row step's
 // attention, scratch build/exp/amx2/dl.py, AMX Xeon). p: scratch of at least end floats.
-template <int DV>
-void attend_head(const float* q, const float* keys, const float* values, int64_t first, int64_t end, float scale,
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+
+template <int DV, typename KV>
+void attend_head(const float* q, const KV* keys, const KV* values, int64_t first, int64_t end, float scale,
                  float* p, float* y) {
   constexpr int64_t D = 16 * DV;
   __m512 qv[DV], acc[DV];
   for (int j = 0; j < DV; ++j) qv[j] = _mm512_loadu_ps(q + 16 * j), acc[j] = _mm512_setzero_ps();
   for (int64_t i = first; i < end; ++i) {
-    __m512 dot = _mm512_mul_ps(qv[0], _mm512_loadu_ps(keys + i * D));
-    for (int j = 1; j < DV; ++j) dot = _mm512_fmadd_ps(qv[j], _mm512_loadu_ps(keys + i * D + 16 * j), dot);
+    __m512 dot = _mm512_mul_ps(qv[0], load16(keys + i * D));
+    for (int j = 1; j < DV; ++j) dot = _mm512_fmadd_ps(qv[j], load16(keys + i * D + 16 * j), dot);
     p[i] = _mm512_reduce_add_ps(dot) * scale;
   }
   const __m512 inv_sum = _mm512_set1_ps(1.f / softmax_numerators(p + first, end - first));
   for (int64_t i = first; i < end; ++i) {
     const __m512 weight = _mm512_set1_ps(p[i]);
-    for (int j = 0; j < DV; ++j) acc[j] = _mm512_fmadd_ps(weight, _mm512_loadu_ps(values + i * D + 16 * j), acc[j]);
+    for (int j = 0; j < DV; ++j) acc[j] = _mm512_fmadd_ps(weight, load16(values + i * D + 16 * j), acc[j]);
   }
   for (int j = 0; j < DV; ++j) _mm512_storeu_ps(y + 16 * j, _mm512_mul_ps(acc[j], inv_sum));
 }
@@ -852,16 +870,18 @@ torch::Tensor q8_mm(const torch::Tensor& x, const torch::Tensor& q, const torch:
 // the cache at positions lengths[b] .. lengths[b] + W - 1; token j of row b attends to positions
 // starts[b] .. lengths[b] + j (itself alone where that is before starts[b]: a prefill's left padding).
 //   x [B*W, C] the embedded tokens (row b's W tokens adjacent); cos, sin [B*W, D]
-//   k_cache, v_cache [L, S, Hkv, T, D] float32, each row contiguous (a prefill passes its rows); starts, lengths [>= B] int64
+//   k_cache, v_cache [L, S, Hkv, T, D] float32 or float16, each row contiguous (a prefill passes its
+//   rows); starts, lengths [>= B] int64
 //   weights: per layer input norm, qkv packed, qkv scales, qkv weight, o packed, o scales, o weight,
 //   post-attention norm, gate|up packed, scales, weight, down packed, scales, weight (PackedLinear's)
 //   max_packed_rows: steps of at most this many rows (B*W) take the packed weights, others the float
 //   ones (PackedLinear.max_packed_rows, the crossover measured at start-up)
 // Returns the last layer's output [B*W, C] (before the final norm).
-torch::Tensor decode_layers(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
-                            torch::Tensor k_cache, torch::Tensor v_cache, const torch::Tensor& starts,
-                            const torch::Tensor& lengths, int64_t W, int64_t num_heads, double eps, double scale,
-                            int64_t max_packed_rows, at::TensorList weights) {
+template <typename KV>
+torch::Tensor decode_layers_over(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
+                                 torch::Tensor k_cache, torch::Tensor v_cache, const torch::Tensor& starts,
+                                 const torch::Tensor& lengths, int64_t W, int64_t num_heads, double eps, double scale,
+                                 int64_t max_packed_rows, at::TensorList weights) {
   constexpr int64_t kPerLayer = 14;
   const int64_t R = x.size(0), C = x.size(1), B = R / W;
   const int64_t L = k_cache.size(0), Hkv = k_cache.size(2), T = k_cache.size(3), D = k_cache.size(4);
@@ -873,9 +893,9 @@ torch::Tensor decode_layers(const torch::Tensor& x, const torch::Tensor& cos, co
   auto rows_contiguous = [](const torch::Tensor& c) {
     return c.stride(4) == 1 && c.stride(3) == c.size(4) && c.stride(2) == c.size(3) * c.size(4);
   };
-  TORCH_CHECK(k_cache.scalar_type() == torch::kFloat32 && rows_contiguous(k_cache) && v_cache.sizes() == k_cache.sizes() &&
-              v_cache.strides() == k_cache.strides() && v_cache.scalar_type() == torch::kFloat32 && k_cache.size(1) >= B,
-              "the cache must be [L, S >= B, Hkv, T, D] float32, each row contiguous");
+  TORCH_CHECK(rows_contiguous(k_cache) && v_cache.sizes() == k_cache.sizes() && v_cache.strides() == k_cache.strides() &&
+              v_cache.scalar_type() == k_cache.scalar_type() && k_cache.size(1) >= B,
+              "the cache must be [L, S >= B, Hkv, T, D], each row contiguous");
   TORCH_CHECK(starts.scalar_type() == torch::kInt64 && lengths.scalar_type() == torch::kInt64 && starts.numel() >= B &&
               lengths.numel() >= B, "starts and lengths: int64, one per row");
   TORCH_CHECK(static_cast<int64_t>(weights.size()) == L * kPerLayer, "weights: ", kPerLayer, " tensors per layer");
@@ -889,8 +909,8 @@ torch::Tensor decode_layers(const torch::Tensor& x, const torch::Tensor& cos, co
   const float* SIN = sn.data_ptr<float>();
   const int64_t QKV = (H + 2 * Hkv) * D;
   const int64_t layer_stride = k_cache.stride(0), row_stride = k_cache.stride(1), head_stride = k_cache.stride(2);
-  float* KC = k_cache.data_ptr<float>();
-  float* VC = v_cache.data_ptr<float>();
+  KV* KC = static_cast<KV*>(k_cache.data_ptr());
+  KV* VC = static_cast<KV*>(v_cache.data_ptr());
 
   auto out = x.contiguous().clone();     // the residual stream
   float* X = out.data_ptr<float>();
@@ -912,15 +932,15 @@ torch::Tensor decode_layers(const torch::Tensor& x, const torch::Tensor& cos, co
 
     rms_norm_rows(X, w[0].data_ptr<float>(), h.data(), R, C, static_cast<float>(eps));
     project(h.data(), R, wqkv, max_packed_rows, qkv.data());
-    float* kl = KC + layer * layer_stride;
-    float* vl = VC + layer * layer_stride;
+    KV* kl = KC + layer * layer_stride;
+    KV* vl = VC + layer * layer_stride;
     for (int64_t r = 0; r < R; ++r) {        // rotary embedding; the new keys and values into the cache
       float* q = qkv.data() + r * QKV;
       for (int64_t head = 0; head < H + Hkv; ++head) rotate_head(q + head * D, COS + r * D, SIN + r * D, D);
       const int64_t b = r / W, pos = LEN[b] + r % W;
       for (int64_t kv = 0; kv < Hkv; ++kv) {
-        std::copy_n(q + (H + kv) * D, D, kl + b * row_stride + kv * head_stride + pos * D);
-        std::copy_n(q + (H + Hkv + kv) * D, D, vl + b * row_stride + kv * head_stride + pos * D);
+        store_kv(q + (H + kv) * D, D, kl + b * row_stride + kv * head_stride + pos * D);
+        store_kv(q + (H + Hkv + kv) * D, D, vl + b * row_stride + kv * head_stride + pos * D);
       }
     }
     // attention: a task per token and KV head, whose G query heads (adjacent in q) read each key
@@ -931,15 +951,15 @@ torch::Tensor decode_layers(const torch::Tensor& x, const torch::Tensor& cos, co
         const int64_t r = t / Hkv, kv = t % Hkv, b = r / W;
         // positions [first, end); a prefill's left padding (before starts[b]) sees itself alone
         const int64_t end = LEN[b] + r % W + 1, first = std::min(START[b], end - 1);
-        const float* keys = kl + b * row_stride + kv * head_stride;
-        const float* values = vl + b * row_stride + kv * head_stride;
+        const KV* keys = kl + b * row_stride + kv * head_stride;
+        const KV* values = vl + b * row_stride + kv * head_stride;
         const float* q = qkv.data() + r * QKV + kv * G * D;       // head kv * G + g at q + g * D
         float* y = o.data() + r * H * D + kv * G * D;
 #if LLMSERVE_AVX512
         if (D == 64 || D == 128) {
           for (int64_t g = 0; g < G; ++g)
-            (D == 64 ? attend_head<4> : attend_head<8>)(q + g * D, keys, values, first, end, static_cast<float>(scale),
-                                                       p.data(), y + g * D);
+            (D == 64 ? attend_head<4, KV> : attend_head<8, KV>)(q + g * D, keys, values, first, end,
+                                                               static_cast<float>(scale), p.data(), y + g * D);
           continue;
         }
 #endif
@@ -948,10 +968,10 @@ torch::Tensor decode_layers(const torch::Tensor& x, const torch::Tensor& cos, co
         for (int64_t g = 0; g < G; ++g) inv_sum[g] = 1.f / softmax_numerators(p.data() + g * T + first, end - first);
         std::fill_n(y, G * D, 0.f);
         for (int64_t i = first; i < end; ++i) {
-          const float* v = values + i * D;
+          const KV* v = values + i * D;
           for (int64_t g = 0; g < G; ++g) {
             const float weight = p[g * T + i] * inv_sum[g];
-            for (int64_t d = 0; d < D; ++d) y[g * D + d] += weight * v[d];
+            for (int64_t d = 0; d < D; ++d) y[g * D + d] += weight * load1(v + d);
           }
         }
       }
@@ -967,6 +987,16 @@ torch::Tensor decode_layers(const torch::Tensor& x, const torch::Tensor& cos, co
     for (int64_t i = 0; i < R * C; ++i) X[i] += delta[i];
   }
   return out;
+}
+
+torch::Tensor decode_layers(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
+                            torch::Tensor k_cache, torch::Tensor v_cache, const torch::Tensor& starts,
+                            const torch::Tensor& lengths, int64_t W, int64_t num_heads, double eps, double scale,
+                            int64_t max_packed_rows, at::TensorList weights) {
+  TORCH_CHECK(k_cache.scalar_type() == torch::kFloat32 || k_cache.scalar_type() == torch::kHalf,
+              "the cache must be float32 or float16");
+  return (k_cache.scalar_type() == torch::kHalf ? decode_layers_over<uint16_t> : decode_layers_over<float>)(
+      x, cos, sin, k_cache, v_cache, starts, lengths, W, num_heads, eps, scale, max_packed_rows, weights);
 }
 
 // llmserve::amx_min_rows: the rows from which the AMX build's 4-bit and 8-bit products take AMX tiles

@@ -82,18 +82,29 @@ class ModelRunner:
                 c.set_prefilled(slice(0, B), 0, torch.zeros(B, dtype=torch.long, device=c.k.device))
         return self.compiled_graphs() - before
 
+    @staticmethod
+    def fusable(model) -> bool:
+        """Whether llmserve::decode_layers (lowbit_avx2.cpp) can run the model's layers: every
+        projection on our 4-bit kernel, fused, without a bias, SiLU; on the CPU."""
+        if model.config.hidden_act != "silu":
+            return False
+        for layer in model.model.layers:
+            qkv, o = layer.self_attn.qkv_proj, layer.self_attn.o_proj
+            gate_up, down = layer.mlp.gate_up_proj, layer.mlp.down_proj
+            if not all(getattr(m, "own_kernel", False) and m.bits == 4 and m.bias is None for m in (qkv, o, gate_up, down)):
+                return False
+        return True
+
     def _fused_weights(self) -> list[torch.Tensor] | None:
-        """llmserve::decode_layers' weights (lowbit_avx2.cpp), or None where it cannot run the model:
-        a projection not on our 4-bit kernel, with a bias, unfused, or a cache not fp32 on the CPU."""
+        """llmserve::decode_layers' weights, or None where it cannot run the model (fusable) or the
+        cache is not fp32 or fp16 on the CPU."""
         c = self.cache
-        if c.k.dtype != torch.float32 or c.k.device.type != "cpu" or self.model.config.hidden_act != "silu":
+        if c.k.dtype not in (torch.float32, torch.float16) or c.k.device.type != "cpu" or not self.fusable(self.model):
             return None
         weights = []
         for layer in self.decoder.layers:
             qkv, o = layer.self_attn.qkv_proj, layer.self_attn.o_proj
             gate_up, down = layer.mlp.gate_up_proj, layer.mlp.down_proj
-            if not all(getattr(m, "own_kernel", False) and m.bits == 4 and m.bias is None for m in (qkv, o, gate_up, down)):
-                return None
             dense = [m.weight if m.dense_packed is None else m.dense_packed for m in (qkv, o, gate_up, down)]
             weights += [layer.input_layernorm.weight, qkv.packed, qkv.scales, dense[0], o.packed, o.scales, dense[1],
                         layer.post_attention_layernorm.weight, gate_up.packed, gate_up.scales, dense[2],
