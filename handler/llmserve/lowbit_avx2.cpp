@@ -439,9 +439,76 @@ void amx_group(int64_t K, int64_t N, const uint16_t* xb, float* Y, int64_t M, in
   for (int i = 0; i < TILES; ++i) store(i);
 }
 
-// Y [M, N] = x [M, K] (rounded to bf16) times the weights dequant gives, block by block, as bf16 tiles
+// A decode step's product (at most 64 rows, TILES tiles of 16): column groups g0 .. g1 - 1, each block
+// dequantized just before its products into a ring of two weight tiles, the activations in A-tile
+// order (xt [K/32][4][16 x 32]: a block's tiles side by side, read in one stream). Against
+// amx_group's rows of x and a whole group's weight tiles dequantized first: the 120 decoder products
+// 16 / 64 rows 19.0 / 37.7 -> 15.9 / 28.7 ms, one process taking turns (scratch build/exp/s5/ab.py,
+// AMX Xeon; keeping the activations' chunk in L1 with partial sums parked between chunks gained nothing)
+template <int TILES, typename Dequant>
+void amx_groups_small(int64_t K, int64_t N, const uint16_t* xt, float* Y, int64_t M, int64_t g0, int64_t g1,
+                      uint32_t* ring, float* part, const float* colscale, const Dequant& dequant) {
+  const int64_t blocks = K / kBlock;
+  for (int64_t g = g0; g < g1; ++g) {
+    _tile_zero(0);
+    if constexpr (TILES > 1) _tile_zero(1);
+    if constexpr (TILES > 2) _tile_zero(2);
+    if constexpr (TILES > 3) _tile_zero(3);
+    for (int64_t b = 0; b < blocks; ++b) {
+      uint32_t* wt = ring + (b & 1) * 256;
+      dequant(g, b, wt);
+      const uint16_t* a = xt + b * 4 * 512;
+      _tile_loadd(5, wt, 64);
+      _tile_loadd(4, a, 64);
+      _tile_dpbf16ps(0, 4, 5);
+      if constexpr (TILES > 1) {
+        _tile_loadd(4, a + 512, 64);
+        _tile_dpbf16ps(1, 4, 5);
+      }
+      if constexpr (TILES > 2) {
+        _tile_loadd(4, a + 1024, 64);
+        _tile_dpbf16ps(2, 4, 5);
+      }
+      if constexpr (TILES > 3) {
+        _tile_loadd(4, a + 1536, 64);
+        _tile_dpbf16ps(3, 4, 5);
+      }
+    }
+    _tile_stored(0, part, 64);   // tile i's rows at part + 256 i: row r at part + 16 r
+    if constexpr (TILES > 1) _tile_stored(1, part + 256, 64);
+    if constexpr (TILES > 2) _tile_stored(2, part + 512, 64);
+    if constexpr (TILES > 3) _tile_stored(3, part + 768, 64);
+    const __m512 scale = colscale ? _mm512_loadu_ps(colscale + g * 16) : _mm512_set1_ps(1.f);
+    for (int64_t r = 0; r < M; ++r) _mm512_storeu_ps(Y + r * N + g * 16, _mm512_mul_ps(_mm512_load_ps(part + 16 * r), scale));
+  }
+}
+
+template <typename Dequant>
+void amx_matmul_small(const float* x, int64_t M, int64_t K, int64_t N, float* Y, const float* colscale,
+                      const Dequant& dequant) {
+  const int64_t blocks = K / kBlock;
+  std::vector<uint16_t> xt(blocks * 4 * 512, 0);     // zeros past row M
+  for (int64_t r = 0; r < M; ++r)
+    for (int64_t b = 0; b < blocks; ++b)
+      _mm512_storeu_si512(xt.data() + (b * 4 + r / 16) * 512 + r % 16 * 32,
+                          reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(_mm512_loadu_ps(x + r * K + b * kBlock + 16),
+                                                                        _mm512_loadu_ps(x + r * K + b * kBlock))));
+  at::parallel_for(0, N / 16, 1, [&](int64_t g0, int64_t g1) {
+    configure_tiles();
+    alignas(64) uint32_t ring[512];
+    alignas(64) float part[1024];
+    with_rows<4>((M + 15) / 16, [&](auto n) {
+      amx_groups_small<decltype(n)::value>(K, N, xt.data(), Y, M, g0, g1, ring, part, colscale, dequant);
+    });
+    _tile_release();
+  });
+}
+
+// Y [M, N] = x [M, K] (rounded to bf16) times the weights dequant gives, block by block, as bf16 tiles;
+// more than 64 rows (a prefill): each group dequantized once for all its 64-row chunks
 template <typename Dequant>
 void amx_matmul(const float* x, int64_t M, int64_t K, int64_t N, float* Y, const float* colscale, const Dequant& dequant) {
+  if (M <= 64) return amx_matmul_small(x, M, K, N, Y, colscale, dequant);
   const int64_t tiles = (M + 15) / 16;
   std::vector<uint16_t> xb(tiles * 16 * K, 0);      // the activations in bf16, zeros past row M
   at::parallel_for(0, M, 1, [&](int64_t r0, int64_t r1) {
