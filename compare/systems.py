@@ -68,14 +68,12 @@ def gguf_file() -> Path:
     return next(package.glob("*.gguf"))
 
 
-def start_ours(users: int, port: int, workdir: Path, settings: tuple[str, ...] = (),
-               build: tuple[str, ...] = ()) -> TorchServeProcess:
-    """TorchServe with llm.mar, or with a variant of it built into workdir (handler settings KEY=VALUE,
-    build_mar.py's options)."""
-    if not settings and not build:
+def start_ours(users: int, port: int, workdir: Path, settings: tuple[str, ...] = ()) -> TorchServeProcess:
+    """TorchServe with llm.mar, or with a variant of it built into workdir (handler settings KEY=VALUE)."""
+    if not settings:
         return TorchServeProcess(workdir, port, models="llm=llm.mar").start()
     subprocess.run([sys.executable, str(ROOT / "scripts" / "build_mar.py"), "--name", "llm-variant",
-                    "--export-path", str(workdir), *build, *(f"--set={s}" for s in settings)], check=True)
+                    "--export-path", str(workdir), *(f"--set={s}" for s in settings)], check=True)
     return TorchServeProcess(workdir, port, models="llm=llm-variant.mar", model_store=workdir).start()
 
 
@@ -208,6 +206,5 @@ SYSTEMS |= {
     "ours-no-prefix-cache": replace(SYSTEMS["ours"], start=partial(start_ours, settings=("prefix_cache_tokens=0",)),
                                     port=18300),
     "ours-no-spec": replace(SYSTEMS["ours"], start=partial(start_ours, settings=("spec_tokens=0",)), port=18310),
-    "ours-async": replace(SYSTEMS["ours"], start=partial(start_ours, build=("--async-communication",)), port=18330),
     "vllm-no-prefix-cache": replace(SYSTEMS["vllm"], start=partial(start_vllm, prefix_caching=False), port=18320),
 }

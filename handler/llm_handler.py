@@ -10,13 +10,10 @@ workers in TorchServe 0.12) each handle() call runs its batch to completion: req
 What follows the version in the URL (TorchServe's url_path header) picks the dialect: nothing for
 the native JSON API, v1/... for the OpenAI routes. The only module that imports TorchServe."""
 
-import asyncio
 import json
 import logging
 import math
 import os
-import queue
-import threading
 import time
 from dataclasses import replace
 
@@ -56,10 +53,6 @@ class LLMHandler(BaseHandler):
         self.engine: Engine | None = None
         self.tenants = Tenants()               # model-config.yaml's tenants: section
         self.stepwise = True                   # TorchServe's continuous-batching protocol
-        self.asynchronous = False              # TorchServe's asynchronous worker mode (asyncCommunication)
-        self.inbox: queue.SimpleQueue = queue.SimpleQueue()   # asynchronous mode: (rows, context, futures, loop)
-        self.waiting: dict[str, tuple] = {}    # asynchronous mode: request id -> (Exchange, its own context, idx,
-                                               # its future on TorchServe's event loop, the loop)
         self.exchanges: dict[str, Exchange] = {}   # request id -> its protocol state
         self.model_name = "llm"                # as registered: the OpenAI routes' model
         self.started = int(time.time())
@@ -76,12 +69,9 @@ class LLMHandler(BaseHandler):
         if self.batching:
             config = replace(config, batching=self.batching)
         self.stepwise = bool(yaml_config.get("continuousBatching", False))
-        self.asynchronous = bool(yaml_config.get("asyncCommunication", False))
-        if self.asynchronous and self.stepwise:
-            raise ValueError("asyncCommunication: true and continuousBatching: true exclude each other in model-config.yaml")
-        if not (self.stepwise or self.asynchronous) and config.batching == "continuous":
-            raise ValueError("handler.batching: continuous needs continuousBatching: true (or asyncCommunication: "
-                             "true) in model-config.yaml; with neither set handler.batching: request_level")
+        if not self.stepwise and config.batching == "continuous":
+            raise ValueError("handler.batching: continuous needs continuousBatching: true in model-config.yaml; "
+                             "with continuousBatching: false set handler.batching: request_level")
         self.model_name = getattr(context, "model_name", None) or self.model_name
         # A request that has sent nothing yet comes back with its payload at every step (the frontend
         # caches it only after a first part): take bodies as bytes and parse newcomers' alone.
@@ -91,14 +81,10 @@ class LLMHandler(BaseHandler):
         # one tiny request at start-up, so the first user does not pay for the kernels' set-up
         warmup = parse_request("warmup", {"prompt": "Hello", "max_new_tokens": 2}, config, self.engine.tokenizer)
         self.engine.generate([warmup])
-        if self.asynchronous:
-            threading.Thread(target=self._serve_forever, name="llm-engine", daemon=True).start()
         self.initialized = True
         logger.info("llm engine ready: %s, %s", config, self.engine.facts)
 
     def handle(self, data: list, context) -> list:
-        if self.asynchronous:
-            return self.handle_async(data, context)    # a coroutine: TorchServe's asynchronous worker awaits it
         if not self.stepwise:
             return self.handle_batch(data, context)
         return self.handle_step(data, context)
@@ -243,78 +229,6 @@ class LLMHandler(BaseHandler):
         context.stopping_criteria = [lambda _, last=replies[idx][1]: last for idx in range(len(data))]
         self._record(context, answered)
         return [replies[idx][0] or "" for idx in range(len(data))]
-
-    # -- TorchServe's asynchronous worker mode (asyncCommunication: true): the frontend forwards each
-    # request as it comes and the engine steps in a thread of its own, back to back, with no round
-    # trip through the frontend per call; a request joins at the next step and its answer leaves
-    # the moment it is done. The frontend reports no client hang-ups in this mode: a stream whose
-    # client went away runs to its end.
-    async def handle_async(self, data: list, context) -> list:
-        """TorchServe's event loop: hand the requests to the engine thread and await their answers."""
-        loop = asyncio.get_running_loop()
-        futures = [loop.create_future() for _ in data]
-        self.inbox.put((data, context, futures, loop))
-        return list(await asyncio.gather(*futures))
-
-    def _serve_forever(self) -> None:
-        """The engine thread: take what arrived (waiting for it while idle), run a step, send what
-        is ready. It owns the engine; nothing here may end it."""
-        while True:
-            try:
-                self._take(block=not self.engine.has_unfinished())
-                self._step()
-                self._answer()
-            except Exception:
-                logger.exception("engine loop")
-
-    def _take(self, block: bool) -> None:
-        while True:
-            try:
-                data, context, futures, loop = self.inbox.get(block=block)
-            except queue.Empty:
-                return
-            block = False
-            for idx, row in enumerate(data):
-                item = self._admit(idx, row, context)
-                if isinstance(item, str):
-                    self._finish(item, context, idx, futures[idx], loop, item)
-                else:
-                    self.waiting[context.get_request_id(idx)] = (item, context, idx, futures[idx], loop)
-
-    def _answer(self) -> None:
-        """Stream parts (a first token at once, then at most one part per CALL_S) and whole answers."""
-        now = time.perf_counter()
-        for rid, (ex, context, idx, future, loop) in list(self.waiting.items()):
-            if ex.is_open and not ex.request.is_finished and now - ex.sent_at < CALL_S:
-                continue
-            body, last = self._next_part(idx, ex, context)
-            if last is False and body is not None:
-                send_intermediate_predict_response({idx: body}, {idx: rid}, "Intermediate Prediction success",
-                                                   200, context)
-                ex.sent_at = now
-            elif body is not None:
-                del self.waiting[rid]
-                self._finish(ex, context, idx, future, loop, body)
-
-    def _finish(self, item: Exchange | str, context, idx: int, future, loop, body: str) -> None:
-        """A request's last message: its future's result on the event loop, which TorchServe sends.
-        TorchServe 0.12's frontend lets go of a job in this mode only at a part marked
-        "ts_stream_next: false", and such a part carries no HTTP head: so a 200 that sent nothing
-        yet goes out as a part first and its last message is empty. An error response goes out
-        whole (a part with a 4xx/5xx head closes the connection) and its job stays in the
-        frontend's map: a few KB per refused request, TorchServe's to fix."""
-        opened = isinstance(item, Exchange) and item.is_open
-        if not opened and (context.get_response_status(idx)[0] or 200) != 200:
-            loop.call_soon_threadsafe(future.set_result, body)
-            self._record(context, [self._outcome(context, idx, item)])
-            return
-        if not opened:
-            send_intermediate_predict_response({idx: body}, {idx: context.get_request_id(idx)},
-                                               "Intermediate Prediction success", 200, context)
-            body = ""
-        context.set_response_header(idx, "ts_stream_next", "false")
-        loop.call_soon_threadsafe(future.set_result, body)
-        self._record(context, [self._outcome(context, idx, item)])
 
     # -- metrics (declared in config/metrics.yaml; TorchServe exports them on its metrics port) ------
     def _outcome(self, context, idx: int, item: Exchange | str) -> tuple[Request | None, int, tuple] | None:

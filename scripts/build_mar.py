@@ -9,10 +9,6 @@ One archive serves both continuous and request-level batching (see handler/llm_h
 --no-continuous-batching builds an archive for TorchServe's classic batching instead, the one
 that scales to several workers per model in TorchServe 0.12 (request-level only):
     python scripts/build_mar.py --name llm-classic --no-continuous-batching --set batching=request_level
---async-communication builds one for TorchServe's asynchronous worker mode: the engine steps in a
-thread of its own and the frontend forwards each request as it comes (no round trip per step; no
-client hang-ups reported):
-    python scripts/build_mar.py --name llm-async --async-communication
 """
 
 import argparse
@@ -44,10 +40,7 @@ def render_config(args) -> dict:
                        ("maxBatchDelay", args.max_batch_delay)):
         if value is not None:
             config[key] = value
-    if args.async_communication:   # one request per message, each answered when it is done
-        config.update(asyncCommunication=True, continuousBatching=False, batchSize=1)
-    if not (config.get("continuousBatching") or config.get("asyncCommunication")) \
-            and engine_config.batching == "continuous":
+    if not config.get("continuousBatching") and engine_config.batching == "continuous":
         raise SystemExit("continuousBatching: false needs --set batching=request_level")
     return config
 
@@ -60,8 +53,6 @@ def main() -> None:
                         help="override a key of the handler: section")
     parser.add_argument("--continuous-batching", action=argparse.BooleanOptionalAction, default=None,
                         help="override the config's continuousBatching")
-    parser.add_argument("--async-communication", action="store_true",
-                        help="TorchServe's asynchronous worker mode (asyncCommunication: true, batchSize 1)")
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--max-batch-delay", type=int)
     parser.add_argument("--export-path", type=Path, default=ROOT / "model_store")

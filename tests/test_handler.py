@@ -2,7 +2,6 @@
 ContinuousBatching: both batching policies, bad requests beside good ones, streaming parts,
 disconnects. The real-server counterpart is tests/test_e2e.py."""
 
-import asyncio
 import json
 import time
 
@@ -278,54 +277,6 @@ def test_disconnect_frees_the_slot(tiny_model_dir):
     assert "a" not in h.exchanges and len(h.engine.rows) == 1
     assert ctx.metrics.values[("llm_requests_total", "finish_reason=abort", "status=499")] == [1]
 
-
-def test_asynchronous_mode_answers_each_request_when_it_is_done(tiny_model_dir, continuous, monkeypatch):
-    """asyncCommunication: TorchServe's event loop awaits handle() once per request, each with its
-    own context, while the engine thread steps. A bad request beside good ones gets its 400 alone,
-    a short answer leaves before a long one, a stream's parts go out as they come, the greedy text
-    is the continuous handler's, and every last message lets the frontend drop its job. The
-    real-server counterpart: the llm-async model of tests/test_e2e.py."""
-    sent = []
-    monkeypatch.setattr(llm_handler, "send_intermediate_predict_response",
-                        lambda ret, ids, msg, code, context: sent.append((dict(ret), dict(ids))))
-    hc, cctx = continuous
-    fox = "The quick brown fox jumps over"
-    expected = whole(run_steps(hc, cctx, {0: {"x": body(fox, max_new_tokens=16)}})["x"])
-    h, _ = make_handler(tiny_model_dir, yaml={"asyncCommunication": True, "continuousBatching": False})
-
-    async def one(rid: str, row: dict):
-        ctx = MockContext({})
-        ctx.new_batch([rid])
-        out = await h.handle([row], ctx)
-        return out[0], ctx, time.perf_counter()
-
-    async def main():
-        return await asyncio.gather(one("long", body("Hello there", max_new_tokens=60, ignore_eos=True)),
-                                    one("x", body(fox, max_new_tokens=16)),
-                                    one("s", body(fox, max_new_tokens=16, stream=True)),
-                                    one("bad", body("x", top_p=2)))
-
-    (_, lctx, t_long), (x, xctx, t_x), (s, sctx, _), (bad, bctx, t_bad) = asyncio.run(main())
-
-    def parts(rid: str, last: str) -> list[str]:
-        return [ret[0] for ret, ids in sent if ids == {0: rid}] + [last]
-
-    # a 200 that sent nothing goes out as a part (with the HTTP head), then an empty last one;
-    # an error whole, as the frontend closes the connection after a part with a 4xx head
-    assert parts("x", x)[1:] == [""] and len(parts("bad", bad)) == 1
-    assert json.loads(parts("x", x)[0])["text"] == expected["text"]
-    assert json.loads(parts("x", x)[0])["usage"] == expected["usage"]
-    assert t_bad < t_x < t_long
-    streamed = [json.loads(p) for p in parts("s", s)]
-    assert len(streamed) > 2 and "".join(p["text"] for p in streamed) == expected["text"]
-    assert bctx.status == {0: 400} and json.loads(parts("bad", bad)[0])["field"] == "top_p"
-    assert all(c.headers[0]["ts_stream_next"] == "false" for c in (lctx, xctx, sctx)) and not bctx.headers
-    assert not h.waiting and not h.engine.has_unfinished()
-
-
-def test_asynchronous_mode_excludes_continuous_batching(tiny_model_dir):
-    with pytest.raises(ValueError, match="exclude each other"):
-        make_handler(tiny_model_dir, yaml={"asyncCommunication": True, "continuousBatching": True})
 
 def test_entry_points_pick_the_policy(tiny_model_dir, monkeypatch):
     monkeypatch.setattr(llm_handler, "_handler", None)

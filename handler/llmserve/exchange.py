@@ -54,7 +54,6 @@ class Exchange:
     request: Request
     openai: Formatter | None = None   # None: the native dialect
     is_open: bool = False             # a first part (with a 200 head) went out
-    sent_at: float = 0.0              # when its last part went out (perf_counter)
 
     @property
     def content_type(self) -> str:
