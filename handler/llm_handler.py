@@ -36,8 +36,8 @@ GAUGE_INTERVAL_S = 1.0                          # the engine's gauges are report
 # A handle() call runs engine steps until this much time has passed (one step at least), a
 # request has finished or one has its first token: each call is a round trip through TorchServe's
 # frontend, paid once per call, not once per step (a one-sequence step takes ~8 ms on a 2-core Xeon).
-# A stream's parts come this often: at 25 ms a 16-row step (~30 ms) went one per call; the round
-# trip per call was 3.4 ms median, 8.5 ms p90 at one stream (AMX Xeon, handler timing, scratch)
+# A stream's parts come this often: at 25 ms a 16-row step went one per call, each paying a round
+# trip (timed in the handler: 6b4f562's message)
 CALL_S = 0.05
 # ... or this long while no request in flight streams: a plain answer goes out whole, so only a
 # newcomer's wait to join (and how often the round trip is paid) depends on it

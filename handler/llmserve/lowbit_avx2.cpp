@@ -394,92 +394,78 @@ inline void dequantize_bf16(const uint8_t* src, const uint16_t* S, const uint16_
   }
 }
 
-// Column group g for TILES tiles of 16 rows from row m0 of xb [*, K] bf16 (rows past M are zeros):
-// Y's rows m0 .. M - 1 (a partial tile through the 16 x 16 buffer part), times colscale's 16 columns
-// where given. wtiles: the group's blocks as weight tiles (K / 32 x 1 KiB), filled here by
-// dequant(g, b, tile) unless an earlier 64 rows did (a prefill)
-template <int TILES, typename Dequant>
-void amx_group(int64_t K, int64_t N, const uint16_t* xb, float* Y, int64_t M, int64_t m0, int64_t g, uint32_t* wtiles,
-               bool dequantized, float* part, const float* colscale, const Dequant& dequant) {
-  const int64_t blocks = K / kBlock, stride = K * 2;
+// The accumulator tiles 0 .. TILES - 1 (tile 4: the activations, tile 5: the weights)
+template <int TILES>
+inline void zero_tiles() {
   _tile_zero(0);
   if constexpr (TILES > 1) _tile_zero(1);
   if constexpr (TILES > 2) _tile_zero(2);
   if constexpr (TILES > 3) _tile_zero(3);
-  const uint16_t* x = xb + m0 * K;
-  for (int64_t b = 0; b < blocks; ++b) {
-    if (!dequantized) dequant(g, b, wtiles + b * 256);
-    _tile_loadd(5, wtiles + b * 256, 64);
-    _tile_loadd(4, x + b * kBlock, stride);
-    _tile_dpbf16ps(0, 4, 5);
-    if constexpr (TILES > 1) {
-      _tile_loadd(4, x + 16 * K + b * kBlock, stride);
-      _tile_dpbf16ps(1, 4, 5);
-    }
-    if constexpr (TILES > 2) {
-      _tile_loadd(4, x + 32 * K + b * kBlock, stride);
-      _tile_dpbf16ps(2, 4, 5);
-    }
-    if constexpr (TILES > 3) {
-      _tile_loadd(4, x + 48 * K + b * kBlock, stride);
-      _tile_dpbf16ps(3, 4, 5);
-    }
+}
+
+// accumulator i += activation tile at a + i * next (rows `stride` bytes apart) x the weight tile at wt
+template <int TILES>
+inline void tile_products(const uint16_t* a, int64_t next, int64_t stride, const uint32_t* wt) {
+  _tile_loadd(5, wt, 64);
+  _tile_loadd(4, a, stride);
+  _tile_dpbf16ps(0, 4, 5);
+  if constexpr (TILES > 1) {
+    _tile_loadd(4, a + next, stride);
+    _tile_dpbf16ps(1, 4, 5);
   }
-  // tile i to part, then its rows that exist to Y
-  const __m512 scale = colscale ? _mm512_loadu_ps(colscale + g * 16) : _mm512_set1_ps(1.f);
-  auto store = [&](int i) {
-    const int64_t first = m0 + 16 * i, rows = std::min<int64_t>(16, M - first);
-    for (int64_t r = 0; r < rows; ++r)
-      _mm512_storeu_ps(Y + (first + r) * N + g * 16, _mm512_mul_ps(_mm512_load_ps(part + 256 * i + 16 * r), scale));
-  };
+  if constexpr (TILES > 2) {
+    _tile_loadd(4, a + 2 * next, stride);
+    _tile_dpbf16ps(2, 4, 5);
+  }
+  if constexpr (TILES > 3) {
+    _tile_loadd(4, a + 3 * next, stride);
+    _tile_dpbf16ps(3, 4, 5);
+  }
+}
+
+// The accumulators' rows m0 .. M - 1 (at most 16 x TILES) into Y's column group g, times colscale's
+// 16 columns where given; through part (the tiles side by side: row r at part + 16 r)
+template <int TILES>
+inline void store_group(float* part, float* Y, int64_t M, int64_t m0, int64_t N, int64_t g, const float* colscale) {
   _tile_stored(0, part, 64);
   if constexpr (TILES > 1) _tile_stored(1, part + 256, 64);
   if constexpr (TILES > 2) _tile_stored(2, part + 512, 64);
   if constexpr (TILES > 3) _tile_stored(3, part + 768, 64);
-  for (int i = 0; i < TILES; ++i) store(i);
+  const __m512 scale = colscale ? _mm512_loadu_ps(colscale + g * 16) : _mm512_set1_ps(1.f);
+  for (int64_t r = 0, rows = std::min<int64_t>(16 * TILES, M - m0); r < rows; ++r)
+    _mm512_storeu_ps(Y + (m0 + r) * N + g * 16, _mm512_mul_ps(_mm512_load_ps(part + 16 * r), scale));
+}
+
+// Column group g for TILES tiles of 16 rows from row m0 of xb [*, K] bf16 (rows past M are zeros):
+// Y's rows m0 .. M - 1. wtiles: the group's blocks as weight tiles (K / 32 x 1 KiB), filled here by
+// dequant(g, b, tile) unless an earlier 64 rows did (a prefill)
+template <int TILES, typename Dequant>
+void amx_group(int64_t K, int64_t N, const uint16_t* xb, float* Y, int64_t M, int64_t m0, int64_t g, uint32_t* wtiles,
+               bool dequantized, float* part, const float* colscale, const Dequant& dequant) {
+  zero_tiles<TILES>();
+  const uint16_t* x = xb + m0 * K;
+  for (int64_t b = 0; b < K / kBlock; ++b) {
+    if (!dequantized) dequant(g, b, wtiles + b * 256);
+    tile_products<TILES>(x + b * kBlock, 16 * K, K * 2, wtiles + b * 256);
+  }
+  store_group<TILES>(part, Y, M, m0, N, g, colscale);
 }
 
 // A decode step's product (at most 64 rows, TILES tiles of 16): column groups g0 .. g1 - 1, each block
 // dequantized just before its products into a ring of two weight tiles, the activations in A-tile
-// order (xt [K/32][4][16 x 32]: a block's tiles side by side, read in one stream). Against
-// amx_group's rows of x and a whole group's weight tiles dequantized first: the 120 decoder products
-// 16 / 64 rows 19.0 / 37.7 -> 15.9 / 28.7 ms, one process taking turns (scratch build/exp/s5/ab.py,
-// AMX Xeon; keeping the activations' chunk in L1 with partial sums parked between chunks gained nothing)
+// order (xt [K/32][4][16 x 32]: a block's tiles side by side, read in one stream), where amx_group
+// reads rows of x and dequantizes a whole group first: faster at 16 and 64 rows (589aee5's message)
 template <int TILES, typename Dequant>
 void amx_groups_small(int64_t K, int64_t N, const uint16_t* xt, float* Y, int64_t M, int64_t g0, int64_t g1,
                       uint32_t* ring, float* part, const float* colscale, const Dequant& dequant) {
-  const int64_t blocks = K / kBlock;
   for (int64_t g = g0; g < g1; ++g) {
-    _tile_zero(0);
-    if constexpr (TILES > 1) _tile_zero(1);
-    if constexpr (TILES > 2) _tile_zero(2);
-    if constexpr (TILES > 3) _tile_zero(3);
-    for (int64_t b = 0; b < blocks; ++b) {
+    zero_tiles<TILES>();
+    for (int64_t b = 0; b < K / kBlock; ++b) {
       uint32_t* wt = ring + (b & 1) * 256;
       dequant(g, b, wt);
-      const uint16_t* a = xt + b * 4 * 512;
-      _tile_loadd(5, wt, 64);
-      _tile_loadd(4, a, 64);
-      _tile_dpbf16ps(0, 4, 5);
-      if constexpr (TILES > 1) {
-        _tile_loadd(4, a + 512, 64);
-        _tile_dpbf16ps(1, 4, 5);
-      }
-      if constexpr (TILES > 2) {
-        _tile_loadd(4, a + 1024, 64);
-        _tile_dpbf16ps(2, 4, 5);
-      }
-      if constexpr (TILES > 3) {
-        _tile_loadd(4, a + 1536, 64);
-        _tile_dpbf16ps(3, 4, 5);
-      }
+      tile_products<TILES>(xt + b * 4 * 512, 512, 64, wt);
     }
-    _tile_stored(0, part, 64);   // tile i's rows at part + 256 i: row r at part + 16 r
-    if constexpr (TILES > 1) _tile_stored(1, part + 256, 64);
-    if constexpr (TILES > 2) _tile_stored(2, part + 512, 64);
-    if constexpr (TILES > 3) _tile_stored(3, part + 768, 64);
-    const __m512 scale = colscale ? _mm512_loadu_ps(colscale + g * 16) : _mm512_set1_ps(1.f);
-    for (int64_t r = 0; r < M; ++r) _mm512_storeu_ps(Y + r * N + g * 16, _mm512_mul_ps(_mm512_load_ps(part + 16 * r), scale));
+    store_group<TILES>(part, Y, M, 0, N, g, colscale);
   }
 }
 
