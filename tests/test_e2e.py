@@ -130,7 +130,9 @@ def test_streaming_parts_arrive_incrementally(server, model):
     whole = post(server, body, model).json()
     t0 = time.perf_counter()
     parts = stream(server, body, model)
-    assert len(parts) > 10
+    # one part per handle() call, each with the tokens of its steps (up to 5 a step where the prompt
+    # lookup's drafts are kept): how many depends on the machine's speed, so only several are asked
+    assert len(parts) > 3
     assert "".join(p["text"] for _, p in parts) == whole["text"]
     last = parts[-1][1]
     assert last["finish_reason"] == whole["finish_reason"] and last["usage"] == whole["usage"]
