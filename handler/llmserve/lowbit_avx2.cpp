@@ -24,6 +24,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -51,6 +52,9 @@ constexpr int64_t kColTile = 16;  // output columns whose weights every row tile
 // prefetcher stops at every 4 KiB page, and a one-row step waits on memory, not arithmetic
 // (kernel_ms in benchmarks.profile_step's report times the whole model's products).
 constexpr int64_t kPrefetchBytes = 4096;
+// a prefill's row-wise passes (norms, rotary, residual adds) split over the threads in chunks of this
+// many rows; a decode step's (at most 64 rows) stays on one thread
+constexpr int64_t kRowGrain = 64;
 
 inline float horizontal_sum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -436,81 +440,74 @@ inline void store_group(float* part, float* Y, int64_t M, int64_t m0, int64_t N,
     _mm512_storeu_ps(Y + (m0 + r) * N + g * 16, _mm512_mul_ps(_mm512_load_ps(part + 16 * r), scale));
 }
 
-// Column group g for TILES tiles of 16 rows from row m0 of xb [*, K] bf16 (rows past M are zeros):
-// Y's rows m0 .. M - 1. wtiles: the group's blocks as weight tiles (K / 32 x 1 KiB), filled here by
-// dequant(g, b, tile) unless an earlier 64 rows did (a prefill)
-template <int TILES, typename Dequant>
-void amx_group(int64_t K, int64_t N, const uint16_t* xb, float* Y, int64_t M, int64_t m0, int64_t g, uint32_t* wtiles,
-               bool dequantized, float* part, const float* colscale, const Dequant& dequant) {
+// x [M, K] in bf16 in A-tile order: [M / 64 chunks][K / 32 blocks][4 tiles][16 rows x 32], zeros past
+// row M, so that a block's tiles (and a chunk's blocks) are read in one stream, not rows 2 K bytes apart
+std::unique_ptr<uint16_t[]> tile_order(const float* x, int64_t M, int64_t K) {
+  const int64_t blocks = K / kBlock, padded = (M + 63) / 64 * 64;
+  std::unique_ptr<uint16_t[]> xt(new uint16_t[padded * K]);   // not zeroed: only the rows past M are
+  at::parallel_for(0, padded, 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t b = 0; b < blocks; ++b) {
+        uint16_t* dst = xt.get() + ((r / 64 * blocks + b) * 4 + r % 64 / 16) * 512 + r % 16 * 32;
+        if (r >= M) {
+          _mm512_storeu_si512(dst, _mm512_setzero_si512());
+          continue;
+        }
+        _mm512_storeu_si512(dst, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(_mm512_loadu_ps(x + r * K + b * kBlock + 16),
+                                                                               _mm512_loadu_ps(x + r * K + b * kBlock))));
+      }
+  });
+  return xt;
+}
+
+// Column group g of the chunk xc (TILES tiles of 16 rows, from row m0) into Y; block b's weight tile
+// from wtile(b)
+template <int TILES, typename WTile>
+inline void amx_chunk(int64_t K, int64_t N, const uint16_t* xc, float* Y, int64_t M, int64_t m0, int64_t g, float* part,
+                      const float* colscale, const WTile& wtile) {
   zero_tiles<TILES>();
-  const uint16_t* x = xb + m0 * K;
-  for (int64_t b = 0; b < K / kBlock; ++b) {
-    if (!dequantized) dequant(g, b, wtiles + b * 256);
-    tile_products<TILES>(x + b * kBlock, 16 * K, K * 2, wtiles + b * 256);
-  }
+  for (int64_t b = 0; b < K / kBlock; ++b) tile_products<TILES>(xc + b * 2048, 512, 64, wtile(b));
   store_group<TILES>(part, Y, M, m0, N, g, colscale);
 }
 
-// A decode step's product (at most 64 rows, TILES tiles of 16): column groups g0 .. g1 - 1, each block
-// dequantized just before its products into a ring of two weight tiles, the activations in A-tile
-// order (xt [K/32][4][16 x 32]: a block's tiles side by side, read in one stream), where amx_group
-// reads rows of x and dequantizes a whole group first: faster at 16 and 64 rows (589aee5's message)
-template <int TILES, typename Dequant>
-void amx_groups_small(int64_t K, int64_t N, const uint16_t* xt, float* Y, int64_t M, int64_t g0, int64_t g1,
-                      uint32_t* ring, float* part, const float* colscale, const Dequant& dequant) {
-  for (int64_t g = g0; g < g1; ++g) {
-    zero_tiles<TILES>();
-    for (int64_t b = 0; b < K / kBlock; ++b) {
-      uint32_t* wt = ring + (b & 1) * 256;
-      dequant(g, b, wt);
-      tile_products<TILES>(xt + b * 4 * 512, 512, 64, wt);
-    }
-    store_group<TILES>(part, Y, M, 0, N, g, colscale);
-  }
-}
+constexpr int64_t kPanelBlocks = 256;   // a prefill's dequantized weight tiles held at once (256 KiB)
 
-template <typename Dequant>
-void amx_matmul_small(const float* x, int64_t M, int64_t K, int64_t N, float* Y, const float* colscale,
-                      const Dequant& dequant) {
-  const int64_t blocks = K / kBlock;
-  std::vector<uint16_t> xt(blocks * 4 * 512, 0);     // zeros past row M
-  for (int64_t r = 0; r < M; ++r)
-    for (int64_t b = 0; b < blocks; ++b)
-      _mm512_storeu_si512(xt.data() + (b * 4 + r / 16) * 512 + r % 16 * 32,
-                          reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(_mm512_loadu_ps(x + r * K + b * kBlock + 16),
-                                                                        _mm512_loadu_ps(x + r * K + b * kBlock))));
-  at::parallel_for(0, N / 16, 1, [&](int64_t g0, int64_t g1) {
-    configure_tiles();
-    alignas(64) uint32_t ring[512];
-    alignas(64) float part[1024];
-    with_rows<4>((M + 15) / 16, [&](auto n) {
-      amx_groups_small<decltype(n)::value>(K, N, xt.data(), Y, M, g0, g1, ring, part, colscale, dequant);
-    });
-    _tile_release();
-  });
-}
-
-// Y [M, N] = x [M, K] (rounded to bf16) times the weights dequant gives, block by block, as bf16 tiles;
-// more than 64 rows (a prefill): each group dequantized once for all its 64-row chunks
+// Y [M, N] = x [M, K] (rounded to bf16) times the weights dequant(g, b, tile) gives, block b of column
+// group g as a bf16 weight tile. One chunk of 64 rows (a decode step): each block dequantized just
+// before its products into a ring of two tiles. More (a prefill): a panel of groups dequantized
+// at once, then every chunk's products with it, so the activations are read once per panel
 template <typename Dequant>
 void amx_matmul(const float* x, int64_t M, int64_t K, int64_t N, float* Y, const float* colscale, const Dequant& dequant) {
-  if (M <= 64) return amx_matmul_small(x, M, K, N, Y, colscale, dequant);
-  const int64_t tiles = (M + 15) / 16;
-  std::vector<uint16_t> xb(tiles * 16 * K, 0);      // the activations in bf16, zeros past row M
-  at::parallel_for(0, M, 1, [&](int64_t r0, int64_t r1) {
-    for (int64_t i = r0 * K; i < r1 * K; i += 32)   // K is a multiple of 32
-      _mm512_storeu_si512(xb.data() + i, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(_mm512_loadu_ps(x + i + 16),
-                                                                                      _mm512_loadu_ps(x + i))));
-  });
+  const int64_t blocks = K / kBlock, chunks = (M + 63) / 64, tiles = (M + 15) / 16;
+  const auto xt = tile_order(x, M, K);
   at::parallel_for(0, N / 16, 1, [&](int64_t g0, int64_t g1) {
     configure_tiles();
-    std::vector<uint32_t> wtiles(K / kBlock * 256);
     alignas(64) float part[1024];
-    for (int64_t g = g0; g < g1; ++g)
-      for (int64_t t = 0; t < tiles; t += 4)
-        with_rows<4>(std::min<int64_t>(tiles - t, 4), [&](auto n) {
-          amx_group<decltype(n)::value>(K, N, xb.data(), Y, M, 16 * t, g, wtiles.data(), t > 0, part, colscale, dequant);
-        });
+    if (chunks == 1) {
+      alignas(64) uint32_t ring[512];
+      with_rows<4>(tiles, [&](auto n) {
+        for (int64_t g = g0; g < g1; ++g)
+          amx_chunk<decltype(n)::value>(K, N, xt.get(), Y, M, 0, g, part, colscale, [&](int64_t b) {
+            uint32_t* wt = ring + (b & 1) * 256;
+            dequant(g, b, wt);
+            return wt;
+          });
+      });
+    } else {
+      const int64_t width = std::max<int64_t>(1, kPanelBlocks / blocks);
+      std::vector<uint32_t> panel(width * blocks * 256);
+      for (int64_t p0 = g0; p0 < g1; p0 += width) {
+        const int64_t p1 = std::min(g1, p0 + width);
+        for (int64_t g = p0; g < p1; ++g)
+          for (int64_t b = 0; b < blocks; ++b) dequant(g, b, panel.data() + ((g - p0) * blocks + b) * 256);
+        for (int64_t c = 0; c < chunks; ++c)
+          with_rows<4>(std::min<int64_t>(tiles - 4 * c, 4), [&](auto n) {
+            for (int64_t g = p0; g < p1; ++g)
+              amx_chunk<decltype(n)::value>(K, N, xt.get() + c * blocks * 2048, Y, M, 64 * c, g, part, colscale,
+                                            [&](int64_t b) { return panel.data() + ((g - p0) * blocks + b) * 256; });
+          });
+      }
+    }
     _tile_release();
   });
 }
@@ -751,11 +748,20 @@ void project(const float* x, int64_t R, const Projection& p, int64_t max_packed_
 }
 
 void rms_norm_rows(const float* x, const float* w, float* y, int64_t R, int64_t C, float eps) {
-  for (int64_t r = 0; r < R; ++r) {
-    const float* xr = x + r * C;
-    const float inv = 1.f / std::sqrt(dot_floats(xr, xr, C) / C + eps);
-    for (int64_t i = 0; i < C; ++i) y[r * C + i] = xr[i] * inv * w[i];
-  }
+  at::parallel_for(0, R, kRowGrain, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* xr = x + r * C;
+      const float inv = 1.f / std::sqrt(dot_floats(xr, xr, C) / C + eps);
+      for (int64_t i = 0; i < C; ++i) y[r * C + i] = xr[i] * inv * w[i];
+    }
+  });
+}
+
+// x += d over n floats
+void add_into(float* x, const float* d, int64_t n) {
+  at::parallel_for(0, n, kRowGrain * 1024, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) x[i] += d[i];
+  });
 }
 
 // exp(x) of 8 floats x <= 0 (softmax's, after subtracting the largest): 2^n e^r with n = round(x
@@ -987,15 +993,17 @@ torch::Tensor decode_layers_over(const torch::Tensor& x, const torch::Tensor& co
     project(h.data(), R, wqkv, max_packed_rows, qkv.data());
     KV* kl = KC + layer * layer_stride;
     KV* vl = VC + layer * layer_stride;
-    for (int64_t r = 0; r < R; ++r) {        // rotary embedding; the new keys and values into the cache
-      float* q = qkv.data() + r * QKV;
-      for (int64_t head = 0; head < H + Hkv; ++head) rotate_head(q + head * D, COS + r * D, SIN + r * D, D);
-      const int64_t b = r / W, pos = LEN[b] + r % W;
-      for (int64_t kv = 0; kv < Hkv; ++kv) {
-        store_kv(q + (H + kv) * D, D, kl + b * row_stride + kv * head_stride + pos * D);
-        store_kv(q + (H + Hkv + kv) * D, D, vl + b * row_stride + kv * head_stride + pos * D);
+    at::parallel_for(0, R, kRowGrain, [&](int64_t r0, int64_t r1) {   // rotary; new keys and values into the cache
+      for (int64_t r = r0; r < r1; ++r) {
+        float* q = qkv.data() + r * QKV;
+        for (int64_t head = 0; head < H + Hkv; ++head) rotate_head(q + head * D, COS + r * D, SIN + r * D, D);
+        const int64_t b = r / W, pos = LEN[b] + r % W;
+        for (int64_t kv = 0; kv < Hkv; ++kv) {
+          store_kv(q + (H + kv) * D, D, kl + b * row_stride + kv * head_stride + pos * D);
+          store_kv(q + (H + Hkv + kv) * D, D, vl + b * row_stride + kv * head_stride + pos * D);
+        }
       }
-    }
+    });
     // attention: a task per token and KV head, whose G query heads (adjacent in q) read each key
     // and value once between them
     at::parallel_for(0, R * Hkv, 1, [&](int64_t t0, int64_t t1) {
@@ -1030,14 +1038,14 @@ torch::Tensor decode_layers_over(const torch::Tensor& x, const torch::Tensor& co
       }
     });
     project(o.data(), R, wo, max_packed_rows, delta.data());
-    for (int64_t i = 0; i < R * C; ++i) X[i] += delta[i];
+    add_into(X, delta.data(), R * C);
     rms_norm_rows(X, w[7].data_ptr<float>(), h.data(), R, C, static_cast<float>(eps));
     project(h.data(), R, wgu, max_packed_rows, gate_up.data());
     at::parallel_for(0, R, 1, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) silu_mul(&gate_up[r * 2 * I], &gate_up[r * 2 * I + I], &act[r * I], I);
     });
     project(act.data(), R, wdown, max_packed_rows, delta.data());
-    for (int64_t i = 0; i < R * C; ++i) X[i] += delta[i];
+    add_into(X, delta.data(), R * C);
   }
   return out;
 }
