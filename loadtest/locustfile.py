@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import gevent
-from locust import HttpUser, constant_throughput, events, task
+from locust import HttpUser, events, task
 from locust.exception import StopUser
 from locust.runners import WorkerRunner
 from locust.stats import CSV_STATS_INTERVAL_SEC
@@ -109,14 +109,28 @@ def on_request(request_type, name, response_time, response_length, exception, co
         Run.log.write(json.dumps(record) + "\n")
 
 
+class Pacing:
+    """One paced user's schedule: a request every period from its own start, or at once when the
+    last answer came later than that (no catching up). Locust's constant_throughput counts from the
+    user's creation, so it sent every user's second request one period after the spawn, all at once,
+    and undid the start spread over a period below."""
+    def __init__(self, period: float, start: float) -> None:
+        self.period, self.next_at = period, start
+
+    def wait(self, now: float) -> float:
+        self.next_at = max(self.next_at + self.period, now)
+        return self.next_at - now
+
+
 class LLMUser(HttpUser):
-    """A chat client that sends its next prompt as soon as the last one is answered."""
+    """A chat client that sends its next prompt as soon as the last one is answered (or, with
+    --user-rate, on its own schedule)."""
     articles: list[str] = []
     user_ids = itertools.count()
+    pacing: Pacing | None = None
 
     def wait_time(self) -> float:
-        rate = self.environment.parsed_options.user_rate
-        return constant_throughput(rate)(self) if rate else 0
+        return self.pacing.wait(time.monotonic()) if self.pacing else 0
 
     def on_start(self) -> None:
         opts = self.environment.parsed_options
@@ -125,7 +139,9 @@ class LLMUser(HttpUser):
         self.rng = random.Random(seed)
         self.url = f"/predictions/{opts.model}"
         if opts.user_rate:        # paced users start spread over one period, not in one burst
-            gevent.sleep(self.rng.uniform(0, 1 / opts.user_rate))
+            offset = self.rng.uniform(0, 1 / opts.user_rate)
+            self.pacing = Pacing(1 / opts.user_rate, time.monotonic() + offset)
+            gevent.sleep(offset)
 
     @task(5)
     def chat(self) -> None:

@@ -2,7 +2,9 @@
 and unregistered per batch configuration through the management API, their worker processes, and
 warm-up requests. Knows nothing about Locust."""
 
+import time
 import urllib.parse
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 from scripts.serve import TorchServeProcess, http_json, wait_ready
@@ -43,3 +45,18 @@ def warm_up(server: TorchServeProcess, name: str, num_requests: int, num_rounds:
             list(pool.map(lambda _: http_json(f"{server.inference_url}/predictions/{name}", "POST", 600, body),
                           range(num_requests)))
 
+
+
+def wait_idle(server: TorchServeProcess, timeout_s: float = 180) -> None:
+    """Until the handler's gauges say no request runs or waits: the requests a Locust run left
+    unanswered at its end (their clients gone) must not share the engine with the next run's."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with urllib.request.urlopen(f"{server.metrics_url}/metrics", timeout=10) as r:
+            lines = r.read().decode().splitlines()
+        values = [float(line.rsplit(" ", 1)[1]) for line in lines
+                  if line.startswith(("llm_requests_running{", "llm_requests_waiting{"))]
+        if values and not any(values):
+            return
+        time.sleep(1)
+    raise TimeoutError(f"requests still in the engine after {timeout_s} s")

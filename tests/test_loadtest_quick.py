@@ -45,6 +45,15 @@ def test_prompt_mix_is_seeded_and_bounded():
         parse_tokens_spec("256-16")
 
 
+def test_a_paced_user_keeps_its_own_start_and_does_not_catch_up():
+    from loadtest.locustfile import Pacing
+    early, late = Pacing(period=10.0, start=1.0), Pacing(period=10.0, start=7.0)
+    # the first requests at their starts answered in 2 s: the second ones a period after each start
+    assert (early.wait(now=3.0), late.wait(now=9.0)) == (8.0, 8.0)
+    # an answer later than the period: the next at once, then a period from then, no burst to catch up
+    assert late.wait(now=40.0) == 0.0 and late.wait(now=41.0) == 9.0
+
+
 def test_recommendation_is_fastest_within_target_without_failures():
     rows = [row(1, 0.2, 5_000), row(4, 0.6, 9_000), row(16, 1.0, 30_000), row(64, 2.0, 8_000, num_failures=3)]
     best, text = recommend(rows, p99_target_ms=10_000)
