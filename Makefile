@@ -12,7 +12,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 PROFILE ?= quick
 
-.PHONY: serve stop test test-unit fuzz soak status measure quality mar clean sweep bench chargeback tiers
+.PHONY: serve stop test test-unit fuzz soak status measure quality mar clean sweep bench chargeback tiers plan advise
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PY_SYS) -m venv $(VENV)
@@ -64,6 +64,15 @@ chargeback: $(VENV)/.installed
 # premium, standard and batch users at 1.5x the measured capacity, without and with tiers (loadtest/tiers.py)
 tiers: $(MAR)
 	$(PY) -m loadtest.tiers
+
+# the capacity planner over the newest committed loadtest/results/plan-*/ measurement (loadtest/plan.py);
+# `$(PY) -m loadtest.plan measure` takes a new one against a real TorchServe (~12 min)
+plan: $(VENV)/.installed
+	$(PY) -m loadtest.plan $(PLAN_ARGS)
+
+# recommendations from the committed sweep, benchmark, comparison and plan, each with its evidence
+advise: $(VENV)/.installed
+	$(PY) -m loadtest.advise
 
 test-unit: $(VENV)/.installed
 	$(PY) -m pytest -q tests -m "not e2e"

@@ -1,0 +1,139 @@
+"""The capacity planner's simulation (loadtest/plan.py) on a hand-made engine; its real counterpart is
+`python -m loadtest.plan measure`, which checks the simulation against open-loop Locust runs."""
+
+import math
+
+import pytest
+import yaml
+
+from loadtest.plan import DT, HPA, HPA_SYNC_S, Engine, Hpa, fit_engine, paced_users, poisson, simulate, stats
+
+# a step 10 ms + 1 ms a sequence, 0.1 ms a prompt token; every request 100 prompt and 64 output tokens
+ENGINE = Engine(step_s=0.01, per_seq_s=0.001, per_prompt_token_s=0.0001, requests=[(100, 64)], startup_s=60.0)
+
+
+def alone(n: int) -> float:
+    """n requests arriving together: their prefill, then 63 steps of n sequences."""
+    return n * 100 * 0.0001 + 63 * (0.01 + 0.001 * n)
+
+
+def test_the_engine_model_is_fitted_back_from_runs_it_would_take():
+    runs = {}
+    for n in (1, 4, 16, 64):
+        prompt_each = {1: 50, 4: 300, 16: 120, 64: 80}[n]
+        decoded, prompt = 63 * 10 * n, prompt_each * 10 * n          # 10 answers a user
+        window = 0.01 * decoded / n + 0.001 * decoded + 0.0001 * prompt
+        runs[n] = [{"start": 0.0, "latency_ms": 1000 * window * (i == 0), "output_tokens": 64,
+                    "prompt_tokens": prompt_each} for i in range(10 * n)]
+    engine = fit_engine(runs, startup_s=60.0)
+    assert (engine.step_s, engine.per_seq_s, engine.per_prompt_token_s) == pytest.approx((0.01, 0.001, 0.0001))
+    mean_prompt = sum(p for p, _ in engine.requests) / len(engine.requests)
+    assert engine.capacity_rps() == pytest.approx(1 / (0.0001 * mean_prompt + (0.01 / 64 + 0.001) * 63))
+
+
+def test_a_lone_request_takes_its_prefill_and_one_step_a_token():
+    latency = simulate(ENGINE, [1.0])["latencies"][0]
+    assert latency == pytest.approx(alone(1), abs=DT)
+
+
+def test_a_full_batch_answers_at_the_64_sequence_pace_and_the_queue_beyond_it_is_bounded():
+    burst = [0.0] * 200                   # 64 run, 64 wait, 72 refused
+    s = simulate(ENGINE, burst)
+    assert stats(s["latencies"])["refused"] == 200 - 128
+    first = sorted(x for x in s["latencies"] if x is not None)[:64]
+    assert first[0] == pytest.approx(alone(64), abs=DT) and first[-1] == pytest.approx(first[0])
+
+
+def test_more_replicas_answer_an_overload_that_one_refuses():
+    arrivals = poisson(lambda t: 2.5 * ENGINE.capacity_rps(), 120)
+    one, three = (stats(simulate(ENGINE, arrivals, replicas=n)["latencies"]) for n in (1, 3))
+    assert one["refused"] > 0 and three["refused"] == 0
+    assert three["latency_p99_s"] < one["latency_p99_s"]
+
+
+def test_round_robin_takes_turns_and_least_connections_fills_the_idle_replica():
+    for routing in ("round-robin", "least"):   # four at once on two replicas: two each
+        s = simulate(ENGINE, [0.0] * 4, routing, replicas=2)
+        assert all(x == pytest.approx(alone(2), abs=DT) for x in s["latencies"]), routing
+    # three replicas, one busy: least-connections sends the next two to the idle ones, round-robin
+    # sends the third arrival back beside the first
+    arrivals = [0.0, 0.0, 0.1, 0.2]
+    least = simulate(ENGINE, arrivals, "least", replicas=3)["latencies"]
+    rr = simulate(ENGINE, arrivals, "round-robin", replicas=3)["latencies"]
+    assert least[2] == pytest.approx(alone(1), abs=DT) and rr[2] == pytest.approx(alone(1), abs=DT)
+    assert rr[3] > alone(1) + DT and least[3] > alone(1) + DT   # four on three: someone shares
+    assert least[1] == pytest.approx(alone(1), abs=DT) and rr[1] == pytest.approx(alone(1), abs=DT)
+
+
+def test_the_hpa_adds_pods_at_its_policy_rate_and_they_serve_after_start_up():
+    hpa = Hpa(metric="llm_requests_waiting", min_replicas=1, max_replicas=8, target=4, up_window_s=0, down_window_s=300, up_pods=2,
+              up_period_s=60, down_pods=1, down_period_s=120)
+    arrivals = poisson(lambda t: 4 * ENGINE.capacity_rps(), 600)
+    tl = simulate(ENGINE, arrivals, replicas=1, hpa=hpa)["timeline"]
+    replicas = [p["replicas"] for p in tl]
+    assert max(replicas) > 1
+    added = [(b["t"], b["replicas"] - a["replicas"]) for a, b in zip([{"t": 0, "replicas": 1}, *tl], tl)]
+    for t0, _ in added:                   # never more than 2 pods added within 60 s
+        assert sum(n for t, n in added if t0 <= t < t0 + 60 and n > 0) <= 2
+    first_up = next(p["t"] for p in tl if p["replicas"] > 1)
+    ready_then = [p["ready"] for p in tl if first_up <= p["t"] < first_up + ENGINE.startup_s - HPA_SYNC_S]
+    assert ready_then and max(ready_then) == 1    # the new pod is not ready before its start-up time
+
+
+def test_the_hpa_scales_down_only_to_the_most_it_wanted_within_its_window():
+    hpa = Hpa("llm_requests_waiting", 1, 8, 4, 0, 300, 2, 60, 1, 120)
+    arrivals = poisson(lambda t: 4 * ENGINE.capacity_rps() if t < 300 else 0.05, 1200)
+    tl = simulate(ENGINE, arrivals, replicas=1, hpa=hpa, horizon_s=1300)["timeline"]
+    downs = [(a, b) for a, b in zip(tl, tl[1:]) if b["replicas"] < a["replicas"]]
+    assert downs and tl[-1]["replicas"] < max(p["replicas"] for p in tl)
+    for _, b in downs:
+        wanted = max(p["desired"] for p in tl if b["t"] - 300 < p["t"] <= b["t"])
+        assert b["replicas"] >= wanted
+    for (_, b), (_, c) in zip(downs, downs[1:]):   # one pod per 120 s
+        assert c["t"] - b["t"] >= 120 - HPA_SYNC_S
+
+
+def test_the_planner_reads_the_deployed_hpa():
+    spec = yaml.safe_load(HPA.read_text())["spec"]
+    hpa = Hpa.from_manifest()
+    assert (hpa.min_replicas, hpa.max_replicas) == (spec["minReplicas"], spec["maxReplicas"])
+    assert hpa.target == float(spec["metrics"][0]["pods"]["target"]["averageValue"])
+    assert hpa.metric == spec["metrics"][0]["pods"]["metric"]["name"]
+    assert hpa.down_window_s == spec["behavior"]["scaleDown"]["stabilizationWindowSeconds"]
+
+
+def test_paced_users_send_at_the_asked_rate_each_a_period_apart():
+    arrivals = paced_users(rate=8.0, users=64, duration_s=120, seed=3)
+    assert len(arrivals) == pytest.approx(8.0 * 120, rel=0.05)
+    assert arrivals == sorted(arrivals) and 0 <= arrivals[0] and arrivals[-1] < 120
+    counts = [sum(1 for a in arrivals if lo <= a < lo + 8) for lo in range(8, 112, 8)]   # past the first period
+    assert all(c == 64 for c in counts)
+
+
+def test_poisson_arrivals_follow_the_rate():
+    arrivals = poisson(lambda t: 2.0 if t < 500 else 10.0, 1000, seed=5)
+    low, high = sum(a < 500 for a in arrivals), sum(a >= 500 for a in arrivals)
+    assert low == pytest.approx(1000, rel=0.1) and high == pytest.approx(5000, rel=0.05)
+    assert math.isclose(sorted(arrivals)[0], arrivals[0])
+
+
+def test_the_plan_runs_every_trace_and_routing_from_a_measurement(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from loadtest.plan import ROOT
+    measurement = tmp_path / "plan-measure.json"
+    measurement.write_text(json.dumps({"engine": {"step_s": 0.01, "per_seq_s": 0.001, "per_prompt_token_s": 0.0001,
+                                                  "startup_s": 60.0}, "requests": [[100, 64], [300, 32]]}))
+    out = tmp_path / "plan"
+    proc = subprocess.run([sys.executable, "-m", "loadtest.plan", "--measurement", str(measurement), "--minutes", "10",
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((out / "plan.json").read_text())
+    assert {(r["trace"], r["routing"]) for r in report["rows"]} == {
+        (t, r) for t in ("steady", "ramp", "burst", "diurnal") for r in ("least", "round-robin")}
+    assert all(r["usd_per_1k_requests"] > 0 and r["max_replicas"] >= 1 for r in report["rows"])
+    need = report["sizing"]["replicas"]["least"]
+    assert need is not None and need >= 3          # 3x one replica's capacity at p99 <= 10 s
+    assert (out / "plan.png").stat().st_size > 0
