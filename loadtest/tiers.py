@@ -21,7 +21,7 @@ from benchmarks.plots import pyplot
 from benchmarks.tables import format_table
 from loadtest import chargeback
 from loadtest.measure import load_price, percentile, window_s
-from loadtest.server import warm_up
+from loadtest.server import wait_idle, warm_up
 from loadtest.sweep import ROOT, run_locust
 from scripts.serve import TorchServeProcess
 
@@ -81,8 +81,11 @@ def main() -> None:
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     common = ["--max-new-tokens", args.max_new_tokens, "--stream", "--stop-timeout", "120"]
-    locust = lambda name, users, seconds, flags: run_locust(
-        server.inference_url, args.out / name, users, max(1, users // 30), seconds, common + flags, locustfile=USERS)
+    def locust(name: str, users: int, seconds: float, flags: list[str]) -> list[dict]:
+        wait_idle(server)     # the last run's unanswered requests out of the engine first
+        return run_locust(server.inference_url, args.out / name, users, max(1, users // 30), seconds, common + flags,
+                          locustfile=USERS)
+
     server = TorchServeProcess(ROOT / "build" / "tiers-ts", port=args.port).start()
     try:
         warm_up(server, "llm", 8)
