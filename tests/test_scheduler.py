@@ -230,6 +230,19 @@ def test_ageing_lifts_batch_work_one_tier_per_period():
     assert out.preempted == [] and out.decode == [b]   # and is no longer displaced
 
 
+def test_a_request_aged_to_premium_goes_first_but_does_not_displace():
+    b = req("b", 5, tier="batch", arrival=0)
+    s = queued(b, max_num_seqs=1, ageing_s=10)
+    s.schedule(now=0)
+    old = req("s", 5, arrival=0)                       # standard, premium's rank from 10 s on
+    s.add(old)
+    out = s.schedule(now=15)
+    assert s.rank(old, now=15)[0] == 0 and out.preempted == [] and out.decode == [b]
+    s.add(p := req("p", 5, tier="premium", arrival=15))
+    out = s.schedule(now=15)
+    assert out.preempted == [b] and out.prefill == [old]   # a real premium displaces; the aged one, first in rank, takes the row
+
+
 def test_request_level_ignores_tiers():
     b, p = req("b", 5, tier="batch"), req("p", 5, tier="premium")
     s = queued(b, p, max_num_seqs=1, request_level=True)

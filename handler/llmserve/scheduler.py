@@ -72,7 +72,9 @@ class Scheduler:
             order = list(self.waiting)
         else:
             order = sorted(self.waiting, key=lambda r: self.rank(r, now))
-            premium = list(itertools.takewhile(lambda r: self.rank(r, now)[0] == 0, order))
+            # premium by tier, not by ageing: an aged request goes first but waits for a row, or under
+            # sustained overload the preempted ones age into premium and displace each other in turn
+            premium = [r for r in itertools.takewhile(lambda r: self.rank(r, now)[0] == 0, order) if r.tier == 0]
             for i, request in enumerate(premium):        # room for each, beside those before it
                 while self.running and not self._can_fit(request, premium[:i]) \
                         and self.rank(victim := self._worst(now), now)[0] > 0:
