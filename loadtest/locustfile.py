@@ -23,6 +23,7 @@ from locust.runners import WorkerRunner
 from locust.stats import CSV_STATS_INTERVAL_SEC
 
 from benchmarks.workload import WIKITEXT, PromptMix, load_articles, parse_tokens_spec
+from loadtest.pacing import Pacing
 
 NAME = "generate"          # the one stats row of the generation requests
 METRIC = "METRIC"          # request_type of the time-to-first-token rows
@@ -107,19 +108,6 @@ def on_request(request_type, name, response_time, response_length, exception, co
         record = {"name": name, "start": start_time, "latency_ms": response_time, "ok": exception is None,
                   "kind": None if exception is None else context.get("kind", "other"), **context}
         Run.log.write(json.dumps(record) + "\n")
-
-
-class Pacing:
-    """One paced user's schedule: a request every period from its own start, or at once when the
-    last answer came later than that (no catching up). Locust's constant_throughput counts from the
-    user's creation, so it sent every user's second request one period after the spawn, all at once,
-    and undid the start spread over a period below."""
-    def __init__(self, period: float, start: float) -> None:
-        self.period, self.next_at = period, start
-
-    def wait(self, now: float) -> float:
-        self.next_at = max(self.next_at + self.period, now)
-        return self.next_at - now
 
 
 class LLMUser(HttpUser):

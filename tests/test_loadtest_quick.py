@@ -46,7 +46,7 @@ def test_prompt_mix_is_seeded_and_bounded():
 
 
 def test_a_paced_user_keeps_its_own_start_and_does_not_catch_up():
-    from loadtest.locustfile import Pacing
+    from loadtest.pacing import Pacing
     early, late = Pacing(period=10.0, start=1.0), Pacing(period=10.0, start=7.0)
     # the first requests at their starts answered in 2 s: the second ones a period after each start
     assert (early.wait(now=3.0), late.wait(now=9.0)) == (8.0, 8.0)
