@@ -29,11 +29,12 @@ COLUMNS = (("tenant", "tenant", "{}"), ("tier", "tier", "{}"), ("num_ok", "answe
            ("engine_s", "engine s", "{:.1f}"), ("share", "share", "{:.1%}"), ("usd", "USD", "{:.4f}"))
 
 
-def scrape(url: str) -> dict[str, float]:
-    """Every llm_tenant_* sample, keyed by its line's name and labels (Prometheus text format)."""
+def scrape(url: str, prefix: str | tuple[str, ...] = "llm_tenant_") -> dict[str, float]:
+    """Every sample whose line starts with prefix (the llm_tenant_* ones by default), keyed by its
+    line's name and labels (Prometheus text format)."""
     text = requests.get(url, timeout=10).text
     return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
-            for line in text.splitlines() if line.startswith("llm_tenant_")}
+            for line in text.splitlines() if line.startswith(prefix)}
 
 
 def labels(key: str) -> dict[str, str]:

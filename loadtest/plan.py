@@ -31,6 +31,8 @@ import numpy
 import yaml
 
 from benchmarks.machine import describe
+from benchmarks.plots import pyplot
+from benchmarks.tables import format_table
 from loadtest.measure import load_price, percentile, read_request_log, window_s
 from loadtest.server import wait_idle, warm_up
 from loadtest.sweep import ROOT, run_locust
@@ -45,6 +47,10 @@ METRICS = {"llm_requests_waiting": lambda pod: len(pod.waiting), "llm_requests_r
 CURVE_USERS = (1, 4, 16, 64)
 MAX_NEW_TOKENS = "64"
 SEEDS = 8                  # simulated draws of an open-loop run, for its expected percentiles
+COLUMNS = (("trace", "trace", "{}"), ("routing", "routing", "{}"), ("requests", "requests", "{}"),
+           ("refused", "refused", "{}"), ("latency_p50_s", "p50 s", "{}"), ("latency_p99_s", "p99 s", "{}"),
+           ("mean_replicas", "mean replicas", "{}"), ("max_replicas", "max replicas", "{}"),
+           ("usd_per_1k_requests", "$ per 1,000 requests", "{}"))
 
 
 # -- the model ---------------------------------------------------------------------------------------
@@ -195,8 +201,7 @@ def simulate(engine: Engine, arrivals: list[float], routing: str = "least", repl
                     scaled.append((t, -max(n, 0)))
             timeline.append({"t": round(t, 2), "replicas": len([p for p in pods if not p.stopping]),
                              "desired": desired_log[-1][1] if hpa else current,
-                             "ready": len(ready), "waiting_per_pod": round(waiting, 2),
-                             "in_flight": sum(p.load() for p in pods)})
+                             "ready": len(ready), "waiting_per_pod": round(waiting, 2)})
     return {"latencies": latencies, "timeline": timeline}
 
 
@@ -321,9 +326,7 @@ def replicas_for(engine: Engine, rate: float, p99_s: float, duration_s: float, r
 
 
 def plot(results: dict, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     names = sorted({k[0] for k in results})
     fig, axes = plt.subplots(3, len(names), figsize=(4 * len(names), 8), sharex="col", squeeze=False)
     for col, name in enumerate(names):
@@ -349,6 +352,56 @@ def with_minute_p99(arrivals: list[float], sim: dict) -> None:
         p["p99_s"] = round(percentile(window, 0.99), 2) if window else None
 
 
+def check(out: Path) -> None:
+    """measure / validate: the fit and the open-loop check, printed."""
+    result = validate(out)
+    e = result["engine"]
+    print(f"engine: a step {1000 * e['step_s']:.1f} ms + {1000 * e['per_seq_s']:.2f} ms a sequence, "
+          f"{1000 * e['per_prompt_token_s']:.3f} ms a prompt token; capacity {result['capacity_rps']} req/s")
+    for v in result["validation"]:
+        print(f"{v['rate_rps']} req/s ({v['fraction']} of capacity): measured p50 / p99 "
+              f"{v['measured']['latency_p50_s']} / {v['measured']['latency_p99_s']} s, predicted "
+              f"{v['predicted']['latency_p50_s']} / {v['predicted']['latency_p99_s']} s, "
+              f"errors {v['relative_error']}, within 25 %: {v['within_25_percent']}")
+    print(json.dumps({"out": str(out), "validated": all(v["within_25_percent"] for v in result["validation"])}))
+
+
+def plan(args: argparse.Namespace, out: Path) -> None:
+    """Every trace under both routings with the HPA, the replicas for a steady rate; plan.json and plan.png."""
+    engine, source = load_engine(args.measurement)
+    source = source.resolve()
+    shown = str(source.relative_to(ROOT)) if source.is_relative_to(ROOT) else str(source)
+    hpa, price = Hpa.from_manifest(args.hpa), load_price(args.instance)
+    duration = args.minutes * 60
+    results, rows = {}, []
+    for name, rate_at in traces(engine.capacity_rps(), duration).items():
+        arrivals = poisson(rate_at, duration)
+        for routing in ("least", "round-robin"):
+            sim = simulate(engine, arrivals, routing, replicas=hpa.min_replicas, hpa=hpa)
+            with_minute_p99(arrivals, sim)
+            results[(name, routing)] = sim
+            s = stats(sim["latencies"])
+            replicas = [pt["replicas"] for pt in sim["timeline"]]
+            answered = s["requests"] - s["refused"]
+            replica_hours = sum(replicas) * HPA_SYNC_S / 3600
+            rows.append({"trace": name, "routing": routing, **s, "mean_replicas": round(statistics.mean(replicas), 2),
+                         "max_replicas": max(replicas),
+                         "usd_per_1k_requests": round(replica_hours * price / answered * 1000, 5) if answered else None})
+    target = args.target_rps or 3 * engine.capacity_rps()
+    need = {r: replicas_for(engine, target, args.p99_target_s, 600, r) for r in ("least", "round-robin")}
+    plot(results, out / "plan.png")
+    report = {"machine": describe(), "measurement": shown, "capacity_rps": round(engine.capacity_rps(), 3),
+              "startup_s": engine.startup_s,
+              "engine": {k: getattr(engine, k) for k in ("step_s", "per_seq_s", "per_prompt_token_s")},
+              "hpa": vars(hpa), "instance": args.instance, "rows": rows,
+              "sizing": {"target_rps": round(target, 3), "p99_target_s": args.p99_target_s, "replicas": need}}
+    (out / "plan.json").write_text(json.dumps(report, indent=1))
+    print(f"one replica: {report['capacity_rps']} req/s at 64 users ({shown}); start-up {engine.startup_s} s")
+    print(format_table(rows, COLUMNS, markdown=True))
+    print(f"replicas for {report['sizing']['target_rps']} req/s at p99 <= {args.p99_target_s} s: {need}")
+    print(json.dumps({"out": str(out), "sizing": report["sizing"]}))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", nargs="?", choices=("plan", "measure", "validate"), default="plan")
@@ -363,62 +416,18 @@ def main() -> None:
     p.add_argument("--p99-target-s", type=float, default=10.0)
     p.add_argument("--hpa", type=Path, default=HPA, help="plan: the HorizontalPodAutoscaler manifest to simulate")
     p.add_argument("--instance", default="cpu-2vcpu", help="loadtest/prices.yaml's instance a replica runs on")
-    p.add_argument("--out", type=Path, help="validate: the measurement folder")
+    p.add_argument("--out", type=Path, help="the plan's folder (default build/plan-<time>), or the measurement's")
     args = p.parse_args()
     stamp = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}"
-    if args.what in ("measure", "validate"):
-        out = args.out or RESULTS / f"plan-{stamp}"
-        if args.what == "measure":
-            out.mkdir(parents=True, exist_ok=True)
-            measure(out, args.port, args.seconds, args.fractions, args.users)
-        result = validate(out)
-        e = result["engine"]
-        print(f"engine: a step {1000 * e['step_s']:.1f} ms + {1000 * e['per_seq_s']:.2f} ms a sequence, "
-              f"{1000 * e['per_prompt_token_s']:.3f} ms a prompt token; capacity {result['capacity_rps']} req/s")
-        for v in result["validation"]:
-            print(f"{v['rate_rps']} req/s ({v['fraction']} of capacity): measured p50 / p99 "
-                  f"{v['measured']['latency_p50_s']} / {v['measured']['latency_p99_s']} s, predicted "
-                  f"{v['predicted']['latency_p50_s']} / {v['predicted']['latency_p99_s']} s, "
-                  f"errors {v['relative_error']}, within 25 %: {v['within_25_percent']}")
-        print(json.dumps({"out": str(out), "validated": all(v["within_25_percent"] for v in result["validation"])}))
-        return
-    engine, source = load_engine(args.measurement)
-    source = source.resolve()
-    shown = str(source.relative_to(ROOT)) if source.is_relative_to(ROOT) else str(source)
-    out = args.out or ROOT / "build" / f"plan-{stamp}"
-    out.mkdir(parents=True, exist_ok=True)
-    hpa, price = Hpa.from_manifest(args.hpa), load_price(args.instance)
-    duration = args.minutes * 60
-    results, rows = {}, []
-    for name, rate_at in traces(engine.capacity_rps(), duration).items():
-        arrivals = poisson(rate_at, duration)
-        for routing in ("least", "round-robin"):
-            sim = simulate(engine, arrivals, routing, replicas=hpa.min_replicas, hpa=hpa)
-            with_minute_p99(arrivals, sim)
-            results[(name, routing)] = sim
-            s = stats(sim["latencies"])
-            replica_s = sum(pt["replicas"] for pt in sim["timeline"]) * HPA_SYNC_S
-            answered = s["requests"] - s["refused"]
-            rows.append({"trace": name, "routing": routing, **s,
-                         "mean_replicas": round(replica_s / (len(sim["timeline"]) * HPA_SYNC_S), 2),
-                         "max_replicas": max(pt["replicas"] for pt in sim["timeline"]),
-                         "usd_per_1k_requests": round(replica_s / 3600 * price / answered * 1000, 5) if answered else None})
-    target = args.target_rps or 3 * engine.capacity_rps()
-    need = {r: replicas_for(engine, target, args.p99_target_s, 600, r) for r in ("least", "round-robin")}
-    plot(results, out / "plan.png")
-    report = {"machine": describe(), "measurement": shown, "capacity_rps": round(engine.capacity_rps(), 3),
-              "startup_s": engine.startup_s, "engine": {k: getattr(engine, k) for k in ("step_s", "per_seq_s", "per_prompt_token_s")}, "hpa": vars(hpa), "instance": args.instance, "rows": rows,
-              "sizing": {"target_rps": round(target, 3), "p99_target_s": args.p99_target_s, "replicas": need}}
-    (out / "plan.json").write_text(json.dumps(report, indent=1))
-    print(f"one replica: {report['capacity_rps']} req/s at 64 users ({shown}); start-up {engine.startup_s} s")
-    keys = ("trace", "routing", "requests", "refused", "latency_p50_s", "latency_p99_s", "mean_replicas", "max_replicas",
-            "usd_per_1k_requests")
-    print("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
-    for r in rows:
-        print("| " + " | ".join(str(r[k]) for k in keys) + " |")
-    print(f"replicas for {report['sizing']['target_rps']} req/s at p99 <= {args.p99_target_s} s: {need}")
-    print(json.dumps({"out": str(out), "sizing": report["sizing"]}))
-
+    if args.what == "plan":
+        out = args.out or ROOT / "build" / f"plan-{stamp}"
+        out.mkdir(parents=True, exist_ok=True)
+        return plan(args, out)
+    out = args.out or RESULTS / f"plan-{stamp}"
+    if args.what == "measure":
+        out.mkdir(parents=True, exist_ok=True)
+        measure(out, args.port, args.seconds, args.fractions, args.users)
+    check(out)
 
 if __name__ == "__main__":
     main()

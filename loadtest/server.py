@@ -4,9 +4,9 @@ warm-up requests. Knows nothing about Locust."""
 
 import time
 import urllib.parse
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
+from loadtest.chargeback import scrape
 from scripts.serve import TorchServeProcess, http_json, wait_ready
 
 
@@ -46,16 +46,12 @@ def warm_up(server: TorchServeProcess, name: str, num_requests: int, num_rounds:
                           range(num_requests)))
 
 
-
 def wait_idle(server: TorchServeProcess, timeout_s: float = 180) -> None:
     """Until the handler's gauges say no request runs or waits: the requests a Locust run left
     unanswered at its end (their clients gone) must not share the engine with the next run's."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        with urllib.request.urlopen(f"{server.metrics_url}/metrics", timeout=10) as r:
-            lines = r.read().decode().splitlines()
-        values = [float(line.rsplit(" ", 1)[1]) for line in lines
-                  if line.startswith(("llm_requests_running{", "llm_requests_waiting{"))]
+        values = scrape(f"{server.metrics_url}/metrics", ("llm_requests_running{", "llm_requests_waiting{")).values()
         if values and not any(values):
             return
         time.sleep(1)

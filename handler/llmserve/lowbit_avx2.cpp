@@ -757,10 +757,10 @@ void rms_norm_rows(const float* x, const float* w, float* y, int64_t R, int64_t 
   });
 }
 
-// x += d over n floats
-void add_into(float* x, const float* d, int64_t n) {
-  at::parallel_for(0, n, kRowGrain * 1024, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) x[i] += d[i];
+// x [R, C] += d [R, C]
+void add_into(float* x, const float* d, int64_t R, int64_t C) {
+  at::parallel_for(0, R, kRowGrain, [&](int64_t r0, int64_t r1) {
+    for (int64_t i = r0 * C; i < r1 * C; ++i) x[i] += d[i];
   });
 }
 
@@ -1038,14 +1038,14 @@ torch::Tensor decode_layers_over(const torch::Tensor& x, const torch::Tensor& co
       }
     });
     project(o.data(), R, wo, max_packed_rows, delta.data());
-    add_into(X, delta.data(), R * C);
+    add_into(X, delta.data(), R, C);
     rms_norm_rows(X, w[7].data_ptr<float>(), h.data(), R, C, static_cast<float>(eps));
     project(h.data(), R, wgu, max_packed_rows, gate_up.data());
     at::parallel_for(0, R, 1, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) silu_mul(&gate_up[r * 2 * I], &gate_up[r * 2 * I + I], &act[r * I], I);
     });
     project(act.data(), R, wdown, max_packed_rows, delta.data());
-    add_into(X, delta.data(), R * C);
+    add_into(X, delta.data(), R, C);
   }
   return out;
 }

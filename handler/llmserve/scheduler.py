@@ -8,7 +8,6 @@ Continuous batching admits newcomers at every step; request-level batching admit
 requests waiting when the engine went idle, in arrival order) and nothing else until that whole
 batch is done."""
 
-import itertools
 import time
 from collections import deque
 from collections.abc import Callable
@@ -74,7 +73,7 @@ class Scheduler:
             order = sorted(self.waiting, key=lambda r: self.rank(r, now))
             # premium by tier, not by ageing: an aged request goes first but waits for a row, or under
             # sustained overload the preempted ones age into premium and displace each other in turn
-            premium = [r for r in itertools.takewhile(lambda r: self.rank(r, now)[0] == 0, order) if r.tier == 0]
+            premium = [r for r in order if r.tier == 0]
             for i, request in enumerate(premium):        # room for each, beside those before it
                 while self.running and not self._can_fit(request, premium[:i]) \
                         and self.rank(victim := self._worst(now), now)[0] > 0:
