@@ -12,7 +12,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 PROFILE ?= quick
 
-.PHONY: serve stop test test-unit fuzz soak status measure quality mar clean sweep bench chargeback tiers plan advise
+.PHONY: serve stop test test-unit fuzz soak status measure quality mar clean sweep bench chargeback tiers plan advise optlab
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PY_SYS) -m venv $(VENV)
@@ -73,6 +73,11 @@ plan: $(VENV)/.installed
 # recommendations from the committed sweep, benchmark, comparison and plan, each with its evidence
 advise: $(VENV)/.installed
 	$(PY) -m loadtest.advise
+
+# ONNX Runtime, pruning and distillation against the quantization modes: perplexity, tokens/s, memory,
+# logged to MLflow (optlab/run.py); PROFILE=full writes optlab/results/<UTC time> (about an hour)
+optlab: $(VENV)/.installed $(MODEL_DIR)/prepared.json
+	$(PY) -m optlab.run --profile $(PROFILE)
 
 test-unit: $(VENV)/.installed
 	$(PY) -m pytest -q tests -m "not e2e"

@@ -1,4 +1,4 @@
-"""Named profiles (quick, full) in profiles.yaml: how much the benchmark and the sweep measure.
+"""Named profiles (quick, full) in profiles.yaml: how much the benchmark, the sweep and the optlab measure.
 Loads one tool's section and checks it, so that a typo fails before anything runs."""
 
 from pathlib import Path
@@ -10,12 +10,14 @@ from llmserve.config import QUANTIZATION_MODES
 PROFILES = Path(__file__).resolve().parent / "profiles.yaml"
 KEYS = {"bench": {"modes", "context_lengths", "kv_cache", "num_prompts", "warmup_runs", "timed_runs",
                   "max_new_tokens", "seed", "perplexity"},
-        "sweep": {"batch_sizes", "users", "requests", "fixed_tokens"}}
+        "sweep": {"batch_sizes", "users", "requests", "fixed_tokens"},
+        "optlab": {"modes", "student_modes", "onnx", "prune", "distill", "prompt_tokens", "max_new_tokens",
+                   "batch_size", "num_prompts", "seed", "perplexity"}}
 RUN_COUNTS = ("num_prompts", "warmup_runs", "timed_runs")   # the bench's optional no_cache section may lower these
 
 
 def load_profile(name: str, tool: str, path: Path = PROFILES) -> dict:
-    """The `tool` section (bench or sweep) of profile `name`."""
+    """The `tool` section (bench, sweep or optlab) of profile `name`."""
     profiles = yaml.safe_load(path.read_text())
     if name not in profiles:
         raise ValueError(f"profile {name!r} is not in {path}; it has {sorted(profiles)}")
@@ -28,7 +30,8 @@ def load_profile(name: str, tool: str, path: Path = PROFILES) -> dict:
         no_cache = section.get("no_cache", {})
         if not set(no_cache) <= set(RUN_COUNTS) or no_cache.get("num_prompts", 0) > section["num_prompts"]:
             raise ValueError(f"no_cache in profile {name!r} may only lower {RUN_COUNTS}, got {no_cache}")
-        bad = [m for m in section["modes"] if m not in QUANTIZATION_MODES]
+    if tool in ("bench", "optlab"):
+        bad = [m for m in section["modes"] + section.get("student_modes", []) if m not in QUANTIZATION_MODES]
         if bad:
             raise ValueError(f"unknown modes {bad} in profile {name!r}; known: {QUANTIZATION_MODES}")
         if section.get("packed_max_rows", 0) != "always" and not isinstance(section.get("packed_max_rows", 0), int):
