@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("torch", "transformers", "bitsandbytes", "torchserve", "locust")
+PACKAGES = ("torch", "transformers", "bitsandbytes", "torchserve", "locust", "onnxruntime")
 
 
 def command_output(*cmd: str) -> str:
