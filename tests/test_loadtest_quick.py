@@ -6,13 +6,18 @@ import csv
 import json
 import subprocess
 import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from benchmarks.workload import TEMPLATES, WIKITEXT, PromptMix, load_articles, parse_tokens_spec
 from loadtest.measure import percentile
 from loadtest.report import baseline_ratio, recommend
+from loadtest.server import wait_idle
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -52,6 +57,44 @@ def test_a_paced_user_keeps_its_own_start_and_does_not_catch_up():
     assert (early.wait(now=3.0), late.wait(now=9.0)) == (8.0, 8.0)
     # an answer later than the period: the next at once, then a period from then, no burst to catch up
     assert late.wait(now=40.0) == 0.0 and late.wait(now=41.0) == 9.0
+
+
+def gauges_server(pages: list[str]):
+    """A metrics endpoint on loopback that answers pages[0], pages[1], ... then the last for ever."""
+    served = []
+
+    class Metrics(BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = pages[min(len(served), len(pages) - 1)].encode()
+            served.append(self.path)
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Metrics)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, served
+
+
+def test_wait_idle_waits_until_nothing_runs_or_waits():
+    """The real counterpart: the planner's and the tiers' runs between Locust runs (a real TorchServe)."""
+    def page(running: int, waiting: int) -> str:
+        return (f'llm_requests_running{{Level="Model",model_name="llm"}} {running}.0\n'
+                f'llm_requests_waiting{{Level="Model",model_name="llm"}} {waiting}.0\n')
+    server, served = gauges_server(["", page(3, 0), page(0, 2), page(0, 0)])   # no gauges yet, then busy, then idle
+    try:
+        start = time.monotonic()
+        wait_idle(SimpleNamespace(metrics_url=f"http://127.0.0.1:{server.server_port}"), timeout_s=30)
+        assert len(served) == 4 and time.monotonic() - start >= 3
+        with pytest.raises(TimeoutError, match="still in the engine"):
+            busy, _ = gauges_server([page(1, 0)])
+            wait_idle(SimpleNamespace(metrics_url=f"http://127.0.0.1:{busy.server_port}"), timeout_s=1.5)
+        busy.shutdown()
+    finally:
+        server.shutdown()
 
 
 def test_recommendation_is_fastest_within_target_without_failures():
