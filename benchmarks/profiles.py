@@ -30,12 +30,12 @@ def load_profile(name: str, tool: str, path: Path = PROFILES) -> dict:
         no_cache = section.get("no_cache", {})
         if not set(no_cache) <= set(RUN_COUNTS) or no_cache.get("num_prompts", 0) > section["num_prompts"]:
             raise ValueError(f"no_cache in profile {name!r} may only lower {RUN_COUNTS}, got {no_cache}")
+        if section.get("packed_max_rows", 0) != "always" and not isinstance(section.get("packed_max_rows", 0), int):
+            raise ValueError(f"packed_max_rows in profile {name!r} must be an integer or always")
     if tool in ("bench", "optlab"):
         bad = [m for m in section["modes"] + section.get("student_modes", []) if m not in QUANTIZATION_MODES]
         if bad:
             raise ValueError(f"unknown modes {bad} in profile {name!r}; known: {QUANTIZATION_MODES}")
-        if section.get("packed_max_rows", 0) != "always" and not isinstance(section.get("packed_max_rows", 0), int):
-            raise ValueError(f"packed_max_rows in profile {name!r} must be an integer or always")
     return section
 
 

@@ -118,8 +118,9 @@ def distill(teacher, train_ids: list[int], settings: dict, seed: int, on_step=No
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         optimizer.step()
         step += 1
+        value = float(loss.detach())
+        assert math.isfinite(value), f"distillation diverged at step {step}"
         if on_step is not None:
-            on_step(step, float(loss.detach()), time.perf_counter() - start)
-        assert math.isfinite(float(loss.detach())), f"distillation diverged at step {step}"
+            on_step(step, value, time.perf_counter() - start)
     return student.eval(), {"steps": step, "tokens": step * batch_size * seq_len,
                             "train_s": time.perf_counter() - start}

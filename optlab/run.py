@@ -16,7 +16,6 @@ table, then one JSON line."""
 import argparse
 import json
 import multiprocessing
-import os
 import time
 from concurrent.futures import ProcessPoolExecutor
 from datetime import datetime, timezone
@@ -27,6 +26,7 @@ from benchmarks.plots import pyplot, save
 from benchmarks.profiles import load_profile
 from benchmarks.tables import format_table
 from benchmarks.workload import WIKITEXT
+from loadtest.tracking import open_store
 from optlab import compress, measure, onnx_model
 
 COLUMNS = (("variant", "variant", "{}"), ("weight_mb", "weights MB", "{:.0f}"), ("peak_mb", "peak MB", "{:.0f}"),
@@ -44,11 +44,14 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
+def engine(name: str, family: str, model_dir: Path, mode: str, **extra) -> dict:
+    """A variant the engine serves: a model directory in one of its quantization modes."""
+    return {"variant": name, "family": family, "kind": "engine", "model_dir": str(model_dir), "mode": mode, **extra}
+
+
 def build_variants(settings: dict, teacher_dir: Path, work: Path) -> tuple[list[dict], dict]:
     """Every variant to measure, each with its `family` (KIND_COLORS) and how it is run; and what
     building them learned (export and training times, sparsity reached, the distillation's losses)."""
-    engine = lambda name, family, model_dir, mode, **extra: {"variant": name, "family": family, "kind": "engine",
-                                                             "model_dir": str(model_dir), "mode": mode, **extra}
     variants = [engine(f"engine {mode}", "engine", teacher_dir, mode) for mode in settings["modes"]]
     notes = {}
     work.mkdir(parents=True, exist_ok=True)
@@ -114,12 +117,7 @@ def plot(rows: list[dict], settings: dict, path: Path) -> None:
 
 
 def log_mlflow(rows: list[dict], notes: dict, settings: dict, out: Path, profile: str, machine: dict) -> str:
-    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")   # MLflow 3 prefers a database, mlflow-skinny has none
-    import mlflow
-
-    uri = (out / "mlruns").resolve().as_uri()
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment("optlab")
+    mlflow = open_store(out / "mlruns", "optlab")
     with mlflow.start_run(run_name=f"optlab {profile} {machine['date']}"):
         mlflow.log_params({"profile": profile, **{k: json.dumps(v) for k, v in settings.items()}, **machine})
         for step, loss, _ in notes["distill"]["losses"]:
@@ -132,7 +130,7 @@ def log_mlflow(rows: list[dict], notes: dict, settings: dict, out: Path, profile
                 mlflow.log_params({k: row[k] for k in ("family", "kind", "mode", "sparsity") if k in row})
                 mlflow.log_metrics({k: float(v) for k, v in row.items()
                                     if isinstance(v, (int, float)) and k != "sparsity"})
-    return uri
+    return mlflow.get_tracking_uri()
 
 
 def main() -> None:

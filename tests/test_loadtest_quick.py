@@ -89,8 +89,8 @@ def test_wait_idle_waits_until_nothing_runs_or_waits():
         start = time.monotonic()
         wait_idle(SimpleNamespace(metrics_url=f"http://127.0.0.1:{server.server_port}"), timeout_s=30)
         assert len(served) == 4 and time.monotonic() - start >= 3
+        busy, _ = gauges_server([page(1, 0)])
         with pytest.raises(TimeoutError, match="still in the engine"):
-            busy, _ = gauges_server([page(1, 0)])
             wait_idle(SimpleNamespace(metrics_url=f"http://127.0.0.1:{busy.server_port}"), timeout_s=1.5)
         busy.shutdown()
     finally:

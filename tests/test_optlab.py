@@ -68,7 +68,7 @@ def quick(tmp_path_factory):
 
 
 def test_quick_profile_measures_every_variant(quick):
-    out, _, summary = quick
+    out, _, _ = quick
     results = json.loads((out / "results.json").read_text())
     settings = load_profile("quick", "optlab")
     expected = ([f"engine {m}" for m in settings["modes"]] + [f"onnx {d}" for d in settings["onnx"]]
@@ -79,9 +79,9 @@ def test_quick_profile_measures_every_variant(quick):
         assert 1 < row["ppl"] < float("inf")
     assert results["machine"]["cpu"] and results["machine"]["git_sha"]
     assert (out / "ppl_vs_speed.png").stat().st_size > 0 and "| variant |" in (out / "table.md").read_text()
-    pruned = {r["variant"]: r for r in results["variants"]}
-    assert pruned["pruned 50% fp32"]["zero_fraction"] == pytest.approx(0.5, abs=0.01)
-    assert pruned["pruned 2:4 fp32"]["zero_fraction"] == pytest.approx(0.5, abs=0.01)
+    by_name = {r["variant"]: r for r in results["variants"]}
+    assert by_name["pruned 50% fp32"]["zero_fraction"] == pytest.approx(0.5, abs=0.01)
+    assert by_name["pruned 2:4 fp32"]["zero_fraction"] == pytest.approx(0.5, abs=0.01)
     assert results["notes"]["distill"]["steps"] > 0 and results["notes"]["distill"]["num_layers"] == 15
 
 
