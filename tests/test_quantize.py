@@ -5,6 +5,7 @@ w8/w4 on a tiny random Llama."""
 from pathlib import Path
 
 import pytest
+from unittest import mock
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
@@ -299,6 +300,34 @@ def test_compiled_decode_matches_eager_and_builds_no_graph_after_start_up(tiny_m
             for a, b in zip(expected[:4], steps(compiled, slice(0, len(ids)), ids, 24, fed=expected)[:4]):
                 assert close(a, b, eager)
     assert ModelRunner.compiled_graphs() == graphs         # no recompilation while serving
+
+
+def test_our_prefill_computes_no_padding_and_gives_the_padded_ones_keys_values_and_logits(tiny_model_dir):
+    """Our C++ decoder step prefills each row's tokens alone, one row after another (no left
+    padding computed): the keys and values at every real position and the last token's logits are
+    the padded prefill's (all positions, every row padded to the longest), bit for bit, rows of
+    several lengths at once; and with a cached prefix only the tail is computed, to the same values
+    and logits."""
+    engine = Engine.from_config(EngineConfig(model_path=str(tiny_model_dir), quantization="w4", max_model_len=128,
+                                             max_num_seqs=8, packed_max_rows=4, compile=True))
+    if engine.runner.fused_weights is None:
+        pytest.skip("our C++ decoder step does not run here (no AVX2 kernels)")
+    runner, c = engine.runner, engine.cache
+    ids = [engine.tokenizer(p)["input_ids"] * 3 for p in PROMPTS]                 # 6, 18, 15, 3 tokens: 42 rows
+    T = max(map(len, ids))
+    padded = runner.prefill(slice(0, 4), ids, all_positions=True)[:, -1]
+    k, v = c.k[:, :4, :, :T].clone(), c.v[:, :4, :, :T].clone()
+    calls = []
+    decode_layers = torch.ops.llmserve.decode_layers
+    with mock.patch.object(torch.ops.llmserve, "decode_layers", lambda *a: calls.append(a[0].shape[0]) or decode_layers(*a)):
+        alone = runner.prefill(slice(0, 4), ids)
+        cached = runner.prefill(slice(0, 4), ids, num_cached=[max(len(t) - 5, 0) for t in ids])   # 5, 5, 5, 3 computed
+    assert calls == [sum(map(len, ids)), 18]                                     # 42 rows, not 4 x 18; then 18, not 20
+    # (the padded run's LM head took 4 x 18 rows, bf16 tiles on AMX: close; the two tail-only runs' equal)
+    assert torch.equal(alone, cached) and close(alone, padded, engine)
+    for row, t in enumerate(ids):
+        assert torch.equal(c.k[:, row, :, T - len(t):T], k[:, row, :, T - len(t):]), row
+        assert torch.equal(c.v[:, row, :, T - len(t):T], v[:, row, :, T - len(t):]), row
 
 
 def test_kv_cache_is_fp16_under_our_decoder_step_and_errors_name_the_key(tiny_model_dir, kernels):

@@ -923,31 +923,50 @@ torch::Tensor q8_mm(const torch::Tensor& x, const torch::Tensor& q, const torch:
 
 // llmserve::decode_layers: every decoder layer of a Llama-style model (RMSNorm, fused q|k|v with
 // rotary embedding, grouped-query attention over the KV cache, o, fused gate|up with SiLU, down)
-// for W new tokens in each of B rows, in one call: the layers' ~60 small ops each (norms, rotary,
-// softmax, residuals, cache writes) cost more than their products at a few rows when torch runs
-// them one by one, or torch.compile's guards and wrappers do. Writes the new keys and values into
-// the cache at positions lengths[b] .. lengths[b] + W - 1; token j of row b attends to positions
-// starts[b] .. lengths[b] + j (itself alone where that is before starts[b]: a prefill's left padding).
-//   x [B*W, C] the embedded tokens (row b's W tokens adjacent); cos, sin [B*W, D]
+// for W new tokens in each of B rows (or counts[b] in row b), in one call: the layers' ~60 small ops
+// each (norms, rotary, softmax, residuals, cache writes) cost more than their products at a few rows
+// when torch runs them one by one, or torch.compile's guards and wrappers do. Writes the new keys and
+// values into the cache at positions lengths[b] .. lengths[b] + W - 1; token j of row b attends to
+// positions starts[b] .. lengths[b] + j (itself alone where that is before starts[b]: a prefill's left
+// padding).
+//   x [R, C] the embedded tokens (row b's adjacent), R = B*W or the sum of counts; cos, sin [R, D]
 //   k_cache, v_cache [L, S, Hkv, T, D] float32 or float16, each row contiguous (a prefill passes its
-//   rows); starts, lengths [>= B] int64
+//   rows); starts, lengths [>= B] int64; counts: empty (W tokens a row), or [B] int64, a prefill
+//   without its left padding (each row's uncached tail alone: a 64-prompt prefill of the chat
+//   workload computed 2,048 rows where its tokens were 1,555)
 //   weights: per layer input norm, qkv packed, qkv scales, qkv weight, o packed, o scales, o weight,
 //   post-attention norm, gate|up packed, scales, weight, down packed, scales, weight (PackedLinear's)
 //   max_packed_rows: steps of at most this many rows (B*W) take the packed weights, others the float
 //   ones (PackedLinear.max_packed_rows, the crossover measured at start-up)
-// Returns the last layer's output [B*W, C] (before the final norm).
+// Returns the last layer's output [R, C] (before the final norm).
 template <typename KV>
 torch::Tensor decode_layers_over(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
                                  torch::Tensor k_cache, torch::Tensor v_cache, const torch::Tensor& starts,
-                                 const torch::Tensor& lengths, int64_t W, int64_t num_heads, double eps, double scale,
-                                 int64_t max_packed_rows, at::TensorList weights) {
+                                 const torch::Tensor& lengths, const torch::Tensor& counts, int64_t W,
+                                 int64_t num_heads, double eps, double scale, int64_t max_packed_rows,
+                                 at::TensorList weights) {
   constexpr int64_t kPerLayer = 14;
-  const int64_t R = x.size(0), C = x.size(1), B = R / W;
+  const int64_t R = x.size(0), C = x.size(1);
   const int64_t L = k_cache.size(0), Hkv = k_cache.size(2), T = k_cache.size(3), D = k_cache.size(4);
   const int64_t H = num_heads, G = H / Hkv;
-  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.dim() == 2 && R == B * W && cos.sizes() == sin.sizes() &&
+  // token r: row ROW[r], its NEW[r]-th new token
+  TORCH_CHECK(counts.numel() ? counts.scalar_type() == torch::kInt64 && counts.dim() == 1 : W > 0 && R % W == 0,
+              "counts: empty (W > 0 tokens a row, R a multiple of W) or [B] int64");
+  const int64_t B = counts.numel() ? counts.numel() : R / W;
+  std::vector<int64_t> ROW(R), NEW(R);
+  {
+    const auto cn = counts.contiguous();
+    int64_t r = 0;
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t n = counts.numel() ? cn.data_ptr<int64_t>()[b] : W;
+      TORCH_CHECK(n > 0 && r + n <= R, "counts: at least 1 a row, x's rows in all");
+      for (int64_t j = 0; j < n; ++j, ++r) ROW[r] = b, NEW[r] = j;
+    }
+    TORCH_CHECK(r == R, "counts: x's rows in all");
+  }
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.dim() == 2 && cos.sizes() == sin.sizes() &&
               cos.size(0) == R && cos.size(1) == D && cos.scalar_type() == torch::kFloat32 && D % 2 == 0 && H % Hkv == 0,
-              "x [B*W, C] and cos, sin [B*W, D] float32");
+              "x [R, C] and cos, sin [R, D] float32");
   // a prefill passes the rows it fills (a slice of the cache's rows: only dims 2-4 need be contiguous)
   auto rows_contiguous = [](const torch::Tensor& c) {
     return c.stride(4) == 1 && c.stride(3) == c.size(4) && c.stride(2) == c.size(3) * c.size(4);
@@ -962,8 +981,9 @@ torch::Tensor decode_layers_over(const torch::Tensor& x, const torch::Tensor& co
   const auto st = starts.contiguous(), ln = lengths.contiguous();
   const int64_t* START = st.data_ptr<int64_t>();
   const int64_t* LEN = ln.data_ptr<int64_t>();
-  for (int64_t b = 0; b < B; ++b)
-    TORCH_CHECK(0 <= START[b] && 0 <= LEN[b] && LEN[b] + W <= T, "row ", b, ": its new tokens do not fit the cache");
+  for (int64_t r = 0; r < R; ++r)
+    TORCH_CHECK(0 <= START[ROW[r]] && 0 <= LEN[ROW[r]] && LEN[ROW[r]] + NEW[r] < T, "row ", ROW[r],
+                ": its new tokens do not fit the cache");
   const float* COS = cs.data_ptr<float>();
   const float* SIN = sn.data_ptr<float>();
   const int64_t QKV = (H + 2 * Hkv) * D;
@@ -997,7 +1017,7 @@ torch::Tensor decode_layers_over(const torch::Tensor& x, const torch::Tensor& co
       for (int64_t r = r0; r < r1; ++r) {
         float* q = qkv.data() + r * QKV;
         for (int64_t head = 0; head < H + Hkv; ++head) rotate_head(q + head * D, COS + r * D, SIN + r * D, D);
-        const int64_t b = r / W, pos = LEN[b] + r % W;
+        const int64_t b = ROW[r], pos = LEN[b] + NEW[r];
         for (int64_t kv = 0; kv < Hkv; ++kv) {
           store_kv(q + (H + kv) * D, D, kl + b * row_stride + kv * head_stride + pos * D);
           store_kv(q + (H + Hkv + kv) * D, D, vl + b * row_stride + kv * head_stride + pos * D);
@@ -1009,9 +1029,9 @@ torch::Tensor decode_layers_over(const torch::Tensor& x, const torch::Tensor& co
     at::parallel_for(0, R * Hkv, 1, [&](int64_t t0, int64_t t1) {
       std::vector<float> p(G * T), inv_sum(G);
       for (int64_t t = t0; t < t1; ++t) {
-        const int64_t r = t / Hkv, kv = t % Hkv, b = r / W;
+        const int64_t r = t / Hkv, kv = t % Hkv, b = ROW[r];
         // positions [first, end); a prefill's left padding (before starts[b]) sees itself alone
-        const int64_t end = LEN[b] + r % W + 1, first = std::min(START[b], end - 1);
+        const int64_t end = LEN[b] + NEW[r] + 1, first = std::min(START[b], end - 1);
         const KV* keys = kl + b * row_stride + kv * head_stride;
         const KV* values = vl + b * row_stride + kv * head_stride;
         const float* q = qkv.data() + r * QKV + kv * G * D;       // head kv * G + g at q + g * D
@@ -1052,12 +1072,12 @@ torch::Tensor decode_layers_over(const torch::Tensor& x, const torch::Tensor& co
 
 torch::Tensor decode_layers(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
                             torch::Tensor k_cache, torch::Tensor v_cache, const torch::Tensor& starts,
-                            const torch::Tensor& lengths, int64_t W, int64_t num_heads, double eps, double scale,
-                            int64_t max_packed_rows, at::TensorList weights) {
+                            const torch::Tensor& lengths, const torch::Tensor& counts, int64_t W, int64_t num_heads,
+                            double eps, double scale, int64_t max_packed_rows, at::TensorList weights) {
   TORCH_CHECK(k_cache.scalar_type() == torch::kFloat32 || k_cache.scalar_type() == torch::kHalf,
               "the cache must be float32 or float16");
   return (k_cache.scalar_type() == torch::kHalf ? decode_layers_over<uint16_t> : decode_layers_over<float>)(
-      x, cos, sin, k_cache, v_cache, starts, lengths, W, num_heads, eps, scale, max_packed_rows, weights);
+      x, cos, sin, k_cache, v_cache, starts, lengths, counts, W, num_heads, eps, scale, max_packed_rows, weights);
 }
 
 // llmserve::amx_min_rows: the rows from which the AMX build's 4-bit and 8-bit products take AMX tiles
@@ -1079,7 +1099,7 @@ TORCH_LIBRARY(llmserve, m) {
   m.def("mkl_pack(Tensor w) -> Tensor");
   m.def("mkl_mm(Tensor x, Tensor packed, int N) -> Tensor");
   m.def("decode_layers(Tensor x, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor starts, "
-        "Tensor lengths, int W, int num_heads, float eps, float scale, int max_packed_rows, Tensor[] weights) -> Tensor");
+        "Tensor lengths, Tensor counts, int W, int num_heads, float eps, float scale, int max_packed_rows, Tensor[] weights) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(llmserve, CPU, m) {

@@ -124,11 +124,14 @@ class ModelRunner:
         token [B, V], or of every position [B, T, V] (perplexity through the engine's own forward).
         num_cached[i]: that many leading tokens' keys and values are in the row already (cache
         positions from its padding on): only the last W positions are computed, W the longest
-        uncached tail (a shorter tail's row recomputes a few cached tokens, to the same values)."""
+        uncached tail (a shorter tail's row recomputes a few cached tokens, to the same values);
+        our C++ decoder step computes each row's uncached tail alone, no padding (where that keeps
+        the padded prefill's kernels: quantize.prefill_packed_rows chooses them by rows)."""
         c = self.cache
         dev = c.k.device
         B, T = len(token_lists), max(len(t) for t in token_lists)
-        W = max(len(t) - n for t, n in zip(token_lists, num_cached or [0] * B))
+        counts = [len(t) - n for t, n in zip(token_lists, num_cached or [0] * B)]   # uncached tails
+        W = max(counts)
         assert T <= c.max_len and rows.stop - rows.start == B and 0 < W <= T and (W == T or not all_positions)
         pads = torch.tensor([T - len(t) for t in token_lists], device=dev)                  # [B]
         tokens = torch.tensor([[0] * (T - len(t)) + t for t in token_lists], device=dev)[:, T - W:]   # [B, W]
@@ -143,12 +146,22 @@ class ModelRunner:
                 c.v[layer, rows, :, T - W:T] = v
                 return c.k[layer, rows, :, :T], c.v[layer, rows, :, :T]
             logits = self._forward(tokens, positions, mask[:, None], write, all_positions)
-        else:   # our C++ decoder step, each row's W tokens at once, written into the rows' cache
+        elif all_positions or self._prefill_packed_rows(sum(counts), max(counts)) != self._prefill_packed_rows(B * W, W):
+            # our C++ decoder step, each row's W tokens at once, written into the rows' cache (and so
+            # the kernels the padded layers take, for all positions or where fewer rows would change them)
             x, cos, sin = self._embed(tokens, positions)
-            packed_rows = self.decoder.layers[0].self_attn.qkv_proj.max_packed_rows   # one token a row: a decode step's
-            x = self._fused_layers(x, cos, sin, c.k[:, rows], c.v[:, rows], pads, torch.full_like(pads, T - W), W,
-                                   packed_rows if W == 1 else prefill_packed_rows(packed_rows, B * W)).reshape(B, W, -1)
+            x = self._fused_layers(x, cos, sin, c.k[:, rows], c.v[:, rows], pads, torch.full_like(pads, T - W),
+                                   self._prefill_packed_rows(B * W, W), W=W)
+            x = x.reshape(B, W, -1)
             logits = self._logits(x if all_positions else x[:, -1])
+        else:   # ... each row's uncached tail alone (no padding: the rows' tokens one after another)
+            new = [t[len(t) - n:] for t, n in zip(token_lists, counts)]
+            at = torch.tensor([p for t, n in zip(token_lists, counts) for p in range(len(t) - n, len(t))], device=dev)
+            x, cos, sin = self._embed(torch.tensor([t for tail in new for t in tail], device=dev)[None], at[None])
+            num_new = torch.tensor(counts, device=dev)
+            x = self._fused_layers(x, cos, sin, c.k[:, rows], c.v[:, rows], pads, T - num_new,
+                                   self._prefill_packed_rows(len(at), max(counts)), counts=num_new)
+            logits = self._logits(x[num_new.cumsum(0) - 1])
         c.set_prefilled(rows, T, pads)
         return logits
 
@@ -157,12 +170,22 @@ class ModelRunner:
         x = self.decoder.embed_tokens(tokens.reshape(-1, 1))
         return x, *self.decoder.rotary_emb(x, positions.reshape(-1, 1))
 
-    def _fused_layers(self, x, cos, sin, k, v, starts, lengths, W: int, max_packed_rows: int) -> torch.Tensor:
-        """Every decoder layer in our C++ step (llmserve::decode_layers) over x [B*W, 1, C], writing
-        the new keys and values into k, v (the cache's rows 0..B-1); the last layer's output [B*W, C]."""
-        first, R = self.decoder.layers[0], x.shape[0]
+    def _prefill_packed_rows(self, rows: int, longest: int) -> int:
+        """The packed-kernel row limit of a prefill of `rows` tokens in all, at most `longest` a row:
+        one token a row is a decode step's, else quantize.prefill_packed_rows."""
+        packed_rows = self.decoder.layers[0].self_attn.qkv_proj.max_packed_rows
+        return packed_rows if longest == 1 else prefill_packed_rows(packed_rows, rows)
+
+    def _fused_layers(self, x, cos, sin, k, v, starts, lengths, max_packed_rows: int, W: int = 0,
+                      counts: torch.Tensor | None = None) -> torch.Tensor:
+        """Every decoder layer in our C++ step (llmserve::decode_layers) over the R embedded tokens x
+        [..., C] (rows of W tokens each, or counts[b] tokens in row b), writing the new keys and values
+        into k, v (the cache's rows 0..B-1); the last layer's output [R, C]."""
+        first = self.decoder.layers[0]
+        x, cos, sin = (t.reshape(-1, t.shape[-1]) for t in (x, cos, sin))
+        counts = torch.empty(0, dtype=torch.long) if counts is None else counts
         return torch.ops.llmserve.decode_layers(
-            x.reshape(R, -1), cos.reshape(R, -1), sin.reshape(R, -1), k, v, starts, lengths, W, self.num_heads,
+            x, cos, sin, k, v, starts, lengths, counts, W, self.num_heads,
             first.input_layernorm.variance_epsilon, first.self_attn.scaling, max_packed_rows, self.fused_weights)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -194,8 +217,8 @@ class ModelRunner:
         offsets = torch.arange(W, device=dev)
         x, cos, sin = self._embed(tokens, (lengths - starts)[:, None] + offsets)             # [B*W, 1, C|D]
         if self.fused_weights is not None:   # writes the cache itself
-            x = self._fused_layers(x, cos, sin, c.k, c.v, starts, lengths, W,
-                                   self.decoder.layers[0].self_attn.qkv_proj.max_packed_rows)
+            x = self._fused_layers(x, cos, sin, c.k, c.v, starts, lengths,
+                                   self.decoder.layers[0].self_attn.qkv_proj.max_packed_rows, W=W)
         else:
             cos, sin = cos[:, None], sin[:, None]                                            # [B*W, 1, 1, D]
             pos = c.positions[:Tk]
