@@ -119,8 +119,8 @@ def lowbit_kernels() -> str:
         # AVX-VNNI one instruction for the integer products instead of two
         if {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= flags:
             variant, isa = "_avx512", ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"]
-            if {"amx_tile", "amx_bf16", "avx512_bf16"} <= flags:   # bf16 tiles for steps of many rows
-                variant, isa = "_amx", [*isa, "-mavx512bf16", "-mamx-tile", "-mamx-bf16"]
+            if {"amx_tile", "amx_bf16", "avx512_bf16", "avx512vbmi"} <= flags:   # bf16 tiles for steps of many rows
+                variant, isa = "_amx", [*isa, "-mavx512bf16", "-mavx512vbmi", "-mamx-tile", "-mamx-bf16"]
         elif "avx_vnni" in flags:
             variant, isa = "_vnni", ["-mavxvnni"]
         else:
