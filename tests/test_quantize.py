@@ -330,6 +330,40 @@ def test_our_prefill_computes_no_padding_and_gives_the_padded_ones_keys_values_a
         assert torch.equal(c.v[:, row, :, T - len(t):T], v[:, row, :, T - len(t):]), row
 
 
+@pytest.fixture(scope="module")
+def model_dir_64(tmp_path_factory, tokenizer):
+    """A tiny random Llama whose heads are the default model's shape: 64 values each, 3 query heads
+    a KV head (our C++ step's vectorized attention takes such heads; the tiny model's are 16 wide)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=192, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=3, num_key_value_heads=1, max_position_embeddings=512,
+                         initializer_range=0.1, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True)
+    path = tmp_path_factory.mktemp("tiny-llama-64")
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_our_decoder_steps_attention_matches_torchs_over_long_contexts(model_dir_64):
+    """Our C++ step's attention (heads of 64 values, 3 sharing a KV head; scores 16 positions at a
+    time) gives the eager layers' logits, prompts of 40-60 tokens and 20 decode steps: the float
+    products on both sides (packed_max_rows 0: bf16 on AMX, whose logits round to a step of ~0.4 %)
+    and an fp32 cache, so only attention's summation order differs."""
+    def make(compile: bool) -> Engine:
+        return Engine.from_config(EngineConfig(model_path=str(model_dir_64), quantization="w4", max_model_len=128,
+                                               max_num_seqs=4, packed_max_rows=0, compile=compile,
+                                               kv_cache_dtype="fp32"))
+    eager, ours = make(False), make(True)
+    if ours.runner.fused_weights is None:
+        pytest.skip("our C++ decoder step does not run here (no AVX2 kernels)")
+    ids = [eager.tokenizer(" ".join(PROMPTS * k))["input_ids"][:n] for k, n in ((4, 40), (6, 60), (5, 47))]
+    expected = steps(eager, slice(0, 3), ids, 20)
+    for a, b in zip(expected, steps(ours, slice(0, 3), ids, 20, fed=expected)):
+        assert (a - b).abs().max() < 0.02 * a.abs().max()   # one bf16 step of the logits: 0.4-0.6 %; wrong order ~100 %
+
+
 def test_kv_cache_is_fp16_under_our_decoder_step_and_errors_name_the_key(tiny_model_dir, kernels):
     """kv_cache_dtype auto: fp16 where our C++ decoder step runs (half the bytes its attention reads),
     the fp32 cache's logits over a prefill and decode steps (as close as another batch size's: this
