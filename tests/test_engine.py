@@ -2,6 +2,7 @@
 preemption must not change a greedy request's tokens."""
 
 from dataclasses import replace
+from pathlib import Path
 
 import psutil
 import pytest
@@ -129,12 +130,19 @@ def test_premium_newcomers_displace_and_jump_without_changing_anyone_s_tokens(ti
 
 @pytest.mark.parametrize("prefault", [False, True])
 def test_the_kv_cache_is_resident_from_start_up_only_when_prefaulted(prefault):
-    """kv_prefault maps every page of the cache when it is made (zeros, writable); without it the
-    pages stay unmapped until rows use them."""
-    rss = psutil.Process().memory_info().rss
+    """kv_prefault maps every page of the cache when it is made (zeros, writable), in 2 MiB pages
+    where the kernel gives them to those who ask (transparent huge pages: always or madvise);
+    without it the pages stay unmapped until rows use them."""
+    def huge() -> int:
+        return sum(int(line.split()[1]) * 1024 for line in Path("/proc/self/smaps_rollup").read_text().splitlines()
+                   if line.startswith("AnonHugePages:"))
+    rss, huge_before = psutil.Process().memory_info().rss, huge()
     cache = KVCache(4, 8, 2, 4096, 64, torch.float32, torch.device("cpu"), prefault=prefault)   # 2 x 64 MiB
     grown = psutil.Process().memory_info().rss - rss
     assert grown > 120 * 2**20 if prefault else grown < 20 * 2**20
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if prefault and thp.exists() and "[never]" not in thp.read_text():
+        assert huge() - huge_before > 64 * 2**20     # most of it (a fragmented memory may refuse a few)
     assert not cache.k.any() and not cache.v.any()
     cache.k[1, 2, 1, 7] = 1.0
     assert cache.k.sum() == 64
