@@ -377,13 +377,13 @@ void configure_tiles() {
 inline void dequantize_bf16(const uint8_t* src, const uint16_t* S, const uint16_t* L, uint32_t* tile) {
   const __m512i nibble = _mm512_set1_epi8(0x0F);
   const __m512 scale16 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(S)));
-  const __m512 low16 = _mm512_fnmadd_ps(_mm512_set1_ps(128.f), scale16,
-                                         _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(L))));
+  const __m512 low16 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(L)));
+  const __m512 offset16 = _mm512_fnmadd_ps(_mm512_set1_ps(128.f), scale16, low16);   // low - 128 scale
   // lane i of half e (columns 8e .. 8e + 7, each twice): column 8e + i / 2
   const __m512i cols0 = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
   const __m512i cols1 = _mm512_add_epi32(cols0, _mm512_set1_epi32(8));
   const __m512 scale[2] = {_mm512_permutexvar_ps(cols0, scale16), _mm512_permutexvar_ps(cols1, scale16)};
-  const __m512 low[2] = {_mm512_permutexvar_ps(cols0, low16), _mm512_permutexvar_ps(cols1, low16)};
+  const __m512 offset[2] = {_mm512_permutexvar_ps(cols0, offset16), _mm512_permutexvar_ps(cols1, offset16)};
   // byte 2 of lane i of half e, for tile row part u (t = 2u + i % 2): nibble byte 4 (8e + i / 2) + 2u + i % 2
   alignas(64) static const auto index = [] {
     std::array<std::array<uint8_t, 64>, 4> idx{};
@@ -404,7 +404,7 @@ inline void dequantize_bf16(const uint8_t* src, const uint16_t* S, const uint16_
         __m512 f[2];
         for (int e = 0; e < 2; ++e)
           f[e] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_mask_permutexvar_epi8(base, byte2, pick[2 * u + e], q)),
-                                 scale[e], low[e]);
+                                 scale[e], offset[e]);
         _mm512_storeu_si512(tile + (4 * m + 2 * h + u) * 16, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(f[1], f[0])));
       }
     }
