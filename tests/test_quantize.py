@@ -2,10 +2,12 @@
 torch's), the Q4_1 grid coming back exactly, the per-call kernel choice by rows, and the engine in
 w8/w4 on a tiny random Llama."""
 
+import os
+import time
 from pathlib import Path
+from unittest import mock
 
 import pytest
-from unittest import mock
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
@@ -69,6 +71,20 @@ def kernels(request, monkeypatch):
     else:
         pytest.skip("no AVX2 on this CPU")
     return request.param
+
+
+def test_a_build_lock_left_by_a_killed_build_is_removed_a_fresh_one_kept(tmp_path, monkeypatch):
+    """torch's extension loader waits forever on a lock a killed build left (a worker stopped during
+    its first start hung every later start until TorchServe's startup timeout): an old lock goes,
+    a fresh one (another worker building now) stays."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    lock = tmp_path / "llmserve_x" / "lock"
+    lock.parent.mkdir()
+    lock.touch()
+    assert not quantize.clear_stale_lock("llmserve_x") and lock.exists()
+    os.utime(lock, (time.time() - 3600, time.time() - 3600))
+    assert quantize.clear_stale_lock("llmserve_x") and not lock.exists()
+    assert not quantize.clear_stale_lock("llmserve_x")                      # none: nothing to do
 
 
 @pytest.mark.parametrize("bits,tolerance", [(8, 0.02), (4, 0.15)])

@@ -99,6 +99,24 @@ def from_pretrained_kwargs(mode: str, device: torch.device) -> dict:
     return {"dtype": dtype, "quantization_config": quant, "device_map": {"": device}}
 
 
+def clear_stale_lock(name: str, max_age_s: float = 600) -> bool:
+    """Remove the build lock torch's extension loader left behind when a process building `name`
+    was killed mid-build (a worker stopped during its first start): every later load waits on it
+    forever, and TorchServe reports only that the worker did not start in time. A lock older than
+    any build here takes (~70 s on two cores) is stale. Returns whether one was removed."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    lock = Path(_get_build_directory(name, verbose=False)) / "lock"
+    try:
+        if time.time() - lock.stat().st_mtime < max_age_s:
+            return False
+        lock.unlink()
+    except FileNotFoundError:
+        return False
+    logger.warning("removed a stale build lock %s (a build killed mid-way)", lock)
+    return True
+
+
 @functools.cache
 def lowbit_kernels() -> str:
     """Build (once per machine: torch's extension cache, TORCH_EXTENSIONS_DIR) and load
@@ -125,6 +143,7 @@ def lowbit_kernels() -> str:
             variant, isa = "_vnni", ["-mavxvnni"]
         else:
             variant, isa = "", []
+        clear_stale_lock("llmserve_lowbit_avx2" + variant)
         load(name="llmserve_lowbit_avx2" + variant, sources=[str(Path(__file__).with_name("lowbit_avx2.cpp"))],
              extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", *isa, "-ffp-contract=off", "-fopenmp"],
              extra_ldflags=["-fopenmp"],
