@@ -98,13 +98,17 @@ class TorchServeProcess:
                                      cwd=self.workdir, env=env, stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         deadline = time.monotonic() + timeout
-        while not self._is_listening(self.port + 1):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"TorchServe did not come up; see {self.workdir / 'torchserve.out'}")
-            time.sleep(0.5)
-        for spec in self.models.split(","):
-            if spec and spec != "ALL":
-                wait_ready(self.management_url, spec.split("=")[0], timeout, self.proc)
+        try:   # a server given up on is stopped: left running, it took cores from whatever ran next
+            while not self._is_listening(self.port + 1):
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"TorchServe did not come up; see {self.workdir / 'torchserve.out'}")
+                time.sleep(0.5)
+            for spec in self.models.split(","):
+                if spec and spec != "ALL":
+                    wait_ready(self.management_url, spec.split("=")[0], timeout, self.proc)
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def _is_listening(self, port: int) -> bool:

@@ -379,6 +379,18 @@ def test_a_stale_archive_is_refused_before_a_server_starts(tmp_path):
     assert newer_source(mar) is None
 
 
+def test_a_server_given_up_on_is_stopped_not_left_running(tmp_path):
+    """start() that times out stops the server it started (compare.run once left one running, which
+    took cores from the next system's points)."""
+    ts = TorchServeProcess(tmp_path / "ts", port=18097, models="llm=llm.mar")
+    try:
+        with pytest.raises((RuntimeError, TimeoutError)):
+            ts.start(timeout=2)               # the model cannot load in 2 s
+        assert ts.proc.poll() is not None     # the whole process group is gone (stop_process_group waits)
+    finally:
+        ts.stop()
+
+
 def test_token_authorization_switch(tmp_path):
     ts = TorchServeProcess(tmp_path, port=18090, models="", env={"TS_DISABLE_TOKEN_AUTHORIZATION": "false"})
     ts.start()
