@@ -16,8 +16,7 @@ def zeros(shape: tuple, dtype: torch.dtype, device: torch.device, prefault: bool
     page in a step can cost more than the step itself on a VM. Prefaulted, in 2 MiB pages where the
     kernel gives them (transparent huge pages, asked for by madvise): a 64-row decode step reads
     each row's keys and values, ~9 KiB a head 786 KiB apart, and 4 KiB pages made most reads a TLB
-    miss (a 64-row step of 64-token answers: 52.8-55.9 -> 38.2-44.3 ms, scratch, AMX Xeon VM), else
-    by the kernel in one call (MAP_POPULATE).
+    miss (timings in 216e425's message), else by the kernel in one call (MAP_POPULATE).
     Zeros, not empty: masked positions must hold finite values (0 * NaN is NaN in attention)."""
     if device.type != "cpu":
         return torch.zeros(shape, dtype=dtype, device=device)

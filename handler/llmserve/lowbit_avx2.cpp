@@ -372,8 +372,8 @@ void configure_tiles() {
 // in bytes 4c + t the weights 8m + 4h + t of column c: rows 4m + 2h (t 0, 1) and 4m + 2h + 1 (t 2, 3).
 // A nibble n that vpermb puts in bits 16-19 of a float whose high byte is 0x43 makes the float
 // 128 + n exactly, so one FMA with (scale, low - 128 scale) gives the weight: two instructions for
-// 16 weights where widening the bytes and converting them took three and an extraction (a 64-row
-// step's 120 products 28.0-32.0 -> 19.8-29.8 ms, alternating, scratch; the same bits on random weights)
+// 16 weights where widening the bytes and converting them took three and an extraction; the same bits
+// (timings in 8b3d49e's message)
 inline void dequantize_bf16(const uint8_t* src, const uint16_t* S, const uint16_t* L, uint32_t* tile) {
   const __m512i nibble = _mm512_set1_epi8(0x0F);
   const __m512 scale16 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(S)));
@@ -857,8 +857,7 @@ inline __m512 sum_lanes16(const __m512* v) {
 // The G query heads of one KV head (adjacent in q, D = 16 DV values each) over positions [first, end):
 // y = softmax(q . keys * scale) @ values. Scores 16 positions at a time (their dot products summed
 // across lanes together: sum_lanes16); each value row converted once for all G heads, the G x D sums
-// in registers over all positions (a loop that read and wrote them at every position took 17.9 ms
-// of a 64-row step's attention where this took 12.9 before these two changes, scratch, AMX Xeon).
+// in registers over all positions (timings in 10a65e2's message and the one before it).
 // p: scratch of at least G x end floats (head g's at g x end).
 template <int DV, int G, typename KV>
 void attend_heads(const float* q, const KV* keys, const KV* values, int64_t first, int64_t end, float scale,

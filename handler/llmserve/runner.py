@@ -146,7 +146,7 @@ class ModelRunner:
                 c.v[layer, rows, :, T - W:T] = v
                 return c.k[layer, rows, :, :T], c.v[layer, rows, :, :T]
             logits = self._forward(tokens, positions, mask[:, None], write, all_positions)
-        elif all_positions or self._prefill_packed_rows(sum(counts), max(counts)) != self._prefill_packed_rows(B * W, W):
+        elif all_positions or self._prefill_packed_rows(sum(counts), W) != self._prefill_packed_rows(B * W, W):
             # our C++ decoder step, each row's W tokens at once, written into the rows' cache (and so
             # the kernels the padded layers take, for all positions or where fewer rows would change them)
             x, cos, sin = self._embed(tokens, positions)
@@ -155,12 +155,12 @@ class ModelRunner:
             x = x.reshape(B, W, -1)
             logits = self._logits(x if all_positions else x[:, -1])
         else:   # ... each row's uncached tail alone (no padding: the rows' tokens one after another)
-            new = [t[len(t) - n:] for t, n in zip(token_lists, counts)]
-            at = torch.tensor([p for t, n in zip(token_lists, counts) for p in range(len(t) - n, len(t))], device=dev)
-            x, cos, sin = self._embed(torch.tensor([t for tail in new for t in tail], device=dev)[None], at[None])
+            at = [range(len(t) - n, len(t)) for t, n in zip(token_lists, counts)]           # each tail's positions
+            ids = torch.tensor([[t[p] for t, ps in zip(token_lists, at) for p in ps]], device=dev)   # [1, R]
+            x, cos, sin = self._embed(ids, torch.tensor([[p for ps in at for p in ps]], device=dev))
             num_new = torch.tensor(counts, device=dev)
             x = self._fused_layers(x, cos, sin, c.k[:, rows], c.v[:, rows], pads, T - num_new,
-                                   self._prefill_packed_rows(len(at), max(counts)), counts=num_new)
+                                   self._prefill_packed_rows(sum(counts), W), counts=num_new)
             logits = self._logits(x[num_new.cumsum(0) - 1])
         c.set_prefilled(rows, T, pads)
         return logits
