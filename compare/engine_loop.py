@@ -19,9 +19,11 @@ from compare.workload import OUTPUT_TOKENS, messages
 from llmserve.config import EngineConfig
 from llmserve.engine import Engine
 from llmserve.request import parse_request
+from loadtest.measure import percentile
 
 COLUMNS = (("users", "users", "{}"), ("output_tokens_per_s", "out tok/s", "{:.1f}"),
-           ("latency_p50_s", "p50 s", "{:.2f}"), ("num_requests", "answered", "{}"))
+           ("latency_p50_s", "p50 s", "{:.2f}"), ("ttft_p50_s", "TTFT p50 s", "{:.3f}"),
+           ("ttft_p99_s", "TTFT p99 s", "{:.3f}"), ("num_requests", "answered", "{}"))
 
 
 def closed_loop(engine: Engine, users: int, num_requests: int) -> dict:
@@ -44,9 +46,11 @@ def closed_loop(engine: Engine, users: int, num_requests: int) -> dict:
             if sent < num_requests:
                 send()
     wall = time.perf_counter() - t0
-    latencies = sorted(r.finish_time - r.arrival_time for r in done)
+    latencies = [r.finish_time - r.arrival_time for r in done]
+    ttfts = [r.first_token_time - r.arrival_time for r in done]
     return {"users": users, "output_tokens_per_s": sum(len(r.output_ids) for r in done) / wall,
-            "latency_p50_s": latencies[len(latencies) // 2], "num_requests": len(done)}
+            "latency_p50_s": percentile(latencies, 0.50), "ttft_p50_s": percentile(ttfts, 0.50),
+            "ttft_p99_s": percentile(ttfts, 0.99), "num_requests": len(done)}
 
 
 def main() -> None:
