@@ -57,23 +57,6 @@ constexpr int64_t kPrefetchBytes = 4096;
 // many rows; a decode step's (at most 64 rows) stays on one thread
 constexpr int64_t kRowGrain = 64;
 
-// Items [0, n) handed out `grain` at a time to whichever of torch's threads asks next, not split
-// into one fixed share per thread as at::parallel_for does: with the TorchServe frontend (or anything
-// else) taking a core now and then, a fixed share leaves the whole step waiting on the thread that
-// lost its core. f(take) runs once per thread (its own scratch set up once); take(i0, i1) gives it
-// its next items until none are left.
-template <typename F>
-void parallel_dynamic(int64_t n, int64_t grain, const F& f) {
-  std::atomic<int64_t> next{0};
-  const auto take = [&](int64_t& i0, int64_t& i1) {
-    i0 = next.fetch_add(grain, std::memory_order_relaxed);
-    i1 = std::min(n, i0 + grain);
-    return i0 < n;
-  };
-  const int64_t threads = std::min<int64_t>(at::get_num_threads(), (n + grain - 1) / grain);
-  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) { f(take); });
-}
-
 inline float horizontal_sum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -348,14 +331,13 @@ void q4_matmul_columns16(const float* x, int64_t M, const Q4Weight& wt, float* Y
   std::vector<int8_t> xq(M * K);
   std::vector<float> xscale(M * blocks), xsum(M * blocks);
   quantize_rows(x, M, K, xq.data(), xscale.data(), nullptr, nullptr, xsum.data());
-  parallel_dynamic(N / 16, 2, [&](const auto& take) {
-    for (int64_t g0, g1; take(g0, g1);)
-      for (int64_t g = g0; g < g1; ++g)
-        for (int64_t m0 = 0; m0 < M; m0 += kColumns16RowTile)
-          with_rows<kColumns16RowTile>(std::min<int64_t>(M - m0, kColumns16RowTile), [&](auto rows) {
-            dot_columns16<decltype(rows)::value>(wt.w, wt.s, wt.l, xq.data() + m0 * K, xscale.data() + m0 * blocks,
-                                                 xsum.data() + m0 * blocks, Y + m0 * N, g, N, K);
-          });
+  at::parallel_for(0, N / 16, 1, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g)
+      for (int64_t m0 = 0; m0 < M; m0 += kColumns16RowTile)
+        with_rows<kColumns16RowTile>(std::min<int64_t>(M - m0, kColumns16RowTile), [&](auto rows) {
+          dot_columns16<decltype(rows)::value>(wt.w, wt.s, wt.l, xq.data() + m0 * K, xscale.data() + m0 * blocks,
+                                               xsum.data() + m0 * blocks, Y + m0 * N, g, N, K);
+        });
   });
 }
 
@@ -511,27 +493,24 @@ template <typename Dequant>
 void amx_matmul(const float* x, int64_t M, int64_t K, int64_t N, float* Y, const float* colscale, const Dequant& dequant) {
   const int64_t blocks = K / kBlock, chunks = (M + 63) / 64, tiles = (M + 15) / 16;
   const auto xt = tile_order(x, M, K);
-  // groups taken at once: a decode step's 2; a prefill's panel, at most kPanelBlocks and small
-  // enough that each thread takes several (the last ones taken even out the threads' finish)
-  const int64_t width = chunks == 1 ? 2 : std::clamp<int64_t>(N / 16 / (4 * at::get_num_threads()), 1,
-                                                                std::max<int64_t>(1, kPanelBlocks / blocks));
-  parallel_dynamic(N / 16, width, [&](const auto& take) {
+  at::parallel_for(0, N / 16, 1, [&](int64_t g0, int64_t g1) {
     configure_tiles();
     alignas(64) float part[1024];
     if (chunks == 1) {
       alignas(64) uint32_t ring[512];
       with_rows<4>(tiles, [&](auto n) {
-        for (int64_t g0, g1; take(g0, g1);)
-          for (int64_t g = g0; g < g1; ++g)
-            amx_chunk<decltype(n)::value>(K, N, xt.get(), Y, M, 0, g, part, colscale, [&](int64_t b) {
-              uint32_t* wt = ring + (b & 1) * 256;
-              dequant(g, b, wt);
-              return wt;
-            });
+        for (int64_t g = g0; g < g1; ++g)
+          amx_chunk<decltype(n)::value>(K, N, xt.get(), Y, M, 0, g, part, colscale, [&](int64_t b) {
+            uint32_t* wt = ring + (b & 1) * 256;
+            dequant(g, b, wt);
+            return wt;
+          });
       });
     } else {
+      const int64_t width = std::max<int64_t>(1, kPanelBlocks / blocks);
       std::vector<uint32_t> panel(width * blocks * 256);
-      for (int64_t p0, p1; take(p0, p1);) {
+      for (int64_t p0 = g0; p0 < g1; p0 += width) {
+        const int64_t p1 = std::min(g1, p0 + width);
         for (int64_t g = p0; g < p1; ++g)
           for (int64_t b = 0; b < blocks; ++b) dequant(g, b, panel.data() + ((g - p0) * blocks + b) * 256);
         for (int64_t c = 0; c < chunks; ++c)
@@ -1111,43 +1090,42 @@ torch::Tensor decode_layers_over(const torch::Tensor& x, const torch::Tensor& co
     });
     // attention: a task per token and KV head, whose G query heads (adjacent in q) read each key
     // and value once between them
-    parallel_dynamic(R * Hkv, 8, [&](const auto& take) {
+    at::parallel_for(0, R * Hkv, 1, [&](int64_t t0, int64_t t1) {
       std::vector<float> p(G * T), inv_sum(G);
-      for (int64_t t0, t1; take(t0, t1);)
-        for (int64_t t = t0; t < t1; ++t) {
-          const int64_t r = t / Hkv, kv = t % Hkv, b = ROW[r];
-          // positions [first, end); a prefill's left padding (before starts[b]) sees itself alone
-          const int64_t end = LEN[b] + NEW[r] + 1, first = std::min(START[b], end - 1);
-          const KV* keys = kl + b * row_stride + kv * head_stride;
-          const KV* values = vl + b * row_stride + kv * head_stride;
-          const float* q = qkv.data() + r * QKV + kv * G * D;       // head kv * G + g at q + g * D
-          float* y = o.data() + r * H * D + kv * G * D;
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t r = t / Hkv, kv = t % Hkv, b = ROW[r];
+        // positions [first, end); a prefill's left padding (before starts[b]) sees itself alone
+        const int64_t end = LEN[b] + NEW[r] + 1, first = std::min(START[b], end - 1);
+        const KV* keys = kl + b * row_stride + kv * head_stride;
+        const KV* values = vl + b * row_stride + kv * head_stride;
+        const float* q = qkv.data() + r * QKV + kv * G * D;       // head kv * G + g at q + g * D
+        float* y = o.data() + r * H * D + kv * G * D;
 #if LLMSERVE_AVX512
-          if (D == 64 || D == 128) {   // a head at a time, or G together where G <= 4 (D = 64) or 2 (D = 128)
-            const float sc = static_cast<float>(scale);
-            if (D == 64 && G == 3) attend_heads<4, 3, KV>(q, keys, values, first, end, sc, p.data(), y);
-            else if (D == 64 && G == 2) attend_heads<4, 2, KV>(q, keys, values, first, end, sc, p.data(), y);
-            else if (D == 64 && G == 4) attend_heads<4, 4, KV>(q, keys, values, first, end, sc, p.data(), y);
-            else if (D == 128 && G == 2) attend_heads<8, 2, KV>(q, keys, values, first, end, sc, p.data(), y);
-            else
-              for (int64_t g = 0; g < G; ++g)
-                (D == 64 ? attend_heads<4, 1, KV> : attend_heads<8, 1, KV>)(q + g * D, keys, values, first, end, sc,
-                                                                           p.data(), y + g * D);
-            continue;
-          }
+        if (D == 64 || D == 128) {   // a head at a time, or G together where G <= 4 (D = 64) or 2 (D = 128)
+          const float sc = static_cast<float>(scale);
+          if (D == 64 && G == 3) attend_heads<4, 3, KV>(q, keys, values, first, end, sc, p.data(), y);
+          else if (D == 64 && G == 2) attend_heads<4, 2, KV>(q, keys, values, first, end, sc, p.data(), y);
+          else if (D == 64 && G == 4) attend_heads<4, 4, KV>(q, keys, values, first, end, sc, p.data(), y);
+          else if (D == 128 && G == 2) attend_heads<8, 2, KV>(q, keys, values, first, end, sc, p.data(), y);
+          else
+            for (int64_t g = 0; g < G; ++g)
+              (D == 64 ? attend_heads<4, 1, KV> : attend_heads<8, 1, KV>)(q + g * D, keys, values, first, end, sc,
+                                                                         p.data(), y + g * D);
+          continue;
+        }
 #endif
-          for (int64_t i = first; i < end; ++i)
-            for (int64_t g = 0; g < G; ++g) p[g * T + i] = dot_floats(q + g * D, keys + i * D, D) * static_cast<float>(scale);
-          for (int64_t g = 0; g < G; ++g) inv_sum[g] = 1.f / softmax_numerators(p.data() + g * T + first, end - first);
-          std::fill_n(y, G * D, 0.f);
-          for (int64_t i = first; i < end; ++i) {
-            const KV* v = values + i * D;
-            for (int64_t g = 0; g < G; ++g) {
-              const float weight = p[g * T + i] * inv_sum[g];
-              for (int64_t d = 0; d < D; ++d) y[g * D + d] += weight * load1(v + d);
-            }
+        for (int64_t i = first; i < end; ++i)
+          for (int64_t g = 0; g < G; ++g) p[g * T + i] = dot_floats(q + g * D, keys + i * D, D) * static_cast<float>(scale);
+        for (int64_t g = 0; g < G; ++g) inv_sum[g] = 1.f / softmax_numerators(p.data() + g * T + first, end - first);
+        std::fill_n(y, G * D, 0.f);
+        for (int64_t i = first; i < end; ++i) {
+          const KV* v = values + i * D;
+          for (int64_t g = 0; g < G; ++g) {
+            const float weight = p[g * T + i] * inv_sum[g];
+            for (int64_t d = 0; d < D; ++d) y[g * D + d] += weight * load1(v + d);
           }
         }
+      }
     });
     project(o.data(), R, wo, max_packed_rows, delta.data());
     add_into(X, delta.data(), R, C);
