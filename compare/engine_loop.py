@@ -5,17 +5,25 @@ llm.mar is (its model-config.yaml's handler section), so the gap to `compare.run
 what TorchServe and the handler cost. Writes engine-in-process.json into --out.
 
     .venv/bin/python -m compare.engine_loop --users 1 4 16 64 --out compare/results/<run-id>
+
+--beside-torchserve N: ours through TorchServe is started too and, at each load, the two take N
+turns each (in process, TorchServe; then TorchServe, in process; ...), plain answers: this machine's
+speed drifts by tens of percent within minutes, so only points taken turn about compare the two.
+Writes engine-beside-torchserve.json.
 """
 
 import argparse
 import json
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 from benchmarks.machine import describe
 from benchmarks.tables import format_table
-from compare.systems import archive_engine_config
+from compare.run import sender, summarize
+from compare.systems import SYSTEMS, archive_engine_config
 from compare.workload import OUTPUT_TOKENS, messages
+from compare.workload import closed_loop as closed_loop_http
 from llmserve.config import EngineConfig
 from llmserve.engine import Engine
 from llmserve.request import parse_request
@@ -57,19 +65,50 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--users", nargs="+", type=int, default=[1, 4, 16, 64])
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--beside-torchserve", type=int, default=0, metavar="N", help="turns each (see above)")
     args = parser.parse_args()
 
     section = archive_engine_config()                          # model_path made absolute by build_mar
     engine = Engine.from_config(EngineConfig.from_dict(section))
     closed_loop(engine, 1, 2)                                  # warm-up, as the handler's start-up request
-    rows = [closed_loop(engine, users, max(16, 4 * users)) for users in args.users]
-    print(format_table(rows, COLUMNS))
+    if args.beside_torchserve:
+        rows = beside_torchserve(engine, args.users, args.beside_torchserve, args.out)
+        name, columns = "engine-beside-torchserve.json", (("system", "system", "{}"), *COLUMNS)
+    else:
+        rows = [closed_loop(engine, users, max(16, 4 * users)) for users in args.users]
+        name, columns = "engine-in-process.json", COLUMNS
+    print(format_table(rows, columns))
     report = {"machine": describe(), "config": section,
               "compiled_graphs": engine.facts.compiled_graphs, "packed_max_rows": engine.facts.packed_max_rows,
               "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "engine-in-process.json").write_text(json.dumps(report, indent=1))
-    print(json.dumps({"out": str(args.out / "engine-in-process.json"), "rows": rows}))
+    (args.out / name).write_text(json.dumps(report, indent=1))
+    print(json.dumps({"out": str(args.out / name), "rows": rows}))
+
+
+def beside_torchserve(engine: Engine, loads: list[int], turns: int, out: Path) -> list[dict]:
+    """Rows of the engine in process and of ours through TorchServe (compare.run's client, plain
+    answers), taking turns at each load."""
+    system = SYSTEMS["ours"]
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    server = system.start(max(loads), system.port, out / "logs")
+    options = SimpleNamespace(workload="chat")
+    send_one = sender(system, False, OUTPUT_TOKENS, options)
+    rows = []
+    try:
+        for users in loads:
+            num_requests = max(16, 4 * users)
+            closed_loop_http(send_one, min(users, 8), min(users, 8), 30, 60)   # warm-up
+            for turn in range(2 * turns):
+                if turn % 4 in (0, 3):
+                    rows.append({"system": "in process", **closed_loop(engine, users, num_requests)})
+                else:
+                    records = closed_loop_http(send_one, users, num_requests, 60, 60 + 1.5 * users)
+                    rows.append({"system": "TorchServe", "users": users, **summarize(records, OUTPUT_TOKENS)})
+                print(rows[-1]["system"], users, round(rows[-1]["output_tokens_per_s"], 1), flush=True)
+    finally:
+        server.stop()
+    return rows
 
 
 if __name__ == "__main__":
