@@ -21,7 +21,7 @@ from types import SimpleNamespace
 from benchmarks.machine import describe
 from benchmarks.tables import format_table
 from compare.run import sender, summarize
-from compare.systems import SYSTEMS, archive_engine_config
+from compare.systems import ROOT, SYSTEMS, archive_engine_config
 from compare.workload import OUTPUT_TOKENS, messages
 from compare.workload import closed_loop as closed_loop_http
 from llmserve.config import EngineConfig
@@ -90,8 +90,9 @@ def beside_torchserve(engine: Engine, loads: list[int], turns: int, out: Path) -
     """Rows of the engine in process and of ours through TorchServe (compare.run's client, plain
     answers), taking turns at each load."""
     system = SYSTEMS["ours"]
-    (out / "logs").mkdir(parents=True, exist_ok=True)
-    server = system.start(max(loads), system.port, out / "logs")
+    logs = ROOT / "build" / "compare" / out.name                 # TorchServe's logs and work files, as compare.run's
+    logs.mkdir(parents=True, exist_ok=True)
+    server = system.start(max(loads), system.port, logs)
     options = SimpleNamespace(workload="chat")
     send_one = sender(system, False, OUTPUT_TOKENS, options)
     rows = []
