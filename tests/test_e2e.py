@@ -158,18 +158,24 @@ def test_many_concurrent_streams(server):
 
 
 def join_busy_batch(server, model) -> tuple[float, list[float], list]:
-    """Three long requests decoding, then a short streamed one: (its first token's time, the
-    long ones' ends, its parts)."""
+    """Three long requests decoding, then a short streamed one as soon as the first long one has
+    its first token (a fixed wait let a fast machine finish them first): (its first token's time,
+    the long ones' ends, its parts)."""
     long_body = {"prompt": "Count from 1 to 1000: 1, 2, 3, 4,", "max_new_tokens": 200}   # greedy: counts on
-    ends = []
+    ends, decoding = [], threading.Event()
     def run_long():
-        r = post(server, long_body, model)
-        assert r.json()["usage"]["completion_tokens"] == 200, r.text
+        parts = []
+        with post(server, {**long_body, "stream": True}, model, stream=True) as r:
+            for line in r.iter_lines():
+                if line:
+                    decoding.set()
+                    parts.append(json.loads(line))
+        assert parts[-1]["usage"]["completion_tokens"] == 200, parts[-1]
         ends.append(time.perf_counter())
     threads = [threading.Thread(target=run_long) for _ in range(3)]
     for t in threads:
         t.start()
-    time.sleep(1.5)                                  # the long requests are decoding now
+    assert decoding.wait(120)
     parts = stream(server, {"messages": [{"role": "user", "content": "Say hi."}], "max_new_tokens": 8}, model)
     for t in threads:
         t.join()
