@@ -16,14 +16,12 @@ import argparse
 import json
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 from benchmarks.machine import describe
 from benchmarks.tables import format_table
-from compare.run import sender, summarize
+from compare.run import arguments, measure_point
 from compare.systems import ROOT, SYSTEMS, archive_engine_config
 from compare.workload import OUTPUT_TOKENS, messages
-from compare.workload import closed_loop as closed_loop_http
 from llmserve.config import EngineConfig
 from llmserve.engine import Engine
 from llmserve.request import parse_request
@@ -87,26 +85,22 @@ def main() -> None:
 
 
 def beside_torchserve(engine: Engine, loads: list[int], turns: int, out: Path) -> list[dict]:
-    """Rows of the engine in process and of ours through TorchServe (compare.run's client, plain
-    answers), taking turns at each load."""
+    """Rows of the engine in process and of ours through TorchServe (a compare.run point with its
+    default settings, plain answers), taking turns at each load: A B B A A B ..."""
     system = SYSTEMS["ours"]
     logs = ROOT / "build" / "compare" / out.name                 # TorchServe's logs and work files, as compare.run's
     logs.mkdir(parents=True, exist_ok=True)
     server = system.start(max(loads), system.port, logs)
-    options = SimpleNamespace(workload="chat")
-    send_one = sender(system, False, OUTPUT_TOKENS, options)
+    settings = arguments().parse_args([])
     rows = []
     try:
         for users in loads:
-            num_requests = max(16, 4 * users)
-            closed_loop_http(send_one, min(users, 8), min(users, 8), 30, 60)   # warm-up
             for turn in range(2 * turns):
                 if turn % 4 in (0, 3):
-                    rows.append({"system": "in process", **closed_loop(engine, users, num_requests)})
+                    rows.append({"system": "in process", **closed_loop(engine, users, max(16, 4 * users))})
+                    print(f"  in process {users:>3} users: {rows[-1]['output_tokens_per_s']:7.1f} tok/s", flush=True)
                 else:
-                    records = closed_loop_http(send_one, users, num_requests, 60, 60 + 1.5 * users)
-                    rows.append({"system": "TorchServe", "users": users, **summarize(records, OUTPUT_TOKENS)})
-                print(rows[-1]["system"], users, round(rows[-1]["output_tokens_per_s"], 1), flush=True)
+                    rows.append(measure_point("TorchServe", system, server, users, False, settings))
     finally:
         server.stop()
     return rows

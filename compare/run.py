@@ -214,7 +214,8 @@ def write_results(out: Path, rows: list[dict], info: dict, settings: dict) -> No
     (out / "README.md").write_text("\n".join(lines) + "\n")
 
 
-def main() -> None:
+def arguments() -> argparse.ArgumentParser:
+    """The command line; its defaults are the comparison's settings (compare.engine_loop takes them too)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--systems", nargs="+", choices=list(SYSTEMS),   # default: all but the feature-off variants
                         default=[name for name in SYSTEMS if "-no-" not in name])
@@ -231,7 +232,11 @@ def main() -> None:
                         help="one user, the systems side by side taking turns request by request (see measure_paired)")
     parser.add_argument("--out", type=Path, help="results folder (default compare/results/<run-id>)")
     parser.add_argument("--logs", type=Path, help="servers' logs and work files (default build/compare/<run-id>)")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = arguments().parse_args()
     args.modes = [m == "stream" for m in args.modes]
     run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     out = args.out or ROOT / "compare" / "results" / run_id

@@ -110,14 +110,16 @@ def test_a_lone_surrogate_beside_running_requests(server):
         assert out["text"] and (out["finish_reason"] == "stop" or out["usage"]["completion_tokens"] == 48)
 
 
-def stream(server, body, model="llm") -> list[tuple[float, dict]]:
-    """(arrival time, part) for each streamed JSON line."""
+def stream(server, body, model="llm", started: threading.Event | None = None) -> list[tuple[float, dict]]:
+    """(arrival time, part) for each streamed JSON line; `started` is set at the first."""
     parts = []
     with post(server, {**body, "stream": True}, model, stream=True) as r:
         assert r.status_code == 200 and r.headers.get("Transfer-Encoding") == "chunked"
         for line in r.iter_lines():
             if line:
                 parts.append((time.perf_counter(), json.loads(line)))
+                if started is not None:
+                    started.set()
     return parts
 
 
@@ -164,13 +166,8 @@ def join_busy_batch(server, model) -> tuple[float, list[float], list]:
     long_body = {"prompt": "Count from 1 to 1000: 1, 2, 3, 4,", "max_new_tokens": 200}   # greedy: counts on
     ends, decoding = [], threading.Event()
     def run_long():
-        parts = []
-        with post(server, {**long_body, "stream": True}, model, stream=True) as r:
-            for line in r.iter_lines():
-                if line:
-                    decoding.set()
-                    parts.append(json.loads(line))
-        assert parts[-1]["usage"]["completion_tokens"] == 200, parts[-1]
+        parts = stream(server, long_body, model, started=decoding)
+        assert parts[-1][1]["usage"]["completion_tokens"] == 200, parts[-1]
         ends.append(time.perf_counter())
     threads = [threading.Thread(target=run_long) for _ in range(3)]
     for t in threads:
