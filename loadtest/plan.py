@@ -10,8 +10,11 @@ The plan reads the newest committed measurement.
     python -m loadtest.plan              # make plan: traces x routing, the replicas for a rate, plots
 
 A replica is llmserve's engine as steps (Engine): a decode step of n sequences costs a fixed part
-and a part per sequence, newcomers join at the next step and their prompts' prefill costs per
-token; the three costs are fitted to the closed-loop runs by least squares. Up to max_num_seqs
+and a part per sequence, newcomers join at the next step (as many as max_prefill_tokens of prompt
+admits, at least one) and their prompts' prefill costs per token; the three costs are fitted to the
+closed-loop runs by least squares. The check replays each open-loop run's own arrivals and
+(prompt, answer) lengths through the model; the median of draws from the arrival process is shown
+beside it. Up to max_num_seqs
 run, up to max_waiting_requests wait for a row, more are refused (503), as the handler does.
 """
 
@@ -33,6 +36,7 @@ import yaml
 from benchmarks.machine import describe
 from benchmarks.plots import pyplot
 from benchmarks.tables import format_table
+from compare.systems import archive_engine_config
 from loadtest.measure import load_price, percentile, read_request_log, window_s
 from loadtest.server import wait_idle, warm_up
 from loadtest.sweep import ROOT, run_locust
@@ -59,7 +63,8 @@ class Engine:
     """A replica's engine as its steps: a step that decodes n sequences (a token each) takes
     step_s + per_seq_s * n seconds, and newcomers join at the next step, whose prefill adds
     per_prompt_token_s for each of their prompt tokens (their first token comes with it), as
-    llmserve's Engine.step does. Fitted to the closed-loop curve runs (fit_engine)."""
+    llmserve's Engine.step does: as many join as max_prefill_tokens of prompt admits, at least one
+    (the scheduler's budget). Fitted to the closed-loop curve runs (fit_engine)."""
     step_s: float
     per_seq_s: float
     per_prompt_token_s: float
@@ -67,6 +72,7 @@ class Engine:
     startup_s: float          # a replica's start until it answers (TorchServe start + warm-up)
     max_num_seqs: int = 64
     max_waiting: int = 64
+    max_prefill_tokens: int = 1 << 30
 
     def capacity_rps(self) -> float:
         """Requests/s with every row busy: each costs its prefill and its share of full steps."""
@@ -74,7 +80,7 @@ class Engine:
         return len(self.requests) / sum(self.per_prompt_token_s * p + full * (o - 1) for p, o in self.requests)
 
 
-def fit_engine(runs: dict[int, list[dict]], startup_s: float) -> Engine:
+def fit_engine(runs: dict[int, list[dict]], startup_s: float, max_prefill_tokens: int = Engine.max_prefill_tokens) -> Engine:
     """Least squares over the closed-loop runs at n users: a run's window T = step_s * (decode
     steps, about sum(output - 1) / n) + per_seq_s * sum(output - 1) + per_prompt_token_s * sum(prompt)."""
     rows, ys = [], []
@@ -84,7 +90,8 @@ def fit_engine(runs: dict[int, list[dict]], startup_s: float) -> Engine:
         ys.append(window_s(records))
     (a, b, c), *_ = numpy.linalg.lstsq(numpy.array(rows, dtype=float), numpy.array(ys), rcond=None)
     requests = [(r["prompt_tokens"], r["output_tokens"]) for records in runs.values() for r in records]
-    return Engine(max(float(a), 0.0), max(float(b), 0.0), max(float(c), 0.0), requests, startup_s)
+    return Engine(max(float(a), 0.0), max(float(b), 0.0), max(float(c), 0.0), requests, startup_s,
+                  max_prefill_tokens=max_prefill_tokens)
 
 
 @dataclass
@@ -105,7 +112,10 @@ class Replica:
             # back to back while sequences run; an idle engine starts at the first newcomer's arrival
             start = self.busy_until if self.running else max(self.busy_until, arrivals[self.waiting[0][0]])
             n = len(self.running)
-            new = [self.waiting.popleft() for _ in range(min(len(self.waiting), engine.max_num_seqs - n))]
+            new, budget = [], engine.max_prefill_tokens
+            while self.waiting and n + len(new) < engine.max_num_seqs and (not new or self.waiting[0][1] <= budget):
+                new.append(self.waiting.popleft())
+                budget -= new[-1][1]
             end = start + (engine.step_s + engine.per_seq_s * n if n else 0.0) + \
                 engine.per_prompt_token_s * sum(p for _, p, _ in new)
             if n:
@@ -148,10 +158,11 @@ class Hpa:
 
 
 def simulate(engine: Engine, arrivals: list[float], routing: str = "least", replicas: int = 1,
-             hpa: Hpa | None = None, seed: int = 0, horizon_s: float | None = None) -> dict:
-    """Requests arriving at these times (sorted), each a (prompt, output) drawn from the measured
-    ones; a fixed number of replicas, or an HPA from `replicas` on. Returns each request's latency
-    (None: refused, or not answered by the horizon) and a timeline every HPA sync."""
+             hpa: Hpa | None = None, seed: int = 0, horizon_s: float | None = None,
+             sizes: list[tuple[int, int]] | None = None) -> dict:
+    """Requests arriving at these times (sorted), each a (prompt, output): sizes[i], or drawn from
+    the measured ones; a fixed number of replicas, or an HPA from `replicas` on. Returns each
+    request's latency (None: refused, or not answered by the horizon) and a timeline every HPA sync."""
     rng = random.Random(seed)
     pods = [Replica(ready_at=0.0) for _ in range(replicas)]
     latencies: list[float | None] = [None] * len(arrivals)
@@ -170,7 +181,7 @@ def simulate(engine: Engine, arrivals: list[float], routing: str = "least", repl
                 else:
                     pod = min(ready, key=Replica.load)
                 if pod.load() < engine.max_num_seqs + engine.max_waiting:   # else refused (503), as the handler does
-                    pod.waiting.append((i, *rng.choice(engine.requests)))
+                    pod.waiting.append((i, *(sizes[i] if sizes else rng.choice(engine.requests))))
             i += 1
         for pod in pods:
             pod.run_until(t, engine, arrivals, latencies)
@@ -260,8 +271,10 @@ def measure(out: Path, port: int, seconds: float, fractions: list[float], users:
         for n in CURVE_USERS:
             wait_idle(server)
             run_locust(server.inference_url, out / f"curve-{n}", n, n, seconds, flags)
-        engine = fit_engine(curve_runs(out), startup_s)
-        settings = {"seconds": seconds, "users_open_loop": users, "startup_s": round(startup_s, 1), "open": []}
+        prefill = archive_engine_config()["max_prefill_tokens"]
+        engine = fit_engine(curve_runs(out), startup_s, prefill)
+        settings = {"seconds": seconds, "users_open_loop": users, "startup_s": round(startup_s, 1),
+                    "max_prefill_tokens": prefill, "open": []}
         for f in fractions:
             rate = f * engine.capacity_rps()
             settings["open"].append({"fraction": f, "rate_rps": round(rate, 3)})
@@ -279,26 +292,36 @@ def curve_runs(out: Path) -> dict[int, list[dict]]:
 
 def validate(out: Path) -> dict:
     """The engine model fitted to out's curve runs, and its predictions of out's open-loop runs
-    (the same arrivals: paced users) against what they measured. Writes out/plan-measure.json."""
+    against what they measured: "predicted" replays each run's own arrivals and (prompt, answer)
+    lengths, which the 25 % check judges; "drawn" is the median over SEEDS draws of the arrival
+    process (paced users) and of the lengths, with the range of their p99: what a run at that rate
+    may show. Writes out/plan-measure.json."""
     settings = json.loads((out / "settings.json").read_text())
     runs = curve_runs(out)
-    engine = fit_engine(runs, settings["startup_s"])
+    # measurements before the prefill budget was recorded ran with the engine's default then, 4096
+    engine = fit_engine(runs, settings["startup_s"], settings.get("max_prefill_tokens", 4096))
+    quantiles = ("latency_p50_s", "latency_p99_s")
     validation = []
     for run in settings["open"]:
-        records = read_request_log(out / f"open-{run['fraction']}_requests.jsonl")
+        records = sorted(read_request_log(out / f"open-{run['fraction']}_requests.jsonl"), key=lambda r: r["start"])
         measured = stats([r["latency_ms"] / 1000 if r["ok"] else None for r in records])
-        # the expectation, not one draw: the median over seeds of the users' start offsets and the requests
+        replay = stats(simulate(engine, [r["start"] - records[0]["start"] for r in records],
+                                sizes=[(r["prompt_tokens"], r["output_tokens"]) if r["ok"] else engine.requests[0]
+                                       for r in records])["latencies"])
+        predicted = {q: replay[q] for q in quantiles}
         draws = [stats(simulate(engine, paced_users(run["rate_rps"], settings["users_open_loop"], settings["seconds"],
                                                     seed), seed=seed)["latencies"]) for seed in range(SEEDS)]
-        predicted = {q: round(statistics.median(d[q] for d in draws), 3) for q in ("latency_p50_s", "latency_p99_s")}
-        predicted["p99_range_s"] = [min(d["latency_p99_s"] for d in draws), max(d["latency_p99_s"] for d in draws)]
-        errors = {q: round(predicted[q] / measured[q] - 1, 3) for q in ("latency_p50_s", "latency_p99_s")}
+        drawn = {q: round(statistics.median(d[q] for d in draws), 3) for q in quantiles}
+        drawn["p99_range_s"] = [min(d["latency_p99_s"] for d in draws), max(d["latency_p99_s"] for d in draws)]
+        errors = {q: round(predicted[q] / measured[q] - 1, 3) for q in quantiles}
         validation.append({**run, "measured": measured, "predicted": predicted, "relative_error": errors,
+                           "drawn": drawn, "drawn_relative_error": {q: round(drawn[q] / measured[q] - 1, 3) for q in quantiles},
                            "within_25_percent": all(abs(e) <= 0.25 for e in errors.values())})
     curve = [{"users": n, "requests": len(rs), "output_tokens_per_s": round(sum(r["output_tokens"] for r in rs)
                                                                          / window_s(rs), 2)} for n, rs in runs.items()]
     result = {"machine": describe(), "command": "python -m loadtest.plan measure", **settings, "curve": curve,
-              "engine": {k: getattr(engine, k) for k in ("step_s", "per_seq_s", "per_prompt_token_s", "startup_s")},
+              "engine": {k: getattr(engine, k) for k in ("step_s", "per_seq_s", "per_prompt_token_s", "startup_s",
+                                                         "max_prefill_tokens")},
               "capacity_rps": round(engine.capacity_rps(), 3), "requests": engine.requests, "validation": validation}
     (out / "plan-measure.json").write_text(json.dumps(result, indent=1))
     return result
@@ -361,8 +384,9 @@ def check(out: Path) -> None:
     for v in result["validation"]:
         print(f"{v['rate_rps']} req/s ({v['fraction']} of capacity): measured p50 / p99 "
               f"{v['measured']['latency_p50_s']} / {v['measured']['latency_p99_s']} s, predicted "
-              f"{v['predicted']['latency_p50_s']} / {v['predicted']['latency_p99_s']} s, "
-              f"errors {v['relative_error']}, within 25 %: {v['within_25_percent']}")
+              f"{v['predicted']['latency_p50_s']} / {v['predicted']['latency_p99_s']} s (its arrivals replayed), "
+              f"errors {v['relative_error']}, within 25 %: {v['within_25_percent']}; drawn "
+              f"{v['drawn']['latency_p50_s']} / {v['drawn']['latency_p99_s']} s (p99 {v['drawn']['p99_range_s']})")
     print(json.dumps({"out": str(out), "validated": all(v["within_25_percent"] for v in result["validation"])}))
 
 

@@ -1,6 +1,8 @@
 """The capacity planner's simulation (loadtest/plan.py) on a hand-made engine; its real counterpart is
 `python -m loadtest.plan measure`, which checks the simulation against open-loop Locust runs."""
 
+import dataclasses
+
 import pytest
 import yaml
 
@@ -32,6 +34,20 @@ def test_the_engine_model_is_fitted_back_from_runs_it_would_take():
 def test_a_lone_request_takes_its_prefill_and_one_step_a_token():
     latency = simulate(ENGINE, [1.0])["latencies"][0]
     assert latency == pytest.approx(alone(1), abs=DT)
+
+
+def test_newcomers_join_as_the_prefill_budget_admits_at_least_one_a_step():
+    budget = dataclasses.replace(ENGINE, max_prefill_tokens=150)
+    together = simulate(ENGINE, [0.0, 0.0], sizes=[(100, 64), (100, 64)])["latencies"]
+    one_by_one = simulate(budget, [0.0, 0.0], sizes=[(100, 64), (100, 64)])["latencies"]
+    assert together[0] == pytest.approx(together[1]) == pytest.approx(alone(2), abs=DT)
+    assert one_by_one[1] - one_by_one[0] == pytest.approx(0.01 + 0.001, abs=1e-9)   # a step later, alone by then
+    assert simulate(budget, [0.0], sizes=[(300, 64)])["latencies"][0] == pytest.approx(0.03 + 63 * 0.011, abs=DT)
+
+
+def test_a_replay_gives_each_request_its_own_lengths():
+    short, long = simulate(ENGINE, [0.0, 0.0], sizes=[(100, 2), (100, 64)])["latencies"]
+    assert short == pytest.approx(2 * 100 * 0.0001 + 0.012, abs=DT) and long == pytest.approx(alone(2) - 62 * 0.001, abs=DT)
 
 
 def test_a_full_batch_answers_at_the_64_sequence_pace_and_the_queue_beyond_it_is_bounded():
