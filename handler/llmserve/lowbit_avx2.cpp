@@ -244,7 +244,7 @@ struct Q4Weight {
   const uint16_t* s;
   const uint16_t* l;
   int64_t n, k;
-  bool columns16 = false;   // the AVX-512 layout (dot_columns16), else the rows layout above
+  int columns = 0;          // 16: the AVX-512 layout (dot_columns16), 8: the AVX2 one (dot_columns8), 0: rows
 };
 
 // The tiling both kernels share: a thread's output columns go kColTile at a time, each tile's
@@ -267,8 +267,63 @@ void for_each_tile(int64_t M, int64_t N, const Tile& tile) {
   });
 }
 
+// f(std::integral_constant<int, n>{}) for 1 <= n <= MAX: the row count as a compile-time constant
+template <int MAX, typename F>
+void with_rows(int64_t n, const F& f) {
+  if constexpr (MAX > 1) {
+    if (n < MAX) return with_rows<MAX - 1>(n, f);
+  }
+  f(std::integral_constant<int, MAX>{});
+}
+
+// The AVX2 layout (quantize.pack_q4_columns, 8 columns): dot_columns16's design in 256 bits, for
+// CPUs without AVX-512. Per group of 8 columns and block of 32: 128 bytes, vector m (32 bytes)
+// holding in byte 4c + t weight 4(2m) + t of column c (low nibble) and 4(2m + 1) + t (high nibble);
+// scale and low [N/8, K/32, 8] float16. A row's 4 activations broadcast against 4 weights of each of
+// 8 columns: vpmaddubsw's int16 pairs summed over the block's 8 products in int16 (each at most
+// 2 x 15 x 127, eight of them 30480 < 32767), one vpmaddwd to int32, no horizontal sums: about a
+// third of the rows layout's instructions a weight, where an AVX2 CPU is short of them (a 16-row
+// step's products ran at a tenth of its integer peak).
+template <int ROWS>
+void dot_columns8(const uint8_t* W, const uint16_t* S, const uint16_t* L, const int8_t* xq, const float* xs,
+                  const float* xsum, float* y, int64_t g, int64_t N, int64_t K) {
+  const int64_t blocks = K / kBlock;
+  const __m256i nibble = _mm256_set1_epi8(0x0F);
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc[ROWS];
+  for (int r = 0; r < ROWS; ++r) acc[r] = _mm256_setzero_ps();
+  const uint8_t* wg = W + g * blocks * 128;
+  for (int64_t b = 0; b < blocks; ++b) {
+    const uint8_t* src = wg + b * 128;
+    _mm_prefetch(reinterpret_cast<const char*>(src + kPrefetchBytes), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(src + kPrefetchBytes + 64), _MM_HINT_T0);
+    __m256i sums[ROWS];
+    for (int r = 0; r < ROWS; ++r) sums[r] = _mm256_setzero_si256();
+    for (int m = 0; m < 4; ++m) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 32 * m));
+      const __m256i lo = _mm256_and_si256(v, nibble), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+      for (int r = 0; r < ROWS; ++r) {
+        const int32_t* a = reinterpret_cast<const int32_t*>(xq + r * K + b * kBlock) + 2 * m;
+        sums[r] = _mm256_add_epi16(sums[r], _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_set1_epi32(a[0])),
+                                                             _mm256_maddubs_epi16(hi, _mm256_set1_epi32(a[1]))));
+      }
+    }
+    const int64_t sb = (g * blocks + b) * 8;
+    const __m256 wscale = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(S + sb)));
+    const __m256 wlow = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(L + sb)));
+    for (int r = 0; r < ROWS; ++r) {
+      const __m256 d = _mm256_cvtepi32_ps(_mm256_madd_epi16(sums[r], ones));
+      acc[r] = _mm256_fmadd_ps(d, _mm256_mul_ps(wscale, _mm256_set1_ps(xs[r * blocks + b])), acc[r]);
+      acc[r] = _mm256_fmadd_ps(wlow, _mm256_set1_ps(xsum[r * blocks + b]), acc[r]);
+    }
+  }
+  for (int r = 0; r < ROWS; ++r) _mm256_storeu_ps(y + r * N + g * 8, acc[r]);
+}
+
+constexpr int kColumns16RowTile = 8;   // rows per unpacking of a block (16 registers of the 32 hold w and acc)
+
 #if LLMSERVE_AVX512
-// The AVX-512 layout (quantize.pack_q4_columns16): 16 output columns at a time, so that one
+// The AVX-512 layout (quantize.pack_q4_columns, 16 columns): 16 output columns at a time, so that one
 // vpdpbusd multiplies 4 inputs of one activation row (broadcast) by the 4 weights of each of 16
 // columns, and the block's scale and minimum apply to the 16 columns' sums in one vector each: no
 // horizontal sums, and a row costs 8 vpdpbusd per block. Per group of 16 columns and block of 32:
@@ -311,35 +366,11 @@ void dot_columns16(const uint8_t* W, const uint16_t* S, const uint16_t* L, const
   for (int r = 0; r < ROWS; ++r) _mm512_storeu_ps(y + r * N + g * 16, acc[r]);
 }
 
-// f(std::integral_constant<int, n>{}) for 1 <= n <= MAX: the row count as a compile-time constant
-template <int MAX, typename F>
-void with_rows(int64_t n, const F& f) {
-  if constexpr (MAX > 1) {
-    if (n < MAX) return with_rows<MAX - 1>(n, f);
-  }
-  f(std::integral_constant<int, MAX>{});
-}
-
-constexpr int kColumns16RowTile = 8;   // rows per unpacking of a block (16 registers of the 32 hold w and acc)
 // rows from which AMX's bf16 tiles beat the AVX-512 kernel: the model's 120 decoder products, AMX Xeon
 // (build/exp/amx2/bench.py, scratch): 8 / 16 / 32 / 64 rows 8.2 / 14.0 / 26.6 / 47.3 ms -> 14.5 / 14.1 / 18.6 / 27.5
 // (llmserve::amx_min_rows sets it: tests compare like with like)
 std::atomic<int64_t> amx_min_rows_now{16};
 
-void q4_matmul_columns16(const float* x, int64_t M, const Q4Weight& wt, float* Y) {
-  const int64_t K = wt.k, N = wt.n, blocks = K / kBlock;
-  std::vector<int8_t> xq(M * K);
-  std::vector<float> xscale(M * blocks), xsum(M * blocks);
-  quantize_rows(x, M, K, xq.data(), xscale.data(), nullptr, nullptr, xsum.data());
-  at::parallel_for(0, N / 16, 1, [&](int64_t g0, int64_t g1) {
-    for (int64_t g = g0; g < g1; ++g)
-      for (int64_t m0 = 0; m0 < M; m0 += kColumns16RowTile)
-        with_rows<kColumns16RowTile>(std::min<int64_t>(M - m0, kColumns16RowTile), [&](auto rows) {
-          dot_columns16<decltype(rows)::value>(wt.w, wt.s, wt.l, xq.data() + m0 * K, xscale.data() + m0 * blocks,
-                                               xsum.data() + m0 * blocks, Y + m0 * N, g, N, K);
-        });
-  });
-}
 
 #if LLMSERVE_AMX
 // The same 16-column layout on AMX (Sapphire Rapids and later) for steps of many rows: each block
@@ -537,15 +568,37 @@ void q4_matmul_amx(const float* x, int64_t M, const Q4Weight& wt, float* Y) {
 #endif
 #endif
 
+// The column layouts (G = 16 with AVX-512, 8 with AVX2): each thread's column groups, row tiles of 8
+// (AVX-512: 32 registers) or 4 rows (AVX2: 16) per unpacking of a block
+void q4_matmul_columns(const float* x, int64_t M, const Q4Weight& wt, float* Y) {
+  const int64_t K = wt.k, N = wt.n, blocks = K / kBlock, G = wt.columns;
+  const int64_t tile = G == 16 ? kColumns16RowTile : kRowTile;
+  std::vector<int8_t> xq(M * K);
+  std::vector<float> xscale(M * blocks), xsum(M * blocks);
+  quantize_rows(x, M, K, xq.data(), xscale.data(), nullptr, nullptr, xsum.data());
+  at::parallel_for(0, N / G, 1, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g)
+      for (int64_t m0 = 0; m0 < M; m0 += tile)
+        with_rows<kColumns16RowTile>(std::min<int64_t>(M - m0, tile), [&](auto rows) {
+          constexpr int R = decltype(rows)::value;
+          const int8_t* xr = xq.data() + m0 * K;
+#if LLMSERVE_AVX512
+          if (G == 16)
+            return dot_columns16<R>(wt.w, wt.s, wt.l, xr, xscale.data() + m0 * blocks, xsum.data() + m0 * blocks,
+                                    Y + m0 * N, g, N, K);
+#endif
+          dot_columns8<R>(wt.w, wt.s, wt.l, xr, xscale.data() + m0 * blocks, xsum.data() + m0 * blocks, Y + m0 * N, g, N, K);
+        });
+  });
+}
+
 // y [M, N] = x [M, K] @ W^T, x and y contiguous
 void q4_matmul(const float* x, int64_t M, const Q4Weight& wt, float* Y) {
 #if LLMSERVE_AMX
-  if (wt.columns16 && M >= amx_min_rows_now && amx_ready()) return q4_matmul_amx(x, M, wt, Y);
+  if (wt.columns == 16 && M >= amx_min_rows_now && amx_ready()) return q4_matmul_amx(x, M, wt, Y);
 #endif
-#if LLMSERVE_AVX512
-  if (wt.columns16) return q4_matmul_columns16(x, M, wt, Y);
-#endif
-  TORCH_CHECK(!wt.columns16, "the 16-column layout needs the AVX-512 build");
+  TORCH_CHECK(wt.columns != 16 || LLMSERVE_AVX512, "the 16-column layout needs the AVX-512 build");
+  if (wt.columns) return q4_matmul_columns(x, M, wt, Y);
   const int64_t K = wt.k, N = wt.n, blocks = K / kBlock;
   const uint8_t* W = wt.w;
   const uint16_t* S = wt.s;
@@ -677,14 +730,16 @@ void q8_matmul_pairs(const float* x, int64_t M, int64_t K, int64_t N, const int8
 const uint16_t* halves(const torch::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<at::Half>()); }
 
 // A 4-bit weight's packed bytes and its scale and low (float16, each of shape `sizes`): rows layout
-// packed [N, K/2], scale and low [N, K/32]; 16-column layout packed [N/16, K/32, 256], scale and low
-// [N/16, K/32, 16]. Pointers only: decode_layers calls it for every projection of every step.
+// packed [N, K/2], scale and low [N, K/32]; G-column layout (G = 16 or 8) packed [N/G, K/32, 16 G],
+// scale and low [N/G, K/32, G]. Pointers only: decode_layers calls it for every projection of every step.
 Q4Weight q4_weight(const torch::Tensor& packed, at::IntArrayRef sizes, const uint16_t* scale, const uint16_t* low) {
   TORCH_CHECK(packed.scalar_type() == torch::kUInt8 && packed.is_contiguous(), "packed must be contiguous uint8");
   if (packed.dim() == 3) {
-    TORCH_CHECK(packed.size(2) == 256 && sizes.size() == 3 && sizes[0] == packed.size(0) && sizes[1] == packed.size(1) &&
-                sizes[2] == 16, "16-column layout: packed [N/16, K/32, 256], scale and low [N/16, K/32, 16]");
-    return {packed.data_ptr<uint8_t>(), scale, low, packed.size(0) * 16, packed.size(1) * kBlock, true};
+    const int columns = static_cast<int>(packed.size(2) / 16);   // 256 bytes a block: 16 columns, 128: 8
+    TORCH_CHECK((columns == 16 || columns == 8) && packed.size(2) == columns * 16 && sizes.size() == 3 &&
+                sizes[0] == packed.size(0) && sizes[1] == packed.size(1) && sizes[2] == columns,
+                "column layouts: packed [N/G, K/32, 16 G], scale and low [N/G, K/32, G], G = 16 or 8");
+    return {packed.data_ptr<uint8_t>(), scale, low, packed.size(0) * columns, packed.size(1) * kBlock, columns};
   }
   TORCH_CHECK(packed.dim() == 2 && sizes.size() == 2 && sizes[0] == packed.size(0) && sizes[1] * kBlock == packed.size(1) * 2,
               "rows layout: packed [N, K/2], scale and low [N, K/32]");

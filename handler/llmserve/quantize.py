@@ -152,7 +152,7 @@ def lowbit_kernels() -> str:
         logger.warning("building lowbit_avx2.cpp failed (%s); w4 uses torch's kernels", e)
         return ""
     torch.library.register_fake("llmserve::q4_mm")(   # the output's shape, for torch.compile
-        lambda x, packed, scale, low: x.new_empty(x.shape[0], packed.shape[0] * (16 if packed.dim() == 3 else 1)))
+        lambda x, packed, scale, low: x.new_empty(x.shape[0], packed.shape[0] * (packed.shape[2] // 16 if packed.dim() == 3 else 1)))
     torch.library.register_fake("llmserve::q8_mm")(lambda x, q, scale: x.new_empty(x.shape[0], scale.shape[0]))
     torch.library.register_fake("llmserve::mkl_mm")(lambda x, packed, n: x.new_empty(x.shape[0], n))
     return variant.lstrip("_") or "avx2"
@@ -177,14 +177,22 @@ def prefill_packed_rows(max_packed_rows: int, rows: int) -> int:
     return 0
 
 
-def pack_q4_columns16(q: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """q4_mm's AVX-512 layout of q [N, K] (0..15) and its scale and low [N, K/32], N a multiple of 16:
-    packed [N/16, K/32, 256], where 64-byte vector m of a block holds in byte 4c + t weight
-    4(2m) + t of column c (low nibble) and 4(2m + 1) + t (high nibble); scales [2, N/16, K/32, 16]."""
+def q4_columns(own_kernel: str, out_features: int) -> int:
+    """Output columns q4_mm takes together in its column layout on this build: 16 with AVX-512 (a
+    512-bit vector's lanes), 8 with AVX2 alone; 0 (the rows layout) where they do not divide N."""
+    columns = 16 if own_kernel in ("amx", "avx512") else 8
+    return columns if out_features % columns == 0 else 0
+
+
+def pack_q4_columns(q: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, G: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """q4_mm's column layout of q [N, K] (0..15) and its scale and low [N, K/32], G columns (16 for
+    AVX-512, 8 for AVX2) a group, N a multiple of G: packed [N/G, K/32, 16 G], where vector m (4 G
+    bytes) of a block holds in byte 4c + t weight 4(2m) + t of column c (low nibble) and 4(2m + 1) + t
+    (high nibble); scales [2, N/G, K/32, G]."""
     N, K = q.shape
-    weights = q.to(torch.uint8).reshape(N // 16, 16, K // 32, 8, 4).permute(0, 2, 3, 1, 4).reshape(N // 16, K // 32, 8, 64)
-    packed = (weights[:, :, 0::2] | (weights[:, :, 1::2] << 4)).reshape(N // 16, K // 32, 256).contiguous()
-    scales = torch.stack([scale, low]).reshape(2, N // 16, 16, K // 32).permute(0, 1, 3, 2).contiguous()
+    weights = q.to(torch.uint8).reshape(N // G, G, K // 32, 8, 4).permute(0, 2, 3, 1, 4).reshape(N // G, K // 32, 8, 4 * G)
+    packed = (weights[:, :, 0::2] | (weights[:, :, 1::2] << 4)).reshape(N // G, K // 32, 16 * G).contiguous()
+    scales = torch.stack([scale, low]).reshape(2, N // G, G, K // 32).permute(0, 1, 3, 2).contiguous()
     return packed, scales
 
 
@@ -278,8 +286,8 @@ class PackedLinear(torch.nn.Module):
                 q, scales = quantize_w4(linear.weight)
                 if self.own_kernel:   # weight = q * scale + low, fp16 per block, for llmserve::q4_mm
                     scale, zero = scales.transpose(0, 1).unbind(-1)                          # [N, K/32]
-                    if self.own_kernel in ("amx", "avx512") and self.out_features % 16 == 0:
-                        packed, scales = pack_q4_columns16(q, scale, zero - 8 * scale)
+                    if columns := q4_columns(self.own_kernel, self.out_features):
+                        packed, scales = pack_q4_columns(q, scale, zero - 8 * scale, columns)
                     else:
                         packed, scales = pack_q4(q), torch.stack([scale, zero - 8 * scale])     # [2, N, K/32]
                 else:
