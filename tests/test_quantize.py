@@ -16,6 +16,7 @@ from conftest import MODEL_DIR
 
 from llmserve.config import EngineConfig
 from llmserve.engine import Engine
+from llmserve import runner as runner_module
 from llmserve.runner import ModelRunner
 from llmserve import quantize
 from llmserve.quantize import ALWAYS_PACKED, PackedLinear, choose_kernels, dequantize_w4, lowbit_kernels, quantize_w4
@@ -187,6 +188,8 @@ def test_mkl_packed_float_weights_give_the_float_product(monkeypatch):
         pytest.skip("no MKL in this torch, or our kernels did not load: the plain float weights stay")
     assert layer.weight.shape == w.shape and layer.weight.untyped_storage().nbytes() == 4
     choose_kernels([layer], max_packed_rows=2, max_rows=8)
+    # as on a build whose prefills take the float weights (which do: test_prefills_pack_where_...)
+    monkeypatch.setattr(quantize, "prefill_packed_rows", lambda limit, rows: 0)
     for x in (torch.randn(5, 64), torch.randn(2, 7, 64)):       # 5 rows; a prefill of 2 x 7
         expected = F.linear(x, w)
         assert (layer(x) - expected).abs().max() < 1e-5 * expected.abs().max()
@@ -218,6 +221,19 @@ def test_kernel_is_chosen_by_rows(monkeypatch):
     assert not torch.equal(layer(two), F.linear(two, w))          # 2 rows: the packed one
     best, timings = choose_kernels([layer], max_packed_rows=-1, max_rows=8)
     assert layer.max_packed_rows == best and set(timings["4-bit"][1]) == {"packed_ms", "dense_ms"}
+
+
+def test_prefills_pack_where_the_4bit_kernel_beats_the_float_weights(monkeypatch):
+    """AVX-512 without AMX: the float weights (int8 activations could flip a first token); AMX: bf16
+    tiles from amx_min_rows rows; AVX2 alone: the 8-column kernel at every size; never where the
+    layers never pack, always where told to."""
+    builds = {"avx512": ALWAYS_PACKED, "amx": 16, "avx2": ALWAYS_PACKED, "vnni": ALWAYS_PACKED}   # build: amx_min_rows
+    expected = {"avx512": (0, 0), "amx": (0, ALWAYS_PACKED), "avx2": (ALWAYS_PACKED,) * 2, "vnni": (ALWAYS_PACKED,) * 2}
+    for build, min_rows in builds.items():
+        monkeypatch.setattr(quantize, "lowbit_kernels", lambda: build)
+        monkeypatch.setattr(quantize, "amx_min_rows", lambda: min_rows)
+        assert (quantize.prefill_packed_rows(64, 8), quantize.prefill_packed_rows(64, 200)) == expected[build], build
+        assert quantize.prefill_packed_rows(0, 200) == 0 and quantize.prefill_packed_rows(ALWAYS_PACKED, 8) == ALWAYS_PACKED
 
 
 PROMPTS = ["Hello there", "The quick brown fox jumps over", "1 2 3", "x"]
@@ -290,11 +306,15 @@ def test_weight_only_engine_batched_equals_alone(engine, amx_rows):
             torch.ops.llmserve.amx_min_rows(before)
 
 
-def test_compiled_decode_matches_eager_and_builds_no_graph_after_start_up(tiny_model_dir, kernels):
+def test_compiled_decode_matches_eager_and_builds_no_graph_after_start_up(tiny_model_dir, kernels, monkeypatch):
     """compile: true fuses the decode steps, by torch.compile (torch's kernels: the packed-kernel
     steps, up to 4 rows here) or our C++ decoder step (ours: every step, float products above 4
     rows): the same logits as the eager layers at batch sizes 1-8 over left-padded prompts and
-    growing contexts, and no graph built while serving."""
+    growing contexts, and no graph built while serving. Prefills on the float weights, as without
+    AVX-512 they are not: both sides' int8 prefills (padded eager, ragged C++) put this chaotic
+    model's first logits up to 11 % apart before any decode step (AVX2 EPYC)."""
+    for module in (quantize, runner_module):
+        monkeypatch.setattr(module, "prefill_packed_rows", lambda limit, rows: 0)
     torch._dynamo.reset()   # one graph serves every layer, unguarded on modules: not another test's kernels
     def make(compile: bool) -> Engine:
         return Engine.from_config(EngineConfig(model_path=str(tiny_model_dir), quantization="w4", max_model_len=128,

@@ -167,12 +167,17 @@ def amx_min_rows() -> int:
 def prefill_packed_rows(max_packed_rows: int, rows: int) -> int:
     """The packed-kernel row limit for a prefill of `rows` rows (several tokens a row) on our 4-bit
     kernel, whose int8 activations can flip a near-tied first token ("What is the capital of
-    France?": "The" ... Paris, or "L'" ... French rambling), which every later token follows: the
-    float weights (0) unless told always to pack; but AMX tiles take bf16 activations and beat the
-    bf16 products up to 512 rows (scratch timings in commit e758a75's message), so from
-    amx_min_rows() rows every prefill packs unless the layers never do. PackedLinear.forward and
-    the C++ decoder step (runner.prefill) both follow it."""
-    if max_packed_rows >= ALWAYS_PACKED or (max_packed_rows > 0 and rows >= amx_min_rows()):
+    France?": "The" ... Paris, or "L'" ... French rambling, in an eager archive on the AVX-512
+    kernel), which every later token follows: the float weights (0) unless told always to pack.
+    But AMX tiles take bf16 activations and beat the bf16 products up to 512 rows (scratch timings
+    in commit e758a75's message), so from amx_min_rows() rows every prefill packs; and on CPUs
+    without AVX-512 the 8-column kernel beats MKL's fp32 product at every size (an 85-token
+    prefill 130 against 212 ms on an AVX2 EPYC, whose float prefills made the service
+    prefill-bound: README, the AVX2 runs), so there every prefill packs, at the int8 activations'
+    perplexity (`make quality` measures w4 with packed prefills). Unless the layers never pack.
+    PackedLinear.forward and the C++ decoder step (runner.prefill) both follow it."""
+    if max_packed_rows >= ALWAYS_PACKED or (max_packed_rows > 0 and (rows >= amx_min_rows()
+                                                                     or lowbit_kernels() in ("avx2", "vnni"))):
         return ALWAYS_PACKED
     return 0
 
