@@ -227,12 +227,13 @@ def test_prefills_pack_where_the_4bit_kernel_beats_the_float_weights(monkeypatch
     """AVX-512 without AMX: the float weights (int8 activations could flip a first token); AMX: bf16
     tiles from amx_min_rows rows; AVX2 alone: the 8-column kernel at every size; never where the
     layers never pack, always where told to."""
-    builds = {"avx512": ALWAYS_PACKED, "amx": 16, "avx2": ALWAYS_PACKED, "vnni": ALWAYS_PACKED}   # build: amx_min_rows
-    expected = {"avx512": (0, 0), "amx": (0, ALWAYS_PACKED), "avx2": (ALWAYS_PACKED,) * 2, "vnni": (ALWAYS_PACKED,) * 2}
-    for build, min_rows in builds.items():
+    # build: its amx_min_rows, then the limits for prefills of 8 and of 200 rows
+    for build, min_rows, expected in (("avx512", ALWAYS_PACKED, (0, 0)), ("amx", 16, (0, ALWAYS_PACKED)),
+                                      ("avx2", ALWAYS_PACKED, (ALWAYS_PACKED,) * 2),
+                                      ("vnni", ALWAYS_PACKED, (ALWAYS_PACKED,) * 2)):
         monkeypatch.setattr(quantize, "lowbit_kernels", lambda: build)
         monkeypatch.setattr(quantize, "amx_min_rows", lambda: min_rows)
-        assert (quantize.prefill_packed_rows(64, 8), quantize.prefill_packed_rows(64, 200)) == expected[build], build
+        assert (quantize.prefill_packed_rows(64, 8), quantize.prefill_packed_rows(64, 200)) == expected, build
         assert quantize.prefill_packed_rows(0, 200) == 0 and quantize.prefill_packed_rows(ALWAYS_PACKED, 8) == ALWAYS_PACKED
 
 
