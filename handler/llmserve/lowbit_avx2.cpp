@@ -877,6 +877,64 @@ inline void silu_mul(const float* gate, const float* up, float* out, int64_t n) 
   for (; i < n; ++i) out[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
 }
 
+// 8 vectors' lane sums: lane p holds the sum of v[p]'s lanes (three rounds of pairwise adds)
+inline __m256 sum_lanes8(const __m256* v) {
+  const __m256 a = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));   // v0..v3 per 128-bit half
+  const __m256 b = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+}
+
+// attend_heads (below) in 256 bits, for builds without AVX-512: the G query heads of one KV head
+// (adjacent in q, D = 8 DV values each) over positions [first, end), scores 8 positions at a time;
+// the values' weighted sums CH vectors of D at a time for all G heads (G x CH sums in registers).
+// The scalar loop it replaced cost ~4 us per position and KV head over a step's 30 layers (an AVX2
+// EPYC: a 1-row step 4.2 ms at 40 tokens of context, 6.5 ms at 340).
+// p: scratch of at least G x end floats (head g's at g x end).
+template <int DV, int G, typename KV>
+void attend_heads8(const float* q, const KV* keys, const KV* values, int64_t first, int64_t end, float scale,
+                   float* p, float* y) {
+  constexpr int64_t D = 8 * DV;
+  constexpr int CH = G == 1 ? DV : G == 2 ? (DV < 4 ? DV : 4) : (DV < 2 ? DV : 2);
+  static_assert(DV % CH == 0, "D / 8 must be a multiple of the chunk");
+  const __m256 vscale = _mm256_set1_ps(scale);
+  for (int g = 0; g < G; ++g) {
+    const float* qg = q + g * D;
+    float* pg = p + g * end;
+    int64_t i = first;
+    for (; i + 8 <= end; i += 8) {
+      __m256 dots[8];
+      for (int k = 0; k < 8; ++k) {
+        dots[k] = _mm256_mul_ps(_mm256_loadu_ps(qg), load8(keys + (i + k) * D));
+        for (int j = 1; j < DV; ++j) dots[k] = _mm256_fmadd_ps(_mm256_loadu_ps(qg + 8 * j), load8(keys + (i + k) * D + 8 * j), dots[k]);
+      }
+      _mm256_storeu_ps(pg + i, _mm256_mul_ps(sum_lanes8(dots), vscale));
+    }
+    for (; i < end; ++i) {
+      __m256 dot = _mm256_mul_ps(_mm256_loadu_ps(qg), load8(keys + i * D));
+      for (int j = 1; j < DV; ++j) dot = _mm256_fmadd_ps(_mm256_loadu_ps(qg + 8 * j), load8(keys + i * D + 8 * j), dot);
+      pg[i] = horizontal_sum(dot) * scale;
+    }
+  }
+  float inv_sum[G];
+  for (int g = 0; g < G; ++g) inv_sum[g] = 1.f / softmax_numerators(p + g * end + first, end - first);
+  for (int c = 0; c < DV; c += CH) {
+    __m256 acc[G][CH];
+    for (int g = 0; g < G; ++g)
+      for (int j = 0; j < CH; ++j) acc[g][j] = _mm256_setzero_ps();
+    for (int64_t i = first; i < end; ++i) {
+      __m256 v[CH];
+      for (int j = 0; j < CH; ++j) v[j] = load8(values + i * D + 8 * (c + j));
+      for (int g = 0; g < G; ++g) {
+        const __m256 weight = _mm256_set1_ps(p[g * end + i]);
+        for (int j = 0; j < CH; ++j) acc[g][j] = _mm256_fmadd_ps(weight, v[j], acc[g][j]);
+      }
+    }
+    for (int g = 0; g < G; ++g)
+      for (int j = 0; j < CH; ++j)
+        _mm256_storeu_ps(y + g * D + 8 * (c + j), _mm256_mul_ps(acc[g][j], _mm256_set1_ps(inv_sum[g])));
+  }
+}
+
 #if LLMSERVE_AVX512
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 inline __m512 load16(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
@@ -955,6 +1013,17 @@ void attend_heads(const float* q, const KV* keys, const KV* values, int64_t firs
     for (int j = 0; j < DV; ++j) _mm512_storeu_ps(y + g * D + 16 * j, _mm512_mul_ps(acc[g][j], inv_sum[g]));
 }
 #endif
+
+// The G query heads of one KV head of D values: the 512-bit kernel where the build has AVX-512, else the 256-bit one
+template <int D, int G, typename KV>
+inline void attend(const float* q, const KV* keys, const KV* values, int64_t first, int64_t end, float scale,
+                   float* p, float* y) {
+#if LLMSERVE_AVX512
+  attend_heads<D / 16, G, KV>(q, keys, values, first, end, scale, p, y);
+#else
+  attend_heads8<D / 8, G, KV>(q, keys, values, first, end, scale, p, y);
+#endif
+}
 
 // the model's rotary embedding (rotate_half) of one head's D values, in place
 void rotate_head(float* x, const float* cos, const float* sin, int64_t D) {
@@ -1155,20 +1224,18 @@ torch::Tensor decode_layers_over(const torch::Tensor& x, const torch::Tensor& co
         const KV* values = vl + b * row_stride + kv * head_stride;
         const float* q = qkv.data() + r * QKV + kv * G * D;       // head kv * G + g at q + g * D
         float* y = o.data() + r * H * D + kv * G * D;
-#if LLMSERVE_AVX512
         if (D == 64 || D == 128) {   // a head at a time, or G together where G <= 4 (D = 64) or 2 (D = 128)
           const float sc = static_cast<float>(scale);
-          if (D == 64 && G == 3) attend_heads<4, 3, KV>(q, keys, values, first, end, sc, p.data(), y);
-          else if (D == 64 && G == 2) attend_heads<4, 2, KV>(q, keys, values, first, end, sc, p.data(), y);
-          else if (D == 64 && G == 4) attend_heads<4, 4, KV>(q, keys, values, first, end, sc, p.data(), y);
-          else if (D == 128 && G == 2) attend_heads<8, 2, KV>(q, keys, values, first, end, sc, p.data(), y);
+          if (D == 64 && G == 3) attend<64, 3, KV>(q, keys, values, first, end, sc, p.data(), y);
+          else if (D == 64 && G == 2) attend<64, 2, KV>(q, keys, values, first, end, sc, p.data(), y);
+          else if (D == 64 && G == 4) attend<64, 4, KV>(q, keys, values, first, end, sc, p.data(), y);
+          else if (D == 128 && G == 2) attend<128, 2, KV>(q, keys, values, first, end, sc, p.data(), y);
           else
             for (int64_t g = 0; g < G; ++g)
-              (D == 64 ? attend_heads<4, 1, KV> : attend_heads<8, 1, KV>)(q + g * D, keys, values, first, end, sc,
-                                                                         p.data(), y + g * D);
+              (D == 64 ? attend<64, 1, KV> : attend<128, 1, KV>)(q + g * D, keys, values, first, end, sc,
+                                                                p.data(), y + g * D);
           continue;
         }
-#endif
         for (int64_t i = first; i < end; ++i)
           for (int64_t g = 0; g < G; ++g) p[g * T + i] = dot_floats(q + g * D, keys + i * D, D) * static_cast<float>(scale);
         for (int64_t g = 0; g < G; ++g) inv_sum[g] = 1.f / softmax_numerators(p.data() + g * T + first, end - first);
