@@ -81,17 +81,34 @@ class Engine:
 
 
 def fit_engine(runs: dict[int, list[dict]], startup_s: float, max_prefill_tokens: int = Engine.max_prefill_tokens) -> Engine:
-    """Least squares over the closed-loop runs at n users: a run's window T = step_s * (decode
-    steps, about sum(output - 1) / n) + per_seq_s * sum(output - 1) + per_prompt_token_s * sum(prompt)."""
+    """per_prompt_token_s from the one-user run, where nothing queues: the slope of the handler's
+    TTFT (server_ttft_ms) over prompt tokens. Then least squares over the closed-loop runs at n
+    users, less their prompts' share: a run's window T - per_prompt_token_s * sum(prompt) =
+    step_s * (decode steps, about sum(output - 1) / n) + per_seq_s * sum(output - 1), a negative
+    one refitted as 0. Fitting all three from the windows failed: the runs' prompt and output
+    tokens keep one ratio (1.5-1.9 prompt tokens an output token on the locustfile's mix), so the
+    windows cannot tell a prompt token from a sequence's step (AVX2 EPYC, plan-20261206T114228Z:
+    per_prompt_token_s went negative, was clipped to 0, and the model's capacity was 1.49 requests/s
+    where 64 users got 4.5)."""
+    ttfts = [r for r in runs[min(runs)] if r.get("server_ttft_ms") is not None]
+    per_prompt = 0.0
+    if len({r["prompt_tokens"] for r in ttfts}) > 1:
+        (_, slope), *_ = numpy.linalg.lstsq(numpy.array([[1.0, r["prompt_tokens"]] for r in ttfts]),
+                                            numpy.array([r["server_ttft_ms"] / 1000 for r in ttfts]), rcond=None)
+        per_prompt = max(float(slope), 0.0)
     rows, ys = [], []
     for n, records in runs.items():
         decoded = sum(r["output_tokens"] - 1 for r in records)
-        rows.append([decoded / n, decoded, sum(r["prompt_tokens"] for r in records)])
-        ys.append(window_s(records))
-    (a, b, c), *_ = numpy.linalg.lstsq(numpy.array(rows, dtype=float), numpy.array(ys), rcond=None)
+        rows.append([decoded / n, decoded])
+        ys.append(window_s(records) - per_prompt * sum(r["prompt_tokens"] for r in records))
+    x, y = numpy.array(rows, dtype=float), numpy.array(ys)
+    coef = numpy.linalg.lstsq(x, y, rcond=None)[0]
+    if coef.min() < 0:      # the better of the one-term fits, the other term 0
+        ones = [numpy.where(numpy.arange(2) == j, max(numpy.linalg.lstsq(x[:, [j]], y, rcond=None)[0][0], 0), 0)
+                for j in range(2)]
+        coef = min(ones, key=lambda c: float(numpy.sum((x @ c - y) ** 2)))
     requests = [(r["prompt_tokens"], r["output_tokens"]) for records in runs.values() for r in records]
-    return Engine(max(float(a), 0.0), max(float(b), 0.0), max(float(c), 0.0), requests, startup_s,
-                  max_prefill_tokens=max_prefill_tokens)
+    return Engine(float(coef[0]), float(coef[1]), per_prompt, requests, startup_s, max_prefill_tokens=max_prefill_tokens)
 
 
 @dataclass
