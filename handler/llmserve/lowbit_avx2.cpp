@@ -877,39 +877,24 @@ inline void silu_mul(const float* gate, const float* up, float* out, int64_t n) 
   for (; i < n; ++i) out[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
 }
 
-// 8 vectors' lane sums: lane p holds the sum of v[p]'s lanes (three rounds of pairwise adds)
-inline __m256 sum_lanes8(const __m256* v) {
-  const __m256 a = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));   // v0..v3 per 128-bit half
-  const __m256 b = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
-  return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
-}
-
 // attend_heads (below) in 256 bits, for builds without AVX-512: the G query heads of one KV head
-// (adjacent in q, D = 8 DV values each) over positions [first, end), scores 8 positions at a time;
-// the values' weighted sums CH vectors of D at a time for all G heads (G x CH sums in registers).
-// The scalar loop it replaced cost ~4 us per position and KV head over a step's 30 layers (an AVX2
-// EPYC: a 1-row step 4.2 ms at 40 tokens of context, 6.5 ms at 340).
-// p: scratch of at least G x end floats (head g's at g x end).
+// (adjacent in q, D = 8 DV values each) over positions [first, end); the values' weighted sums CH
+// vectors of D at a time for all G heads (G x CH sums in registers). It rounds as the scalar loop
+// it replaced did, bit for bit (a score's lanes summed by horizontal_sum, each weight normalized
+// before a multiply and an add): on int8 prefills the first token of "What is the capital of
+// France?" is near-tied, and an FMA-and-tree order turned it from "The" to "L'". The scalar loop
+// cost ~4 us per position and KV head over a step's 30 layers (a 1-row step 4.2 ms at 40 tokens
+// of context, 6.5 ms at 340). p: scratch of at least G x end floats (head g's at g x end).
 template <int DV, int G, typename KV>
 void attend_heads8(const float* q, const KV* keys, const KV* values, int64_t first, int64_t end, float scale,
                    float* p, float* y) {
   constexpr int64_t D = 8 * DV;
   constexpr int CH = G == 1 ? DV : G == 2 ? (DV < 4 ? DV : 4) : (DV < 2 ? DV : 2);
   static_assert(DV % CH == 0, "D / 8 must be a multiple of the chunk");
-  const __m256 vscale = _mm256_set1_ps(scale);
   for (int g = 0; g < G; ++g) {
     const float* qg = q + g * D;
     float* pg = p + g * end;
-    int64_t i = first;
-    for (; i + 8 <= end; i += 8) {
-      __m256 dots[8];
-      for (int k = 0; k < 8; ++k) {
-        dots[k] = _mm256_mul_ps(_mm256_loadu_ps(qg), load8(keys + (i + k) * D));
-        for (int j = 1; j < DV; ++j) dots[k] = _mm256_fmadd_ps(_mm256_loadu_ps(qg + 8 * j), load8(keys + (i + k) * D + 8 * j), dots[k]);
-      }
-      _mm256_storeu_ps(pg + i, _mm256_mul_ps(sum_lanes8(dots), vscale));
-    }
-    for (; i < end; ++i) {
+    for (int64_t i = first; i < end; ++i) {
       __m256 dot = _mm256_mul_ps(_mm256_loadu_ps(qg), load8(keys + i * D));
       for (int j = 1; j < DV; ++j) dot = _mm256_fmadd_ps(_mm256_loadu_ps(qg + 8 * j), load8(keys + i * D + 8 * j), dot);
       pg[i] = horizontal_sum(dot) * scale;
@@ -925,13 +910,12 @@ void attend_heads8(const float* q, const KV* keys, const KV* values, int64_t fir
       __m256 v[CH];
       for (int j = 0; j < CH; ++j) v[j] = load8(values + i * D + 8 * (c + j));
       for (int g = 0; g < G; ++g) {
-        const __m256 weight = _mm256_set1_ps(p[g * end + i]);
-        for (int j = 0; j < CH; ++j) acc[g][j] = _mm256_fmadd_ps(weight, v[j], acc[g][j]);
+        const __m256 weight = _mm256_set1_ps(p[g * end + i] * inv_sum[g]);
+        for (int j = 0; j < CH; ++j) acc[g][j] = _mm256_add_ps(acc[g][j], _mm256_mul_ps(weight, v[j]));
       }
     }
     for (int g = 0; g < G; ++g)
-      for (int j = 0; j < CH; ++j)
-        _mm256_storeu_ps(y + g * D + 8 * (c + j), _mm256_mul_ps(acc[g][j], _mm256_set1_ps(inv_sum[g])));
+      for (int j = 0; j < CH; ++j) _mm256_storeu_ps(y + g * D + 8 * (c + j), acc[g][j]);
   }
 }
 
