@@ -11,8 +11,8 @@ The plan reads the newest committed measurement.
 
 A replica is llmserve's engine as steps (Engine): a decode step of n sequences costs a fixed part
 and a part per sequence, newcomers join at the next step (as many as max_prefill_tokens of prompt
-admits, at least one) and their prompts' prefill costs per token; the three costs are fitted to the
-closed-loop runs by least squares. The check replays each open-loop run's own arrivals and
+admits, at least one) and their prompts' prefill costs per token; the prompt token's cost is fitted to
+the one-user run's TTFTs, the other two to the closed-loop runs' windows by least squares. The check replays each open-loop run's own arrivals and
 (prompt, answer) lengths through the model; the median of draws from the arrival process is shown
 beside it. Up to max_num_seqs
 run, up to max_waiting_requests wait for a row, more are refused (503), as the handler does.
