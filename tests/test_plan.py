@@ -36,6 +36,15 @@ def test_the_engine_model_is_fitted_back_from_runs_it_would_take():
     assert engine.capacity_rps() == pytest.approx(1 / (0.0001 * mean_prompt + (0.01 / 64 + 0.001) * 63))
 
 
+def test_a_cost_the_windows_would_make_negative_is_fitted_as_zero():
+    """Windows that shrink as more tokens are decoded (a machine that sped up between runs) would
+    fit a negative cost a sequence: it is 0, and the step's cost the best fit alone."""
+    runs = {n: [{"start": 0.0, "latency_ms": 1000 * (0.01 * 63 * 10 - 1e-5 * 63 * 10 * n) * (i == 0),
+                 "output_tokens": 64, "prompt_tokens": 50} for i in range(10 * n)] for n in (1, 4, 16, 64)}
+    engine = fit_engine(runs, startup_s=60.0)
+    assert engine.per_seq_s == 0 and engine.per_prompt_token_s == 0 and 0.005 < engine.step_s < 0.01
+
+
 def test_a_lone_request_takes_its_prefill_and_one_step_a_token():
     latency = simulate(ENGINE, [1.0])["latencies"][0]
     assert latency == pytest.approx(alone(1), abs=DT)

@@ -387,7 +387,8 @@ def model_dir_64(tmp_path_factory, tokenizer):
 
 def test_our_decoder_steps_attention_matches_torchs_over_long_contexts(model_dir_64):
     """Our C++ step's attention (heads of 64 values, 3 sharing a KV head; scores 16 positions at a
-    time with AVX-512, 8 with AVX2 alone) gives the eager layers' logits, prompts of 40-60 tokens and 20 decode steps: the float
+    time with AVX-512, one at a time in 256-bit vectors with AVX2 alone) gives the eager layers'
+    logits, prompts of 40-60 tokens and 20 decode steps: the float
     products on both sides (packed_max_rows 0: bf16 on AMX, whose logits round to a step of ~0.4 %)
     and an fp32 cache, so only attention's summation order differs."""
     def make(compile: bool) -> Engine:

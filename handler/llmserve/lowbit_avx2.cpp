@@ -880,26 +880,19 @@ inline void silu_mul(const float* gate, const float* up, float* out, int64_t n) 
 // attend_heads (below) in 256 bits, for builds without AVX-512: the G query heads of one KV head
 // (adjacent in q, D = 8 DV values each) over positions [first, end); the values' weighted sums CH
 // vectors of D at a time for all G heads (G x CH sums in registers). It rounds as the scalar loop
-// it replaced did, bit for bit (a score's lanes summed by horizontal_sum, each weight normalized
-// before a multiply and an add): on int8 prefills the first token of "What is the capital of
-// France?" is near-tied, and an FMA-and-tree order turned it from "The" to "L'". The scalar loop
-// cost ~4 us per position and KV head over a step's 30 layers (a 1-row step 4.2 ms at 40 tokens
-// of context, 6.5 ms at 340). p: scratch of at least G x end floats (head g's at g x end).
+// in decode_layers_over (other head sizes) does, bit for bit (scores by dot_floats, each weight
+// normalized before a multiply and an add): on int8 prefills the first token of "What is the
+// capital of France?" is near-tied, and an FMA-and-tree order turned it from "The" to "L'". That
+// loop cost ~4 us per position and KV head over a step's 30 layers (a 1-row step 4.2 ms at 40
+// tokens of context, 6.5 ms at 340). p: scratch of at least G x end floats (head g's at g x end).
 template <int DV, int G, typename KV>
 void attend_heads8(const float* q, const KV* keys, const KV* values, int64_t first, int64_t end, float scale,
                    float* p, float* y) {
   constexpr int64_t D = 8 * DV;
   constexpr int CH = G == 1 ? DV : G == 2 ? (DV < 4 ? DV : 4) : (DV < 2 ? DV : 2);
   static_assert(DV % CH == 0, "D / 8 must be a multiple of the chunk");
-  for (int g = 0; g < G; ++g) {
-    const float* qg = q + g * D;
-    float* pg = p + g * end;
-    for (int64_t i = first; i < end; ++i) {
-      __m256 dot = _mm256_mul_ps(_mm256_loadu_ps(qg), load8(keys + i * D));
-      for (int j = 1; j < DV; ++j) dot = _mm256_fmadd_ps(_mm256_loadu_ps(qg + 8 * j), load8(keys + i * D + 8 * j), dot);
-      pg[i] = horizontal_sum(dot) * scale;
-    }
-  }
+  for (int g = 0; g < G; ++g)
+    for (int64_t i = first; i < end; ++i) p[g * end + i] = dot_floats(q + g * D, keys + i * D, D) * scale;
   float inv_sum[G];
   for (int g = 0; g < G; ++g) inv_sum[g] = 1.f / softmax_numerators(p + g * end + first, end - first);
   for (int c = 0; c < DV; c += CH) {
@@ -1220,6 +1213,7 @@ torch::Tensor decode_layers_over(const torch::Tensor& x, const torch::Tensor& co
                                                                 p.data(), y + g * D);
           continue;
         }
+        // other head sizes: scalar, as attend_heads8 rounds
         for (int64_t i = first; i < end; ++i)
           for (int64_t g = 0; g < G; ++g) p[g * T + i] = dot_floats(q + g * D, keys + i * D, D) * static_cast<float>(scale);
         for (int64_t g = 0; g < G; ++g) inv_sum[g] = 1.f / softmax_numerators(p.data() + g * T + first, end - first);
