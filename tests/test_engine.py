@@ -11,6 +11,7 @@ import torch
 from llmserve.config import EngineConfig
 from llmserve.engine import Engine
 from llmserve.kv_cache import KVCache
+from llmserve.prefix_cache import BLOCK
 from llmserve.request import TIERS, Request, SamplingParams
 
 PROMPTS = ["Hello there", "The quick brown fox jumps over", "1 2 3", "A much longer prompt about many things, "
@@ -238,3 +239,26 @@ def test_engine_time_is_shared_by_tokens_computed(engine, monkeypatch):
     assert len(steps) == 1 and short.engine_s + long.engine_s > 0
     computed = [len(r.prompt_ids) - r.num_cached_tokens for r in (long, short)]
     assert long.engine_s / short.engine_s == pytest.approx(computed[0] / computed[1]) and computed[0] > computed[1]
+
+
+def test_a_preempted_sequence_s_keys_and_values_are_kept_for_its_recompute(tiny_model_dir):
+    """A premium newcomer displaces a running batch request: the prefix cache takes the victim's
+    prompt and output, so resuming it computes at most its last partial block, and its tokens are
+    still its alone output."""
+    small = Engine.from_config(EngineConfig(model_path=str(tiny_model_dir), quantization="fp32", max_model_len=96,
+                                            max_num_seqs=1, prefix_cache_tokens=512))
+    expected = alone(small, PROMPTS[3], max_new=40)
+    victim = make(small, "victim", PROMPTS[3], max_new=40)
+    victim.tier = TIERS.index("batch")
+    small.add_request(victim)
+    for _ in range(30):
+        small.step()
+    premium = make(small, "premium", PROMPTS[0], max_new=4)
+    premium.tier = TIERS.index("premium")
+    small.add_request(premium)
+    small.step()
+    assert victim.num_preemptions == 1 and victim.num_tokens > len(victim.prompt_ids) + BLOCK
+    assert small._uncached(victim) <= BLOCK
+    while small.has_unfinished():
+        small.step()
+    assert victim.output_ids == expected
