@@ -48,10 +48,18 @@ def test_model_path_required():
     ("spec_lookup_max", 0, "1 <= min <= max"),
     ("max_queue_wait_s", float("inf"), "max_queue_wait_s must be a non-negative number"),
     ("priority_ageing_s", -1, "priority_ageing_s must be a non-negative number"),
+    ("prefill_chunk_tokens", -16, "prefill_chunk_tokens must be a non-negative integer"),
+    ("prefill_chunk_tokens", 64, "needs prefix_cache_tokens > 0"),   # the chunks wait in the prefix cache
 ])
 def test_bad_values_are_rejected(key, value, match):
     with pytest.raises(ValueError, match=match):
         EngineConfig.from_dict({"model_path": "m", key: value})
+
+
+def test_prefill_chunks_are_whole_prefix_cache_blocks():
+    with pytest.raises(ValueError, match="prefill_chunk_tokens must be a multiple of 16"):
+        EngineConfig(model_path="m", prefix_cache_tokens=256, prefill_chunk_tokens=24)
+    assert EngineConfig(model_path="m", prefix_cache_tokens=256, prefill_chunk_tokens=32).prefill_chunk_tokens == 32
 
 
 def test_config_is_frozen():

@@ -262,3 +262,31 @@ def test_a_preempted_sequence_s_keys_and_values_are_kept_for_its_recompute(tiny_
     while small.has_unfinished():
         small.step()
     assert victim.output_ids == expected
+
+
+def test_a_long_prompt_beside_a_decoding_one_is_prefilled_in_chunks_to_the_same_tokens(tiny_model_dir):
+    """Chunked prefill on the real engine: with a request decoding, a long standard prompt waits while
+    its chunks go to the prefix cache a step at a time, the running one decoding a token each step;
+    both answer their alone tokens."""
+    small = Engine.from_config(EngineConfig(model_path=str(tiny_model_dir), quantization="fp32", max_model_len=128,
+                                            max_num_seqs=4, prefix_cache_tokens=512, prefill_chunk_tokens=BLOCK))
+    long_prompt = " ".join([PROMPTS[3]] * 2)
+    expected = [alone(small, PROMPTS[1], max_new=30), alone(small, long_prompt, max_new=8)]
+    small.prefix = type(small.prefix)(small.cache, 512)   # nothing of the alone runs cached
+    running, long = make(small, "running", PROMPTS[1], max_new=30), make(small, "long", long_prompt, max_new=8)
+    small.add_request(running)
+    small.step()
+    small.add_request(long)
+    chunked = []
+    while long.status == "waiting" and len(chunked) < 20:
+        before = len(running.output_ids)
+        small.step()
+        small.check_invariants()
+        chunked.append(long.num_chunked_tokens)
+        assert len(running.output_ids) == before + 1
+    assert chunked[:-1] == [BLOCK * (i + 1) for i in range(len(chunked) - 1)] and len(chunked) >= 3
+    assert 0 < len(long.prompt_ids) - chunked[-1] <= BLOCK and long.num_cached_tokens == 0
+    assert long.status == "running" and not running.is_finished   # admitted beside it, its rest a chunk at most
+    while small.has_unfinished():
+        small.step()
+    assert [running.output_ids, long.output_ids] == expected

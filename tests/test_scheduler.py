@@ -248,3 +248,29 @@ def test_request_level_ignores_tiers():
     s = queued(b, p, max_num_seqs=1, request_level=True)
     assert s.schedule(now=0).prefill == [b]
     assert s.schedule(now=0).preempted == []
+
+
+def test_a_long_prompt_beside_decoding_ones_is_prefilled_a_chunk_a_step_below_premium():
+    """Chunked prefill: in a step that decodes, a standard prompt costing more than a chunk gets one
+    chunk and keeps its place (those behind it wait), until the rest fits in a chunk; a premium
+    prompt is prefilled whole; with nobody decoding a long prompt goes whole."""
+    s = Scheduler(8, 1000, 10000, prefill_cost=lambda r: r.num_tokens - r.num_chunked_tokens,
+                  prefill_chunk_tokens=64, max_chunked_tokens=1000)
+    first, alone = req("first", 5), req("alone", 150)
+    s.add(first)
+    s.add(alone)
+    assert s.schedule(now=0).prefill == [first, alone]          # nobody decoding: whole
+    long, short = req("long", 150), req("short", 5)
+    s.add(long)
+    s.add(short)
+    for _ in range(2):                                         # 150 - 64 - 64 = 22 left: then whole
+        out = s.schedule(now=0)
+        assert out.chunk is long and out.prefill == [] and list(s.waiting) == [long, short]
+        long.num_chunked_tokens += 64
+    out = s.schedule(now=0)
+    assert out.chunk is None and out.prefill == [long, short] and out.decode == [first, alone]
+    p, later = req("p", 150, tier="premium"), req("later", 150, tier="batch")
+    s.add(later)
+    s.add(p)
+    out = s.schedule(now=0)
+    assert out.prefill == [p] and out.chunk is later           # premium whole, then a batch chunk beside it

@@ -20,6 +20,9 @@ class EngineConfig:
     max_num_seqs: int = 64            # sequences decoded together at most (KV cache slots)
     kv_budget_tokens: int = 0         # tokens the KV cache may hold in all; 0 = slots x max_model_len
     max_prefill_tokens: int = 4096    # prompt tokens prefilled in one step (at least one prompt)
+    prefill_chunk_tokens: int = 0     # a longer standard or batch prompt, in a step that also decodes,
+                                      # is computed this many tokens a step (a multiple of 16; needs the
+                                      # prefix cache, which holds the chunks); 0 = whole prompts only
     max_new_tokens_cap: int = 1024    # largest max_new_tokens a request may ask for
     default_max_new_tokens: int = 128 # used when a request does not say
     num_threads: int = 0              # torch intra-op threads on CPU; 0 = leave torch's default
@@ -76,7 +79,7 @@ class EngineConfig:
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < float("inf"):
                 raise ValueError(f"{name} must be a non-negative number of seconds, got {value!r}")
         for name in ("kv_budget_tokens", "num_threads", "max_waiting_requests", "prefix_cache_tokens",
-                     "spec_tokens", "spec_max_rows"):
+                     "spec_tokens", "spec_max_rows", "prefill_chunk_tokens"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
@@ -84,6 +87,10 @@ class EngineConfig:
                 or not 1 <= self.spec_lookup_min <= self.spec_lookup_max:
             raise ValueError(f"spec_lookup_min and spec_lookup_max must be integers with 1 <= min <= max, got "
                              f"{self.spec_lookup_min!r} and {self.spec_lookup_max!r}")
+        if self.prefill_chunk_tokens % 16 or (self.prefill_chunk_tokens and not self.prefix_cache_tokens):
+            raise ValueError(f"prefill_chunk_tokens must be a multiple of 16 (the prefix cache's blocks) and needs "
+                             f"prefix_cache_tokens > 0, got {self.prefill_chunk_tokens!r} with prefix_cache_tokens="
+                             f"{self.prefix_cache_tokens!r}")
         if self.default_max_new_tokens > self.max_new_tokens_cap:
             raise ValueError(f"default_max_new_tokens ({self.default_max_new_tokens}) exceeds "
                              f"max_new_tokens_cap ({self.max_new_tokens_cap})")

@@ -64,7 +64,9 @@ class Engine:
         self.prefix = PrefixCache(self.cache, config.prefix_cache_tokens) if config.prefix_cache_tokens else None
         self.scheduler = Scheduler(config.max_num_seqs, config.max_prefill_tokens, config.kv_capacity_tokens,
                                    request_level=config.batching == "request_level", prefill_cost=self._uncached,
-                                   priority_ageing_s=config.priority_ageing_s)
+                                   priority_ageing_s=config.priority_ageing_s,
+                                   prefill_chunk_tokens=config.prefill_chunk_tokens if self.prefix else 0,
+                                   max_chunked_tokens=config.prefix_cache_tokens // 2)
         self.rows: list[Request] = []          # rows[i] is the request in KV row i
         self.requests: dict[str, Request] = {}  # unfinished requests by id
         self.scheduled: list[Request] = []     # the requests the current (or last) step runs
@@ -137,7 +139,7 @@ class Engine:
         t0 = time.perf_counter()
         self._expire()
         out = self.scheduler.schedule(t0)
-        self.scheduled = out.decode + out.prefill
+        self.scheduled = out.decode + out.prefill + ([out.chunk] if out.chunk else [])
         for r in out.preempted:
             self._keep(r)
             self._release_row(r)
@@ -152,8 +154,11 @@ class Engine:
         if out.prefill:
             self._prefill(out.prefill)
         # each request's share of the step's time, by the tokens computed for it (chargeback); a
-        # prefill computed all but its cached prefix and its (just sampled) last token
-        tokens = {r: 1 for r in out.decode} | {r: max(r.num_tokens - 1 - r.num_cached_tokens, 1) for r in out.prefill}
+        # prefill computed all but its cached prefix, its chunks and its (just sampled) last token
+        tokens = {r: 1 for r in out.decode} | {r: max(r.num_tokens - 1 - r.num_cached_tokens - r.num_chunked_tokens, 1)
+                                               for r in out.prefill}
+        if out.chunk:
+            tokens[out.chunk] = self._prefill_chunk(out.chunk, t0)
         seconds = (time.perf_counter() - t0) / max(sum(tokens.values()), 1)
         for r, n in tokens.items():
             r.engine_s += n * seconds
@@ -228,7 +233,7 @@ class Engine:
                 if keys:
                     self.prefix.load(keys, r.row, T - len(tokens))
                 num_cached.append(len(keys) * BLOCK)
-                r.num_cached_tokens = min(num_cached[-1], len(r.prompt_ids))
+                r.num_cached_tokens = max(min(num_cached[-1], len(r.prompt_ids)) - r.num_chunked_tokens, 0)
             logits = self.runner.prefill(slice(start, start + len(group)), token_lists, num_cached=num_cached)
             for r, tokens in zip(group, token_lists) if self.prefix else ():
                 self.prefix.save(tokens, r.row, T - len(tokens))
@@ -236,6 +241,24 @@ class Engine:
             ms = (time.perf_counter() - t0) * 1000
             for r in group:
                 r.prefill_ms += ms
+
+    def _prefill_chunk(self, r: Request, t0: float) -> int:
+        """The next prefill_chunk_tokens of waiting r's prompt, computed in the free row after the
+        running ones (after its cached prefix, copied there) and kept in the prefix cache, where its
+        next chunk or its prefill finds them; r keeps its place in the queue. The tokens computed."""
+        t1 = time.perf_counter()
+        tokens = r.prompt_ids + r.output_ids
+        keys = self.prefix.match(tokens)
+        done = len(keys) * BLOCK
+        end = done + self.config.prefill_chunk_tokens     # short of the end: the scheduler chunks longer ones only
+        row = len(self.rows)
+        self.prefix.load(keys, row, 0)
+        self.runner.prefill(slice(row, row + 1), [tokens[:end]], num_cached=[done])
+        self.prefix.save(tokens[:end], row, 0)
+        r.start_time = r.start_time or t0                 # it started: no queue timeout now
+        r.num_chunked_tokens += end - done
+        r.prefill_ms += (time.perf_counter() - t1) * 1000
+        return end - done
 
     def _drafts(self, B: int) -> list[list[int]] | None:
         """Each of rows 0..B-1's draft (none for a request that does not draft, or has no room

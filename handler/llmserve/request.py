@@ -69,6 +69,7 @@ class Request:
     finish_time: float | None = None
     prefill_ms: float = 0.0
     num_cached_tokens: int = 0        # prompt tokens whose keys and values came from the prefix cache
+    num_chunked_tokens: int = 0       # prompt tokens computed in chunks before its prefill (engine.py)
     lookup: object = None             # speculative.PromptLookup when this request drafts
     num_draft_tokens: int = 0         # speculative decoding: tokens drafted for it ...
     num_accepted_tokens: int = 0      # ... and kept

@@ -6,7 +6,8 @@ lower tiers whose room they need. Ageing: a request ranks one tier higher for ev
 priority_ageing_s since it arrived, so batch work waits at most twice that behind newcomers.
 Continuous batching admits newcomers at every step; request-level batching admits a batch (the
 requests waiting when the engine went idle, in arrival order) and nothing else until that whole
-batch is done."""
+batch is done. Chunked prefill (continuous, below premium): a long prompt in a step that decodes
+gets one chunk a step, kept waiting in its place, so no step is long for the requests behind it."""
 
 import time
 from collections import deque
@@ -21,17 +22,23 @@ class SchedulerOutput:
     prefill: list[Request] = field(default_factory=list)    # admitted this step: prefill, then sample
     decode: list[Request] = field(default_factory=list)     # already running: one decode step each
     preempted: list[Request] = field(default_factory=list)  # lost their KV this step, back in waiting
+    chunk: Request | None = None    # waiting; the next prefill_chunk_tokens of its prompt are computed this step
 
 
 class Scheduler:
     def __init__(self, max_num_seqs: int, max_prefill_tokens: int, kv_capacity_tokens: int,
                  request_level: bool = False, prefill_cost: Callable[[Request], int] | None = None,
-                 priority_ageing_s: float = 0.0) -> None:
+                 priority_ageing_s: float = 0.0, prefill_chunk_tokens: int = 0, max_chunked_tokens: int = 0) -> None:
         self.max_num_seqs = max_num_seqs
         self.priority_ageing_s = priority_ageing_s   # 0: no ageing
         self.request_level = request_level
         self.batch_quota = 0                # request-level: members of the current batch not yet admitted
         self.max_prefill_tokens = max_prefill_tokens
+        # chunked prefill: a standard or batch prompt costing more than prefill_chunk_tokens (and of at
+        # most max_chunked_tokens tokens), in a step that decodes, is computed that many tokens a step
+        # while it keeps its place in the queue, so no step a premium newcomer waits behind is long
+        self.prefill_chunk_tokens = prefill_chunk_tokens
+        self.max_chunked_tokens = max_chunked_tokens
         # tokens a request's prefill computes (the engine leaves out a cached prefix); default all
         self.prefill_cost = prefill_cost or (lambda r: r.num_tokens)
         self.kv_capacity_tokens = kv_capacity_tokens
@@ -91,6 +98,11 @@ class Scheduler:
                 break   # do not re-admit in the step that evicted it
             tokens = request.num_tokens   # a preempted request recomputes its output too
             cost = self.prefill_cost(request)
+            if out.decode and request.tier > 0 and 0 < self.prefill_chunk_tokens < cost and \
+                    tokens <= self.max_chunked_tokens and not self.request_level:
+                if not out.prefill or num_prefill_tokens + self.prefill_chunk_tokens <= self.max_prefill_tokens:
+                    out.chunk = request
+                break
             if out.prefill and num_prefill_tokens + cost > self.max_prefill_tokens:
                 break
             if kv_used + tokens + 1 > self.kv_capacity_tokens:
