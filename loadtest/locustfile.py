@@ -170,6 +170,7 @@ class LLMUser(HttpUser):
             meta["response_length"] = result["usage"]["completion_tokens"]
             meta["context"].update(output_tokens=result["usage"]["completion_tokens"],
                                    prompt_tokens=result["usage"]["prompt_tokens"], ttft_ms=ttft_ms,
+                                   cached_prompt_tokens=result["usage"].get("cached_prompt_tokens", 0),
                                    server_ttft_ms=result["timings"].get("ttft_ms"),
                                    server_batch_size=result["timings"]["batch_size"])
         events.request.fire(request_type=METRIC, name="ttft (client)" if stream else "ttft (server)",

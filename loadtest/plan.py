@@ -81,9 +81,17 @@ class Engine:
         return len(self.requests) / sum(self.per_prompt_token_s * p + full * (o - 1) for p, o in self.requests)
 
 
+def computed(record: dict) -> int:
+    """A request's prompt tokens the server prefilled: those past its prefix-cache hit (records
+    before the locustfile kept cached_prompt_tokens count every token).
+    On the locustfile's mix most summaries and system prompts hit: charging every prompt token
+    made the model's steps too long and its latencies pessimistic."""
+    return record["prompt_tokens"] - record.get("cached_prompt_tokens", 0)
+
+
 def fit_engine(runs: dict[int, list[dict]], startup_s: float, max_prefill_tokens: int = Engine.max_prefill_tokens) -> Engine:
     """per_prompt_token_s from the one-user run, where nothing queues: the slope of the handler's
-    TTFT (server_ttft_ms) over prompt tokens. Then least squares over the closed-loop runs at n
+    TTFT (server_ttft_ms) over the prompt tokens it computed (computed()). Then least squares over the closed-loop runs at n
     users, less their prompts' share: a run's window T - per_prompt_token_s * sum(prompt) =
     step_s * (decode steps, about sum(output - 1) / n) + per_seq_s * sum(output - 1), a negative
     one refitted as 0. Fitting all three from the windows failed: the runs' prompt and output
@@ -93,15 +101,15 @@ def fit_engine(runs: dict[int, list[dict]], startup_s: float, max_prefill_tokens
     where the 64-user run answered 412 requests in 90 s)."""
     ttfts = [r for r in runs[min(runs)] if r.get("server_ttft_ms") is not None]
     per_prompt = 0.0
-    if len({r["prompt_tokens"] for r in ttfts}) > 1:
-        (_, slope), *_ = numpy.linalg.lstsq(numpy.array([[1.0, r["prompt_tokens"]] for r in ttfts]),
+    if len({computed(r) for r in ttfts}) > 1:
+        (_, slope), *_ = numpy.linalg.lstsq(numpy.array([[1.0, computed(r)] for r in ttfts]),
                                             numpy.array([r["server_ttft_ms"] / 1000 for r in ttfts]), rcond=None)
         per_prompt = max(float(slope), 0.0)
     rows, ys = [], []
     for n, records in runs.items():
         decoded = sum(r["output_tokens"] - 1 for r in records)
         rows.append([decoded / n, decoded])
-        ys.append(window_s(records) - per_prompt * sum(r["prompt_tokens"] for r in records))
+        ys.append(window_s(records) - per_prompt * sum(computed(r) for r in records))
     x, y = numpy.array(rows, dtype=float), numpy.array(ys)
     coef = numpy.linalg.lstsq(x, y, rcond=None)[0]
     if coef.min() < 0:      # non-negative least squares in two terms: the better of the one-term fits
@@ -111,7 +119,7 @@ def fit_engine(runs: dict[int, list[dict]], startup_s: float, max_prefill_tokens
             one[j] = max(numpy.linalg.lstsq(x[:, [j]], y, rcond=None)[0][0], 0.0)
             fits.append(one)
         coef = min(fits, key=lambda c: float(numpy.sum((x @ c - y) ** 2)))
-    requests = [(r["prompt_tokens"], r["output_tokens"]) for records in runs.values() for r in records]
+    requests = [(computed(r), r["output_tokens"]) for records in runs.values() for r in records]
     return Engine(float(coef[0]), float(coef[1]), per_prompt, requests, startup_s, max_prefill_tokens=max_prefill_tokens)
 
 
@@ -330,7 +338,7 @@ def validate(out: Path) -> dict:
         measured = stats([r["latency_ms"] / 1000 if r["ok"] else None for r in records])
         # refused requests arrived too; their lengths were never known, so they take the first measured ones
         replay = stats(simulate(engine, [r["start"] - records[0]["start"] for r in records],
-                                sizes=[(r["prompt_tokens"], r["output_tokens"]) if r["ok"] else engine.requests[0]
+                                sizes=[(computed(r), r["output_tokens"]) if r["ok"] else engine.requests[0]
                                        for r in records])["latencies"])
         predicted = {q: replay[q] for q in quantiles}
         draws = [stats(simulate(engine, paced_users(run["rate_rps"], settings["users_open_loop"], settings["seconds"],

@@ -19,17 +19,19 @@ def alone(n: int) -> float:
 
 def test_the_engine_model_is_fitted_back_from_runs_it_would_take():
     """The prompt token's cost from the one-user TTFTs, the step's and the sequence's from the runs'
-    windows less that."""
+    windows less that; a prompt's tokens found in the prefix cache cost nothing (every other
+    request's first 48 here)."""
     runs = {}
     for n in (1, 4, 16, 64):
         prompt_each = {1: 50, 4: 300, 16: 120, 64: 80}[n]
-        decoded, prompt = 63 * 10 * n, prompt_each * 10 * n          # 10 answers a user
+        decoded, prompt = 63 * 10 * n, prompt_each * 10 * n          # 10 answers a user, prompts computed
         window = 0.01 * decoded / n + 0.001 * decoded + 0.0001 * prompt
         runs[n] = [{"start": 0.0, "latency_ms": 1000 * window * (i == 0), "output_tokens": 64,
-                    "prompt_tokens": prompt_each} for i in range(10 * n)]
-    # the one-user run's TTFTs: a step's overhead, then 0.1 ms a prompt token
-    runs[1] = [{**r, "server_ttft_ms": 1000 * (0.011 + 0.0001 * p), "prompt_tokens": p}
-               for r, p in zip(runs[1], (40, 60) * 5)]
+                    "prompt_tokens": prompt_each + 48 * (i % 2), "cached_prompt_tokens": 48 * (i % 2)}
+                   for i in range(10 * n)]
+    # the one-user run's TTFTs: a step's overhead, then 0.1 ms a prompt token computed
+    runs[1] = [{**r, "server_ttft_ms": 1000 * (0.011 + 0.0001 * p), "prompt_tokens": p + r["cached_prompt_tokens"]}
+               for r, p in zip(runs[1], (40, 60, 60, 40) * 3)]
     engine = fit_engine(runs, startup_s=60.0)
     assert (engine.step_s, engine.per_seq_s, engine.per_prompt_token_s) == pytest.approx((0.01, 0.001, 0.0001))
     mean_prompt = sum(p for p, _ in engine.requests) / len(engine.requests)
