@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import shlex
 import subprocess
 import sys
@@ -99,13 +100,20 @@ def plan(args: argparse.Namespace) -> list[dict]:
 def run_locust(host: str, prefix: Path, users: int, spawn_rate: float, run_time_s: float,
                flags: list[str], locustfile: Path = LOCUSTFILE) -> list[dict]:
     """One headless run of the locustfile (the sweep's and the soak's): Locust's CSVs and log, its
-    console output and our per-request log beside prefix; returns the per-request log."""
+    console output, our per-request log and prefix_client.json (Locust's own CPU seconds and the
+    run's wall seconds: on a small box the load generator shares the server's cores) beside prefix;
+    returns the per-request log."""
     cmd = [sys.executable, "-m", "locust", "-f", str(locustfile), "--headless", "--only-summary",
            "-u", str(users), "-r", str(spawn_rate), "--host", host, "--run-time", f"{int(run_time_s)}s",
            "--exit-code-on-error", "0", "--csv", str(prefix), "--logfile", f"{prefix}_locust.log",
            "--request-log", f"{prefix}_requests.jsonl", *flags]
+    before, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), time.monotonic()
     with open(f"{prefix}_locust.txt", "w") as out:
         proc = subprocess.run(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, timeout=run_time_s + 600)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu_s = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+    Path(f"{prefix}_client.json").write_text(json.dumps({"locust_cpu_s": round(cpu_s, 1),
+                                                         "wall_s": round(time.monotonic() - t0, 1)}) + "\n")
     if proc.returncode != 0:
         raise RuntimeError(f"locust exited with {proc.returncode}; see {prefix}_locust.txt")
     return read_request_log(Path(f"{prefix}_requests.jsonl"))

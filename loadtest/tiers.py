@@ -113,7 +113,9 @@ def main() -> None:
             "premium_ttft_p99_no_tiers_over_light": round(premium["no tiers"]["ttft_p99_s"] / premium["light"]["ttft_p99_s"], 2),
             "throughput_tiers_over_no_tiers": round(total["tiers"]["output_tokens_per_s"]
                                                     / total["no tiers"]["output_tokens_per_s"], 3)}
-    report = {"machine": describe(), "settings": {k: str(v) for k, v in vars(args).items()},
+    client = {name: json.loads((args.out / f"{name}_client.json").read_text())
+              for name in ("capacity", "no-tiers", "tiers", "light")}
+    report = {"machine": describe(), "settings": {k: str(v) for k, v in vars(args).items()}, "client": client,
               "capacity_requests_per_s": round(capacity_rps, 3),
               "offered_requests_per_s": round(args.overload * capacity_rps, 3), "users": users,
               "aims": aims, "rows": rows, "chargeback_tiers_run": bill}
@@ -126,6 +128,8 @@ def main() -> None:
         f"Capacity {capacity_rps:.3f} req/s (closed loop, {args.slots} users), offered "
         f"{args.overload * capacity_rps:.3f} req/s by {users} users; light load: premium alone at "
         f"{args.light:g}x capacity.\n\n{format_table(rows, COLUMNS, markdown=True)}\n\nAims: {json.dumps(aims)}\n\n"
+        f"Locust's own CPU, on the server's cores: "
+        + ", ".join(f"{name} {c['locust_cpu_s']:g} s over {c['wall_s']:g} s" for name, c in client.items()) + ".\n\n"
         f"Chargeback of the tiered run (loadtest.chargeback on the server's counters, {args.instance} prices):\n\n"
         f"{format_table(bill, chargeback.COLUMNS, markdown=True)}\n")
     print(format_table(rows, COLUMNS))

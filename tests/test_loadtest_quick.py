@@ -137,6 +137,8 @@ def test_quick_profile_end_to_end(tmp_path):
         prefix = run_dir / "raw" / r["config"]
         for suffix in ("_stats.csv", "_stats_history.csv", "_failures.csv", "_requests.jsonl", "_locust.log"):
             assert Path(f"{prefix}{suffix}").is_file(), f"{prefix}{suffix}"
+        client = json.loads(Path(f"{prefix}_client.json").read_text())   # the load generator's share of the cores
+        assert 0 < client["locust_cpu_s"] and 0 < client["wall_s"]
         with open(f"{prefix}_stats.csv", newline="") as f:
             (locust,) = [s for s in csv.DictReader(f) if s["Type"] == "POST" and s["Name"] == "generate"]
         assert int(r["num_requests"]) == int(locust["Request Count"]) == NUM_REQUESTS
