@@ -13,10 +13,10 @@ A replica is llmserve's engine as steps (Engine): a decode step of n sequences c
 and a part per sequence, newcomers join at the next step (as many as max_prefill_tokens of prompt
 admits, at least one) and their prompts' prefill costs per token; the prompt token's cost is
 fitted to the one-user run's TTFTs, the other two to the closed-loop runs' windows by least
-squares. The check replays each open-loop run's own arrivals and (prompt, answer) lengths through
-the model; the median of draws from the arrival process is shown
-beside it. Up to max_num_seqs
-run, up to max_waiting_requests wait for a row, more are refused (503), as the handler does.
+squares; a prompt's tokens found in the prefix cache cost nothing. The check replays each open-loop
+run's own arrivals and (prompt, answer) lengths through the model; the median of draws from the
+arrival process is shown beside it. Up to max_num_seqs run, up to max_waiting_requests wait for a
+row, more are refused (503), as the handler does.
 """
 
 import argparse
@@ -83,22 +83,22 @@ class Engine:
 
 def computed(record: dict) -> int:
     """A request's prompt tokens the server prefilled: those past its prefix-cache hit (records
-    before the locustfile kept cached_prompt_tokens count every token).
-    On the locustfile's mix most summaries and system prompts hit: charging every prompt token
-    made the model's steps too long and its latencies pessimistic."""
+    before the locustfile kept cached_prompt_tokens count every token). On the locustfile's mix
+    the cache holds about half of them (2195207's message): charging every prompt token made the
+    model's latencies pessimistic."""
     return record["prompt_tokens"] - record.get("cached_prompt_tokens", 0)
 
 
 def fit_engine(runs: dict[int, list[dict]], startup_s: float, max_prefill_tokens: int = Engine.max_prefill_tokens) -> Engine:
     """per_prompt_token_s from the one-user run, where nothing queues: the slope of the handler's
-    TTFT (server_ttft_ms) over the prompt tokens it computed (computed()). Then least squares over the closed-loop runs at n
-    users, less their prompts' share: a run's window T - per_prompt_token_s * sum(prompt) =
+    TTFT (server_ttft_ms) over the prompt tokens it computed (computed()). Then least squares over
+    the closed-loop runs at n users, less their prompts' share: a run's window T - per_prompt_token_s * sum(prompt) =
     step_s * (decode steps, about sum(output - 1) / n) + per_seq_s * sum(output - 1), a negative
     one refitted as 0. Fitting all three from the windows failed: the runs' prompt and output
     tokens keep one ratio (1.5-1.9 prompt tokens an output token on the locustfile's mix), so the
     windows cannot tell a prompt token from a sequence's step (AVX2 EPYC, plan-20261206T114228Z:
-    per_prompt_token_s came out at or below 0, was clipped to 0, and the model's capacity was 1.49 requests/s
-    where the 64-user run answered 412 requests in 90 s)."""
+    per_prompt_token_s came out at or below 0, was clipped to 0, and the model's capacity was 1.49
+    requests/s where the 64-user run answered 412 requests in 90 s)."""
     ttfts = [r for r in runs[min(runs)] if r.get("server_ttft_ms") is not None]
     per_prompt = 0.0
     if len({computed(r) for r in ttfts}) > 1:

@@ -11,7 +11,7 @@ import torch
 from llmserve.config import EngineConfig
 from llmserve.engine import Engine
 from llmserve.kv_cache import KVCache
-from llmserve.prefix_cache import BLOCK
+from llmserve.prefix_cache import BLOCK, PrefixCache
 from llmserve.request import TIERS, Request, SamplingParams
 
 PROMPTS = ["Hello there", "The quick brown fox jumps over", "1 2 3", "A much longer prompt about many things, "
@@ -272,7 +272,7 @@ def test_a_long_prompt_beside_a_decoding_one_is_prefilled_in_chunks_to_the_same_
                                             max_num_seqs=4, prefix_cache_tokens=512, prefill_chunk_tokens=BLOCK))
     long_prompt = " ".join([PROMPTS[3]] * 2)
     expected = [alone(small, PROMPTS[1], max_new=30), alone(small, long_prompt, max_new=8)]
-    small.prefix = type(small.prefix)(small.cache, 512)   # nothing of the alone runs cached
+    small.prefix = PrefixCache(small.cache, 512)   # nothing of the alone runs cached
     running, long = make(small, "running", PROMPTS[1], max_new=30), make(small, "long", long_prompt, max_new=8)
     small.add_request(running)
     small.step()

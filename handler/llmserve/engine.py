@@ -151,12 +151,10 @@ class Engine:
             else:
                 logits = self.runner.decode(B)
                 self._postprocess(self.rows[:B], logits, batch_size=B + len(out.prefill))
+        # each request's share of the step's time, by the tokens computed for it (chargeback)
+        tokens = {r: 1 for r in out.decode}
         if out.prefill:
-            self._prefill(out.prefill)
-        # each request's share of the step's time, by the tokens computed for it (chargeback); a
-        # prefill computed all but its cached prefix, its chunks and its (just sampled) last token
-        tokens = {r: 1 for r in out.decode} | {r: max(r.num_tokens - 1 - r.num_cached_tokens - r.num_chunked_tokens, 1)
-                                               for r in out.prefill}
+            tokens |= self._prefill(out.prefill)
         if out.chunk:
             tokens[out.chunk] = self._prefill_chunk(out.chunk, t0)
         seconds = (time.perf_counter() - t0) / max(sum(tokens.values()), 1)
@@ -210,9 +208,11 @@ class Engine:
         tokens = r.prompt_ids + r.output_ids   # a preempted request recomputes its output too
         return len(tokens) - (len(self.prefix.match(tokens)) * BLOCK if self.prefix else 0)
 
-    def _prefill(self, requests: list[Request]) -> None:
+    def _prefill(self, requests: list[Request]) -> dict[Request, int]:
         """Left-pad prompts into groups of similar uncached length so padding costs little compute;
-        copy each prompt's cached prefix into its row first, keep its new full blocks after."""
+        copy each prompt's cached prefix into its row first, keep its new full blocks after. The
+        tokens computed for each (past what the prefix cache held, its chunks among them)."""
+        computed = {}
         budget = self.config.max_prefill_tokens
         cost = {r: self._uncached(r) for r in requests}
         pending = sorted(requests, key=cost.get)
@@ -233,6 +233,7 @@ class Engine:
                 if keys:
                     self.prefix.load(keys, r.row, T - len(tokens))
                 num_cached.append(len(keys) * BLOCK)
+                computed[r] = len(tokens) - num_cached[-1]
                 r.num_cached_tokens = max(min(num_cached[-1], len(r.prompt_ids)) - r.num_chunked_tokens, 0)
             logits = self.runner.prefill(slice(start, start + len(group)), token_lists, num_cached=num_cached)
             for r, tokens in zip(group, token_lists) if self.prefix else ():
@@ -241,6 +242,7 @@ class Engine:
             ms = (time.perf_counter() - t0) * 1000
             for r in group:
                 r.prefill_ms += ms
+        return computed
 
     def _prefill_chunk(self, r: Request, t0: float) -> int:
         """The next prefill_chunk_tokens of waiting r's prompt, computed in the free row after the
