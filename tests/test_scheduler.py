@@ -273,4 +273,26 @@ def test_a_long_prompt_beside_decoding_ones_is_prefilled_a_chunk_a_step_below_pr
     s.add(later)
     s.add(p)
     out = s.schedule(now=0)
-    assert out.prefill == [p] and out.chunk is later           # premium whole, then a batch chunk beside it
+    assert out.prefill == [p] and out.chunk is None            # premium whole, and alone
+    out = s.schedule(now=0)
+    assert out.chunk is later and p in out.decode              # then the batch prompt's first chunk
+
+
+def test_a_premium_prefill_runs_alone_and_never_two_steps_in_a_row():
+    """The step that prefills a premium newcomer decodes nobody and admits no lower tier beside it,
+    so its first token waits only for its own prompt; the next step decodes everyone, even with
+    another premium newcomer waiting (it is admitted there, beside the decode)."""
+    b, st = req("b", 5, tier="batch"), req("st", 5)
+    s = queued(b, st)
+    s.schedule(now=0)
+    decode_one(s)
+    p, st2, p2 = req("p", 5, tier="premium"), req("st2", 5), req("p2", 5, tier="premium")
+    s.add(st2)
+    s.add(p)
+    out = s.schedule(now=0)
+    assert out.prefill == [p] and out.decode == [] and list(s.waiting) == [st2]
+    s.add(p2)
+    out = s.schedule(now=0)
+    assert out.decode == [st, b, p] and out.prefill == [p2, st2]
+    out = s.schedule(now=0)
+    assert out.decode == [st, b, p, p2, st2]

@@ -7,7 +7,8 @@ priority_ageing_s since it arrived, so batch work waits at most twice that behin
 Continuous batching admits newcomers at every step; request-level batching admits a batch (the
 requests waiting when the engine went idle, in arrival order) and nothing else until that whole
 batch is done. Chunked prefill (continuous, below premium): a long prompt in a step that decodes
-gets one chunk a step, kept waiting in its place, so no step is long for the requests behind it."""
+gets one chunk a step, kept waiting in its place, so no step is long for the requests behind it;
+a step that prefills a premium request runs premium prefills alone (never two such steps in a row)."""
 
 import time
 from collections import deque
@@ -44,6 +45,7 @@ class Scheduler:
         self.kv_capacity_tokens = kv_capacity_tokens
         self.waiting: deque[Request] = deque()   # in arrival order, preempted ones first
         self.running: list[Request] = []
+        self.decode_skipped = False              # the last step ran premium prefills alone
 
     @property
     def num_unfinished(self) -> int:
@@ -96,6 +98,8 @@ class Scheduler:
                 break
             if request in out.preempted:
                 break   # do not re-admit in the step that evicted it
+            if request.tier > 0 and self._premium_alone(out):
+                break
             tokens = request.num_tokens   # a preempted request recomputes its output too
             cost = self.prefill_cost(request)
             if out.decode and request.tier > 0 and 0 < self.prefill_chunk_tokens < cost and \
@@ -115,6 +119,9 @@ class Scheduler:
                 self.batch_quota -= 1
             num_prefill_tokens += cost
             kv_used += tokens + 1
+        self.decode_skipped = self._premium_alone(out)
+        if self.decode_skipped:
+            out.decode = []
         return out
 
     def finish(self, request: Request, reason: str) -> None:
@@ -143,6 +150,14 @@ class Scheduler:
         """A slot and KV room for request beside the running ones and `also`."""
         return len(self.running) + len(also) < self.max_num_seqs and \
             self._kv_needed(self.running + also) + request.num_tokens + 1 <= self.kv_capacity_tokens
+
+    def _premium_alone(self, out: SchedulerOutput) -> bool:
+        """A step that prefills a premium request beside running ones runs its premium prefills
+        alone (continuous batching): no decode (those rows wait one step), no lower tier's prefill or
+        chunk, so its first token waits only for its own prompt; never two steps in a row, so the
+        running ones always advance."""
+        return bool(out.decode) and not (self.decode_skipped or self.request_level) and \
+            any(r.tier == 0 for r in out.prefill)
 
     @staticmethod
     def _kv_needed(requests: list[Request]) -> int:
