@@ -88,6 +88,22 @@ def test_a_build_lock_left_by_a_killed_build_is_removed_a_fresh_one_kept(tmp_pat
     assert not quantize.clear_stale_lock("llmserve_x")                      # none: nothing to do
 
 
+def test_the_kernel_is_built_from_one_place_wherever_the_archive_was_unpacked(tmp_path, monkeypatch):
+    """TorchServe unpacks the archive into a new directory at every start, and ninja rebuilds when a
+    source's path changes (every worker start paid a ~30 s compile): the build reads a copy kept in
+    the extension's directory, rewritten only when the source changed."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "extensions"))
+    built = quantize.stable_source("llmserve_x")
+    first = os.stat(built).st_mtime_ns
+    unpacked = tmp_path / "models" / "c290b17f"
+    unpacked.mkdir(parents=True)
+    (unpacked / "lowbit_avx2.cpp").write_bytes(Path(quantize.__file__).with_name("lowbit_avx2.cpp").read_bytes())
+    monkeypatch.setattr(quantize, "__file__", str(unpacked / "quantize.py"))
+    assert quantize.stable_source("llmserve_x") == built and os.stat(built).st_mtime_ns == first
+    (unpacked / "lowbit_avx2.cpp").write_text("// changed\n")
+    assert quantize.stable_source("llmserve_x") == built and Path(built).read_text() == "// changed\n"
+
+
 @pytest.mark.parametrize("bits,tolerance", [(8, 0.02), (4, 0.15)])
 def test_packed_output_is_close_to_float_output(bits, tolerance, kernels):
     w = torch.randn(64, 256, generator=torch.Generator().manual_seed(1)) * 0.05

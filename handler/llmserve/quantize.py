@@ -117,6 +117,23 @@ def clear_stale_lock(name: str, max_age_s: float = 600) -> bool:
     return True
 
 
+def stable_source(name: str) -> str:
+    """lowbit_avx2.cpp copied into the extension's build directory (rewritten only when it changed):
+    ninja rebuilds when a source's path changes, and TorchServe unpacks the archive into a new
+    directory at every start, so building from there cost every worker start a ~30 s compile."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    source = Path(__file__).with_name("lowbit_avx2.cpp")
+    copy = Path(_get_build_directory(name, verbose=False)) / "src" / source.name
+    text = source.read_bytes()
+    if not copy.is_file() or copy.read_bytes() != text:
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        partial = copy.with_name(f"{source.name}.{os.getpid()}")   # workers starting together: whole files only
+        partial.write_bytes(text)
+        os.replace(partial, copy)
+    return str(copy)
+
+
 @functools.cache
 def lowbit_kernels() -> str:
     """Build (once per machine: torch's extension cache, TORCH_EXTENSIONS_DIR) and load
@@ -143,8 +160,9 @@ def lowbit_kernels() -> str:
             variant, isa = "_vnni", ["-mavxvnni"]
         else:
             variant, isa = "", []
-        clear_stale_lock("llmserve_lowbit_avx2" + variant)
-        load(name="llmserve_lowbit_avx2" + variant, sources=[str(Path(__file__).with_name("lowbit_avx2.cpp"))],
+        name = "llmserve_lowbit_avx2" + variant
+        clear_stale_lock(name)
+        load(name=name, sources=[stable_source(name)],
              extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", *isa, "-ffp-contract=off", "-fopenmp"],
              extra_ldflags=["-fopenmp"],
              is_python_module=False, verbose=os.environ.get("LLMSERVE_VERBOSE_BUILD") == "1")
