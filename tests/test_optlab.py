@@ -1,6 +1,7 @@
-"""The optimization lab: pruning masks and the student's layers on a tiny model, then the quick
-profile end to end on the real model (ONNX export and ORT, pruning, distillation, MLflow store)
-with the student served by the handler."""
+"""The optimization lab: pruning masks and the student's layers on a tiny model, then the smoke
+profile end to end (ONNX export and ORT, pruning, distillation, MLflow store) on a tiny random Llama
+with the real tokenizer, the student served by the handler. `make optlab` runs the real model
+(its committed results: optlab/results)."""
 
 import json
 import os
@@ -58,19 +59,19 @@ def test_distillation_loss_is_zero_only_where_the_student_agrees():
 
 
 @pytest.fixture(scope="module")
-def quick(tmp_path_factory):
-    """`python -m optlab.run --profile quick` into a temporary folder: a few minutes."""
+def smoke(tmp_path_factory, tiny_model_dir):
+    """`python -m optlab.run --profile smoke` on the tiny model into a temporary folder."""
     out, work = tmp_path_factory.mktemp("optlab"), tmp_path_factory.mktemp("optlab-models")
-    proc = subprocess.run([sys.executable, "-m", "optlab.run", "--profile", "quick", "--out", str(out), "--work", str(work)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    proc = subprocess.run([sys.executable, "-m", "optlab.run", "--profile", "smoke", "--model-path", str(tiny_model_dir),
+                           "--out", str(out), "--work", str(work)], cwd=ROOT, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, work, json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def test_quick_profile_measures_every_variant(quick):
-    out, _, _ = quick
+def test_smoke_profile_measures_every_variant(smoke):
+    out, _, _ = smoke
     results = json.loads((out / "results.json").read_text())
-    settings = load_profile("quick", "optlab")
+    settings = load_profile("smoke", "optlab")
     expected = ([f"engine {m}" for m in settings["modes"]] + [f"onnx {d}" for d in settings["onnx"]]
                 + ["pruned 50% fp32", "pruned 2:4 fp32"] + [f"student {m}" for m in settings["student_modes"]])
     assert [r["variant"] for r in results["variants"]] == expected
@@ -82,17 +83,18 @@ def test_quick_profile_measures_every_variant(quick):
     by_name = {r["variant"]: r for r in results["variants"]}
     assert by_name["pruned 50% fp32"]["zero_fraction"] == pytest.approx(0.5, abs=0.01)
     assert by_name["pruned 2:4 fp32"]["zero_fraction"] == pytest.approx(0.5, abs=0.01)
-    assert results["notes"]["distill"]["steps"] > 0 and results["notes"]["distill"]["num_layers"] == 15
+    distill = results["notes"]["distill"]
+    assert distill["steps"] > 0 and distill["num_layers"] == distill["teacher_layers"] // 2 == 1
 
 
-def test_the_onnx_export_answers_like_the_engine(quick):
+def test_the_onnx_export_answers_like_the_engine(smoke):
     """fp32 ONNX Runtime and the engine's fp32 weights: the same greedy tokens for every prompt."""
-    _, _, summary = quick
+    _, _, summary = smoke
     assert summary["greedy_matches_engine"] is True
 
 
-def test_every_variant_is_in_the_mlflow_store(quick):
-    out, _, summary = quick
+def test_every_variant_is_in_the_mlflow_store(smoke):
+    out, _, summary = smoke
     os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
     import mlflow
 
@@ -106,10 +108,10 @@ def test_every_variant_is_in_the_mlflow_store(quick):
         (out / "results.json").read_text())["notes"]["distill"]["steps"]
 
 
-def test_the_student_is_served_by_the_handler(quick):
+def test_the_student_is_served_by_the_handler(smoke):
     from test_handler import body, make_handler, run_steps, whole
 
-    _, work, _ = quick
+    _, work, _ = smoke
     handler, ctx = make_handler(work / "student", max_model_len=512)
     answer = whole(run_steps(handler, ctx, {0: {"a": body("The capital of France is", max_new_tokens=8)}})["a"])
     assert answer["usage"]["completion_tokens"] == 8
