@@ -279,9 +279,10 @@ def test_a_long_prompt_beside_decoding_ones_is_prefilled_a_chunk_a_step_below_pr
 
 
 def test_a_premium_prefill_runs_alone_and_never_two_steps_in_a_row():
-    """The step that prefills a premium newcomer decodes nobody and admits no lower tier beside it,
-    so its first token waits only for its own prompt; the next step decodes everyone, even with
-    another premium newcomer waiting (it is admitted there, beside the decode)."""
+    """The step that prefills a premium newcomer beside lower tiers' running ones decodes nobody and
+    admits no lower tier beside it, so its first token waits only for its own prompt; the next step
+    decodes everyone, even with another premium newcomer waiting (it is admitted there, beside the
+    decode); with only premium requests running nothing changes."""
     b, st = req("b", 5, tier="batch"), req("st", 5)
     s = queued(b, st)
     s.schedule(now=0)
@@ -296,3 +297,8 @@ def test_a_premium_prefill_runs_alone_and_never_two_steps_in_a_row():
     assert out.decode == [st, b, p] and out.prefill == [p2, st2]
     out = s.schedule(now=0)
     assert out.decode == [st, b, p, p2, st2]
+    alone = queued(req("q1", 5, tier="premium"))                  # premium beside premium: as before
+    alone.schedule(now=0)
+    alone.add(q2 := req("q2", 5, tier="premium"))
+    out = alone.schedule(now=0)
+    assert [r.request_id for r in out.decode] == ["q1"] and out.prefill == [q2]

@@ -8,7 +8,8 @@ Continuous batching admits newcomers at every step; request-level batching admit
 requests waiting when the engine went idle, in arrival order) and nothing else until that whole
 batch is done. Chunked prefill (continuous, below premium): a long prompt in a step that decodes
 gets one chunk a step, kept waiting in its place, so no step is long for the requests behind it;
-a step that prefills a premium request runs premium prefills alone (never two such steps in a row)."""
+a step that prefills a premium request beside lower tiers' running ones runs premium prefills
+alone (never two such steps in a row)."""
 
 import time
 from collections import deque
@@ -152,11 +153,11 @@ class Scheduler:
             self._kv_needed(self.running + also) + request.num_tokens + 1 <= self.kv_capacity_tokens
 
     def _premium_alone(self, out: SchedulerOutput) -> bool:
-        """A step that prefills a premium request beside running ones runs its premium prefills
-        alone (continuous batching): no decode (those rows wait one step), no lower tier's prefill or
-        chunk, so its first token waits only for its own prompt; never two steps in a row, so the
-        running ones always advance."""
-        return bool(out.decode) and not (self.decode_skipped or self.request_level) and \
+        """A step that prefills a premium request beside running ones of a lower tier runs its
+        premium prefills alone (continuous batching): no decode (those rows wait one step), no lower
+        tier's prefill or chunk, so its first token waits only for its own prompt; never two steps in
+        a row, so the running ones always advance. Among premium requests alone nothing changes."""
+        return not (self.decode_skipped or self.request_level) and any(r.tier > 0 for r in out.decode) and \
             any(r.tier == 0 for r in out.prefill)
 
     @staticmethod
