@@ -108,10 +108,7 @@ class Scheduler:
                 if not out.prefill or num_prefill_tokens + self.prefill_chunk_tokens <= self.max_prefill_tokens:
                     out.chunk = request
                 break
-            # premium prompts sent together share their step alone: twice the budget, so the second
-            # does not wait out the first's step and then a step that decodes too
-            budget = self.max_prefill_tokens * (2 if self._premium_alone(out) else 1)
-            if out.prefill and num_prefill_tokens + cost > budget:
+            if out.prefill and num_prefill_tokens + cost > self.max_prefill_tokens:
                 break
             if kv_used + tokens + 1 > self.kv_capacity_tokens:
                 break
