@@ -69,8 +69,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--duration", type=float, default=120, help="seconds of each overloaded run")
     p.add_argument("--capacity-duration", type=float, default=60)
-    # the light-load p99 is the aim's baseline: 60 s gave 22-26 requests, whose slowest (the p99) was
-    # whichever summarize prompt came cold, 0.32-0.54 s; 300 s gives ~130
+    # the light-load p99 is the aim's baseline: 60 s gave ~25 requests, whose slowest (the p99) was
+    # whichever summarize prompt came cold (README, Tenants and priority tiers); 300 s gives ~130
     p.add_argument("--light-duration", type=float, default=300)
     p.add_argument("--overload", type=float, default=1.5, help="offered rate / measured capacity")
     p.add_argument("--light", type=float, default=0.1, help="the light-load run's rate / capacity")

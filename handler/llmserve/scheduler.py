@@ -69,7 +69,9 @@ class Scheduler:
         evicting the worst ranked until they fit; then (continuous) each waiting premium request evicts
         running ones of lower tiers while it lacks a slot or KV room; then admit waiting
         requests best rank first while a slot, the prefill budget and the KV budget allow; the first
-        that does not fit stops admission. Request-level batching admits in arrival order."""
+        that does not fit stops admission; a premium one admitted beside lower tiers' running ones
+        goes alone (no decode this step, no lower tier after it). Request-level batching admits in
+        arrival order."""
         now = time.perf_counter() if now is None else now
         out = SchedulerOutput()
         while self.running and self._kv_needed(self.running) > self.kv_capacity_tokens:
@@ -94,12 +96,17 @@ class Scheduler:
 
         kv_used = self._kv_needed(self.running)
         num_prefill_tokens = 0
+        # a premium newcomer beside lower tiers' running sequences is prefilled alone: no decode, no
+        # lower tier's prefill or chunk, so its first token waits only for its own prompt; never two
+        # such steps in a row, so the running ones always advance
+        may_go_alone = not (self.decode_skipped or self.request_level) and any(r.tier > 0 for r in out.decode)
+        is_alone = False
         for request in order:
             if len(self.running) >= self.max_num_seqs or (self.request_level and not self.batch_quota):
                 break
             if request in out.preempted:
                 break   # do not re-admit in the step that evicted it
-            if request.tier > 0 and self._premium_alone(out):
+            if request.tier > 0 and is_alone:
                 break
             tokens = request.num_tokens   # a preempted request recomputes its output too
             cost = self.prefill_cost(request)
@@ -120,8 +127,9 @@ class Scheduler:
                 self.batch_quota -= 1
             num_prefill_tokens += cost
             kv_used += tokens + 1
-        self.decode_skipped = self._premium_alone(out)
-        if self.decode_skipped:
+            is_alone = is_alone or (may_go_alone and request.tier == 0)
+        self.decode_skipped = is_alone
+        if is_alone:
             out.decode = []
         return out
 
@@ -151,14 +159,6 @@ class Scheduler:
         """A slot and KV room for request beside the running ones and `also`."""
         return len(self.running) + len(also) < self.max_num_seqs and \
             self._kv_needed(self.running + also) + request.num_tokens + 1 <= self.kv_capacity_tokens
-
-    def _premium_alone(self, out: SchedulerOutput) -> bool:
-        """A step that prefills a premium request beside running ones of a lower tier runs its
-        premium prefills alone (continuous batching): no decode (those rows wait one step), no lower
-        tier's prefill or chunk, so its first token waits only for its own prompt; never two steps in
-        a row, so the running ones always advance. Among premium requests alone nothing changes."""
-        return not (self.decode_skipped or self.request_level) and any(r.tier > 0 for r in out.decode) and \
-            any(r.tier == 0 for r in out.prefill)
 
     @staticmethod
     def _kv_needed(requests: list[Request]) -> int:
