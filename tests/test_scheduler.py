@@ -278,25 +278,29 @@ def test_a_long_prompt_beside_decoding_ones_is_prefilled_a_chunk_a_step_below_pr
     assert out.chunk is later and p in out.decode              # then the batch prompt's first chunk
 
 
-def test_a_premium_prefill_runs_alone_and_never_two_steps_in_a_row():
+def test_a_premium_prefill_runs_alone_at_most_two_steps_in_a_row():
     """The step that prefills a premium newcomer beside lower tiers' running ones decodes nobody and
-    admits no lower tier beside it, so its first token waits only for its own prompt; the next step
-    decodes everyone, even with another premium newcomer waiting (it is admitted there, beside the
-    decode); with only premium requests running nothing changes."""
+    admits no lower tier beside it, so its first token waits only for its own prompt; a premium
+    newcomer that arrived meanwhile goes alone too, but the third step decodes everyone, even with
+    another premium newcomer waiting (it is admitted there, beside the decode); with only premium
+    requests running nothing changes."""
     b, st = req("b", 5, tier="batch"), req("st", 5)
     s = queued(b, st)
     s.schedule(now=0)
     decode_one(s)
-    p, st2, p2 = req("p", 5, tier="premium"), req("st2", 5), req("p2", 5, tier="premium")
+    p, st2, p2, p3 = req("p", 5, tier="premium"), req("st2", 5), req("p2", 5, tier="premium"), req("p3", 5, tier="premium")
     s.add(st2)
     s.add(p)
     out = s.schedule(now=0)
     assert out.prefill == [p] and out.decode == [] and list(s.waiting) == [st2]
     s.add(p2)
     out = s.schedule(now=0)
-    assert out.decode == [st, b, p] and out.prefill == [p2, st2]
+    assert out.prefill == [p2] and out.decode == [] and list(s.waiting) == [st2]
+    s.add(p3)
     out = s.schedule(now=0)
-    assert out.decode == [st, b, p, p2, st2]
+    assert out.decode == [st, b, p, p2] and out.prefill == [p3, st2]
+    out = s.schedule(now=0)
+    assert out.decode == [st, b, p, p2, p3, st2]
     alone = queued(req("q1", 5, tier="premium"))                  # premium beside premium: as before
     alone.schedule(now=0)
     alone.add(q2 := req("q2", 5, tier="premium"))

@@ -9,7 +9,7 @@ requests waiting when the engine went idle, in arrival order) and nothing else u
 batch is done. Chunked prefill (continuous, below premium): a long prompt in a step that decodes
 gets one chunk a step, kept waiting in its place, so no step is long for the requests behind it;
 a step that prefills a premium request beside lower tiers' running ones runs premium prefills
-alone (never two such steps in a row)."""
+alone (at most MAX_ALONE_STEPS such steps in a row)."""
 
 import time
 from collections import deque
@@ -17,6 +17,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .request import Request
+
+# Premium prefill steps that may run alone in a row before the lower tiers' running sequences decode
+# again: two, so a premium prompt that arrives during another's prefill is not made to wait for a
+# step of every row's decode as well (the tail of the tiers runs: loadtest/results/tiers-*), while
+# those sequences wait at most two prefill steps (~1 s at 256 tokens on 2 AVX2 cores) for a token.
+MAX_ALONE_STEPS = 2
 
 
 @dataclass
@@ -46,7 +52,7 @@ class Scheduler:
         self.kv_capacity_tokens = kv_capacity_tokens
         self.waiting: deque[Request] = deque()   # in arrival order, preempted ones first
         self.running: list[Request] = []
-        self.decode_skipped = False              # the last step ran premium prefills alone
+        self.alone_steps = 0                     # steps in a row that ran premium prefills alone
 
     @property
     def num_unfinished(self) -> int:
@@ -97,9 +103,10 @@ class Scheduler:
         kv_used = self._kv_needed(self.running)
         num_prefill_tokens = 0
         # a premium newcomer beside lower tiers' running sequences is prefilled alone: no decode, no
-        # lower tier's prefill or chunk, so its first token waits only for its own prompt; never two
-        # such steps in a row, so the running ones always advance
-        may_go_alone = not (self.decode_skipped or self.request_level) and any(r.tier > 0 for r in out.decode)
+        # lower tier's prefill or chunk, so its first token waits only for its own prompt; at most
+        # MAX_ALONE_STEPS such steps in a row, so the running ones always advance
+        may_go_alone = self.alone_steps < MAX_ALONE_STEPS and not self.request_level \
+            and any(r.tier > 0 for r in out.decode)
         is_alone = False
         for request in order:
             if len(self.running) >= self.max_num_seqs or (self.request_level and not self.batch_quota):
@@ -128,7 +135,7 @@ class Scheduler:
             num_prefill_tokens += cost
             kv_used += tokens + 1
             is_alone = is_alone or (may_go_alone and request.tier == 0)
-        self.decode_skipped = is_alone
+        self.alone_steps = self.alone_steps + 1 if is_alone else 0
         if is_alone:
             out.decode = []
         return out
