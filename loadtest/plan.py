@@ -302,8 +302,8 @@ def measure(out: Path, port: int, seconds: float, fractions: list[float], users:
             run_locust(server.inference_url, out / f"curve-{n}", n, n, seconds, flags)
         prefill = archive_engine_config()["max_prefill_tokens"]
         engine = fit_engine(curve_runs(out), startup_s, prefill)
-        settings = {"seconds": seconds, "users_open_loop": users, "startup_s": round(startup_s, 1),
-                    "max_prefill_tokens": prefill, "open": []}
+        settings = {"machine": describe(), "seconds": seconds, "users_open_loop": users,   # what measured it,
+                    "startup_s": round(startup_s, 1), "max_prefill_tokens": prefill, "open": []}   # not what validates
         for f in fractions:
             rate = f * engine.capacity_rps()
             settings["open"].append({"fraction": f, "rate_rps": round(rate, 3)})
@@ -324,7 +324,8 @@ def validate(out: Path) -> dict:
     against what they measured: "predicted" replays each run's own arrivals and (prompt, answer)
     lengths, which the 25 % check judges; "drawn" is the median over SEEDS draws of the arrival
     process (paced users) and of the lengths, with the range of their p99: what a run at that rate
-    may show. Writes out/plan-measure.json."""
+    may show. Writes out/plan-measure.json, with the measuring machine (settings.json's; this one
+    only for measurements from before it was recorded there)."""
     settings = json.loads((out / "settings.json").read_text())
     runs = curve_runs(out)
     # measurements before the prefill budget was recorded ran with the engine's default then, 4096

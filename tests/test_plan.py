@@ -167,3 +167,26 @@ def test_the_plan_runs_every_trace_and_routing_from_a_measurement(tmp_path):
     need = report["sizing"]["replicas"]["least"]
     assert need is not None and need >= 3          # 3x one replica's capacity at p99 <= 10 s
     assert (out / "plan.png").stat().st_size > 0
+
+
+def test_validate_keeps_the_machine_that_measured(tmp_path):
+    """plan validate refits a committed measurement, maybe elsewhere: its report names the machine
+    the runs were measured on (settings.json's), not the one that validated them."""
+    import json
+
+    from loadtest.plan import CURVE_USERS, validate
+    measured_on = {"cpu": "the measuring machine", "num_cores": 2, "git_sha": "abc"}
+    (tmp_path / "settings.json").write_text(json.dumps({
+        "machine": measured_on, "seconds": 10, "users_open_loop": 4, "startup_s": 20.0, "max_prefill_tokens": 256,
+        "open": [{"fraction": 0.5, "rate_rps": 1.0}]}))
+    def log(name: str, n: int, spacing_s: float) -> None:
+        records = [{"name": "generate", "ok": True, "start": i * spacing_s, "latency_ms": 500.0 + 10 * (i % 3),
+                    "prompt_tokens": 40 + 20 * (i % 2), "cached_prompt_tokens": 0, "output_tokens": 16,
+                    "server_ttft_ms": 20.0 + 10 * (i % 2)} for i in range(n)]
+        (tmp_path / f"{name}_requests.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    for users in CURVE_USERS:
+        log(f"curve-{users}", 8 * users, 0.5 / users)
+    log("open-0.5", 10, 1.0)
+    result = validate(tmp_path)
+    assert result["machine"] == measured_on
+    assert json.loads((tmp_path / "plan-measure.json").read_text())["machine"] == measured_on
