@@ -51,6 +51,17 @@ def test_w4_recovers_a_q4_1_grid_exactly(kernels):
     assert (PackedLinear(linear_with(w), bits=4)(x) - expected).norm() < 0.02 * expected.norm()
 
 
+def test_w4_quantizes_in_row_blocks_to_the_same_bits(monkeypatch):
+    """quantize_w4 takes W4_QUANTIZE_ROWS rows at a time (the grid search stays in cache): the same
+    q and scales as all rows at once, over whole blocks and a part, source grids and none."""
+    w = torch.cat([q4_1_weight(N=300, K=128), torch.randn(300, 128, generator=torch.Generator().manual_seed(1))])
+    assert w.shape[0] > 2 * quantize.W4_QUANTIZE_ROWS
+    blocked = quantize_w4(w)
+    monkeypatch.setattr(quantize, "W4_QUANTIZE_ROWS", 1 << 30)
+    whole = quantize_w4(w)
+    assert torch.equal(blocked[0], whole[0]) and torch.equal(blocked[1], whole[1])
+
+
 def test_w4_recovers_the_default_models_weights_exactly():
     """The default model's fp32 weights are dequantized from a Q4_1 GGUF: w4 finds every block's grid."""
     if not (MODEL_DIR / "model.safetensors").is_file():
