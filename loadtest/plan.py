@@ -302,8 +302,8 @@ def measure(out: Path, port: int, seconds: float, fractions: list[float], users:
             run_locust(server.inference_url, out / f"curve-{n}", n, n, seconds, flags)
         prefill = archive_engine_config()["max_prefill_tokens"]
         engine = fit_engine(curve_runs(out), startup_s, prefill)
-        settings = {"machine": describe(), "seconds": seconds, "users_open_loop": users,   # what measured it,
-                    "startup_s": round(startup_s, 1), "max_prefill_tokens": prefill, "open": []}   # not what validates
+        settings = {"machine": describe(), "seconds": seconds, "users_open_loop": users,
+                    "startup_s": round(startup_s, 1), "max_prefill_tokens": prefill, "open": []}
         for f in fractions:
             rate = f * engine.capacity_rps()
             settings["open"].append({"fraction": f, "rate_rps": round(rate, 3)})

@@ -85,34 +85,32 @@ def kernels(request, monkeypatch):
     return request.param
 
 
-def test_a_build_lock_left_by_a_killed_build_is_removed_a_fresh_one_kept(tmp_path, monkeypatch):
+def test_a_build_lock_left_by_a_killed_build_is_removed_a_fresh_one_kept(tmp_path):
     """torch's extension loader waits forever on a lock a killed build left (a worker stopped during
     its first start hung every later start until TorchServe's startup timeout): an old lock goes,
     a fresh one (another worker building now) stays."""
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-    lock = tmp_path / "llmserve_x" / "lock"
-    lock.parent.mkdir()
+    lock = tmp_path / "lock"
     lock.touch()
-    assert not quantize.clear_stale_lock("llmserve_x") and lock.exists()
+    assert not quantize.clear_stale_lock(tmp_path) and lock.exists()
     os.utime(lock, (time.time() - 3600, time.time() - 3600))
-    assert quantize.clear_stale_lock("llmserve_x") and not lock.exists()
-    assert not quantize.clear_stale_lock("llmserve_x")                      # none: nothing to do
+    assert quantize.clear_stale_lock(tmp_path) and not lock.exists()
+    assert not quantize.clear_stale_lock(tmp_path)                          # none: nothing to do
 
 
 def test_the_kernel_is_built_from_one_place_wherever_the_archive_was_unpacked(tmp_path, monkeypatch):
     """TorchServe unpacks the archive into a new directory at every start, and ninja rebuilds when a
     source's path changes (every worker start paid a ~30 s compile): the build reads a copy kept in
     the extension's directory, rewritten only when the source changed."""
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "extensions"))
-    built = quantize.stable_source("llmserve_x")
+    build = tmp_path / "extensions" / "llmserve_x"
+    built = quantize.stable_source(build)
     first = os.stat(built).st_mtime_ns
     unpacked = tmp_path / "models" / "c290b17f"
     unpacked.mkdir(parents=True)
     (unpacked / "lowbit_avx2.cpp").write_bytes(Path(quantize.__file__).with_name("lowbit_avx2.cpp").read_bytes())
     monkeypatch.setattr(quantize, "__file__", str(unpacked / "quantize.py"))
-    assert quantize.stable_source("llmserve_x") == built and os.stat(built).st_mtime_ns == first
+    assert quantize.stable_source(build) == built and os.stat(built).st_mtime_ns == first
     (unpacked / "lowbit_avx2.cpp").write_text("// changed\n")
-    assert quantize.stable_source("llmserve_x") == built and Path(built).read_text() == "// changed\n"
+    assert quantize.stable_source(build) == built and Path(built).read_text() == "// changed\n"
 
 
 @pytest.mark.parametrize("bits,tolerance", [(8, 0.02), (4, 0.15)])

@@ -24,8 +24,8 @@ BNB_MODES = ("int8", "nf4", "fp4")
 WEIGHT_ONLY_MODES = ("w8", "w4")
 W4_GROUP_SIZE = 32   # the default model's source weights are Q4_1: blocks of 32 with a scale and a minimum
 # quantize_w4 takes this many rows at a time: its grid search's 14 passes over a block stay in cache
-# (the default model's 210 matrices: 9.4-9.7 s whole, 4.3-5.3 s in blocks of 256 on a 2-core AVX2
-# EPYC, 64 rows 8.5 s); groups run along a row, so blocks give the same result bit for bit
+# (about half the time over the default model, timings in dd21ea2's message); groups run along a
+# row, so blocks give the same result bit for bit
 W4_QUANTIZE_ROWS = 256
 ALWAYS_PACKED = 1 << 30   # a max_packed_rows no step reaches
 logger = logging.getLogger(__name__)
@@ -103,14 +103,12 @@ def from_pretrained_kwargs(mode: str, device: torch.device) -> dict:
     return {"dtype": dtype, "quantization_config": quant, "device_map": {"": device}}
 
 
-def clear_stale_lock(name: str, max_age_s: float = 600) -> bool:
-    """Remove the build lock torch's extension loader left behind when a process building `name`
-    was killed mid-build (a worker stopped during its first start): every later load waits on it
+def clear_stale_lock(build: Path, max_age_s: float = 600) -> bool:
+    """Remove the build lock torch's extension loader left in `build` (an extension's build
+    directory) when a process building it was killed mid-build (a worker stopped during its first start): every later load waits on it
     forever, and TorchServe reports only that the worker did not start in time. A lock older than
     any build here takes (~70 s on two cores) is stale. Returns whether one was removed."""
-    from torch.utils.cpp_extension import _get_build_directory
-
-    lock = Path(_get_build_directory(name, verbose=False)) / "lock"
+    lock = build / "lock"
     try:
         if time.time() - lock.stat().st_mtime < max_age_s:
             return False
@@ -121,14 +119,12 @@ def clear_stale_lock(name: str, max_age_s: float = 600) -> bool:
     return True
 
 
-def stable_source(name: str) -> str:
-    """lowbit_avx2.cpp copied into the extension's build directory (rewritten only when it changed):
-    ninja rebuilds when a source's path changes, and TorchServe unpacks the archive into a new
-    directory at every start, so building from there cost every worker start a ~30 s compile."""
-    from torch.utils.cpp_extension import _get_build_directory
-
+def stable_source(build: Path) -> str:
+    """lowbit_avx2.cpp copied into `build`, the extension's build directory (rewritten only when it
+    changed): ninja rebuilds when a source's path changes, and TorchServe unpacks the archive into a
+    new directory at every start, so building from there cost every worker start a ~30 s compile."""
     source = Path(__file__).with_name("lowbit_avx2.cpp")
-    copy = Path(_get_build_directory(name, verbose=False)) / "src" / source.name
+    copy = build / "src" / source.name
     text = source.read_bytes()
     if not copy.is_file() or copy.read_bytes() != text:
         copy.parent.mkdir(parents=True, exist_ok=True)
@@ -151,7 +147,7 @@ def lowbit_kernels() -> str:
         logger.warning("no AVX2/FMA/F16C on this CPU; w4 uses torch's kernels")
         return ""
     try:
-        from torch.utils.cpp_extension import load
+        from torch.utils.cpp_extension import _get_build_directory, load
 
         # one build per instruction set (its own name: a cache shared between machines never hands
         # a build to a CPU without its instructions): AVX-512 VNNI takes four blocks a step,
@@ -165,8 +161,9 @@ def lowbit_kernels() -> str:
         else:
             variant, isa = "", []
         name = "llmserve_lowbit_avx2" + variant
-        clear_stale_lock(name)
-        load(name=name, sources=[stable_source(name)],
+        build = Path(_get_build_directory(name, verbose=False))   # in torch's extension cache
+        clear_stale_lock(build)
+        load(name=name, sources=[stable_source(build)],
              extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", *isa, "-ffp-contract=off", "-fopenmp"],
              extra_ldflags=["-fopenmp"],
              is_python_module=False, verbose=os.environ.get("LLMSERVE_VERBOSE_BUILD") == "1")

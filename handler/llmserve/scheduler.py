@@ -18,10 +18,9 @@ from dataclasses import dataclass, field
 
 from .request import Request
 
-# Premium prefill steps that may run alone in a row before the lower tiers' running sequences decode
-# again: two, so a premium prompt that arrives during another's prefill is not made to wait for a
-# step of every row's decode as well (the tail of the tiers runs: loadtest/results/tiers-*), while
-# those sequences wait at most two prefill steps (~1 s at 256 tokens on 2 AVX2 cores) for a token.
+# Premium prefill steps that may run alone in a row: two, so a premium prompt that arrives during
+# another's prefill does not also wait for every row's decode (the slowest premium requests of the
+# tiers runs, 8087e74's message), while the lower tiers' running sequences wait two prefills at most.
 MAX_ALONE_STEPS = 2
 
 
@@ -76,7 +75,8 @@ class Scheduler:
         running ones of lower tiers while it lacks a slot or KV room; then admit waiting
         requests best rank first while a slot, the prefill budget and the KV budget allow; the first
         that does not fit stops admission; a premium one admitted beside lower tiers' running ones
-        goes alone (no decode this step, no lower tier after it). Request-level batching admits in
+        goes alone (no decode this step, no lower tier after it, so its first token waits only for
+        its own prompt), at most MAX_ALONE_STEPS steps in a row. Request-level batching admits in
         arrival order."""
         now = time.perf_counter() if now is None else now
         out = SchedulerOutput()
@@ -102,9 +102,6 @@ class Scheduler:
 
         kv_used = self._kv_needed(self.running)
         num_prefill_tokens = 0
-        # a premium newcomer beside lower tiers' running sequences is prefilled alone: no decode, no
-        # lower tier's prefill or chunk, so its first token waits only for its own prompt; at most
-        # MAX_ALONE_STEPS such steps in a row, so the running ones always advance
         may_go_alone = self.alone_steps < MAX_ALONE_STEPS and not self.request_level \
             and any(r.tier > 0 for r in out.decode)
         is_alone = False
