@@ -130,10 +130,10 @@ def test_own_kernel_matches_its_weights_at_every_row_tile(rows, N):
     """Against the layer's weights, which sit on a 4-bit grid (so only the rounding of the activations
     differs): every output column, every row of a tile (4 rows; 8 in the AVX-512 16-column layout, which
     the CPU with AVX-512 VNNI takes where N is a multiple of 16, the AVX2 build's 8-column one where
-    it is of 8 (two groups of 8 columns at once in tiles of 3 rows, a thread's odd last group alone in
-    tiles of 4: N = 40 is 5 groups), the rows layout otherwise (44); on AMX from 16 rows, tiles of 16
-    rows four at a time: 70 rows are 4 tiles, then one of 6) and the rows past the last full tile;
-    7 blocks: a group of 4 and 3 alone."""
+    it is of 8 (two groups of 8 columns at once in tiles of 3 rows, their weights unpacked once from
+    12 rows, a thread's odd last group alone in tiles of 4: N = 40 is 5 groups), the rows layout
+    otherwise (44); on AMX from 16 rows, tiles of 16 rows four at a time: 70 rows are 4 tiles, then
+    one of 6) and the rows past the last full tile; 7 blocks: a group of 4 and 3 alone."""
     w = q4_1_weight(N=N, K=224, seed=rows)                # on a 4-bit grid: q4_mm's weights are exact
     layer = PackedLinear(linear_with(w), bits=4)
     if not layer.own_kernel:

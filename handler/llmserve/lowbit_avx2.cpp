@@ -286,9 +286,9 @@ void with_rows(int64_t n, const F& f) {
 // step's products ran at a tenth of its integer peak). GROUPS (1 or 2) column groups from g at once:
 // each row's activation broadcast serves them all; their float sums wait in acc (L1) between blocks,
 // the registers hold the int16 ones.
-template <int ROWS, int GROUPS>
+template <int ROWS, int GROUPS, bool UNPACKED = false>
 void dot_columns8(const uint8_t* W, const uint16_t* S, const uint16_t* L, const int8_t* xq, const float* xs,
-                  const float* xsum, float* y, int64_t g, int64_t N, int64_t K) {
+                  const float* xsum, float* y, int64_t g, int64_t N, int64_t K, const __m256i* unpacked = nullptr) {
   const int64_t blocks = K / kBlock;
   const __m256i nibble = _mm256_set1_epi8(0x0F);
   const __m256i ones = _mm256_set1_epi16(1);
@@ -305,9 +305,14 @@ void dot_columns8(const uint8_t* W, const uint16_t* S, const uint16_t* L, const 
     for (int m = 0; m < 4; ++m) {
       __m256i lo[GROUPS], hi[GROUPS];
       for (int j = 0; j < GROUPS; ++j) {
-        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src[j] + 32 * m));
-        lo[j] = _mm256_and_si256(v, nibble);
-        hi[j] = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+        if constexpr (UNPACKED) {     // unpack_columns8's layout
+          lo[j] = _mm256_load_si256(unpacked + ((b * 4 + m) * GROUPS + j) * 2);
+          hi[j] = _mm256_load_si256(unpacked + ((b * 4 + m) * GROUPS + j) * 2 + 1);
+        } else {
+          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src[j] + 32 * m));
+          lo[j] = _mm256_and_si256(v, nibble);
+          hi[j] = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+        }
       }
       for (int r = 0; r < ROWS; ++r) {
         const int32_t* a = reinterpret_cast<const int32_t*>(xq + r * K + b * kBlock) + 2 * m;
@@ -582,12 +587,28 @@ void q4_matmul_amx(const float* x, int64_t M, const Q4Weight& wt, float* Y) {
 #endif
 #endif
 
+// Column groups g and g + 1 of the 8-column layout as dot_columns8 takes them pre-unpacked: for each
+// block b and vector m, group j's low nibbles at out[((4 b + m) 2 + j) 2] and its high ones after
+void unpack_columns8(const uint8_t* W, int64_t g, int64_t blocks, __m256i* out) {
+  const __m256i nibble = _mm256_set1_epi8(0x0F);
+  for (int64_t b = 0; b < blocks; ++b)
+    for (int m = 0; m < 4; ++m)
+      for (int j = 0; j < 2; ++j) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(W + ((g + j) * blocks + b) * 128 + 32 * m));
+        out[((b * 4 + m) * 2 + j) * 2] = _mm256_and_si256(v, nibble);
+        out[((b * 4 + m) * 2 + j) * 2 + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+      }
+}
+
 // The column layouts (G = 16 with AVX-512, 8 with AVX2): each thread's column groups, row tiles of 8
 // (AVX-512: 32 registers) per unpacking of a block; AVX2 (16 registers) takes two groups at once in
 // tiles of 3 rows, so that each activation broadcast serves both (the model's products at 64 rows
 // 16 % faster than one group in tiles of 4, at 5 rows 14 %: commit message), and a thread's odd last
-// group alone in tiles of 4
+// group alone in tiles of 4. From kColumns8UnpackRows rows a pair's weights are unpacked once, into
+// a thread's buffer (L1/L2), for all its row tiles: 12 / 16 / 64 / 256 rows 4 / 8 / 13 / 14 % faster;
+// from 4 rows, 4 to 8 rows were 8-15 % slower (commit message)
 constexpr int64_t kColumns8PairRowTile = 3;
+constexpr int64_t kColumns8UnpackRows = 12;
 
 void q4_matmul_columns(const float* x, int64_t M, const Q4Weight& wt, float* Y) {
   const int64_t K = wt.k, N = wt.n, blocks = K / kBlock, G = wt.columns;
@@ -595,9 +616,12 @@ void q4_matmul_columns(const float* x, int64_t M, const Q4Weight& wt, float* Y) 
   std::vector<float> xscale(M * blocks), xsum(M * blocks);
   quantize_rows(x, M, K, xq.data(), xscale.data(), nullptr, nullptr, xsum.data());
   at::parallel_for(0, N / G, 1, [&](int64_t g0, int64_t g1) {
+    std::vector<__m256i> unpacked(G == 8 && M >= kColumns8UnpackRows ? blocks * 16 : 0);
     for (int64_t g = g0; g < g1;) {
       const bool pair = G == 8 && g + 1 < g1;
       const int64_t tile = G == 16 ? kColumns16RowTile : pair ? kColumns8PairRowTile : kRowTile;
+      const __m256i* un = pair && !unpacked.empty() ? unpacked.data() : nullptr;
+      if (un) unpack_columns8(wt.w, g, blocks, unpacked.data());
       for (int64_t m0 = 0; m0 < M; m0 += tile)
         with_rows<kColumns16RowTile>(std::min<int64_t>(M - m0, tile), [&](auto rows) {
           constexpr int R = decltype(rows)::value;
@@ -606,6 +630,7 @@ void q4_matmul_columns(const float* x, int64_t M, const Q4Weight& wt, float* Y) 
 #if LLMSERVE_AVX512
           if (G == 16) return dot_columns16<R>(wt.w, wt.s, wt.l, xr, xs, xsm, Y + m0 * N, g, N, K);
 #endif
+          if (un) return dot_columns8<R, 2, true>(wt.w, wt.s, wt.l, xr, xs, xsm, Y + m0 * N, g, N, K, un);
           if (pair) return dot_columns8<R, 2>(wt.w, wt.s, wt.l, xr, xs, xsm, Y + m0 * N, g, N, K);
           dot_columns8<R, 1>(wt.w, wt.s, wt.l, xr, xs, xsm, Y + m0 * N, g, N, K);
         });
