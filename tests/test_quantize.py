@@ -159,8 +159,8 @@ def amx_rows():
 @pytest.mark.parametrize("rows", [1, 3, 4, 5, 8, 9, 17])
 def test_own_8bit_kernel_multiplies_float_activations_exactly(rows, N, amx_rows):
     """Our 8-bit kernel (w8, w4's LM head) rounds nothing but the weights, without AMX tiles: it gives
-    the product with its dequantized weights to float rounding, in every row of a tile (4 rows; 8 in
-    the AVX-512 pairs layout, where N is a multiple of 16) and past the last one."""
+    the product with its dequantized weights to float rounding, in every row of a tile (6 rows; 8 in
+    the AVX-512 pairs layout, where N is a multiple of 16) and past the last one (8, 9, 17 rows)."""
     amx_rows(ALWAYS_PACKED)
     w = torch.randn(N, 96, generator=torch.Generator().manual_seed(rows)) * 0.05
     layer = PackedLinear(linear_with(w), bits=8)
