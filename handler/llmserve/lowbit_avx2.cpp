@@ -49,7 +49,7 @@ namespace {
 constexpr int64_t kBlock = 32;
 constexpr int64_t kRowTile = 4;   // activation rows sharing one unpacking of a weight block
 // rows sharing each widening of dot_rows_q8's 8-bit weights (12 of AVX2's 16 registers hold the
-// sums): w4's LM head at 5 / 16 / 64 rows 25 / 13 / 13 % faster than in tiles of 4 (commit message)
+// sums): w4's LM head at 5 / 16 / 64 rows 30 / 11 / 16 % faster than in tiles of 4 (fb6e25c's message)
 constexpr int64_t kQ8RowTile = 6;
 constexpr int64_t kColTile = 16;  // output columns whose weights every row tile takes in turn
 // Each row's loop asks for the weights this far ahead (rows are contiguous): the hardware
@@ -283,11 +283,22 @@ void for_each_tile(int64_t M, int64_t N, const Tile& tile) {
 // step's products ran at a tenth of its integer peak). GROUPS (1 or 2) column groups from g at once:
 // each row's activation broadcast serves them all; their float sums wait in acc (L1) between blocks,
 // the registers hold the int16 ones.
+// a 32-byte vector of the 8-column layout as its low and high nibbles (the weights 0..15)
+inline void split_nibbles(__m256i v, __m256i& lo, __m256i& hi) {
+  const __m256i nibble = _mm256_set1_epi8(0x0F);
+  lo = _mm256_and_si256(v, nibble);
+  hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+}
+
+// where unpack_columns8 puts the low nibbles of vector m of block b of the pair's group j (the high
+// ones follow)
+inline int64_t unpacked_at(int64_t b, int m, int j) { return ((b * 4 + m) * 2 + j) * 2; }
+
 template <int ROWS, int GROUPS, bool UNPACKED = false>
 void dot_columns8(const uint8_t* W, const uint16_t* S, const uint16_t* L, const int8_t* xq, const float* xs,
                   const float* xsum, float* y, int64_t g, int64_t N, int64_t K, const __m256i* unpacked = nullptr) {
+  static_assert(!UNPACKED || GROUPS == 2, "unpack_columns8 unpacks pairs");
   const int64_t blocks = K / kBlock;
-  const __m256i nibble = _mm256_set1_epi8(0x0F);
   const __m256i ones = _mm256_set1_epi16(1);
   alignas(32) float acc[ROWS][8 * GROUPS] = {};
   for (int64_t b = 0; b < blocks; ++b) {
@@ -302,13 +313,11 @@ void dot_columns8(const uint8_t* W, const uint16_t* S, const uint16_t* L, const 
     for (int m = 0; m < 4; ++m) {
       __m256i lo[GROUPS], hi[GROUPS];
       for (int j = 0; j < GROUPS; ++j) {
-        if constexpr (UNPACKED) {     // unpack_columns8's layout
-          lo[j] = _mm256_load_si256(unpacked + ((b * 4 + m) * GROUPS + j) * 2);
-          hi[j] = _mm256_load_si256(unpacked + ((b * 4 + m) * GROUPS + j) * 2 + 1);
+        if constexpr (UNPACKED) {
+          lo[j] = _mm256_load_si256(unpacked + unpacked_at(b, m, j));
+          hi[j] = _mm256_load_si256(unpacked + unpacked_at(b, m, j) + 1);
         } else {
-          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src[j] + 32 * m));
-          lo[j] = _mm256_and_si256(v, nibble);
-          hi[j] = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+          split_nibbles(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src[j] + 32 * m)), lo[j], hi[j]);
         }
       }
       for (int r = 0; r < ROWS; ++r) {
@@ -584,17 +593,14 @@ void q4_matmul_amx(const float* x, int64_t M, const Q4Weight& wt, float* Y) {
 #endif
 #endif
 
-// Column groups g and g + 1 of the 8-column layout as dot_columns8 takes them pre-unpacked: for each
-// block b and vector m, group j's low nibbles at out[((4 b + m) 2 + j) 2] and its high ones after
+// Column groups g and g + 1 of the 8-column layout as dot_columns8 takes them pre-unpacked
+// (unpacked_at): blocks x 16 vectors
 void unpack_columns8(const uint8_t* W, int64_t g, int64_t blocks, __m256i* out) {
-  const __m256i nibble = _mm256_set1_epi8(0x0F);
   for (int64_t b = 0; b < blocks; ++b)
     for (int m = 0; m < 4; ++m)
-      for (int j = 0; j < 2; ++j) {
-        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(W + ((g + j) * blocks + b) * 128 + 32 * m));
-        out[((b * 4 + m) * 2 + j) * 2] = _mm256_and_si256(v, nibble);
-        out[((b * 4 + m) * 2 + j) * 2 + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
-      }
+      for (int j = 0; j < 2; ++j)
+        split_nibbles(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(W + ((g + j) * blocks + b) * 128 + 32 * m)),
+                      out[unpacked_at(b, m, j)], out[unpacked_at(b, m, j) + 1]);
 }
 
 // The column layouts (G = 16 with AVX-512, 8 with AVX2): each thread's column groups, row tiles of 8
@@ -613,12 +619,13 @@ void q4_matmul_columns(const float* x, int64_t M, const Q4Weight& wt, float* Y) 
   std::vector<float> xscale(M * blocks), xsum(M * blocks);
   quantize_rows(x, M, K, xq.data(), xscale.data(), nullptr, nullptr, xsum.data());
   at::parallel_for(0, N / G, 1, [&](int64_t g0, int64_t g1) {
-    std::vector<__m256i> unpacked(G == 8 && M >= kColumns8UnpackRows ? blocks * 16 : 0);
+    // written before it is read: not zeroed
+    std::unique_ptr<__m256i[]> unpacked(G == 8 && M >= kColumns8UnpackRows ? new __m256i[blocks * 16] : nullptr);
     for (int64_t g = g0; g < g1;) {
       const bool pair = G == 8 && g + 1 < g1;
       const int64_t tile = G == 16 ? kColumns16RowTile : pair ? kColumns8PairRowTile : kRowTile;
-      const __m256i* un = pair && !unpacked.empty() ? unpacked.data() : nullptr;
-      if (un) unpack_columns8(wt.w, g, blocks, unpacked.data());
+      const __m256i* un = pair ? unpacked.get() : nullptr;
+      if (un) unpack_columns8(wt.w, g, blocks, unpacked.get());
       for (int64_t m0 = 0; m0 < M; m0 += tile)
         with_rows<kColumns16RowTile>(std::min<int64_t>(M - m0, tile), [&](auto rows) {
           constexpr int R = decltype(rows)::value;

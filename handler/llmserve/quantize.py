@@ -105,9 +105,10 @@ def from_pretrained_kwargs(mode: str, device: torch.device) -> dict:
 
 def clear_stale_lock(build: Path, max_age_s: float = 600) -> bool:
     """Remove the build lock torch's extension loader left in `build` (an extension's build
-    directory) when a process building it was killed mid-build (a worker stopped during its first start): every later load waits on it
-    forever, and TorchServe reports only that the worker did not start in time. A lock older than
-    any build here takes (~70 s on two cores) is stale. Returns whether one was removed."""
+    directory) when a process building it was killed mid-build (a worker stopped during its first
+    start): every later load waits on it forever, and TorchServe reports only that the worker did
+    not start in time. A lock older than any build here takes (~70 s on two cores) is stale. Returns
+    whether one was removed."""
     lock = build / "lock"
     try:
         if time.time() - lock.stat().st_mtime < max_age_s:
