@@ -1241,11 +1241,13 @@ torch::Tensor decode_layers_over(const torch::Tensor& x, const torch::Tensor& co
       }
     });
     // attention: a task per token and KV head, whose G query heads (adjacent in q) read each key
-    // and value once between them
+    // and value once between them. Tokens in the order 0, R - 1, 1, R - 2, ...: a prefill's later
+    // tokens see more positions, and a thread's share of the tasks (a range) then holds as many
+    // late tokens as early ones (in order, one thread's attention took 3x the other's: commit message)
     at::parallel_for(0, R * Hkv, 1, [&](int64_t t0, int64_t t1) {
       std::vector<float> p(G * T), inv_sum(G);
       for (int64_t t = t0; t < t1; ++t) {
-        const int64_t r = t / Hkv, kv = t % Hkv, b = ROW[r];
+        const int64_t i = t / Hkv, r = i % 2 ? R - 1 - i / 2 : i / 2, kv = t % Hkv, b = ROW[r];
         // positions [first, end); a prefill's left padding (before starts[b]) sees itself alone
         const int64_t end = LEN[b] + NEW[r] + 1, first = std::min(START[b], end - 1);
         const KV* keys = kl + b * row_stride + kv * head_stride;
