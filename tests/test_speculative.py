@@ -142,3 +142,17 @@ def test_a_step_drafts_only_within_spec_max_rows(engines):
     one, = greedy(narrow, PROMPTS[:1], oracles=oracles())          # 1 row: drafts of 2, all kept
     assert one.output_ids == expected[0] and one.num_draft_tokens == one.num_accepted_tokens > 0
     assert one.num_draft_tokens <= 2 * (20 // 3 + 1)
+
+
+def test_the_ceiling_benchmark_replays_drafts_as_the_engine_takes_them_and_cuts_the_oracles_to_what_is_kept():
+    """benchmarks.spec_ceiling's replay of an answer that copies its prompt: the archive's policy
+    starts at 2 and grows a draft kept whole; the oracle drafts as long as it can, cut to what the
+    answer keeps (its last draft meets the answer's end)."""
+    from benchmarks.spec_ceiling import replay
+
+    config = EngineConfig(model_path="unused", spec_tokens=3, spec_lookup_min=2, spec_lookup_max=3, spec_max_rows=4)
+    prompt = list(range(100, 120))
+    answer = prompt[:12]
+    assert replay(prompt, answer, config, max_rows=4, oracle=False) == [(1, 0), (3, 2), (4, 3), (4, 3)]
+    assert replay(prompt, answer, config, max_rows=4, oracle=True) == [(1, 0), (4, 3), (4, 3), (3, 2)]
+    assert replay(prompt, answer, config, max_rows=2, oracle=True) == [(1, 0)] + [(2, 1)] * 5
