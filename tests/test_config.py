@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llmserve.config import EngineConfig
+from llmserve.config import PREFIX_BLOCK, EngineConfig
 from llmserve.tenants import Tenants
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,8 +57,8 @@ def test_bad_values_are_rejected(key, value, match):
 
 
 def test_prefill_chunks_are_whole_prefix_cache_blocks():
-    with pytest.raises(ValueError, match="prefill_chunk_tokens must be a multiple of 16"):
-        EngineConfig(model_path="m", prefix_cache_tokens=256, prefill_chunk_tokens=24)
+    with pytest.raises(ValueError, match=f"prefill_chunk_tokens must be a multiple of {PREFIX_BLOCK}"):
+        EngineConfig(model_path="m", prefix_cache_tokens=256, prefill_chunk_tokens=PREFIX_BLOCK + 4)
     assert EngineConfig(model_path="m", prefix_cache_tokens=256, prefill_chunk_tokens=32).prefill_chunk_tokens == 32
 
 

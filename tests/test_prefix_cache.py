@@ -10,7 +10,7 @@ from llmserve.prefix_cache import BLOCK, PrefixCache
 from llmserve.request import Request, SamplingParams
 
 SHARED = list(range(1000, 1000 + 3 * BLOCK + 5))    # 3 full blocks and 5 more tokens
-TAILS = [[7, 8, 9], [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21], [42], list(range(50, 90))]
+TAILS = [[7, 8, 9], [6, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21], [42], list(range(50, 90))]
 
 
 def engine_of(tiny_model_dir, prefix_cache_tokens: int) -> Engine:

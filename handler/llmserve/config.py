@@ -7,6 +7,8 @@ QUANTIZATION_MODES = ("fp32", "fp16", "bf16", "int8", "nf4", "fp4", "w8", "w4")
 DEVICES = ("auto", "cpu", "cuda")
 BATCHING_MODES = ("continuous", "request_level")
 KV_CACHE_DTYPES = ("auto", "fp32", "fp16")
+PREFIX_BLOCK = 8   # tokens a prefix-cache block holds (prefix_cache.py): a prompt's last partial block is
+                   # computed again, ~half a block a prompt
 
 
 @dataclass(frozen=True)
@@ -21,7 +23,7 @@ class EngineConfig:
     kv_budget_tokens: int = 0         # tokens the KV cache may hold in all; 0 = slots x max_model_len
     max_prefill_tokens: int = 4096    # prompt tokens prefilled in one step (at least one prompt)
     prefill_chunk_tokens: int = 0     # a longer standard or batch prompt, in a step that also decodes,
-                                      # is computed this many tokens a step (a multiple of 16; needs the
+                                      # is computed this many tokens a step (a multiple of PREFIX_BLOCK; needs the
                                       # prefix cache, which holds the chunks); 0 = whole prompts only
     max_new_tokens_cap: int = 1024    # largest max_new_tokens a request may ask for
     default_max_new_tokens: int = 128 # used when a request does not say
@@ -37,7 +39,7 @@ class EngineConfig:
                                       # packed-kernel step's layers torch.compile'd at start-up
                                       # (other modes run eagerly)
     prefix_cache_tokens: int = 0      # prompt prefix tokens whose keys and values are kept for reuse
-                                      # (blocks of 16, least recently used evicted); 0 = off
+                                      # (blocks of PREFIX_BLOCK, least recently used evicted); 0 = off
     spec_tokens: int = 0              # speculative decoding by prompt lookup: draft tokens per step at
                                       # most for greedy requests (see speculative.py); 0 = off
     spec_lookup_min: int = 2          # the n-gram sizes looked up, longest first
@@ -87,8 +89,8 @@ class EngineConfig:
                 or not 1 <= self.spec_lookup_min <= self.spec_lookup_max:
             raise ValueError(f"spec_lookup_min and spec_lookup_max must be integers with 1 <= min <= max, got "
                              f"{self.spec_lookup_min!r} and {self.spec_lookup_max!r}")
-        if self.prefill_chunk_tokens % 16 or (self.prefill_chunk_tokens and not self.prefix_cache_tokens):
-            raise ValueError(f"prefill_chunk_tokens must be a multiple of 16 (the prefix cache's blocks) and needs "
+        if self.prefill_chunk_tokens % PREFIX_BLOCK or (self.prefill_chunk_tokens and not self.prefix_cache_tokens):
+            raise ValueError(f"prefill_chunk_tokens must be a multiple of {PREFIX_BLOCK} (the prefix cache's blocks) and needs "
                              f"prefix_cache_tokens > 0, got {self.prefill_chunk_tokens!r} with prefix_cache_tokens="
                              f"{self.prefix_cache_tokens!r}")
         if self.default_max_new_tokens > self.max_new_tokens_cap:

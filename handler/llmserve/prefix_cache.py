@@ -11,9 +11,8 @@ from collections import OrderedDict
 
 import torch
 
+from .config import PREFIX_BLOCK as BLOCK
 from .kv_cache import KVCache, zeros
-
-BLOCK = 16
 
 
 class PrefixCache:
