@@ -26,7 +26,7 @@ from compare.systems import archive_engine_config
 from compare.workload import OUTPUT_TOKENS, messages, workload
 from llmserve.config import EngineConfig
 from llmserve.engine import Engine
-from llmserve.request import Request, SamplingParams
+from llmserve.request import parse_request
 from llmserve.speculative import PromptLookup, accepted_length
 
 COLUMNS = (("workload", "workload", "{}"), ("answers", "answers", "{}"), ("tokens", "tokens after the first", "{}"),
@@ -39,29 +39,29 @@ COLUMNS = (("workload", "workload", "{}"), ("answers", "answers", "{}"), ("token
 ROW_COLUMNS = (("rows", "rows", "{}"), ("ms", "verify step ms", "{:.2f}"), ("vs_one", "x a one-row step", "{:.2f}"))
 
 
-def prompt_ids(engine: Engine, i: int, name: str) -> list[int]:
-    return engine.tokenizer.apply_chat_template(messages(i, name), add_generation_prompt=True, tokenize=True,
-                                                return_dict=True)["input_ids"]
+def request(engine: Engine, tag: str, chat: list[dict]):
+    """The greedy request the server would make of this chat (OUTPUT_TOKENS at most)."""
+    return parse_request(tag, {"messages": chat, "max_new_tokens": OUTPUT_TOKENS}, engine.config, engine.tokenizer)
 
 
-def answer(engine: Engine, ids: list[int], tag: str, max_rows: int) -> dict:
+def answer(engine: Engine, chat: list[dict], tag: str, max_rows: int) -> dict:
     """One greedy answer, drafting in steps of up to max_rows rows (1: not drafting)."""
     engine.spec_max_rows = max_rows
-    r = Request(request_id=tag, prompt_ids=list(ids), params=SamplingParams(max_new_tokens=OUTPUT_TOKENS))
+    r = request(engine, tag, chat)
     t0 = time.perf_counter()
     engine.add_request(r)
     while not r.is_finished:
         engine.step()
     ms = (time.perf_counter() - t0) * 1000
-    return {"output": r.output_ids, "ms": ms, "ttft_ms": (r.first_token_time - t0) * 1000,
+    return {"prompt": r.prompt_ids, "output": r.output_ids, "ms": ms, "ttft_ms": (r.first_token_time - t0) * 1000,
             "drafted": r.num_draft_tokens, "kept": r.num_accepted_tokens}
 
 
-def verify_ms(engine: Engine, ids: list[int], max_rows: int, reps: int) -> dict[int, float]:
+def verify_ms(engine: Engine, chat: list[dict], max_rows: int, reps: int) -> dict[int, float]:
     """Median time of runner.verify over one sequence's last token and W - 1 more, W = 1..max_rows
-    (the widths taking turns), after ids' prefill; the row's length put back after each. The
+    (the widths taking turns), after the chat's prefill; the row's length put back after each. The
     engine's own work around a step (drafting, bookkeeping) is not in it."""
-    r = Request(request_id="verify", prompt_ids=list(ids), params=SamplingParams(max_new_tokens=OUTPUT_TOKENS))
+    r = request(engine, "verify", chat)
     engine.add_request(r)
     engine.step()
     cache, times = engine.cache, {w: [] for w in range(1, max_rows + 1)}
@@ -69,7 +69,7 @@ def verify_ms(engine: Engine, ids: list[int], max_rows: int, reps: int) -> dict[
     for _ in range(reps):
         for w in times:
             t0 = time.perf_counter()
-            engine.runner.verify(torch.tensor([ids[-w:]]))
+            engine.runner.verify(torch.tensor([r.prompt_ids[-w:]]))
             times[w].append((time.perf_counter() - t0) * 1000)
             cache.lengths[0], cache.row_lengths[0] = length, length
     engine.abort(r.request_id)
@@ -98,29 +98,28 @@ def replay(ids: list[int], output: list[int], config: EngineConfig, max_rows: in
 
 def measure(engine: Engine, name: str, row_ms: dict[int, float]) -> dict:
     config, max_rows = engine.config, max(row_ms)
-    prompts = [prompt_ids(engine, i, name) for i in range(len(workload(name)[1]))]
     on, off = [], []
-    for i, ids in enumerate(prompts):          # drafting first, then not, then the other way round
+    for i in range(len(workload(name)[1])):   # drafting first, then not, then the other way round
         for rows in (max_rows, 1) if i % 2 == 0 else (1, max_rows):
-            (on if rows > 1 else off).append(answer(engine, ids, f"{name}-{i}-{rows}", rows))
+            (on if rows > 1 else off).append(answer(engine, messages(i, name), f"{name}-{i}-{rows}", rows))
     assert all(a["output"] == b["output"] for a, b in zip(on, off)), "drafting changed a greedy answer"
     tokens = sum(len(a["output"]) - 1 for a in off)
     one_row = tokens * row_ms[1]
-    steps = [s for ids, a in zip(prompts, off) for s in replay(ids, a["output"], config, max_rows, oracle=False)]
-    oracle = [s for ids, a in zip(prompts, off) for s in replay(ids, a["output"], config, max_rows, oracle=True)]
+    steps = [s for a in off for s in replay(a["prompt"], a["output"], config, max_rows, oracle=False)]
+    oracle = [s for a in off for s in replay(a["prompt"], a["output"], config, max_rows, oracle=True)]
     modeled = sum(row_ms[w] for w, _ in steps)
     best = sum(row_ms[w] for w, _ in oracle)
-    ttft = sum(a["ttft_ms"] for a in off + on) / 2          # per answer: the mean of the two runs'
+    ttft = sum(a["ttft_ms"] for a in off + on) / 2          # the answers' in all: the mean of the two runs'
     decode_on, decode_off = (sum(a["ms"] - a["ttft_ms"] for a in runs) for runs in (on, off))
     # the replay of the archive's policy drafts and keeps what the engine did: a check on the model
     engine_drafts = (sum(a["drafted"] for a in on), sum(a["kept"] for a in on))
     replayed_drafts = (sum(w - 1 for w, _ in steps), sum(k for _, k in steps))
-    return {"workload": name, "answers": len(prompts), "tokens": tokens, "steps": len(steps),
+    return {"workload": name, "answers": len(off), "tokens": tokens, "steps": len(steps),
             "oracle_steps": len(oracle), "kept": engine_drafts[1] / max(engine_drafts[0], 1),
             "engine_drafted_kept": engine_drafts, "replayed_drafted_kept": replayed_drafts,
             "replay_matches": engine_drafts == replayed_drafts,
             "measured_decode_x": decode_off / decode_on, "modeled_decode_x": one_row / modeled,
-            "oracle_decode_x": one_row / best, "ttft_ms": ttft / len(prompts),
+            "oracle_decode_x": one_row / best, "ttft_ms": ttft / len(off),
             "measured_x": sum(a["ms"] for a in off) / sum(a["ms"] for a in on),
             "modeled_x": (ttft + one_row) / (ttft + modeled), "oracle_x": (ttft + one_row) / (ttft + best)}
 
@@ -135,8 +134,8 @@ def main() -> None:
     engine = Engine.from_config(EngineConfig.from_dict(archive_engine_config()))
     assert engine.config.spec_tokens > 0, "the archive does not draft (spec_tokens: 0)"
     max_rows = engine.spec_max_rows
-    answer(engine, prompt_ids(engine, 0, args.workloads[0]), "warm-up", max_rows)
-    row_ms = verify_ms(engine, prompt_ids(engine, 1, args.workloads[0]), max_rows, args.reps)
+    answer(engine, messages(0, args.workloads[0]), "warm-up", max_rows)
+    row_ms = verify_ms(engine, messages(1, args.workloads[0]), max_rows, args.reps)
     rows = [{"rows": w, "ms": ms, "vs_one": ms / row_ms[1]} for w, ms in row_ms.items()]
     print(format_table(rows, ROW_COLUMNS), flush=True)
     results = [measure(engine, name, row_ms) for name in args.workloads]

@@ -124,9 +124,24 @@ void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* xq, float* xsca
                    float* xsum) {
   const int64_t blocks = K / kBlock, grouped = xscale4 ? blocks / 4 * 4 : 0;
 #if !LLMSERVE_AVX512
-  alignas(32) float amax8[8], sum8[8];
-  int64_t stats_at = -8;     // blocks stats_at .. stats_at + 7 have theirs in amax8, sum8; the last
-                             // M x blocks % 8 blocks take the scalar loop
+  // each block's largest magnitude (into xscale, made its scale below) and sum, 8 blocks at a time;
+  // the last M x blocks % 8 one by one, in the same order
+  int64_t done = 0;
+  for (; done + 8 <= M * blocks; done += 8) {
+    __m256 amax, sum;
+    block_stats8(x + done * kBlock, amax, sum);
+    _mm256_storeu_ps(xscale + done, amax);
+    _mm256_storeu_ps(xsum + done, sum);
+  }
+  for (int64_t r = done; r < M * blocks; ++r) {
+    float amax = 0.f, sum = 0.f;
+    for (int64_t i = 0; i < kBlock; ++i) {
+      amax = std::max(amax, std::fabs(x[r * kBlock + i]));
+      sum += x[r * kBlock + i];
+    }
+    xscale[r] = amax;
+    xsum[r] = sum;
+  }
 #endif
   for (int64_t r = 0; r < M * blocks; ++r) {
     const float* src = x + r * kBlock;
@@ -148,23 +163,7 @@ void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* xq, float* xsca
     _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + half),
                      _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(second, inv))));
 #else
-    float amax = 0.f, sum = 0.f;
-    if (r - stats_at >= 8 && r + 8 <= M * blocks) {
-      __m256 a, s;
-      block_stats8(src, a, s);
-      _mm256_store_ps(amax8, a);
-      _mm256_store_ps(sum8, s);
-      stats_at = r;
-    }
-    if (r - stats_at < 8) {
-      amax = amax8[r - stats_at];
-      sum = sum8[r - stats_at];
-    } else {
-      for (int64_t i = 0; i < kBlock; ++i) {
-        amax = std::max(amax, std::fabs(src[i]));
-        sum += src[i];
-      }
-    }
+    const float amax = xscale[r], sum = xsum[r];
     const float d = amax / 127.f;
     const float inv = d > 0.f ? 1.f / d : 0.f;
     for (int64_t i = 0; i < kBlock; ++i)
