@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 
 from .config import EngineConfig
-from .quantize import WEIGHT_ONLY_MODES, choose_kernels, compute_dtype, from_pretrained_kwargs, pack_linears
+from .quantize import (TIMED_PREFILL_ROWS, WEIGHT_ONLY_MODES, choose_kernels, compute_dtype, from_pretrained_kwargs,
+                       pack_linears)
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")   # the runner's forward is written for these
 
@@ -98,7 +99,9 @@ def load_model(config: EngineConfig):
     packed_max_rows, kernel_ms = -1, None
     if config.quantization in WEIGHT_ONLY_MODES:
         layers = pack_linears(model, config.quantization)
-        packed_max_rows, kernel_ms = choose_kernels(layers, config.packed_max_rows, config.max_num_seqs)
+        # timed up to a prefill step's rows too (prefill_packed_rows reads the crossover)
+        timed_rows = max(config.max_num_seqs, min(config.max_prefill_tokens, TIMED_PREFILL_ROWS))
+        packed_max_rows, kernel_ms = choose_kernels(layers, config.packed_max_rows, timed_rows)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
 
     stop_ids = set()

@@ -28,6 +28,9 @@ W4_GROUP_SIZE = 32   # the default model's source weights are Q4_1: blocks of 32
 # row, so blocks give the same result bit for bit
 W4_QUANTIZE_ROWS = 256
 ALWAYS_PACKED = 1 << 30   # a max_packed_rows no step reaches
+# choose_kernels times the kernels up to a prefill step's rows, at most this many (each doubling
+# of the rows doubles the timing: 256 rows took 6.7 s in all on an AMD EPYC with AVX-512)
+TIMED_PREFILL_ROWS = 256
 logger = logging.getLogger(__name__)
 
 
@@ -187,19 +190,22 @@ def amx_min_rows() -> int:
 def prefill_packed_rows(max_packed_rows: int, rows: int) -> int:
     """The packed-kernel row limit for a prefill of `rows` rows (several tokens a row) on our 4-bit
     kernel, whose int8 activations can flip a near-tied first token ("What is the capital of
-    France?": "The" ... Paris, or "L'" ... French rambling, in an eager archive on the AVX-512
-    kernel), which every later token follows: the float weights (0) unless told always to pack.
-    But AMX tiles take bf16 activations and beat the bf16 products up to 512 rows (scratch timings
-    in commit e758a75's message), so from amx_min_rows() rows every prefill packs; and on CPUs
-    without AVX-512 the 8-column kernel beats MKL's fp32 product at every size (an 85-token
-    prefill 130 against 212 ms on an AVX2 EPYC, whose float prefills made the service
-    prefill-bound: README, the AVX2 runs), so there every prefill packs, at the int8 activations'
-    perplexity (`make quality` measures w4 with packed prefills). Unless the layers never pack.
-    PackedLinear.forward and the C++ decoder step (runner.prefill) both follow it."""
+    France?": "The" ... Paris, or "L'" ... French rambling, once in an eager archive on the AVX-512
+    kernel), which every later token follows. AMX tiles take bf16 activations and beat the bf16
+    products up to 512 rows (scratch timings in commit e758a75's message), so from amx_min_rows()
+    rows every prefill packs, and below them takes the float weights. On CPUs without AVX-512 the
+    8-column kernel beats MKL's fp32 product at every size (an 85-token prefill 130 against 212 ms
+    on an AVX2 EPYC, whose float prefills made the service prefill-bound: README, the AVX2 runs),
+    so there every prefill packs; with AVX-512 and no AMX, prefills pack up to the rows where the
+    packed kernels beat the float ones at start-up (choose_kernels: on a Xeon 16 rows, on an AMD
+    EPYC with AVX-512 every size timed, where a 4-token prefill took 72 ms on the float weights and
+    6 ms packed, 256 tokens 455 against 173 ms: commit message). Packed prefills have the int8
+    activations' perplexity (`make quality` measures w4 with packed prefills). Never where the layers
+    never pack. PackedLinear.forward and the C++ decoder step (runner.prefill) both follow it."""
     if max_packed_rows >= ALWAYS_PACKED or (max_packed_rows > 0 and (rows >= amx_min_rows()
                                                                      or lowbit_kernels() in ("avx2", "vnni"))):
         return ALWAYS_PACKED
-    return 0
+    return max_packed_rows if lowbit_kernels() == "avx512" else 0
 
 
 def q4_columns(own_kernel: str, out_features: int) -> int:
