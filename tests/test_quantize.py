@@ -192,6 +192,24 @@ def test_own_8bit_kernel_on_amx_tiles_rounds_only_the_activations_to_bf16(rows, 
     assert (layer(x) - expected).abs().max() < 1e-5 * expected.abs().max()
 
 
+def test_packed_weights_move_into_one_arena_with_their_values_and_products(kernels):
+    """into_huge_pages: every packed weight and scale our kernels read shares one storage (the huge
+    page arena), each at a 64-byte boundary, with the same values and the same products; torch's
+    kernels' layers (the fallback) keep theirs."""
+    layers = [PackedLinear(linear_with(torch.randn(N, 64, generator=torch.Generator().manual_seed(N)) * 0.05), bits)
+              for N, bits in ((48, 4), (80, 4), (32, 8))]
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(1))
+    before = [(layer.packed.clone(), layer.scales.clone(), layer(x)) for layer in layers]
+    quantize.into_huge_pages(layers)
+    tensors = [t for layer in layers for t in (layer.packed, layer.scales)]
+    storages = {t.untyped_storage().data_ptr() for t in tensors}
+    assert len(storages) == (1 if kernels == "own" else len(tensors))
+    if kernels == "own":
+        assert all(t.data_ptr() % 64 == 0 for t in tensors)
+    for layer, (packed, scales, y) in zip(layers, before):
+        assert torch.equal(layer.packed, packed) and torch.equal(layer.scales, scales) and torch.equal(layer(x), y)
+
+
 def test_each_kernel_gets_a_crossover_of_its_own(monkeypatch):
     """w4's decoder layers (our 4-bit kernel) and LM head (8-bit) are timed apart and each takes
     its own row limit: on an AMX Xeon the first beat bf16 past 64 rows, the second lost from 16."""

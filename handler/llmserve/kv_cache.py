@@ -21,7 +21,7 @@ def zeros(shape: tuple, dtype: torch.dtype, device: torch.device, prefault: bool
     if device.type != "cpu":
         return torch.zeros(shape, dtype=dtype, device=device)
     itemsize = torch.empty((), dtype=dtype).element_size()
-    np_dtype = {2: np.int16, 4: np.int32}[itemsize]
+    np_dtype = {1: np.uint8, 2: np.int16, 4: np.int32}[itemsize]
     if prefault and hasattr(mmap, "MADV_HUGEPAGE"):
         pages = mmap.mmap(-1, math.prod(shape) * itemsize, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         pages.madvise(mmap.MADV_HUGEPAGE)

@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .kv_cache import zeros
+
 FLOAT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 BNB_MODES = ("int8", "nf4", "fp4")
 WEIGHT_ONLY_MODES = ("w8", "w4")
@@ -397,7 +399,30 @@ def pack_linears(model, mode: str) -> list[PackedLinear]:
         if mlp.gate_up_proj is not None:
             mlp.gate_proj = mlp.up_proj = None
     pack(model, "lm_head", 8, pack_dense=False)
+    into_huge_pages(packed)
     return packed
+
+
+def into_huge_pages(layers: list[PackedLinear]) -> None:
+    """Move the packed weights and scales that our kernels read (CPU) into one arena of transparent
+    huge pages (kv_cache.zeros): a one-row decode step reads every one of them, ~80 MB for w4, and
+    in 4 KiB pages, each its own TLB entry, the model's 120 4-bit products of one row took 2.73 ms
+    against 2.27 ms in 2 MiB pages (AMD EPYC with AVX-512; commit message). A tensor alone is too
+    small for a huge page: they share the arena, each at a 64-byte boundary."""
+    tensors = [(layer, name) for layer in layers if layer.own_kernel for name in ("packed", "scales")
+               if getattr(layer, name).device.type == "cpu"]
+    starts, end = [], 0
+    for layer, name in tensors:
+        t = getattr(layer, name)
+        starts.append(end)
+        end += -(-t.numel() * t.element_size() // 64) * 64
+    if not tensors:
+        return
+    arena = zeros((end,), torch.uint8, torch.device("cpu"), prefault=True)
+    for (layer, name), start in zip(tensors, starts):
+        t = getattr(layer, name)
+        size = t.numel() * t.element_size()
+        setattr(layer, name, arena[start:start + size].view(t.dtype).view(t.shape).copy_(t))
 
 
 def choose_kernels(layers: list[PackedLinear], max_packed_rows: int, max_rows: int) -> tuple[int, dict]:
