@@ -411,13 +411,13 @@ def into_huge_pages(layers: list[PackedLinear]) -> None:
     small for a huge page: they share the arena, each at a 64-byte boundary."""
     tensors = [(layer, name) for layer in layers if layer.own_kernel for name in ("packed", "scales")
                if getattr(layer, name).device.type == "cpu"]
+    if not tensors:
+        return
     starts, end = [], 0
     for layer, name in tensors:
         t = getattr(layer, name)
         starts.append(end)
         end += -(-t.numel() * t.element_size() // 64) * 64
-    if not tensors:
-        return
     arena = zeros((end,), torch.uint8, torch.device("cpu"), prefault=True)
     for (layer, name), start in zip(tensors, starts):
         t = getattr(layer, name)
