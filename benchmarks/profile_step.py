@@ -17,7 +17,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.machine import ROOT, describe
-from benchmarks.tables import format_table
+from benchmarks.tables import format_table, write_report
 from benchmarks.workload import CHAT_QUESTIONS
 from llmserve.config import EngineConfig
 from llmserve.engine import Engine
@@ -114,13 +114,8 @@ def main() -> None:
             del engine
 
     report = {"machine": describe(), "torch_threads": torch.get_num_threads(), "facts": facts, "rows": rows}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "profile.json").write_text(json.dumps(report, indent=1))
-    (args.out / "profile.md").write_text(
-        f"Measured on {report['machine']['cpu']}, {report['machine']['num_cores']} cores, {report['torch_threads']} "
-        f"torch threads, torch {report['machine']['torch']}, git {report['machine']['git_sha']}, "
-        f"{report['machine']['date']}; command: python -m benchmarks.profile_step --modes {' '.join(args.modes)} "
-        f"--batch-sizes {' '.join(map(str, args.batch_sizes))}\n\n" + format_table(rows, COLUMNS, markdown=True) + "\n")
+    write_report(args.out, "profile", report, "benchmarks.profile_step", format_table(rows, COLUMNS, markdown=True),
+                 f"; {report['torch_threads']} torch threads")
     print(format_table(rows, COLUMNS))
     print(json.dumps({"out": str(args.out), "rows": len(rows)}))
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.machine import ROOT, describe
-from benchmarks.tables import format_table
+from benchmarks.tables import format_table, write_report
 from compare.systems import archive_engine_config
 from compare.workload import OUTPUT_TOKENS, messages, workload
 from llmserve.config import EngineConfig
@@ -141,17 +141,12 @@ def main() -> None:
     results = [measure(engine, name, row_ms) for name in args.workloads]
     print(format_table(results, COLUMNS))
 
-    machine = describe()
-    report = {"machine": machine, "config": {k: getattr(engine.config, k) for k in (
+    report = {"machine": describe(), "config": {k: getattr(engine.config, k) for k in (
                   "quantization", "spec_tokens", "spec_max_rows", "spec_lookup_min", "spec_lookup_max")},
               "verify_ms": rows, "workloads": results}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "spec_ceiling.json").write_text(json.dumps(report, indent=1))
-    (args.out / "spec_ceiling.md").write_text(
-        f"Measured on {machine['cpu']}, {machine['num_cores']} cores, torch {machine['torch']}, git "
-        f"{machine['git_sha']}, {machine['date']}; command: python -m benchmarks.spec_ceiling --workloads "
-        f"{' '.join(args.workloads)}; the archive's engine: {json.dumps(report['config'])}\n\n"
-        + format_table(rows, ROW_COLUMNS, markdown=True) + "\n\n" + format_table(results, COLUMNS, markdown=True) + "\n")
+    write_report(args.out, "spec_ceiling", report, "benchmarks.spec_ceiling",
+                 format_table(rows, ROW_COLUMNS, markdown=True) + "\n\n" + format_table(results, COLUMNS, markdown=True),
+                 f"; the archive's engine: {json.dumps(report['config'])}")
     print(json.dumps({"out": str(args.out), "workloads": [r["workload"] for r in results]}))
 
 

@@ -3,6 +3,9 @@ summaries, CSV for files. A column is (key, heading, format): a format string or
 the value; a missing, None or empty value shows as "-"."""
 
 import csv
+import json
+import shlex
+import sys
 from pathlib import Path
 
 
@@ -28,3 +31,15 @@ def write_csv(rows: list[dict], path: Path, columns: list[str] | None = None) ->
         writer = csv.DictWriter(f, columns or list(dict.fromkeys(k for r in rows for k in r)))
         writer.writeheader()
         writer.writerows(rows)
+
+
+def write_report(out: Path, name: str, report: dict, module: str, text: str, detail: str = "") -> None:
+    """report as out/name.json, and out/name.md: a line with the machine (report["machine"], from
+    describe()) and the command as it was run (python -m module and this process's arguments), then
+    text (the tables)."""
+    m = report["machine"]
+    command = shlex.join(["python", "-m", module, *sys.argv[1:]])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(report, indent=1))
+    (out / f"{name}.md").write_text(f"Measured on {m['cpu']}, {m['num_cores']} cores, torch {m['torch']}, git "
+                                    f"{m['git_sha']}, {m['date']}; command: {command}{detail}\n\n{text}\n")

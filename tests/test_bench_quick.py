@@ -19,7 +19,7 @@ import yaml
 from benchmarks import measure
 from benchmarks.memory import PeakMemory
 from benchmarks.profiles import load_profile, run_counts
-from benchmarks.tables import format_table
+from benchmarks.tables import format_table, write_report
 from benchmarks.workload import TEMPLATES, WIKITEXT, exact_prompt
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -171,3 +171,16 @@ def test_report_comes_from_the_rows(quick):
         assert entry["prefill_ms"] == pytest.approx(statistics.median(float(r["prefill_ms"]) for r in runs), rel=1e-3)
         # the physics the benchmark is about: without a cache every token re-reads the whole prompt
         assert entry[f"tokens_s_{top}"] > entry[f"tokens_s_no_cache_{top}"], mode
+
+
+def test_a_report_names_its_machine_and_the_command_as_it_was_run(tmp_path, monkeypatch):
+    """write_report: the JSON as given, and the Markdown's first line with the machine and the
+    arguments this process got (not a command rebuilt from some of them), then the tables."""
+    machine = {"cpu": "Some CPU", "num_cores": 2, "torch": "2.13.0", "git_sha": "abc", "date": "2026-12-07"}
+    monkeypatch.setattr(sys, "argv", ["spec_ceiling.py", "--workloads", "copy", "--out", "/tmp/x y"])
+    write_report(tmp_path / "r", "name", {"machine": machine, "rows": [1]}, "benchmarks.spec_ceiling", "TABLE", "; more")
+    assert json.loads((tmp_path / "r" / "name.json").read_text()) == {"machine": machine, "rows": [1]}
+    first, rest = (tmp_path / "r" / "name.md").read_text().split("\n", 1)
+    assert first == ("Measured on Some CPU, 2 cores, torch 2.13.0, git abc, 2026-12-07; command: python -m "
+                     "benchmarks.spec_ceiling --workloads copy --out '/tmp/x y'; more")
+    assert rest == "\nTABLE\n"

@@ -11,6 +11,7 @@ is at hand, else torch's; 8-bit layers likewise take our kernel (float activatio
 weights) there, torch's weight-only int8 kernel elsewhere."""
 
 import functools
+import itertools
 import logging
 import os
 import time
@@ -413,15 +414,11 @@ def into_huge_pages(layers: list[PackedLinear]) -> None:
                if getattr(layer, name).device.type == "cpu"]
     if not tensors:
         return
-    starts, end = [], 0
-    for layer, name in tensors:
+    sizes = [getattr(layer, name).nbytes for layer, name in tensors]
+    starts = [0, *itertools.accumulate(-(-size // 64) * 64 for size in sizes)]   # the last: the arena's size
+    arena = zeros((starts[-1],), torch.uint8, torch.device("cpu"), prefault=True)
+    for (layer, name), start, size in zip(tensors, starts, sizes):
         t = getattr(layer, name)
-        starts.append(end)
-        end += -(-t.numel() * t.element_size() // 64) * 64
-    arena = zeros((end,), torch.uint8, torch.device("cpu"), prefault=True)
-    for (layer, name), start in zip(tensors, starts):
-        t = getattr(layer, name)
-        size = t.numel() * t.element_size()
         setattr(layer, name, arena[start:start + size].view(t.dtype).view(t.shape).copy_(t))
 
 
