@@ -192,6 +192,42 @@ def test_own_8bit_kernel_on_amx_tiles_rounds_only_the_activations_to_bf16(rows, 
     assert (layer(x) - expected).abs().max() < 1e-5 * expected.abs().max()
 
 
+def bf16_top() -> bool:
+    return bool(lowbit_kernels()) and torch.ops.llmserve.has_bf16_dot()
+
+
+@pytest.mark.parametrize("rows", [2, 6, 9, 64])
+def test_8bit_top_is_the_float_product_at_each_rows_largest_among_near_ties(rows):
+    """PackedLinear.top (llmserve::q8_mm_top, vdpbf16ps): at each row's largest, the float
+    kernel's value bit for bit, so its argmax is forward's, where each row's two largest (in
+    different groups of 16 columns, which it recomputes whole) are a millionth apart (bf16 activations alone put the wrong one first in about half the rows), and in
+    a row with one huge input; elsewhere it may differ. One row, or none of these instructions: forward."""
+    if not bf16_top():
+        pytest.skip("no vdpbf16ps in this build (AVX-512 BF16 without AMX)")
+    g = torch.Generator().manual_seed(rows)
+    w = torch.randn(48, 96, generator=g, dtype=torch.float64) * torch.rand(48, 1, generator=g, dtype=torch.float64)
+    q, scales = quantize.quantize_w8(w)
+    layer = PackedLinear(linear_with(w.float()), bits=8)
+    assert layer.norms is not None and layer.packed.dim() == 3
+    dequantized = q.double() * scales.double()[:, None]
+    x = torch.randn(rows, 96, generator=g, dtype=torch.float64)
+    for r in range(rows):      # columns a and b, in groups of 16 of their own, tied (a millionth apart), far above the rest
+        a, b = dequantized[r % 16], dequantized[16 + (5 * r) % 32]
+        d, both = a - b, a + b
+        both = both - (both @ d) / (d @ d) * d
+        x[r] = x[r] - (x[r] @ d) / (d @ d) * d + 50 * both / both.norm() + 1e-6 * d / d.norm()
+    x = x.float()
+    x[-1, 7] = 1e4
+    exact, top = layer(x), layer.top(x)
+    best = exact.argmax(-1)
+    assert torch.equal(top.argmax(-1), best)
+    assert torch.equal(top.gather(1, best[:, None]), exact.gather(1, best[:, None]))
+    if rows >= 9:      # the ties are real: bf16 activations alone get some wrong
+        assert (layer(x.bfloat16().float()).argmax(-1) != best).any()
+    assert not torch.equal(top, exact)                  # and the rest of each row was not recomputed
+    assert torch.equal(layer.top(x[:1]), exact[:1])     # one row: forward
+
+
 def test_packed_weights_move_into_one_arena_with_their_values_and_products(kernels):
     """into_huge_pages: every packed weight and scale our kernels read shares one storage (the huge
     page arena), each at a 64-byte boundary, with the same values and the same products; torch's
@@ -350,6 +386,29 @@ def test_weight_only_engine_batched_equals_alone(engine, amx_rows):
     finally:
         if before is not None:
             torch.ops.llmserve.amx_min_rows(before)
+
+
+def test_greedy_rows_take_the_top_lm_head_and_answer_as_on_the_float_one(engine, monkeypatch):
+    """In a batch, greedy rows' LM head is PackedLinear.top: the same tokens as the float kernel's
+    product gives them (and a greedy answer alone, one row a step, takes), while a sampled row (seeded)
+    and one asking for logprobs in the same steps get their logits whole, as before."""
+    if not bf16_top():
+        pytest.skip("no vdpbf16ps in this build (AVX-512 BF16 without AMX)")
+    rows = []
+    top = PackedLinear.top
+    monkeypatch.setattr(PackedLinear, "top", lambda self, x: rows.append(x.reshape(-1, x.shape[-1]).shape[0]) or top(self, x))
+
+    def answers() -> list:
+        params = [SamplingParams(max_new_tokens=12), SamplingParams(max_new_tokens=12, temperature=0.8, seed=3),
+                  SamplingParams(max_new_tokens=12, logprobs=2), SamplingParams(max_new_tokens=12, min_tokens=5)]
+        requests = [Request(f"{i}", engine.tokenizer(p)["input_ids"], params[i % 4]) for i, p in enumerate(PROMPTS * 2)]
+        engine.generate(requests)
+        return [(r.output_ids, r.logprobs) for r in requests]
+
+    fast = answers()
+    assert rows and max(rows) >= 2
+    monkeypatch.setattr(PackedLinear, "top", lambda self, x: self(x))
+    assert answers() == fast
 
 
 def test_compiled_decode_matches_eager_and_builds_no_graph_after_start_up(tiny_model_dir, kernels, monkeypatch):

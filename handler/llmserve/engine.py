@@ -149,7 +149,7 @@ class Engine:
             if drafts:
                 self._verify(drafts, batch_size=B + len(out.prefill))
             else:
-                logits = self.runner.decode(B)
+                logits = self.runner.decode(B, [r.reads_argmax_only for r in self.rows[:B]])
                 self._postprocess(self.rows[:B], logits, batch_size=B + len(out.prefill))
         # each request's share of the step's time, by the tokens computed for it (chargeback)
         tokens = {r: 1 for r in out.decode}
@@ -282,7 +282,7 @@ class Engine:
         requests = self.rows[:B]
         tokens = torch.tensor([[0] + d + [0] * (W - 1 - len(d)) for d in drafts], device=self.facts.device)
         tokens[:, 0] = self.cache.last_tokens[:B]
-        logits = self.runner.verify(tokens)                                                   # [B, W, V]
+        logits = self.runner.verify(tokens, [r.reads_argmax_only for r in requests])          # [B, W, V]
         predicted = argmax(logits).tolist()
         kept = [accepted_length(d, p) for d, p in zip(drafts, predicted)]
         # rows advance over their kept draft before any request finishes: a finished row's hole is

@@ -43,6 +43,12 @@
 #else
 #define LLMSERVE_AMX 0
 #endif
+// and with -mavx512bf16 where the CPU has it: vdpbf16ps for the 8-bit LM head's greedy rows (q8_mm_top)
+#if LLMSERVE_AVX512 && defined(__AVX512BF16__)
+#define LLMSERVE_BF16 1
+#else
+#define LLMSERVE_BF16 0
+#endif
 
 namespace {
 
@@ -832,6 +838,103 @@ void q8_matmul_pairs(const float* x, int64_t M, int64_t K, int64_t N, const int8
         });
   });
 }
+
+#if LLMSERVE_BF16
+// ROWS rows of bf16 activations, xb [*, K/2] pairs (inputs 2i and 2i + 1 of a row in one 32-bit
+// word), times column group g of the pairs layout: each 32 weights widened once to bf16 (exactly)
+// for all rows, one vdpbf16ps a row where the float kernel takes two FMAs; lane c is column c
+template <int ROWS>
+void dot_pairs_bf16(const int8_t* W, const float* S, const uint32_t* xb, float* y, int64_t g, int64_t N, int64_t K) {
+  const int64_t blocks = K / kBlock, pairs = K / 2;
+  __m512 acc[ROWS][2];   // even and odd pairs: two chains of vdpbf16ps a row
+  for (int r = 0; r < ROWS; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  const int8_t* wg = W + g * blocks * 512;
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int8_t* src = wg + b * 512;
+    for (int m = 0; m < 8; ++m) _mm_prefetch(reinterpret_cast<const char*>(src + kPrefetchBytes + 64 * m), _MM_HINT_T0);
+    for (int j = 0; j < 16; j += 2) {
+      const __m512bh w0 = _mm512_cvtne2ps_pbh(widen16(src + 32 * j + 16), widen16(src + 32 * j));
+      const __m512bh w1 = _mm512_cvtne2ps_pbh(widen16(src + 32 * j + 48), widen16(src + 32 * j + 32));
+      for (int r = 0; r < ROWS; ++r) {
+        const uint32_t* p = xb + r * pairs + b * 16 + j;
+        acc[r][0] = _mm512_dpbf16_ps(acc[r][0], w0, reinterpret_cast<__m512bh>(_mm512_set1_epi32(p[0])));
+        acc[r][1] = _mm512_dpbf16_ps(acc[r][1], w1, reinterpret_cast<__m512bh>(_mm512_set1_epi32(p[1])));
+      }
+    }
+  }
+  const __m512 scale = _mm512_loadu_ps(S + g * 16);
+  for (int r = 0; r < ROWS; ++r) _mm512_storeu_ps(y + r * N + g * 16, _mm512_mul_ps(_mm512_add_ps(acc[r][0], acc[r][1]), scale));
+}
+
+// llmserve::q8_mm_top's product: Y [M, N] exactly as q8_matmul_pairs gives it (float activations,
+// no AMX) at each row's largest, near enough elsewhere, at bf16's speed. Every column is first
+// taken with bf16 activations (a), then each row's columns that may be its largest get the float
+// kernel's values (e): |a_n - e_n| <= b_n = norms[n] (||x - bf16(x)|| + gamma (||x|| + ||bf16(x)||)),
+// norms[n] the column's norm with its scale (Cauchy-Schwarz; gamma bounds either sum's rounding), so
+// no column whose a_n + b_n falls below L = max(a - b) can be the row's largest, nor outranks it
+// as it stays; every other column's group of 16 is taken again with float activations, the same
+// instructions as in a one-row step. So a greedy row's argmax is a one-row step's, batched or not.
+void q8_matmul_pairs_top(const float* x, int64_t M, int64_t K, int64_t N, const int8_t* W, const float* S,
+                         const float* norms, float* Y) {
+  std::vector<uint16_t> xb(M * K);
+  std::vector<double> radius(M);
+  for (int64_t r = 0; r < M; ++r) {
+    double dd = 0, xx = 0, bb = 0;
+    for (int64_t k = 0; k < K; k += 16) {
+      const __m512 v = _mm512_loadu_ps(x + r * K + k);
+      const __m256i h = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(xb.data() + r * K + k), h);
+      const __m512 back = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+      alignas(64) float xs[16], bs[16];
+      _mm512_store_ps(xs, v);
+      _mm512_store_ps(bs, back);
+      for (int i = 0; i < 16; ++i) {
+        dd += (double(xs[i]) - bs[i]) * (double(xs[i]) - bs[i]);
+        xx += double(xs[i]) * xs[i];
+        bb += double(bs[i]) * bs[i];
+      }
+    }
+    const double gamma = (K + 8) * 0x1p-24 / (1 - (K + 8) * 0x1p-24);
+    radius[r] = (std::sqrt(dd) + gamma * (std::sqrt(xx) + std::sqrt(bb))) * (1 + 1e-6);
+  }
+  const uint32_t* XB = reinterpret_cast<const uint32_t*>(xb.data());
+  at::parallel_for(0, N / 16, 1, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g)
+      for (int64_t m0 = 0; m0 < M; m0 += kColumns16RowTile)
+        with_rows<kColumns16RowTile>(std::min<int64_t>(M - m0, kColumns16RowTile), [&](auto rows) {
+          dot_pairs_bf16<decltype(rows)::value>(W, S, XB + m0 * K / 2, Y + m0 * N, g, N, K);
+        });
+  });
+  at::parallel_for(0, M, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      float* y = Y + r * N;
+      const __m512d R = _mm512_set1_pd(radius[r]), tiny = _mm512_set1_pd(1e-30);
+      __m512d best = _mm512_set1_pd(-INFINITY);
+      for (int64_t n = 0; n < N; n += 8) {
+        const __m512d a = _mm512_cvtps_pd(_mm256_loadu_ps(y + n)), w = _mm512_cvtps_pd(_mm256_loadu_ps(norms + n));
+        best = _mm512_max_pd(best, _mm512_sub_pd(_mm512_fnmadd_pd(w, R, a), tiny));
+      }
+      const double L = _mm512_reduce_max_pd(best);
+      if (!std::isfinite(L) || !std::isfinite(radius[r])) {   // inf or NaN: the float kernel's row, all of it
+        for (int64_t g = 0; g < N / 16; ++g) dot_pairs_q8<1>(W, S, x + r * K, y, g, N, K);
+        continue;
+      }
+      const __m512d low = _mm512_set1_pd(L);
+      int64_t last = -1;
+      for (int64_t n = 0; n < N; n += 8) {
+        const __m512d a = _mm512_cvtps_pd(_mm256_loadu_ps(y + n)), w = _mm512_cvtps_pd(_mm256_loadu_ps(norms + n));
+        // not (a + b >= L): NaN counts as a candidate
+        __mmask8 near = ~_mm512_cmp_pd_mask(_mm512_add_pd(_mm512_fmadd_pd(w, R, a), tiny), low, _CMP_LT_OQ);
+        for (; near; near &= near - 1) {
+          const int64_t g = (n + __builtin_ctz(near)) / 16;
+          if (g != last) dot_pairs_q8<1>(W, S, x + r * K, y, g, N, K);
+          last = g;
+        }
+      }
+    }
+  });
+}
+#endif
 #endif
 
 const uint16_t* halves(const torch::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<at::Half>()); }
@@ -1193,6 +1296,27 @@ torch::Tensor q8_mm(const torch::Tensor& x, const torch::Tensor& q, const torch:
   return y;
 }
 
+// llmserve::q8_mm_top: q8_mm's product in the pairs layout, exact at each row's largest (its argmax
+// is q8_mm's without AMX, the first of equal largest), near it elsewhere (q8_matmul_pairs_top);
+// norms [N] float32: each column's norm with its scale, rounded up. Where the build has no
+// vdpbf16ps (has_bf16_dot), an error.
+torch::Tensor q8_mm_top(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale, const torch::Tensor& norms) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32 && x.dim() == 2, "x must be [M, K] float32 on the CPU");
+  const int64_t M = x.size(0), K = x.size(1), N = q.dim() == 3 ? q.size(0) * 16 : 0;
+  TORCH_CHECK(q.scalar_type() == torch::kChar && q.dim() == 3 && q.size(1) * kBlock == K && q.size(2) == 512 &&
+              scale.scalar_type() == torch::kFloat32 && scale.numel() == N && norms.scalar_type() == torch::kFloat32 &&
+              norms.numel() == N, "q [N/16, K/32, 512] int8, scale and norms [N] float32");
+  const auto xc = x.contiguous(), qc = q.contiguous(), sc = scale.contiguous(), nc = norms.contiguous();
+  auto y = torch::empty({M, N}, torch::kFloat32);
+#if LLMSERVE_BF16
+  q8_matmul_pairs_top(xc.data_ptr<float>(), M, K, N, qc.data_ptr<int8_t>(), sc.data_ptr<float>(), nc.data_ptr<float>(),
+                      y.data_ptr<float>());
+#else
+  TORCH_CHECK(false, "q8_mm_top needs the AVX-512 build with vdpbf16ps (has_bf16_dot)");
+#endif
+  return y;
+}
+
 // llmserve::decode_layers: every decoder layer of a Llama-style model (RMSNorm, fused q|k|v with
 // rotary embedding, grouped-query attention over the KV cache, o, fused gate|up with SiLU, down)
 // for W new tokens in each of B rows (or counts[b] in row b), in one call: the layers' ~60 small ops
@@ -1375,6 +1499,8 @@ TORCH_LIBRARY(llmserve, m) {
   m.def("amx_min_rows(int rows) -> int", &amx_min_rows);
   m.def("q4_mm(Tensor x, Tensor packed, Tensor scale, Tensor low) -> Tensor");
   m.def("q8_mm(Tensor x, Tensor q, Tensor scale) -> Tensor");
+  m.def("q8_mm_top(Tensor x, Tensor q, Tensor scale, Tensor norms) -> Tensor");
+  m.def("has_bf16_dot() -> bool", [] { return bool(LLMSERVE_BF16); });
   m.def("mkl_pack(Tensor w) -> Tensor");
   m.def("mkl_mm(Tensor x, Tensor packed, int N) -> Tensor");
   m.def("decode_layers(Tensor x, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor starts, "
@@ -1384,6 +1510,7 @@ TORCH_LIBRARY(llmserve, m) {
 TORCH_LIBRARY_IMPL(llmserve, CPU, m) {
   m.impl("q4_mm", &q4_mm);
   m.impl("q8_mm", &q8_mm);
+  m.impl("q8_mm_top", &q8_mm_top);
   m.impl("mkl_pack", &mkl_pack);
   m.impl("mkl_mm", &mkl_mm);
   m.impl("decode_layers", &decode_layers);

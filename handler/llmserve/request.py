@@ -88,6 +88,13 @@ class Request:
     def is_finished(self) -> bool:
         return self.status == "finished"
 
+    @property
+    def reads_argmax_only(self) -> bool:
+        """Its next token is its logits' argmax and nothing else reads them (no sampling, no
+        logprobs, no min_tokens mask): the LM head may be exact at the largest only (runner._logits)."""
+        p = self.params
+        return p.is_greedy and p.logprobs is None and len(self.output_ids) >= p.min_tokens
+
     def timings(self) -> dict:
         end = self.finish_time or time.perf_counter()
         first = self.first_token_time or end

@@ -188,19 +188,29 @@ class ModelRunner:
             x, cos, sin, k, v, starts, lengths, counts, W, self.num_heads,
             first.input_layernorm.variance_epsilon, first.self_attn.scaling, max_packed_rows, self.fused_weights)
 
-    def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        """The final norm and the LM head: logits [..., V] float32 of hidden states [..., C]."""
-        return self.model.lm_head(rms_norm(self.decoder.norm, x)).float()
+    def _logits(self, x: torch.Tensor, argmax_rows: list[bool] | None = None) -> torch.Tensor:
+        """The final norm and the LM head: logits [B, ..., V] float32 of hidden states [B, ..., C].
+        argmax_rows [B]: True where nothing but the row's largest logits are read (greedy rows
+        without logprobs), which an 8-bit LM head may then compute exactly there only (top())."""
+        h = rms_norm(self.decoder.norm, x)
+        head = self.model.lm_head
+        if not argmax_rows or not any(argmax_rows) or not hasattr(head, "top"):
+            return head(h).float()
+        logits = head.top(h).float()
+        if not all(argmax_rows):                          # the others' logits, all of them exact
+            full = torch.tensor([not a for a in argmax_rows], device=h.device)
+            logits[full] = head(h[full]).float()
+        return logits
 
-    def decode(self, num_rows: int) -> torch.Tensor:
+    def decode(self, num_rows: int, argmax_rows: list[bool] | None = None) -> torch.Tensor:
         """One token for each of rows 0..num_rows-1, fed from cache.last_tokens; returns logits [B, V]."""
-        return self.verify(self.cache.last_tokens[:num_rows, None])[:, 0]
+        return self.verify(self.cache.last_tokens[:num_rows, None], argmax_rows)[:, 0]
 
     @torch.inference_mode()
-    def verify(self, tokens: torch.Tensor) -> torch.Tensor:
+    def verify(self, tokens: torch.Tensor, argmax_rows: list[bool] | None = None) -> torch.Tensor:
         """Rows 0..B-1 each take the W tokens of tokens [B, W] at once: their last token, then a
         draft (speculative decoding; W = 1 is a decode step). Returns logits at every position
-        [B, W, V]; writes all W keys and values and advances each row by one: the engine advances
+        [B, W, V] (argmax_rows: _logits); writes all W keys and values and advances each row by one: the engine advances
         rows further by the draft tokens it keeps (keys past a row's length are masked, later
         overwritten). The linear layers see the B x W tokens as that many rows (the kernel for that
         many rows, the same per row as in a one-token step), attention sees each row's W. The
@@ -235,7 +245,7 @@ class ModelRunner:
             c.k[:, rows, :, cols] = torch.stack(new_k, dim=1).permute(0, 3, 1, 2, 4)             # [B, W, L, Hkv, D]
             c.v[:, rows, :, cols] = torch.stack(new_v, dim=1).permute(0, 3, 1, 2, 4)
         c.advance(B)
-        return self._logits(x.reshape(B, W, -1))                                            # [B, W, V]
+        return self._logits(x.reshape(B, W, -1), argmax_rows)                               # [B, W, V]
 
     def _decode_layer(self, layer, x, cos, sin, mask, k_past, v_past):
         """One decoder layer for W new tokens in each of B rows, flattened: x [B*W, 1, C]; cos, sin:
