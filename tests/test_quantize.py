@@ -305,7 +305,8 @@ def test_kernel_is_chosen_by_rows(monkeypatch):
 
 def test_prefills_pack_where_the_4bit_kernel_beats_the_float_weights(monkeypatch):
     """AVX-512 without AMX: the packed kernel up to the rows where it beat the float weights at
-    start-up (64 here: a prefill of 8 rows packs, one of 200 does not); AMX: bf16 tiles from
+    start-up (64 here: a prefill of 8 rows packs, one of 200 does not), at every size where it won
+    at every size timed (TIMED_PREFILL_ROWS); AMX: bf16 tiles from
     amx_min_rows rows; AVX2 alone: the 8-column kernel at every size; never where the layers never
     pack, always where told to."""
     # build: its amx_min_rows, then the limits for prefills of 8 and of 200 rows
@@ -316,6 +317,11 @@ def test_prefills_pack_where_the_4bit_kernel_beats_the_float_weights(monkeypatch
         monkeypatch.setattr(quantize, "amx_min_rows", lambda: min_rows)
         assert (quantize.prefill_packed_rows(64, 8), quantize.prefill_packed_rows(64, 200)) == expected, build
         assert quantize.prefill_packed_rows(0, 200) == 0 and quantize.prefill_packed_rows(ALWAYS_PACKED, 8) == ALWAYS_PACKED
+    # AVX-512 without AMX, the packed kernels won at every size timed (to TIMED_PREFILL_ROWS): every prefill packs
+    monkeypatch.setattr(quantize, "lowbit_kernels", lambda: "avx512")
+    monkeypatch.setattr(quantize, "amx_min_rows", lambda: ALWAYS_PACKED)
+    won = quantize.TIMED_PREFILL_ROWS
+    assert quantize.prefill_packed_rows(won, 8) == quantize.prefill_packed_rows(won, 2048) == ALWAYS_PACKED
 
 
 PROMPTS = ["Hello there", "The quick brown fox jumps over", "1 2 3", "x"]

@@ -206,13 +206,18 @@ def prefill_packed_rows(max_packed_rows: int, rows: int) -> int:
     so there every prefill packs; with AVX-512 and no AMX, prefills pack up to the rows where the
     packed kernels beat the float ones at start-up (choose_kernels: on a Xeon 16 rows, on an AMD
     EPYC with AVX-512 every size timed, where a 4-token prefill took 72 ms on the float weights and
-    6 ms packed, 256 tokens 455 against 173 ms: commit message). Packed prefills have the int8
+    6 ms packed, 256 tokens 455 against 173 ms: commit message), and at every size where they won
+    up to TIMED_PREFILL_ROWS. Packed prefills have the int8
     activations' perplexity (`make quality` measures w4 with packed prefills). Never where the layers
     never pack. PackedLinear.forward and the C++ decoder step (runner.prefill) both follow it."""
     if max_packed_rows >= ALWAYS_PACKED or (max_packed_rows > 0 and (rows >= amx_min_rows()
                                                                      or lowbit_kernels() in ("avx2", "vnni"))):
         return ALWAYS_PACKED
-    return max_packed_rows if lowbit_kernels() == "avx512" else 0
+    if lowbit_kernels() != "avx512":
+        return 0
+    # won at every size timed, up to TIMED_PREFILL_ROWS: longer prompts pack too (on that EPYC the
+    # packed products stayed 2.4x faster to 2048 rows, 898 against 2196 ms: commit message)
+    return ALWAYS_PACKED if max_packed_rows >= TIMED_PREFILL_ROWS else max_packed_rows
 
 
 def q4_columns(own_kernel: str, out_features: int) -> int:
