@@ -203,8 +203,8 @@ SYSTEMS = {
 # the same with a feature off, for the workloads where it matters (--workload)
 # (ports of their own: compare.run --paired runs a system and its variant side by side)
 SYSTEMS |= {
-    "ours-no-prefix-cache": replace(SYSTEMS["ours"], start=partial(start_ours, settings=("prefix_cache_tokens=0",)),
-                                    port=18300),
+    "ours-no-prefix-cache": replace(SYSTEMS["ours"], port=18300, start=partial(
+        start_ours, settings=("prefix_cache_tokens=0", "prefill_chunk_tokens=0"))),   # chunks live in the cache
     "ours-no-spec": replace(SYSTEMS["ours"], start=partial(start_ours, settings=("spec_tokens=0",)), port=18310),
     "vllm-no-prefix-cache": replace(SYSTEMS["vllm"], start=partial(start_vllm, prefix_caching=False), port=18320),
 }

