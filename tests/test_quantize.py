@@ -200,8 +200,9 @@ def bf16_top() -> bool:
 def test_8bit_top_is_the_float_product_at_each_rows_largest_among_near_ties(rows):
     """PackedLinear.top (llmserve::q8_mm_top, vdpbf16ps): at each row's largest, the float
     kernel's value bit for bit, so its argmax is forward's, where each row's two largest (in
-    different groups of 16 columns, which it recomputes whole) are a millionth apart (bf16 activations alone put the wrong one first in about half the rows), and in
-    a row with one huge input; elsewhere it may differ. One row, or none of these instructions: forward."""
+    different groups of 16 columns, which it recomputes whole) are a millionth apart (bf16
+    activations alone put the wrong one first in some rows), and in a row with one huge input;
+    elsewhere it may differ. One row, or none of these instructions: forward."""
     if not bf16_top():
         pytest.skip("no vdpbf16ps in this build (AVX-512 BF16 without AMX)")
     g = torch.Generator().manual_seed(rows)
@@ -211,7 +212,7 @@ def test_8bit_top_is_the_float_product_at_each_rows_largest_among_near_ties(rows
     assert layer.norms is not None and layer.packed.dim() == 3
     dequantized = q.double() * scales.double()[:, None]
     x = torch.randn(rows, 96, generator=g, dtype=torch.float64)
-    for r in range(rows):      # columns a and b, in groups of 16 of their own, tied (a millionth apart), far above the rest
+    for r in range(rows):      # columns a and b, in groups of 16 apart, tied (a millionth apart), far above the rest
         a, b = dequantized[r % 16], dequantized[16 + (5 * r) % 32]
         d, both = a - b, a + b
         both = both - (both @ d) / (d @ d) * d
@@ -305,10 +306,9 @@ def test_kernel_is_chosen_by_rows(monkeypatch):
 
 def test_prefills_pack_where_the_4bit_kernel_beats_the_float_weights(monkeypatch):
     """AVX-512 without AMX: the packed kernel up to the rows where it beat the float weights at
-    start-up (64 here: a prefill of 8 rows packs, one of 200 does not), at every size where it won
-    at every size timed (TIMED_PREFILL_ROWS); AMX: bf16 tiles from
-    amx_min_rows rows; AVX2 alone: the 8-column kernel at every size; never where the layers never
-    pack, always where told to."""
+    start-up (64 here: a prefill of 8 rows packs, one of 200 does not), at every size where it
+    never lost; AMX: bf16 tiles from amx_min_rows rows; AVX2 alone: the 8-column kernel at every
+    size; never where the layers never pack, always where told to."""
     # build: its amx_min_rows, then the limits for prefills of 8 and of 200 rows
     for build, min_rows, expected in (("avx512", ALWAYS_PACKED, (64, 64)), ("amx", 16, (0, ALWAYS_PACKED)),
                                       ("avx2", ALWAYS_PACKED, (ALWAYS_PACKED,) * 2),
@@ -317,11 +317,28 @@ def test_prefills_pack_where_the_4bit_kernel_beats_the_float_weights(monkeypatch
         monkeypatch.setattr(quantize, "amx_min_rows", lambda: min_rows)
         assert (quantize.prefill_packed_rows(64, 8), quantize.prefill_packed_rows(64, 200)) == expected, build
         assert quantize.prefill_packed_rows(0, 200) == 0 and quantize.prefill_packed_rows(ALWAYS_PACKED, 8) == ALWAYS_PACKED
-    # AVX-512 without AMX, the packed kernels won at every size timed (to TIMED_PREFILL_ROWS): every prefill packs
+    # AVX-512 without AMX, where the packed kernels never lost at start-up (time_kernels): every prefill packs
     monkeypatch.setattr(quantize, "lowbit_kernels", lambda: "avx512")
     monkeypatch.setattr(quantize, "amx_min_rows", lambda: ALWAYS_PACKED)
-    won = quantize.TIMED_PREFILL_ROWS
-    assert quantize.prefill_packed_rows(won, 8) == quantize.prefill_packed_rows(won, 2048) == ALWAYS_PACKED
+    assert quantize.prefill_packed_rows(ALWAYS_PACKED, 8) == quantize.prefill_packed_rows(ALWAYS_PACKED, 2048) == ALWAYS_PACKED
+
+
+@pytest.mark.parametrize("packed_loses_from, expected", [(4, 2), (1, 0), (None, ALWAYS_PACKED)])
+def test_kernels_that_never_lose_are_taken_at_every_size(packed_loses_from, expected):
+    """time_kernels: the most rows at which the packed kernels won (1, 2, 4, ...), or ALWAYS_PACKED
+    where they never lost up to max_rows (longer prompts then pack too, not only those timed).
+    Stand-in layers whose losing side sleeps 20 ms."""
+    class Layer:
+        weight, max_packed_rows = torch.zeros(4, 8), 0
+
+        def __call__(self, x):
+            packed = self.max_packed_rows == ALWAYS_PACKED
+            loses = packed == (packed_loses_from is not None and x.shape[0] >= packed_loses_from)
+            time.sleep(0.02 if loses else 0)
+
+    best, timings = quantize.time_kernels([Layer()], max_rows=8)
+    assert best == expected
+    assert set(timings) == ({1, 2, 4} if packed_loses_from == 4 else {1} if packed_loses_from == 1 else {1, 2, 4, 8})
 
 
 PROMPTS = ["Hello there", "The quick brown fox jumps over", "1 2 3", "x"]

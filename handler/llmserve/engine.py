@@ -85,8 +85,8 @@ class Engine:
         assert request.request_id not in self.requests, f"duplicate request id {request.request_id}"
         self.check_room(request.tier)
         request.generator = make_generator(request.params, self.facts.device)
-        p, c = request.params, self.config
-        if c.spec_tokens and p.is_greedy and p.logprobs is None and not p.min_tokens:   # the only ones that draft
+        c = self.config
+        if c.spec_tokens and request.reads_argmax_only:   # the only ones that draft (no output yet: no min_tokens)
             request.lookup = PromptLookup(c.spec_tokens, c.spec_lookup_min, c.spec_lookup_max)
         if request.deadline is not None:
             self.timed.add(request)

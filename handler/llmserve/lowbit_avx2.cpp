@@ -826,16 +826,23 @@ void q8_matmul_amx(const float* x, int64_t M, int64_t K, int64_t N, const int8_t
 }
 #endif
 
+// The pairs layout's tiling: column groups of 16 split over the threads, each group's rows in tiles
+// of kColumns16RowTile; tile(rows, g, m0) gets the tile's row count as a compile-time constant
+template <typename Tile>
+void for_each_group16(int64_t M, int64_t N, const Tile& tile) {
+  at::parallel_for(0, N / 16, 1, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g)
+      for (int64_t m0 = 0; m0 < M; m0 += kColumns16RowTile)
+        with_rows<kColumns16RowTile>(std::min<int64_t>(M - m0, kColumns16RowTile), [&](auto rows) { tile(rows, g, m0); });
+  });
+}
+
 void q8_matmul_pairs(const float* x, int64_t M, int64_t K, int64_t N, const int8_t* W, const float* S, float* Y) {
 #if LLMSERVE_AMX
   if (M >= amx_min_rows_now && amx_ready()) return q8_matmul_amx(x, M, K, N, W, S, Y);
 #endif
-  at::parallel_for(0, N / 16, 1, [&](int64_t g0, int64_t g1) {
-    for (int64_t g = g0; g < g1; ++g)
-      for (int64_t m0 = 0; m0 < M; m0 += kColumns16RowTile)
-        with_rows<kColumns16RowTile>(std::min<int64_t>(M - m0, kColumns16RowTile), [&](auto rows) {
-          dot_pairs_q8<decltype(rows)::value>(W, S, x + m0 * K, Y + m0 * N, g, N, K);
-        });
+  for_each_group16(M, N, [&](auto rows, int64_t g, int64_t m0) {
+    dot_pairs_q8<decltype(rows)::value>(W, S, x + m0 * K, Y + m0 * N, g, N, K);
   });
 }
 
@@ -878,32 +885,24 @@ void q8_matmul_pairs_top(const float* x, int64_t M, int64_t K, int64_t N, const 
                          const float* norms, float* Y) {
   std::vector<uint16_t> xb(M * K);
   std::vector<double> radius(M);
+  const double gamma = (K + 8) * 0x1p-24 / (1 - (K + 8) * 0x1p-24);
   for (int64_t r = 0; r < M; ++r) {
+    for (int64_t k = 0; k < K; k += 16)   // round to nearest even, as the instruction does
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(xb.data() + r * K + k),
+                          reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_loadu_ps(x + r * K + k))));
     double dd = 0, xx = 0, bb = 0;
-    for (int64_t k = 0; k < K; k += 16) {
-      const __m512 v = _mm512_loadu_ps(x + r * K + k);
-      const __m256i h = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(xb.data() + r * K + k), h);
-      const __m512 back = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-      alignas(64) float xs[16], bs[16];
-      _mm512_store_ps(xs, v);
-      _mm512_store_ps(bs, back);
-      for (int i = 0; i < 16; ++i) {
-        dd += (double(xs[i]) - bs[i]) * (double(xs[i]) - bs[i]);
-        xx += double(xs[i]) * xs[i];
-        bb += double(bs[i]) * bs[i];
-      }
+    for (int64_t k = 0; k < K; ++k) {
+      const uint32_t bits = uint32_t{xb[r * K + k]} << 16;
+      float b;
+      std::memcpy(&b, &bits, sizeof b);
+      const double v = x[r * K + k];
+      dd += (v - b) * (v - b), xx += v * v, bb += double(b) * b;
     }
-    const double gamma = (K + 8) * 0x1p-24 / (1 - (K + 8) * 0x1p-24);
     radius[r] = (std::sqrt(dd) + gamma * (std::sqrt(xx) + std::sqrt(bb))) * (1 + 1e-6);
   }
   const uint32_t* XB = reinterpret_cast<const uint32_t*>(xb.data());
-  at::parallel_for(0, N / 16, 1, [&](int64_t g0, int64_t g1) {
-    for (int64_t g = g0; g < g1; ++g)
-      for (int64_t m0 = 0; m0 < M; m0 += kColumns16RowTile)
-        with_rows<kColumns16RowTile>(std::min<int64_t>(M - m0, kColumns16RowTile), [&](auto rows) {
-          dot_pairs_bf16<decltype(rows)::value>(W, S, XB + m0 * K / 2, Y + m0 * N, g, N, K);
-        });
+  for_each_group16(M, N, [&](auto rows, int64_t g, int64_t m0) {
+    dot_pairs_bf16<decltype(rows)::value>(W, S, XB + m0 * K / 2, Y + m0 * N, g, N, K);
   });
   at::parallel_for(0, M, 1, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {

@@ -204,20 +204,16 @@ def prefill_packed_rows(max_packed_rows: int, rows: int) -> int:
     8-column kernel beats MKL's fp32 product at every size (an 85-token prefill 130 against 212 ms
     on an AVX2 EPYC, whose float prefills made the service prefill-bound: README, the AVX2 runs),
     so there every prefill packs; with AVX-512 and no AMX, prefills pack up to the rows where the
-    packed kernels beat the float ones at start-up (choose_kernels: on a Xeon 16 rows, on an AMD
-    EPYC with AVX-512 every size timed, where a 4-token prefill took 72 ms on the float weights and
-    6 ms packed, 256 tokens 455 against 173 ms: commit message), and at every size where they won
-    up to TIMED_PREFILL_ROWS. Packed prefills have the int8
-    activations' perplexity (`make quality` measures w4 with packed prefills). Never where the layers
-    never pack. PackedLinear.forward and the C++ decoder step (runner.prefill) both follow it."""
+    packed kernels beat the float ones at start-up (choose_kernels: on a Xeon 16 rows; on an AMD
+    EPYC with AVX-512 they never lost, so every size, where a 4-token prefill took 72 ms on the
+    float weights and 6 ms packed, 256 tokens 455 against 173 ms: commit message). Packed prefills
+    have the int8 activations' perplexity (`make quality` measures w4 with packed prefills). Never
+    where the layers never pack. PackedLinear.forward and the C++ decoder step (runner.prefill)
+    both follow it."""
     if max_packed_rows >= ALWAYS_PACKED or (max_packed_rows > 0 and (rows >= amx_min_rows()
                                                                      or lowbit_kernels() in ("avx2", "vnni"))):
         return ALWAYS_PACKED
-    if lowbit_kernels() != "avx512":
-        return 0
-    # won at every size timed, up to TIMED_PREFILL_ROWS: longer prompts pack too (on that EPYC the
-    # packed products stayed 2.4x faster to 2048 rows, 898 against 2196 ms: commit message)
-    return ALWAYS_PACKED if max_packed_rows >= TIMED_PREFILL_ROWS else max_packed_rows
+    return max_packed_rows if lowbit_kernels() == "avx512" else 0
 
 
 def q4_columns(own_kernel: str, out_features: int) -> int:
@@ -476,7 +472,10 @@ def choose_kernels(layers: list[PackedLinear], max_packed_rows: int, max_rows: i
 
 def time_kernels(layers: list[PackedLinear], max_rows: int) -> tuple[int, dict]:
     """The most rows (1, 2, 4, ... up to max_rows) at which the packed kernels beat the float ones
-    over all the layers, and the timings {rows: {"packed_ms", "dense_ms"}}."""
+    over all the layers, or ALWAYS_PACKED where they never lost (every size: on an AMD EPYC with
+    AVX-512 they stayed 2.4x faster to 2048 rows, 898 against 2196 ms, where a 256-row crossover
+    had sent longer prompts to the float weights: 12266ca's message); and the timings
+    {rows: {"packed_ms", "dense_ms"}}."""
     timings, best = {}, 0
     rows = 1
     while rows <= max_rows and best == rows // 2:      # until the packed kernels first lose
@@ -496,4 +495,4 @@ def time_kernels(layers: list[PackedLinear], max_rows: int) -> tuple[int, dict]:
         if ms["packed_ms"] < ms["dense_ms"]:
             best = rows
         rows *= 2
-    return best, timings
+    return (ALWAYS_PACKED if best and best == rows // 2 else best), timings

@@ -196,10 +196,11 @@ class ModelRunner:
         head = self.model.lm_head
         if not argmax_rows or not any(argmax_rows) or not hasattr(head, "top"):
             return head(h).float()
-        logits = head.top(h).float()
-        if not all(argmax_rows):                          # the others' logits, all of them exact
-            full = torch.tensor([not a for a in argmax_rows], device=h.device)
-            logits[full] = head(h[full]).float()
+        if all(argmax_rows):
+            return head.top(h).float()
+        top = torch.tensor(argmax_rows, device=h.device)                                   # [B]
+        logits = torch.empty(*h.shape[:-1], head.out_features, device=h.device)         # [B, ..., V]
+        logits[top], logits[~top] = head.top(h[top]).float(), head(h[~top]).float()
         return logits
 
     def decode(self, num_rows: int, argmax_rows: list[bool] | None = None) -> torch.Tensor:
@@ -210,9 +211,9 @@ class ModelRunner:
     def verify(self, tokens: torch.Tensor, argmax_rows: list[bool] | None = None) -> torch.Tensor:
         """Rows 0..B-1 each take the W tokens of tokens [B, W] at once: their last token, then a
         draft (speculative decoding; W = 1 is a decode step). Returns logits at every position
-        [B, W, V] (argmax_rows: _logits); writes all W keys and values and advances each row by one: the engine advances
-        rows further by the draft tokens it keeps (keys past a row's length are masked, later
-        overwritten). The linear layers see the B x W tokens as that many rows (the kernel for that
+        [B, W, V] (argmax_rows: see _logits); writes all W keys and values and advances each row by
+        one: the engine advances rows further by the draft tokens it keeps (keys past a row's length
+        are masked, later overwritten). The linear layers see the B x W tokens as that many rows (the kernel for that
         many rows, the same per row as in a one-token step), attention sees each row's W. The
         layers read the cache and return their new keys and values, written after the last layer
         in one go: a layer is then a pure function of tensors, which torch.compile can fuse. Our C++
