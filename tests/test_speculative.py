@@ -30,17 +30,19 @@ def test_a_suffix_is_not_found_at_its_own_place():
     assert lookup.draft([5, 6, 5, 6], limit=4) == [5, 6]        # after the first (5, 6) came 5, 6
 
 
-def test_the_draft_grows_while_it_is_kept_and_shrinks_when_it_is_not():
+def test_the_draft_starts_long_shrinks_when_cut_short_and_grows_while_kept():
     lookup = PromptLookup(max_tokens=5, lookup_min=1, lookup_max=1)
     tokens = list(range(10)) + [0]
-    assert lookup.draft(tokens, limit=10) == [1, 2]             # starts at 2
-    lookup.kept(2, 2)
-    assert lookup.draft(tokens, limit=10) == [1, 2, 3, 4]       # kept whole: 2 more
-    lookup.kept(4, 4)
-    assert len(lookup.draft(tokens, limit=10)) == 5             # at most max_tokens
+    assert lookup.draft(tokens, limit=10) == [1, 2, 3, 4, 5]    # starts at max_tokens
     lookup.kept(5, 1)
     lookup.kept(4, 0)
     assert lookup.draft(tokens, limit=10) == [1, 2, 3]          # cut short twice: 1 fewer each time
+    lookup.kept(3, 3)
+    assert lookup.draft(tokens, limit=10) == [1, 2, 3, 4, 5]    # kept whole: 2 more
+    lookup.kept(5, 5)
+    assert len(lookup.draft(tokens, limit=10)) == 5             # at most max_tokens
+    lookup.kept(5, 1)
+    lookup.kept(4, 0)
     for _ in range(5):
         lookup.kept(3, 0)
     assert lookup.draft(tokens, limit=10) == [1]                # never below 1
@@ -146,13 +148,13 @@ def test_a_step_drafts_only_within_spec_max_rows(engines):
 
 def test_the_ceiling_benchmark_replays_drafts_as_the_engine_takes_them_and_cuts_the_oracles_to_what_is_kept():
     """benchmarks.spec_ceiling's replay of an answer that copies its prompt: the archive's policy
-    starts at 2 and grows a draft kept whole; the oracle drafts as long as it can, cut to what the
-    answer keeps (its last draft meets the answer's end)."""
+    drafts as long as it can from the start and keeps that length while drafts are kept whole (its
+    last draft runs past the answer's end); the oracle's is cut to what the answer keeps."""
     from benchmarks.spec_ceiling import replay
 
     config = EngineConfig(model_path="unused", spec_tokens=3, spec_lookup_min=2, spec_lookup_max=3, spec_max_rows=4)
     prompt = list(range(100, 120))
     answer = prompt[:12]
-    assert replay(prompt, answer, config, max_rows=4, oracle=False) == [(1, 0), (3, 2), (4, 3), (4, 3)]
+    assert replay(prompt, answer, config, max_rows=4, oracle=False) == [(1, 0), (4, 3), (4, 3), (4, 2)]
     assert replay(prompt, answer, config, max_rows=4, oracle=True) == [(1, 0), (4, 3), (4, 3), (3, 2)]
     assert replay(prompt, answer, config, max_rows=2, oracle=True) == [(1, 0)] + [(2, 1)] * 5
