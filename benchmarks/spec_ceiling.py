@@ -59,7 +59,8 @@ def answer(engine: Engine, chat: list[dict], tag: str, max_rows: int) -> dict:
 
 def verify_ms(engine: Engine, chat: list[dict], max_rows: int, reps: int) -> dict[int, float]:
     """Median time of runner.verify over one sequence's last token and W - 1 more, W = 1..max_rows
-    (the widths taking turns), after the chat's prefill; the row's length put back after each. The
+    (the widths taking turns), after the chat's prefill; the row's length put back after each. Its
+    LM head is the one the engine takes for this greedy request (argmax rows, runner._logits). The
     engine's own work around a step (drafting, bookkeeping) is not in it."""
     r = request(engine, "verify", chat)
     engine.add_request(r)
@@ -69,7 +70,7 @@ def verify_ms(engine: Engine, chat: list[dict], max_rows: int, reps: int) -> dic
     for _ in range(reps):
         for w in times:
             t0 = time.perf_counter()
-            engine.runner.verify(torch.tensor([r.prompt_ids[-w:]]))
+            engine.runner.verify(torch.tensor([r.prompt_ids[-w:]]), [r.reads_argmax_only])
             times[w].append((time.perf_counter() - t0) * 1000)
             cache.lengths[0], cache.row_lengths[0] = length, length
     engine.abort(r.request_id)
