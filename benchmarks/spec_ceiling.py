@@ -81,9 +81,7 @@ def replay(ids: list[int], output: list[int], config: EngineConfig, max_rows: in
     """(rows, draft tokens kept) of each step after the first token of one answer: drafts from
     PromptLookup as the engine takes them (the archive's policy), or (oracle) each draft as long as
     it can be, cut to what the model keeps."""
-    lookup = PromptLookup(config.spec_tokens, config.spec_lookup_min, config.spec_lookup_max)
-    if oracle:
-        lookup.num_tokens = config.spec_tokens
+    lookup = PromptLookup(config.spec_tokens, config.spec_lookup_min, config.spec_lookup_max)   # starts at its longest
     steps, n = [], 1
     while n < len(output):
         draft = lookup.draft(ids + output[:n], min(max_rows - 1, OUTPUT_TOKENS - n - 1))

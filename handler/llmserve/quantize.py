@@ -380,7 +380,6 @@ class PackedLinear(torch.nn.Module):
             y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features)
 
-
     def top(self, x: torch.Tensor) -> torch.Tensor:
         """forward's product where nothing but each row's largest is read (greedy rows' LM head):
         exactly forward's at the largest, rounded elsewhere (llmserve::q8_mm_top), so the argmax is
