@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from llmserve.request import SamplingParams
-from llmserve.sampling import CHUNK, argmax, make_generator, sample
+from llmserve.sampling import CHUNK, argmax, draw, make_generator, sample
 
 LOGITS = torch.tensor([[0.0, 3.0, 1.0, 2.0], [5.0, 0.0, 0.0, 4.9]])
 
@@ -62,3 +62,31 @@ def test_seed_reproduces_whatever_the_batch():
     batched = [sample(logits.clone(), [other, p, other], [None, g2, None])[1].item() for _ in range(10)]
     assert alone == batched
     assert make_generator(SamplingParams(max_new_tokens=1), torch.device("cpu")) is None
+
+
+def kept_by_sorting(probs: torch.Tensor, top_k: int, top_p: float) -> set[int]:
+    """The kept tokens by the definition: the most likely first, while the mass before is under top_p."""
+    ranked, order = torch.sort(probs, descending=True)
+    keep = (ranked.cumsum(-1) - ranked) < top_p
+    if top_k:
+        keep[top_k:] = False
+    return set(order[keep].tolist())
+
+
+@pytest.mark.parametrize("top_k, top_p", [(0, 1.0), (0, 0.9), (0, 0.5), (3, 1.0), (700, 0.95), (5, 0.3)])
+def test_each_kept_token_gets_its_share_of_uniforms(top_k, top_p):
+    """Uniforms spread evenly over [0, 1) land on each kept token in proportion to its probability,
+    on no other; flat enough logits that top_p's cut lies past the first candidates sorted."""
+    V = 1000
+    logits = torch.randn(1, V, generator=torch.Generator().manual_seed(1)) * 0.5
+    p = SamplingParams(max_new_tokens=1, temperature=0.8, top_k=top_k, top_p=top_p)
+    probs = torch.softmax(logits[0] / 0.8, -1)
+    kept = kept_by_sorting(probs, top_k, top_p)
+    n = 20_000
+    u = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+    tokens = draw(logits.expand(n, V).contiguous(), [p] * n, u.float())
+    counts = torch.bincount(tokens, minlength=V).double() / n
+    assert set(torch.nonzero(counts).flatten().tolist()) == kept
+    expected = torch.zeros(V, dtype=torch.float64)
+    expected[list(kept)] = probs[list(kept)].double()
+    assert torch.allclose(counts, expected / expected.sum(), atol=2 / n)
