@@ -63,9 +63,9 @@ COPYING = ["Repeat this sentence exactly: The quick brown fox jumps over the laz
            "    total = a + b\n    retrun total\n"]
 
 
-def test_prompt_lookup_and_the_prefix_cache_leave_greedy_answers_unchanged(engine):
+def test_prompt_lookup_and_the_prefix_cache_leave_answers_unchanged(engine):
     """Speculative decoding and the prefix cache on: the same tokens as the plain engine, with drafts
-    kept on prompts the answer copies, none for a sampled request, and a second round served from
+    kept on prompts the answer copies (a seeded sampled one's too), and a second round served from
     the prefix cache."""
     fast = Engine.from_config(replace(engine.config, spec_tokens=4, spec_max_rows=32, prefix_cache_tokens=1024))
 
@@ -82,5 +82,5 @@ def test_prompt_lookup_and_the_prefix_cache_leave_greedy_answers_unchanged(engin
     for round_ in range(2):
         got = answers(fast, f"fast{round_}")
         assert [r.output_ids for r in got] == plain
-        assert sum(r.num_accepted_tokens for r in got[:2]) >= 10 and got[-1].num_draft_tokens == 0
+        assert sum(r.num_accepted_tokens for r in got[:2]) >= 10 and got[-1].num_accepted_tokens > 0
         assert all(r.num_cached_tokens >= 16 for r in got) == (round_ == 1)

@@ -41,7 +41,7 @@ class EngineConfig:
     prefix_cache_tokens: int = 0      # prompt prefix tokens whose keys and values are kept for reuse
                                       # (blocks of PREFIX_BLOCK, least recently used evicted); 0 = off
     spec_tokens: int = 0              # speculative decoding by prompt lookup: draft tokens per step at
-                                      # most for greedy requests (see speculative.py); 0 = off
+                                      # most for each request (see speculative.py); 0 = off
     spec_lookup_min: int = 2          # the n-gram sizes looked up, longest first
     spec_lookup_max: int = 3
     spec_max_rows: int = 3            # speculate while sequences x (1 + draft) fit in this many rows

@@ -18,7 +18,7 @@ from .load import ModelFacts, load_model
 from .prefix_cache import BLOCK, PrefixCache
 from .request import TIERS, Request
 from .runner import ModelRunner
-from .sampling import argmax, make_generator, sample
+from .sampling import argmax, draw, make_generator, sample
 from .scheduler import Scheduler
 from .speculative import PromptLookup, accepted_length
 
@@ -86,7 +86,7 @@ class Engine:
         self.check_room(request.tier)
         request.generator = make_generator(request.params, self.facts.device)
         c = self.config
-        if c.spec_tokens and request.reads_argmax_only:   # the only ones that draft (no output yet: no min_tokens)
+        if c.spec_tokens and request.params.logprobs is None and request.params.min_tokens == 0:   # greedy or sampled
             request.lookup = PromptLookup(c.spec_tokens, c.spec_lookup_min, c.spec_lookup_max)
         if request.deadline is not None:
             self.timed.add(request)
@@ -276,20 +276,36 @@ class Engine:
 
     def _verify(self, drafts: list[list[int]], batch_size: int) -> None:
         """One forward over each row's last token and its draft; a row keeps its draft's longest
-        prefix the model predicts itself, then the model's next token (greedy: the tokens it would
-        have decoded one by one)."""
+        prefix the model predicts itself, then the model's next token: the tokens it would have
+        decoded one by one (greedy, and sampled with the same draws)."""
         B, W = len(drafts), 1 + max(map(len, drafts))
         requests = self.rows[:B]
         tokens = torch.tensor([[0] + d + [0] * (W - 1 - len(d)) for d in drafts], device=self.facts.device)
         tokens[:, 0] = self.cache.last_tokens[:B]
         logits = self.runner.verify(tokens, [r.reads_argmax_only for r in requests])          # [B, W, V]
         predicted = argmax(logits).tolist()
+        # a sampled row's token at each position is the one its next uniform draws there, as one by
+        # one (a draft token d is kept with probability p(d), else the row takes a token drawn from
+        # the rest: speculative sampling's rule for a draft that is one token for sure)
+        after = {}                                   # row -> its generator's state after each position's draw
+        for i, (r, d) in enumerate(zip(requests, drafts)):
+            if d and not r.params.is_greedy:
+                g, states, u = r.generator, [], []
+                start = g.get_state()
+                for _ in range(1 + len(d)):
+                    u.append(torch.rand((), device=logits.device, generator=g))
+                    states.append(g.get_state())
+                predicted[i] = draw(logits[i, :1 + len(d)], [r.params] * (1 + len(d)), torch.stack(u)).tolist()
+                g.set_state(start)                   # _postprocess draws the first position's again
+                after[i] = states
         kept = [accepted_length(d, p) for d, p in zip(drafts, predicted)]
         # rows advance over their kept draft before any request finishes: a finished row's hole is
         # filled by moving the last row, whose keys move only up to its length
         self.cache.lengths[:B] += torch.tensor(kept, device=self.facts.device)
         self.cache.row_lengths[:B] += kept
         self._postprocess(requests, logits[:, 0], batch_size)   # each row's first token, as a decode step's
+        for i, states in after.items():
+            requests[i].generator.set_state(states[kept[i]])      # one draw for each token it keeps
         now = time.perf_counter()
         for r, d, p, n in zip(requests, drafts, predicted, kept):
             r.num_draft_tokens += len(d)

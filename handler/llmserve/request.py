@@ -78,7 +78,7 @@ class Request:
     tenant: str = "anonymous"         # who it is for (tenants.py): its accounting and rate limits
     tier: int = 1                     # index in TIERS (1: standard)
     engine_s: float = 0.0             # its share of the engine steps it was in, by tokens computed
-    generator: object = None          # the sampler's own random stream (set by the engine) when seeded
+    generator: object = None          # the sampler's own random stream (set by the engine) when sampled
 
     @property
     def num_tokens(self) -> int:

@@ -8,10 +8,12 @@ from .request import SamplingParams
 
 
 def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
-    if params.is_greedy or params.seed is None:
+    """A sampled request's own random stream: from its seed, else from torch's global one (so a
+    verify step can take back the draws of the draft tokens it did not keep: engine._verify)."""
+    if params.is_greedy:
         return None
     g = torch.Generator(device=device)
-    g.manual_seed(params.seed)
+    g.manual_seed(params.seed if params.seed is not None else int(torch.randint(2 ** 62, ())))
     return g
 
 
@@ -38,7 +40,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     sampled = [i for i, p in enumerate(params) if not p.is_greedy]
     if not sampled:
         return tokens
-    # one uniform draw per row, from the request's own generator when it has a seed
+    # one uniform draw per row, from the request's own generator
     u = torch.stack([torch.rand((), device=logits.device, generator=generators[i]) for i in sampled])   # [N]
     rows = torch.tensor(sampled, device=logits.device)
     tokens[rows] = draw(logits[rows], [params[i] for i in sampled], u)

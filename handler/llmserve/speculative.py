@@ -1,8 +1,9 @@
 """Speculative decoding by prompt lookup: the draft for a sequence's next tokens is what followed the
 last earlier occurrence of its final n tokens (n from lookup_max down to lookup_min) in its prompt
 and output so far; the engine verifies a draft in one forward over it and keeps the longest prefix
-the model agrees with, plus the model's own next token. Only greedy requests draft (their output is
-the same with or without drafts); sampled ones decode one token a step. Pure Python, no torch."""
+the model agrees with, plus the model's own next token (greedy: its argmax; sampled: the token its
+next uniform draws there, as one token a step would: engine._verify), so the output is the same with
+or without drafts. Requests asking for logprobs or min_tokens do not draft. Pure Python, no torch."""
 
 
 class PromptLookup:
