@@ -104,7 +104,8 @@ def summarize(records: list[dict], output_tokens: int) -> dict:
 def sender(system: System, stream: bool, num_tokens: int, args) -> Callable[[int, float], dict]:
     """send_one(i, deadline): request number i of the workload to this system."""
     url = f"http://127.0.0.1:{system.port}{system.protocol.path}"
-    return lambda i, deadline: send(url, system.protocol.body(messages(i, args.workload), num_tokens, stream),
+    sampling = {"temperature": args.temperature, "top_p": args.top_p} if args.temperature else {}
+    return lambda i, deadline: send(url, system.protocol.body(messages(i, args.workload), num_tokens, stream) | sampling,
                                     system.protocol.part, deadline)
 
 
@@ -223,6 +224,8 @@ def arguments() -> argparse.ArgumentParser:
     parser.add_argument("--modes", nargs="+", default=["plain", "stream"], choices=["plain", "stream"])
     parser.add_argument("--workload", default="chat", choices=WORKLOADS, help="compare/workload.py")
     parser.add_argument("--output-tokens", type=int, default=OUTPUT_TOKENS, help="per answer, EOS ignored")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy; else sampled, unseeded")
+    parser.add_argument("--top-p", type=float, default=1.0, help="with --temperature")
     parser.add_argument("--num-requests", type=int, default=0, help="per point; 0 = max(16, 4 x users)")
     parser.add_argument("--send-cap-s", type=float, default=30, help="no request sent after this (per point)")
     parser.add_argument("--cut-cap-s", type=float, default=60, help="open requests abandoned at this ...")
@@ -247,7 +250,9 @@ def main() -> None:
     info = describe_machine({})   # each system's versions are added as it starts
     settings = {"run_id": run_id, "command": " ".join(["python -m compare.run", *sys.argv[1:]]),
                 "workload": args.workload, "users": args.users, "modes": ["stream" if m else "plain" for m in args.modes],
-                "output_tokens": args.output_tokens, "num_requests": args.num_requests or "max(16, 4 x users)",
+                "output_tokens": args.output_tokens, "sampling": (f"temperature {args.temperature:g}, top_p {args.top_p:g}"
+                                                                  if args.temperature else "greedy"),
+                "num_requests": args.num_requests or "max(16, 4 x users)",
                 "send_cap_s": args.send_cap_s,
                 "cut_cap_s": f"{args.cut_cap_s:g} + {args.cut_per_user_s:g} x users", "skipped": skipped, "logs": str(workdir)}
     if args.paired:

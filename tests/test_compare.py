@@ -84,7 +84,19 @@ def test_paired_systems_take_turns(monkeypatch, tmp_path):
         monkeypatch.setitem(run.SYSTEMS, name, replace(SYSTEMS["ours"], start=lambda *_: Stub(), port=port))
     monkeypatch.setattr(run, "send", fake_send)
     args = Namespace(modes=[True], output_tokens=8, workload="chat", num_requests=4, warmup_cap_s=5, cut_cap_s=60,
-                     cut_per_user_s=1.5)
+                     cut_per_user_s=1.5, temperature=0.0, top_p=1.0)
     rows = list(run.measure_paired(["a", "b"], args, tmp_path))
     assert sent == ["1", "2"] + ["1", "2", "2", "1", "1", "2", "2", "1"] + ["stop", "stop"]
     assert [(r["system"], r["num_ok"], r["output_tokens_per_s"]) for r in rows] == [("a", 4, 16.0), ("b", 4, 16.0)]
+
+
+@pytest.mark.parametrize("name", ["ours", "vllm"])
+def test_sampled_runs_send_temperature_and_top_p_in_either_protocol(monkeypatch, name):
+    bodies = []
+    monkeypatch.setattr(run, "send", lambda url, body, part, deadline: bodies.append(body))
+    for temperature, top_p in ((0.0, 1.0), (0.7, 0.9)):
+        args = Namespace(workload="chat", temperature=temperature, top_p=top_p)
+        run.sender(SYSTEMS[name], True, 8, args)(0, 0.0)
+    greedy, sampled = bodies
+    assert greedy.get("temperature", 0) == 0 and "top_p" not in greedy
+    assert (sampled["temperature"], sampled["top_p"]) == (0.7, 0.9)
