@@ -90,3 +90,12 @@ def test_each_kept_token_gets_its_share_of_uniforms(top_k, top_p):
     expected = torch.zeros(V, dtype=torch.float64)
     expected[list(kept)] = probs[list(kept)].double()
     assert torch.allclose(counts, expected / expected.sum(), atol=2 / n)
+
+
+def test_the_extreme_uniforms_pick_kept_tokens_only():
+    """u = 0 and the largest u below 1 land on tokens with mass, never on a dropped one at either end
+    of the vocabulary (token 0 and token 3 underflow to probability 0)."""
+    logits = torch.tensor([[-1000.0, 0.0, 1.0, -1000.0]] * 2)
+    params = [SamplingParams(max_new_tokens=1, temperature=1.0), SamplingParams(max_new_tokens=1, temperature=1.0, top_p=0.5)]
+    for u in (0.0, 1.0 - 2.0 ** -24):
+        assert draw(logits, params, torch.tensor([u, u])).tolist() == [1 if u == 0 else 2, 2]

@@ -36,12 +36,14 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> torch.Tensor:
     """logits: [B, V] float32 -> token ids [B]. An all-greedy batch costs one argmax."""
-    tokens = argmax(logits)                                                   # [B]
     sampled = [i for i, p in enumerate(params) if not p.is_greedy]
     if not sampled:
-        return tokens
+        return argmax(logits)
     # one uniform draw per row, from the request's own generator
     u = torch.stack([torch.rand((), device=logits.device, generator=generators[i]) for i in sampled])   # [N]
+    if len(sampled) == len(params):
+        return draw(logits, params, u)
+    tokens = argmax(logits)                                                   # [B]
     rows = torch.tensor(sampled, device=logits.device)
     tokens[rows] = draw(logits[rows], [params[i] for i in sampled], u)
     return tokens
@@ -49,29 +51,39 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
 
 def draw(logits: torch.Tensor, params: list[SamplingParams], u: torch.Tensor) -> torch.Tensor:
     """The token each row's uniform u [N] picks from its logits [N, V] under its temperature, top-k
-    and top-p: the kept tokens are the most likely ones while the mass before them is under top_p
-    (and at most top_k of them; ties at the cut all kept), and u falls in one kept token's share of
-    their mass, the tokens in vocabulary order. Sorting the vocabulary took 3.4 ms a row on two
-    cores, more than a decode step: only the largest probabilities are sorted (torch.topk), as many
-    as the cut needs."""
-    dev, V = logits.device, logits.shape[-1]
+    and top-p. With a cut (top_k > 0 or top_p < 1) the kept tokens are the most likely ones while the
+    mass before them is under top_p, at most top_k of them, and u falls in one kept token's share of
+    their mass, the most likely first; without one, in one token's share of the whole vocabulary, in
+    its order. Sorting the vocabulary took 3.4 ms a row on two cores, more than a decode step: a cut
+    sorts only the most likely tokens (torch.topk), as many as it needs."""
+    dev, (N, V) = logits.device, logits.shape
     temps = torch.tensor([p.temperature for p in params], device=dev)
     probs = torch.softmax(logits / temps[:, None], dim=-1)                     # [N, V]
-    cut = [i for i, p in enumerate(params) if p.top_k > 0 or p.top_p < 1.0]
+    tokens = torch.empty(N, dtype=torch.long, device=dev)
+    cuts = [p.top_k > 0 or p.top_p < 1.0 for p in params]
+    cut, whole = [i for i, c in enumerate(cuts) if c], [i for i, c in enumerate(cuts) if not c]
     if cut:
+        rows = probs if len(cut) == N else probs[cut]                           # [M, V]
         top_k = torch.tensor([params[i].top_k or V for i in cut], device=dev)
         top_p = torch.tensor([params[i].top_p for i in cut], device=dev)
         k = min(V, max([CUT_CANDIDATES] + [params[i].top_k for i in cut]))
         while True:
-            best = torch.topk(probs[cut], k, dim=-1).values                    # [M, k] descending
+            best, order = torch.topk(rows, k, dim=-1)                          # [M, k] descending
             rank = torch.arange(k, device=dev)
             keep = (rank[None, :] < top_k[:, None]) & ((best.cumsum(-1) - best) < top_p[:, None])
             if k == V or not bool((keep[:, -1] & (top_k > k)).any()):          # every cut falls within the k
                 break
             k = min(V, k * 8)
-        least = best.gather(-1, (keep.sum(-1, keepdim=True) - 1).clamp(min=0))   # [M, 1] the last kept
-        probs[cut] = probs[cut] * (probs[cut] >= least)
-    cdf = probs.cumsum(-1)                                                      # [N, V]
-    choice = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]
-    last = V - 1 - (probs > 0).flip(-1).int().argmax(-1)                        # the last kept token
-    return torch.minimum(choice, last)
+        tokens[cut] = order.gather(-1, pick(best * keep, u[cut]))[:, 0]
+    if whole:
+        tokens[whole] = pick(probs if not cut else probs[whole], u[whole])[:, 0]
+    return tokens
+
+
+def pick(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """[N, 1]: the first position of each row of probs [N, n] whose cumulative mass reaches u's share
+    of the row's: one with mass (u * total <= total; at least the smallest positive float, so a u of
+    0 cannot pick a dropped token before the first kept)."""
+    cdf = probs.cumsum(-1)
+    target = (u * cdf[:, -1]).clamp(min=torch.finfo(cdf.dtype).tiny)
+    return torch.searchsorted(cdf, target[:, None])
