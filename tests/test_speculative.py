@@ -96,18 +96,24 @@ PROMPTS = [[11, 12, 13], [20, 21, 22, 23, 24, 25, 26], [7]]
 SAMPLED = dict(temperature=1.5, top_k=8, seed=5)
 
 
-@pytest.mark.parametrize("sampling", [{}, SAMPLED], ids=["greedy", "sampled"])
+@pytest.mark.parametrize("sampling", [{}, SAMPLED, dict(SAMPLED, logprobs=3)], ids=["greedy", "sampled", "logprobs"])
 @pytest.mark.parametrize("wrong_from", [99, 2, 0])   # right drafts, half right, all wrong
 def test_verified_drafts_give_exactly_the_tokens_of_one_by_one_decoding(engines, wrong_from, sampling):
     """Greedy, and sampled with a seed: a sampled row draws each position's token with the uniform
-    it would have drawn one by one, so the drafts change no token."""
+    it would have drawn one by one, so the drafts change no token; asked for, each token's
+    log-probabilities come from the logits of its own position."""
     plain, spec = engines
-    expected = [r.output_ids for r in greedy(plain, PROMPTS, **sampling)]
+    plain_rs = greedy(plain, PROMPTS, **sampling)
+    expected = [r.output_ids for r in plain_rs]
     if sampling:
         assert expected != [r.output_ids for r in greedy(plain, PROMPTS)]     # it did sample
     oracles = {f"q{i}": Oracle(len(p), e, wrong_from=wrong_from) for i, (p, e) in enumerate(zip(PROMPTS, expected))}
     got = greedy(spec, PROMPTS, oracles=oracles, **sampling)
     assert [r.output_ids for r in got] == expected
+    for a, b in zip(got, plain_rs):
+        assert len(a.logprobs) == len(b.logprobs) == (20 if "logprobs" in sampling else 0)
+        for (lp_a, top_a), (lp_b, top_b) in zip(a.logprobs, b.logprobs):
+            assert lp_a == pytest.approx(lp_b, abs=1e-4) and [t for t, _ in top_a] == [t for t, _ in top_b]
     assert all(r.finish_reason == "length" and len(r.output_ids) == 20 for r in got)
     drafted, kept = sum(r.num_draft_tokens for r in got), sum(r.num_accepted_tokens for r in got)
     assert drafted > 0
@@ -133,16 +139,16 @@ def test_a_stop_token_inside_a_kept_draft_ends_the_answer_there(engines, monkeyp
     spec.check_invariants()
 
 
-def test_only_requests_without_logprobs_or_min_tokens_draft(engines):
+def test_only_requests_without_min_tokens_draft(engines):
     _, spec = engines
     kinds = [dict(), dict(temperature=0.8, seed=3), dict(logprobs=2), dict(min_tokens=2)]
     rs = [Request(f"k{i}", [5, 6, 5, 6], SamplingParams(max_new_tokens=4, **kw)) for i, kw in enumerate(kinds)]
     for r in rs:
         spec.add_request(r)
-    assert [r.lookup is not None for r in rs] == [True, True, False, False]
+    assert [r.lookup is not None for r in rs] == [True, True, True, False]
     while spec.has_unfinished():
         spec.step()
-    assert all(r.num_draft_tokens == 0 and r.is_finished for r in rs[2:])
+    assert rs[3].num_draft_tokens == 0 and all(r.is_finished for r in rs)
 
 
 def test_a_step_drafts_only_within_spec_max_rows(engines):

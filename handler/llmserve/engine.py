@@ -86,7 +86,7 @@ class Engine:
         self.check_room(request.tier)
         request.generator = make_generator(request.params, self.facts.device)
         c = self.config
-        if c.spec_tokens and request.params.logprobs is None and request.params.min_tokens == 0:   # greedy or sampled
+        if c.spec_tokens and request.params.min_tokens == 0:   # greedy or sampled, with logprobs or without
             request.lookup = PromptLookup(c.spec_tokens, c.spec_lookup_min, c.spec_lookup_max)
         if request.deadline is not None:
             self.timed.add(request)
@@ -307,14 +307,16 @@ class Engine:
         for i, states in after.items():
             requests[i].generator.set_state(states[kept[i]])      # one draw for each token it keeps
         now = time.perf_counter()
-        for r, d, p, n in zip(requests, drafts, predicted, kept):
+        for i, (r, d, p, n) in enumerate(zip(requests, drafts, predicted, kept)):
             r.num_draft_tokens += len(d)
             r.num_accepted_tokens += n
             if d:
                 r.lookup.kept(len(d), n)
             if n and not r.is_finished:
                 self.cache.last_tokens[r.row] = p[n]
-                for token in p[1:n + 1]:
+                for j, token in enumerate(p[1:n + 1], start=1):
+                    if r.params.logprobs is not None:   # from the logits it was drawn from, as one by one
+                        self._logprobs([r], logits[i, j:j + 1], torch.tensor([token], device=logits.device))
                     if self._append(r, token, now, batch_size):
                         break
 
