@@ -139,16 +139,27 @@ def test_a_stop_token_inside_a_kept_draft_ends_the_answer_there(engines, monkeyp
     spec.check_invariants()
 
 
-def test_only_requests_without_min_tokens_draft(engines):
-    _, spec = engines
-    kinds = [dict(), dict(temperature=0.8, seed=3), dict(logprobs=2), dict(min_tokens=2)]
-    rs = [Request(f"k{i}", [5, 6, 5, 6], SamplingParams(max_new_tokens=4, **kw)) for i, kw in enumerate(kinds)]
-    for r in rs:
-        spec.add_request(r)
-    assert [r.lookup is not None for r in rs] == [True, True, True, False]
-    while spec.has_unfinished():
-        spec.step()
-    assert rs[3].num_draft_tokens == 0 and all(r.is_finished for r in rs)
+def test_a_draft_cannot_end_the_answer_before_min_tokens(engines, monkeypatch):
+    """A draft proposing EOS (here a token the answer holds at position 6) before min_tokens is cut
+    there, as one by one decoding masks EOS at those positions; the tokens are one by one's."""
+    plain, spec = engines
+    answer = greedy(plain, PROMPTS[:1])[0].output_ids
+    eos = answer[6]
+    for e in (plain, spec):
+        monkeypatch.setattr(e, "facts", replace(e.facts, stop_token_ids=frozenset({eos})))
+        monkeypatch.setattr(e, "stop_ids", torch.tensor([eos]))
+    def run(engine, lookup=None):
+        r = Request("m0", PROMPTS[0], SamplingParams(max_new_tokens=20, min_tokens=7))   # EOS at its last masked place
+        engine.add_request(r)
+        r.lookup = lookup or r.lookup
+        while engine.has_unfinished():
+            engine.step()
+        engine.check_invariants()
+        return r
+    expected = run(plain).output_ids
+    assert eos not in expected[:7] and expected[:6] == answer[:6]
+    got = run(spec, Oracle(len(PROMPTS[0]), answer, size=4))           # drafts EOS at position 6
+    assert got.output_ids == expected and got.num_accepted_tokens > 0
 
 
 def test_a_step_drafts_only_within_spec_max_rows(engines):

@@ -86,7 +86,7 @@ class Engine:
         self.check_room(request.tier)
         request.generator = make_generator(request.params, self.facts.device)
         c = self.config
-        if c.spec_tokens and request.params.min_tokens == 0:   # greedy or sampled, with logprobs or without
+        if c.spec_tokens:
             request.lookup = PromptLookup(c.spec_tokens, c.spec_lookup_min, c.spec_lookup_max)
         if request.deadline is not None:
             self.timed.add(request)
@@ -283,6 +283,9 @@ class Engine:
         tokens = torch.tensor([[0] + d + [0] * (W - 1 - len(d)) for d in drafts], device=self.facts.device)
         tokens[:, 0] = self.cache.last_tokens[:B]
         logits = self.runner.verify(tokens, [r.reads_argmax_only for r in requests])          # [B, W, V]
+        for i, r in enumerate(requests):             # min_tokens: EOS cannot be drawn at the positions before it
+            if (early := r.params.min_tokens - len(r.output_ids)) > 0:
+                logits[i, :early, self.stop_ids] = float("-inf")
         predicted = argmax(logits).tolist()
         # a sampled row's token at each position is the one its next uniform draws there, as one by
         # one (a draft token d is kept with probability p(d), else the row takes a token drawn from

@@ -3,7 +3,7 @@ last earlier occurrence of its final n tokens (n from lookup_max down to lookup_
 and output so far; the engine verifies a draft in one forward over it and keeps the longest prefix
 the model agrees with, plus the model's own next token (greedy: its argmax; sampled: the token its
 next uniform draws there, as one token a step would: engine._verify), so the output is the same with
-or without drafts. Requests asking for min_tokens do not draft. Pure Python, no torch."""
+or without drafts. Pure Python, no torch."""
 
 
 class PromptLookup:
