@@ -283,32 +283,27 @@ class Engine:
         tokens = torch.tensor([[0] + d + [0] * (W - 1 - len(d)) for d in drafts], device=self.facts.device)
         tokens[:, 0] = self.cache.last_tokens[:B]
         logits = self.runner.verify(tokens, [r.reads_argmax_only for r in requests])          # [B, W, V]
-        for i, r in enumerate(requests):             # min_tokens: EOS cannot be drawn at the positions before it
-            if (early := r.params.min_tokens - len(r.output_ids)) > 0:
-                logits[i, :early, self.stop_ids] = float("-inf")
+        self._mask_early_eos(requests, logits)
         predicted = argmax(logits).tolist()
         # a sampled row's token at each position is the one its next uniform draws there, as one by
         # one (a draft token d is kept with probability p(d), else the row takes a token drawn from
         # the rest: speculative sampling's rule for a draft that is one token for sure)
-        after = {}                                   # row -> its generator's state after each position's draw
-        for i, (r, d) in enumerate(zip(requests, drafts)):
-            if d and not r.params.is_greedy:
-                g, states, u = r.generator, [], []
-                start = g.get_state()
-                for _ in range(1 + len(d)):
-                    u.append(torch.rand((), device=logits.device, generator=g))
-                    states.append(g.get_state())
-                predicted[i] = draw(logits[i, :1 + len(d)], [r.params] * (1 + len(d)), torch.stack(u)).tolist()
-                g.set_state(start)                   # _postprocess draws the first position's again
-                after[i] = states
+        sampled = [i for i, (r, d) in enumerate(zip(requests, drafts)) if d and not r.params.is_greedy]
+        for i in sampled:
+            g, n = requests[i].generator, 1 + len(drafts[i])
+            start = g.get_state()
+            u = torch.stack([torch.rand((), device=logits.device, generator=g) for _ in range(n)])   # [n]
+            predicted[i] = draw(logits[i, :n], [requests[i].params] * n, u).tolist()
+            g.set_state(start)                       # _postprocess draws the first position's again
         kept = [accepted_length(d, p) for d, p in zip(drafts, predicted)]
         # rows advance over their kept draft before any request finishes: a finished row's hole is
         # filled by moving the last row, whose keys move only up to its length
         self.cache.lengths[:B] += torch.tensor(kept, device=self.facts.device)
         self.cache.row_lengths[:B] += kept
         self._postprocess(requests, logits[:, 0], batch_size)   # each row's first token, as a decode step's
-        for i, states in after.items():
-            requests[i].generator.set_state(states[kept[i]])      # one draw for each token it keeps
+        for i in sampled:                            # ... and one more draw for each draft token it keeps
+            for _ in range(kept[i]):
+                torch.rand((), device=logits.device, generator=requests[i].generator)
         now = time.perf_counter()
         for i, (r, d, p, n) in enumerate(zip(requests, drafts, predicted, kept)):
             r.num_draft_tokens += len(d)
@@ -323,11 +318,16 @@ class Engine:
                     if self._append(r, token, now, batch_size):
                         break
 
+    def _mask_early_eos(self, requests: list[Request], logits: torch.Tensor) -> None:
+        """min_tokens: no stop token at the positions of logits [B, W, V] whose token would come
+        before the request's min_tokens-th."""
+        for i, r in enumerate(requests):
+            if (early := r.params.min_tokens - len(r.output_ids)) > 0:
+                logits[i, :early, self.stop_ids] = float("-inf")
+
     def _postprocess(self, requests: list[Request], logits: torch.Tensor, batch_size: int) -> None:
         rows = slice(requests[0].row, requests[0].row + len(requests))
-        early = [i for i, r in enumerate(requests) if len(r.output_ids) < r.params.min_tokens]
-        if early:                                    # min_tokens: EOS cannot be sampled yet
-            logits[torch.tensor(early, device=logits.device)[:, None], self.stop_ids] = float("-inf")
+        self._mask_early_eos(requests, logits[:, None])
         tokens = sample(logits, [r.params for r in requests], [r.generator for r in requests])
         self.cache.last_tokens[rows] = tokens
         if any(r.params.logprobs is not None for r in requests):
