@@ -70,7 +70,7 @@ def verify_ms(engine: Engine, chat: list[dict], max_rows: int, reps: int) -> dic
     for _ in range(reps):
         for w in times:
             t0 = time.perf_counter()
-            engine.runner.verify(torch.tensor([r.prompt_ids[-w:]]), [r.reads_argmax_only])
+            engine.runner.verify(torch.tensor([r.prompt_ids[-w:]]), [r.lm_head])
             times[w].append((time.perf_counter() - t0) * 1000)
             cache.lengths[0], cache.row_lengths[0] = length, length
     engine.abort(r.request_id)

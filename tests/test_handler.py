@@ -333,11 +333,11 @@ def test_a_failed_step_fails_only_the_requests_it_ran(tiny_model_dir, monkeypatc
     h, ctx = make_handler(tiny_model_dir, yaml={"batchSize": 2}, max_num_seqs=2)
     expected = whole(run_steps(h, ctx, {0: {"c": body("three more words", max_new_tokens=6)}})["c"])
     decode, calls = h.engine.runner.decode, []
-    def flaky(num_rows, argmax_rows=None):
+    def flaky(num_rows, heads=None):
         calls.append(num_rows)
         if len(calls) == 3:
             raise RuntimeError("device fell over")
-        return decode(num_rows, argmax_rows)
+        return decode(num_rows, heads)
     monkeypatch.setattr(h.engine.runner, "decode", flaky)
     responses = run_steps(h, ctx, {0: {"a": body("one", max_new_tokens=12),
                                        "b": body("two words", max_new_tokens=12, stream=True),
@@ -475,9 +475,9 @@ def test_a_queue_full_of_lower_tiers_still_takes_a_premium_request(tiny_model_di
 def test_queue_wait_limit_and_own_timeout(tiny_model_dir, monkeypatch):
     h, ctx = make_handler(tiny_model_dir, yaml={"batchSize": 4}, max_num_seqs=1, max_queue_wait_s=0.05)
     decode = h.engine.runner.decode
-    def slow_decode(num_rows, argmax_rows=None):      # 60 steps take 0.3 s at least, whatever the CPU
+    def slow_decode(num_rows, heads=None):      # 60 steps take 0.3 s at least, whatever the CPU
         time.sleep(0.005)
-        return decode(num_rows, argmax_rows)
+        return decode(num_rows, heads)
     monkeypatch.setattr(h.engine.runner, "decode", slow_decode)
     responses = run_steps(h, ctx, {0: {"long": body("Hello there", max_new_tokens=60, ignore_eos=True, timeout_s=0.1),
                                        "queued": body("Hi", max_new_tokens=4)}})

@@ -229,6 +229,27 @@ def test_8bit_top_is_the_float_product_at_each_rows_largest_among_near_ties(rows
     assert torch.equal(layer.top(x[:1]), exact[:1])     # one row: forward
 
 
+@pytest.mark.parametrize("rows", [1, 6, 9, 64])
+def test_8bit_rounded_is_the_product_on_bf16_activations_the_same_in_steps_of_any_rows(rows):
+    """PackedLinear.rounded (llmserve::q8_mm_bf16, sampled rows' LM head): the product of the weights
+    with the activations rounded to bf16, to float rounding; each row's values bit for bit the same
+    alone as among the others (a seed's tokens do not depend on the batch); not forward's."""
+    if not bf16_top():
+        pytest.skip("no vdpbf16ps in this build (AVX-512 BF16 without AMX)")
+    g = torch.Generator().manual_seed(rows)
+    w = torch.randn(48, 96, generator=g) * 0.05
+    layer = PackedLinear(linear_with(w), bits=8)
+    q, scales = quantize.quantize_w8(w)
+    x = torch.randn(rows, 96, generator=g)
+    x[0, :32] *= 50
+    expected = F.linear(x.bfloat16().double(), q.double() * scales.double()[:, None])
+    rounded = layer.rounded(x)
+    assert (rounded.double() - expected).abs().max() < 1e-5 * expected.abs().max()
+    for r in range(rows):
+        assert torch.equal(layer.rounded(x[r:r + 1]), rounded[r:r + 1])
+    assert not torch.equal(rounded, layer(x))
+
+
 def test_packed_weights_move_into_one_arena_with_their_values_and_products(kernels):
     """into_huge_pages: every packed weight and scale our kernels read shares one storage (the huge
     page arena), each at a 64-byte boundary, with the same values and the same products; torch's
@@ -414,7 +435,7 @@ def test_weight_only_engine_batched_equals_alone(engine, amx_rows):
 def test_greedy_rows_take_the_top_lm_head_and_answer_as_on_the_float_one(engine, monkeypatch):
     """In a batch, greedy rows' LM head is PackedLinear.top: the same tokens as the float kernel's
     product gives them (and a greedy answer alone, one row a step, takes), while a sampled row (seeded)
-    and one asking for logprobs in the same steps get their logits whole, as before."""
+    takes rounded() and one asking for logprobs gets its logits whole, in the same steps."""
     if not bf16_top():
         pytest.skip("no vdpbf16ps in this build (AVX-512 BF16 without AMX)")
     rows = []
@@ -432,6 +453,27 @@ def test_greedy_rows_take_the_top_lm_head_and_answer_as_on_the_float_one(engine,
     assert rows and max(rows) >= 2
     monkeypatch.setattr(PackedLinear, "top", lambda self, x: self(x))
     assert answers() == fast
+
+
+def test_sampled_rows_take_the_rounded_lm_head_and_no_greedy_row_does(engine, monkeypatch):
+    """A sampled row's LM head is PackedLinear.rounded in every step, one row or several together;
+    greedy rows, with or without logprobs, never take it (their tokens stay a plain greedy step's)."""
+    if not bf16_top():
+        pytest.skip("no vdpbf16ps in this build (AVX-512 BF16 without AMX)")
+    taken = []
+    rounded = PackedLinear.rounded
+    monkeypatch.setattr(PackedLinear, "rounded", lambda self, x: taken.append(x.reshape(-1, x.shape[-1]).shape[0]) or rounded(self, x))
+
+    def answer(params: list[SamplingParams]) -> None:
+        engine.generate([Request(f"{i}", engine.tokenizer(p)["input_ids"], params[i % len(params)])
+                         for i, p in enumerate(PROMPTS * 2)])
+
+    answer([SamplingParams(max_new_tokens=12), SamplingParams(max_new_tokens=12, logprobs=2),
+            SamplingParams(max_new_tokens=12, min_tokens=5)])
+    assert taken == []
+    sampled = SamplingParams(max_new_tokens=12, temperature=0.8, seed=3)
+    answer([sampled, SamplingParams(max_new_tokens=12), sampled, SamplingParams(max_new_tokens=12, logprobs=2)])
+    assert taken and max(taken) == 4 and min(taken) >= 1     # 4 of the 8 rows sample, their prompts' steps together
 
 
 def test_compiled_decode_matches_eager_and_builds_no_graph_after_start_up(tiny_model_dir, kernels, monkeypatch):

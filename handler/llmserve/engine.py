@@ -149,7 +149,7 @@ class Engine:
             if drafts:
                 self._verify(drafts, batch_size=B + len(out.prefill))
             else:
-                logits = self.runner.decode(B, [r.reads_argmax_only for r in self.rows[:B]])
+                logits = self.runner.decode(B, [r.lm_head for r in self.rows[:B]])
                 self._postprocess(self.rows[:B], logits, batch_size=B + len(out.prefill))
         # each request's share of the step's time, by the tokens computed for it (chargeback)
         tokens = {r: 1 for r in out.decode}
@@ -282,7 +282,7 @@ class Engine:
         requests = self.rows[:B]
         tokens = torch.tensor([[0] + d + [0] * (W - 1 - len(d)) for d in drafts], device=self.facts.device)
         tokens[:, 0] = self.cache.last_tokens[:B]
-        logits = self.runner.verify(tokens, [r.reads_argmax_only for r in requests])          # [B, W, V]
+        logits = self.runner.verify(tokens, [r.lm_head for r in requests])          # [B, W, V]
         self._mask_early_eos(requests, logits)
         predicted = argmax(logits).tolist()
         # a sampled row's token at each position is the one its next uniform draws there, as one by

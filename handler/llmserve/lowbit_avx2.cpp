@@ -888,15 +888,31 @@ void dot_pairs_bf16(const int8_t* W, const float* S, const uint32_t* xb, float* 
 // no column whose a_n + b_n falls below L = max(a - b) can be the row's largest, nor outranks it
 // as it stays; every other column's group of 16 is taken again with float activations, the same
 // instructions as in a one-row step. So a greedy row's argmax is a one-row step's, batched or not.
+// x [M, K] rounded to bf16 (to nearest even, as the instruction does), a row's inputs 2i, 2i + 1 in one 32-bit word
+std::vector<uint16_t> rows_bf16(const float* x, int64_t M, int64_t K) {
+  std::vector<uint16_t> xb(M * K);
+  for (int64_t r = 0; r < M; ++r)
+    for (int64_t k = 0; k < K; k += 16)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(xb.data() + r * K + k),
+                          reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_loadu_ps(x + r * K + k))));
+  return xb;
+}
+
+// Y [M, N]: the pairs layout's product with the activations xb (rows_bf16), every column on vdpbf16ps;
+// each row's values the same in a tile of any number of rows (llmserve::q8_mm_bf16: sampled rows' LM head)
+void q8_matmul_pairs_bf16(const uint16_t* xb, int64_t M, int64_t K, int64_t N, const int8_t* W, const float* S, float* Y) {
+  const uint32_t* XB = reinterpret_cast<const uint32_t*>(xb);
+  for_each_group16(M, N, [&](auto rows, int64_t g, int64_t m0) {
+    dot_pairs_bf16<decltype(rows)::value>(W, S, XB + m0 * K / 2, Y + m0 * N, g, N, K);
+  });
+}
+
 void q8_matmul_pairs_top(const float* x, int64_t M, int64_t K, int64_t N, const int8_t* W, const float* S,
                          const float* norms, float* Y) {
-  std::vector<uint16_t> xb(M * K);
+  const std::vector<uint16_t> xb = rows_bf16(x, M, K);
   std::vector<double> radius(M);
   const double gamma = (K + 8) * 0x1p-24 / (1 - (K + 8) * 0x1p-24);
   for (int64_t r = 0; r < M; ++r) {
-    for (int64_t k = 0; k < K; k += 16)   // round to nearest even, as the instruction does
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(xb.data() + r * K + k),
-                          reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_loadu_ps(x + r * K + k))));
     double dd = 0, xx = 0, bb = 0;
     for (int64_t k = 0; k < K; ++k) {
       const uint32_t bits = uint32_t{xb[r * K + k]} << 16;
@@ -907,10 +923,7 @@ void q8_matmul_pairs_top(const float* x, int64_t M, int64_t K, int64_t N, const 
     }
     radius[r] = (std::sqrt(dd) + gamma * (std::sqrt(xx) + std::sqrt(bb))) * (1 + 1e-6);
   }
-  const uint32_t* XB = reinterpret_cast<const uint32_t*>(xb.data());
-  for_each_group16(M, N, [&](auto rows, int64_t g, int64_t m0) {
-    dot_pairs_bf16<decltype(rows)::value>(W, S, XB + m0 * K / 2, Y + m0 * N, g, N, K);
-  });
+  q8_matmul_pairs_bf16(xb.data(), M, K, N, W, S, Y);
   at::parallel_for(0, M, 1, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       float* y = Y + r * N;
@@ -1302,6 +1315,24 @@ torch::Tensor q8_mm(const torch::Tensor& x, const torch::Tensor& q, const torch:
   return y;
 }
 
+// llmserve::q8_mm_bf16: q8_mm's product in the pairs layout with x rounded to bf16 (vdpbf16ps), x [M, K]
+// float32, any M: a sampled row's LM head, whose logits are read whole (see PackedLinear.rounded)
+torch::Tensor q8_mm_bf16(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32 && x.dim() == 2, "x must be [M, K] float32 on the CPU");
+  const int64_t M = x.size(0), K = x.size(1), N = q.dim() == 3 ? q.size(0) * 16 : 0;
+  TORCH_CHECK(q.scalar_type() == torch::kChar && q.dim() == 3 && q.size(1) * kBlock == K && q.size(2) == 512 &&
+              scale.scalar_type() == torch::kFloat32 && scale.numel() == N, "q [N/16, K/32, 512] int8, scale [N] float32");
+  const auto xc = x.contiguous(), qc = q.contiguous(), sc = scale.contiguous();
+  auto y = torch::empty({M, N}, torch::kFloat32);
+#if LLMSERVE_BF16
+  q8_matmul_pairs_bf16(rows_bf16(xc.data_ptr<float>(), M, K).data(), M, K, N, qc.data_ptr<int8_t>(), sc.data_ptr<float>(),
+                       y.data_ptr<float>());
+#else
+  TORCH_CHECK(false, "q8_mm_bf16 needs the AVX-512 build with vdpbf16ps (has_bf16_dot)");
+#endif
+  return y;
+}
+
 // llmserve::q8_mm_top: q8_mm's product in the pairs layout, exact at each row's largest (its argmax
 // is q8_mm's without AMX, the first of equal largest), near it elsewhere (q8_matmul_pairs_top);
 // norms [N] float32: each column's norm with its scale, rounded up. Where the build has no
@@ -1510,6 +1541,7 @@ TORCH_LIBRARY(llmserve, m) {
   m.def("q4_mm(Tensor x, Tensor packed, Tensor scale, Tensor low) -> Tensor");
   m.def("q8_mm(Tensor x, Tensor q, Tensor scale) -> Tensor");
   m.def("q8_mm_top(Tensor x, Tensor q, Tensor scale, Tensor norms) -> Tensor");
+  m.def("q8_mm_bf16(Tensor x, Tensor q, Tensor scale) -> Tensor");
   m.def("has_bf16_dot() -> bool", [] { return bool(LLMSERVE_BF16); });
   m.def("mkl_pack(Tensor w) -> Tensor");
   m.def("mkl_mm(Tensor x, Tensor packed, int N) -> Tensor");
@@ -1521,6 +1553,7 @@ TORCH_LIBRARY_IMPL(llmserve, CPU, m) {
   m.impl("q4_mm", &q4_mm);
   m.impl("q8_mm", &q8_mm);
   m.impl("q8_mm_top", &q8_mm_top);
+  m.impl("q8_mm_bf16", &q8_mm_bf16);
   m.impl("mkl_pack", &mkl_pack);
   m.impl("mkl_mm", &mkl_mm);
   m.impl("decode_layers", &decode_layers);

@@ -95,6 +95,16 @@ class Request:
         p = self.params
         return p.is_greedy and p.logprobs is None and len(self.output_ids) >= p.min_tokens
 
+    @property
+    def lm_head(self) -> str:
+        """How its logits may be computed (runner._logits): "top" where only their argmax is read,
+        "rounded" for a sampled request (the LM head on bf16 activations, PackedLinear.rounded),
+        "exact" for a greedy one that reads more (logprobs, the min_tokens mask): its tokens are then
+        the same as without logprobs."""
+        if self.reads_argmax_only:
+            return "top"
+        return "exact" if self.params.is_greedy else "rounded"
+
     def timings(self) -> dict:
         end = self.finish_time or time.perf_counter()
         first = self.first_token_time or end

@@ -188,30 +188,33 @@ class ModelRunner:
             x, cos, sin, k, v, starts, lengths, counts, W, self.num_heads,
             first.input_layernorm.variance_epsilon, first.self_attn.scaling, max_packed_rows, self.fused_weights)
 
-    def _logits(self, x: torch.Tensor, argmax_rows: list[bool] | None = None) -> torch.Tensor:
+    def _logits(self, x: torch.Tensor, heads: list[str] | None = None) -> torch.Tensor:
         """The final norm and the LM head: logits [B, ..., V] float32 of hidden states [B, ..., C].
-        argmax_rows [B]: True where nothing but the row's largest logits are read (greedy rows
-        without logprobs), which an 8-bit LM head may then compute exactly there only (top())."""
+        heads [B], each row's Request.lm_head: "top" where nothing but the row's largest logits are
+        read (an 8-bit LM head may then compute exactly there only: top()), "rounded" for a sampled
+        row (bf16 activations: rounded()), "exact" (or heads None) forward's product."""
         h = rms_norm(self.decoder.norm, x)
         head = self.model.lm_head
-        if not argmax_rows or not any(argmax_rows) or not hasattr(head, "top"):
-            return head(h).float()
-        if all(argmax_rows):
-            return head.top(h).float()
-        top = torch.tensor(argmax_rows, device=h.device)                                   # [B]
+        kinds = sorted(set(heads or ["exact"])) if hasattr(head, "top") else ["exact"]
+        def product(kind: str, rows: torch.Tensor) -> torch.Tensor:
+            return (head.top(rows) if kind == "top" else head.rounded(rows) if kind == "rounded" else head(rows)).float()
+        if len(kinds) == 1:
+            return product(kinds[0], h)
         logits = torch.empty(*h.shape[:-1], head.out_features, device=h.device)         # [B, ..., V]
-        logits[top], logits[~top] = head.top(h[top]).float(), head(h[~top]).float()
+        for kind in kinds:
+            rows = torch.tensor([k == kind for k in heads], device=h.device)             # [B]
+            logits[rows] = product(kind, h[rows])
         return logits
 
-    def decode(self, num_rows: int, argmax_rows: list[bool] | None = None) -> torch.Tensor:
+    def decode(self, num_rows: int, heads: list[str] | None = None) -> torch.Tensor:
         """One token for each of rows 0..num_rows-1, fed from cache.last_tokens; returns logits [B, V]."""
-        return self.verify(self.cache.last_tokens[:num_rows, None], argmax_rows)[:, 0]
+        return self.verify(self.cache.last_tokens[:num_rows, None], heads)[:, 0]
 
     @torch.inference_mode()
-    def verify(self, tokens: torch.Tensor, argmax_rows: list[bool] | None = None) -> torch.Tensor:
+    def verify(self, tokens: torch.Tensor, heads: list[str] | None = None) -> torch.Tensor:
         """Rows 0..B-1 each take the W tokens of tokens [B, W] at once: their last token, then a
         draft (speculative decoding; W = 1 is a decode step). Returns logits at every position
-        [B, W, V] (argmax_rows: see _logits); writes all W keys and values and advances each row by
+        [B, W, V] (heads: see _logits); writes all W keys and values and advances each row by
         one: the engine advances rows further by the draft tokens it keeps (keys past a row's length
         are masked, later overwritten). The linear layers see the B x W tokens as that many rows (the kernel for that
         many rows, the same per row as in a one-token step), attention sees each row's W. The
@@ -246,7 +249,7 @@ class ModelRunner:
             c.k[:, rows, :, cols] = torch.stack(new_k, dim=1).permute(0, 3, 1, 2, 4)             # [B, W, L, Hkv, D]
             c.v[:, rows, :, cols] = torch.stack(new_v, dim=1).permute(0, 3, 1, 2, 4)
         c.advance(B)
-        return self._logits(x.reshape(B, W, -1), argmax_rows)                               # [B, W, V]
+        return self._logits(x.reshape(B, W, -1), heads)                               # [B, W, V]
 
     def _decode_layer(self, layer, x, cos, sin, mask, k_past, v_past):
         """One decoder layer for W new tokens in each of B rows, flattened: x [B*W, 1, C]; cos, sin:
