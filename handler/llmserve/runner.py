@@ -195,15 +195,15 @@ class ModelRunner:
         row (bf16 activations: rounded()), "exact" (or heads None) forward's product."""
         h = rms_norm(self.decoder.norm, x)
         head = self.model.lm_head
-        kinds = sorted(set(heads or ["exact"])) if hasattr(head, "top") else ["exact"]
-        def product(kind: str, rows: torch.Tensor) -> torch.Tensor:
-            return (head.top(rows) if kind == "top" else head.rounded(rows) if kind == "rounded" else head(rows)).float()
+        products = {"top": head.top, "rounded": head.rounded, "exact": head} if hasattr(head, "top") else {}
+        kinds = sorted(set(heads or ["exact"]))
+        assert set(kinds) <= {"top", "rounded", "exact"}, kinds
         if len(kinds) == 1:
-            return product(kinds[0], h)
+            return products.get(kinds[0], head)(h).float()
         logits = torch.empty(*h.shape[:-1], head.out_features, device=h.device)         # [B, ..., V]
         for kind in kinds:
             rows = torch.tensor([k == kind for k in heads], device=h.device)             # [B]
-            logits[rows] = product(kind, h[rows])
+            logits[rows] = products.get(kind, head)(h[rows]).float()
         return logits
 
     def decode(self, num_rows: int, heads: list[str] | None = None) -> torch.Tensor:
