@@ -473,7 +473,7 @@ def test_sampled_rows_take_the_rounded_lm_head_and_no_greedy_row_does(engine, mo
     assert taken == []
     sampled = SamplingParams(max_new_tokens=12, temperature=0.8, seed=3)
     answer([sampled, SamplingParams(max_new_tokens=12), sampled, SamplingParams(max_new_tokens=12, logprobs=2)])
-    assert taken and max(taken) == 4 and min(taken) >= 1     # 4 of the 8 rows sample, their prompts' steps together
+    assert max(taken) == 4                   # 4 of the 8 rows sample, their decode steps together
 
 
 def test_compiled_decode_matches_eager_and_builds_no_graph_after_start_up(tiny_model_dir, kernels, monkeypatch):

@@ -681,8 +681,8 @@ void q4_matmul_columns(const float* x, int64_t M, const Q4Weight& wt, float* Y) 
   const int64_t K = wt.k, N = wt.n, blocks = K / kBlock, G = wt.columns;
   std::vector<int8_t> xq(M * K);
   std::vector<float> xscale(M * blocks), xsum(M * blocks);
-  // each row's blocks alone: rows apart on the threads from two chunks (a 16-row step lost 3.6 % to
-  // the extra fork in chunks of 8)
+  // each row's blocks alone: rows apart on the threads from two chunks (with chunks of 8 from 16
+  // rows, and the row-wise passes' from 16, a 16-row step was 3.6 % slower)
   at::parallel_for(0, M, M >= 2 * kRowGrain ? kRowGrain : M, [&](int64_t m0, int64_t m1) {
     quantize_rows(x + m0 * K, m1 - m0, K, xq.data() + m0 * K, xscale.data() + m0 * blocks, nullptr, nullptr,
                   xsum.data() + m0 * blocks);
@@ -880,14 +880,6 @@ void dot_pairs_bf16(const int8_t* W, const float* S, const uint32_t* xb, float* 
   for (int r = 0; r < ROWS; ++r) _mm512_storeu_ps(y + r * N + g * 16, _mm512_mul_ps(_mm512_add_ps(acc[r][0], acc[r][1]), scale));
 }
 
-// llmserve::q8_mm_top's product: Y [M, N] exactly as q8_matmul_pairs gives it (float activations,
-// no AMX) at each row's largest, near enough elsewhere, at bf16's speed. Every column is first
-// taken with bf16 activations (a), then each row's columns that may be its largest get the float
-// kernel's values (e): |a_n - e_n| <= b_n = norms[n] (||x - bf16(x)|| + gamma (||x|| + ||bf16(x)||)),
-// norms[n] the column's norm with its scale (Cauchy-Schwarz; gamma bounds either sum's rounding), so
-// no column whose a_n + b_n falls below L = max(a - b) can be the row's largest, nor outranks it
-// as it stays; every other column's group of 16 is taken again with float activations, the same
-// instructions as in a one-row step. So a greedy row's argmax is a one-row step's, batched or not.
 // x [M, K] rounded to bf16 (to nearest even, as the instruction does), a row's inputs 2i, 2i + 1 in one 32-bit word
 std::vector<uint16_t> rows_bf16(const float* x, int64_t M, int64_t K) {
   std::vector<uint16_t> xb(M * K);
@@ -907,6 +899,14 @@ void q8_matmul_pairs_bf16(const uint16_t* xb, int64_t M, int64_t K, int64_t N, c
   });
 }
 
+// llmserve::q8_mm_top's product: Y [M, N] exactly as q8_matmul_pairs gives it (float activations,
+// no AMX) at each row's largest, near enough elsewhere, at bf16's speed. Every column is first
+// taken with bf16 activations (a), then each row's columns that may be its largest get the float
+// kernel's values (e): |a_n - e_n| <= b_n = norms[n] (||x - bf16(x)|| + gamma (||x|| + ||bf16(x)||)),
+// norms[n] the column's norm with its scale (Cauchy-Schwarz; gamma bounds either sum's rounding), so
+// no column whose a_n + b_n falls below L = max(a - b) can be the row's largest, nor outranks it
+// as it stays; every other column's group of 16 is taken again with float activations, the same
+// instructions as in a one-row step. So a greedy row's argmax is a one-row step's, batched or not.
 void q8_matmul_pairs_top(const float* x, int64_t M, int64_t K, int64_t N, const int8_t* W, const float* S,
                          const float* norms, float* Y) {
   const std::vector<uint16_t> xb = rows_bf16(x, M, K);
@@ -1315,13 +1315,19 @@ torch::Tensor q8_mm(const torch::Tensor& x, const torch::Tensor& q, const torch:
   return y;
 }
 
+// x [M, K] float32 on the CPU, q [N/16, K/32, 512] int8 (the pairs layout), scale [N] float32: N
+int64_t check_pairs(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32 && x.dim() == 2, "x must be [M, K] float32 on the CPU");
+  const int64_t N = q.dim() == 3 ? q.size(0) * 16 : 0;
+  TORCH_CHECK(q.scalar_type() == torch::kChar && q.dim() == 3 && q.size(1) * kBlock == x.size(1) && q.size(2) == 512 &&
+              scale.scalar_type() == torch::kFloat32 && scale.numel() == N, "q [N/16, K/32, 512] int8, scale [N] float32");
+  return N;
+}
+
 // llmserve::q8_mm_bf16: q8_mm's product in the pairs layout with x rounded to bf16 (vdpbf16ps), x [M, K]
 // float32, any M: a sampled row's LM head, whose logits are read whole (see PackedLinear.rounded)
 torch::Tensor q8_mm_bf16(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale) {
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32 && x.dim() == 2, "x must be [M, K] float32 on the CPU");
-  const int64_t M = x.size(0), K = x.size(1), N = q.dim() == 3 ? q.size(0) * 16 : 0;
-  TORCH_CHECK(q.scalar_type() == torch::kChar && q.dim() == 3 && q.size(1) * kBlock == K && q.size(2) == 512 &&
-              scale.scalar_type() == torch::kFloat32 && scale.numel() == N, "q [N/16, K/32, 512] int8, scale [N] float32");
+  const int64_t M = x.size(0), K = x.size(1), N = check_pairs(x, q, scale);
   const auto xc = x.contiguous(), qc = q.contiguous(), sc = scale.contiguous();
   auto y = torch::empty({M, N}, torch::kFloat32);
 #if LLMSERVE_BF16
@@ -1338,11 +1344,8 @@ torch::Tensor q8_mm_bf16(const torch::Tensor& x, const torch::Tensor& q, const t
 // norms [N] float32: each column's norm with its scale, rounded up. Where the build has no
 // vdpbf16ps (has_bf16_dot), an error.
 torch::Tensor q8_mm_top(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scale, const torch::Tensor& norms) {
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32 && x.dim() == 2, "x must be [M, K] float32 on the CPU");
-  const int64_t M = x.size(0), K = x.size(1), N = q.dim() == 3 ? q.size(0) * 16 : 0;
-  TORCH_CHECK(q.scalar_type() == torch::kChar && q.dim() == 3 && q.size(1) * kBlock == K && q.size(2) == 512 &&
-              scale.scalar_type() == torch::kFloat32 && scale.numel() == N && norms.scalar_type() == torch::kFloat32 &&
-              norms.numel() == N, "q [N/16, K/32, 512] int8, scale and norms [N] float32");
+  const int64_t M = x.size(0), K = x.size(1), N = check_pairs(x, q, scale);
+  TORCH_CHECK(norms.scalar_type() == torch::kFloat32 && norms.numel() == N, "norms [N] float32");
   const auto xc = x.contiguous(), qc = q.contiguous(), sc = scale.contiguous(), nc = norms.contiguous();
   auto y = torch::empty({M, N}, torch::kFloat32);
 #if LLMSERVE_BF16
@@ -1430,7 +1433,8 @@ torch::Tensor decode_layers_over(const torch::Tensor& x, const torch::Tensor& co
   auto alloc = [](int64_t n) { return std::unique_ptr<float[]>(new float[n]); };
   auto h_ = alloc(R * C), qkv_ = alloc(R * QKV), o_ = alloc(R * H * D), delta_ = alloc(R * C);
   float *h = h_.get(), *qkv = qkv_.get(), *o = o_.get(), *delta = delta_.get();
-  std::unique_ptr<float[]> gate_up_, act_;
+  std::unique_ptr<float[]> gate_up_, act_;   // for the largest I so far (layers may differ)
+  int64_t I_held = 0;
   for (int64_t layer = 0; layer < L; ++layer) {
     const auto* w = &weights[layer * kPerLayer];
     const Projection wqkv{q4_weight(w[1], w[2]), w[3]}, wo{q4_weight(w[4], w[5]), w[6]};
@@ -1443,7 +1447,7 @@ torch::Tensor decode_layers_over(const torch::Tensor& x, const torch::Tensor& co
                 wgu.packed.k == C && wdown.packed.n == C && wgu.packed.n == 2 * wdown.packed.k && w[0].numel() == C &&
                 w[7].numel() == C, "layer ", layer, ": weight shapes");
     const int64_t I = wdown.packed.k;
-    if (!gate_up_) gate_up_ = alloc(R * 2 * I), act_ = alloc(R * I);
+    if (I > I_held) gate_up_ = alloc(R * 2 * I), act_ = alloc(R * I), I_held = I;
     float *gate_up = gate_up_.get(), *act = act_.get();
 
     rms_norm_rows(X, w[0].data_ptr<float>(), h, R, C, static_cast<float>(eps));

@@ -387,24 +387,26 @@ class PackedLinear(torch.nn.Module):
         forward's, however many rows a step takes. w4's LM head at 6 / 64 rows took 1.86 / 18.7 ms
         on its float activations, 1.12 / 10.6 ms so (Zen 4, 2 threads; commit message). Where it
         cannot (no vdpbf16ps, AMX, a single row, rows past the float weights' crossover): forward."""
-        x2 = x.reshape(-1, x.shape[-1])
-        if self.norms is None or not 2 <= x2.shape[0] <= self.max_packed_rows:
-            return self(x)
-        y = torch.ops.llmserve.q8_mm_top(x2.float(), self.packed, self.scales, self.norms).to(x.dtype)
-        return (y if self.bias is None else y + self.bias).reshape(*x.shape[:-1], self.out_features)
+        return self._bf16_pass(x, 2, torch.ops.llmserve.q8_mm_top, self.norms)
 
     def rounded(self, x: torch.Tensor) -> torch.Tensor:
         """forward's product with the activations rounded to bf16 (llmserve::q8_mm_bf16), for rows whose
         logits are read whole (sampled rows' LM head): w4's 16-row step spent 4.9 ms in it on float
         activations against 3.0 ms on vdpbf16ps (Zen 4). Each row's values are the same in a step of
-        any number of rows, so a seed's tokens do not depend on the batch. Rounding moves a sampling
-        distribution by 0.28 % (total variation, mean over 2,000 WikiText-2 positions at temperature
-        0.7), where w4's own weights and int8 activations move it 5.7 % from fp32's (commit message).
-        Where top() cannot run (see there), forward."""
+        any number of rows, one included, so its logits do not depend on the batch. Rounding moves a
+        sampling distribution by 0.28 % (total variation, mean over 2,000 WikiText-2 positions at
+        temperature 0.7), where w4's own weights and int8 activations move it 5.7 % from fp32's
+        (commit message). Where the kernel cannot (no vdpbf16ps, AMX, rows past the float weights'
+        crossover): forward."""
+        return self._bf16_pass(x, 1, torch.ops.llmserve.q8_mm_bf16)
+
+    def _bf16_pass(self, x: torch.Tensor, min_rows: int, op, *args) -> torch.Tensor:
+        """op(x, packed, scales, *args) over x's rows where the vdpbf16ps kernels can take them (norms
+        kept: 8 bits in the pairs layout, no AMX) and min_rows to max_packed_rows of them; else forward."""
         x2 = x.reshape(-1, x.shape[-1])
-        if self.norms is None or x2.shape[0] > self.max_packed_rows:
+        if self.norms is None or not min_rows <= x2.shape[0] <= self.max_packed_rows:
             return self(x)
-        y = torch.ops.llmserve.q8_mm_bf16(x2.float(), self.packed, self.scales).to(x.dtype)
+        y = op(x2.float(), self.packed, self.scales, *args).to(x.dtype)
         return (y if self.bias is None else y + self.bias).reshape(*x.shape[:-1], self.out_features)
 
 

@@ -195,15 +195,16 @@ class ModelRunner:
         row (bf16 activations: rounded()), "exact" (or heads None) forward's product."""
         h = rms_norm(self.decoder.norm, x)
         head = self.model.lm_head
-        products = {"top": head.top, "rounded": head.rounded, "exact": head} if hasattr(head, "top") else {}
+        if not hasattr(head, "top"):          # not an 8-bit PackedLinear: one product for every row
+            return head(h).float()
+        products = {"top": head.top, "rounded": head.rounded, "exact": head}
         kinds = sorted(set(heads or ["exact"]))
-        assert set(kinds) <= {"top", "rounded", "exact"}, kinds
         if len(kinds) == 1:
-            return products.get(kinds[0], head)(h).float()
+            return products[kinds[0]](h).float()
         logits = torch.empty(*h.shape[:-1], head.out_features, device=h.device)         # [B, ..., V]
         for kind in kinds:
             rows = torch.tensor([k == kind for k in heads], device=h.device)             # [B]
-            logits[rows] = products.get(kind, head)(h[rows]).float()
+            logits[rows] = products[kind](h[rows]).float()
         return logits
 
     def decode(self, num_rows: int, heads: list[str] | None = None) -> torch.Tensor:
