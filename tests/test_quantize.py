@@ -198,9 +198,9 @@ def bf16_top() -> bool:
 
 @pytest.mark.parametrize("rows", [2, 6, 9, 64])
 def test_8bit_top_is_the_float_product_at_each_rows_largest_among_near_ties(rows):
-    """PackedLinear.top (llmserve::q8_mm_top, vdpbf16ps): at each row's largest, the float
+    """PackedLinear.top (llmserve::q8_mm_top, an int8 pass): at each row's largest, the float
     kernel's value bit for bit, so its argmax is forward's, where each row's two largest (in
-    different groups of 16 columns, which it recomputes whole) are a millionth apart (bf16
+    different groups of 16 columns, which it recomputes whole) are a millionth apart (rounded
     activations alone put the wrong one first in some rows), and in a row with one huge input;
     elsewhere it may differ. One row, or none of these instructions: forward."""
     if not bf16_top():
@@ -223,7 +223,7 @@ def test_8bit_top_is_the_float_product_at_each_rows_largest_among_near_ties(rows
     best = exact.argmax(-1)
     assert torch.equal(top.argmax(-1), best)
     assert torch.equal(top.gather(1, best[:, None]), exact.gather(1, best[:, None]))
-    if rows >= 9:      # the ties are real: bf16 activations alone get some wrong
+    if rows >= 9:      # the ties are real: rounded activations alone get some wrong
         assert (layer(x.bfloat16().float()).argmax(-1) != best).any()
     assert not torch.equal(top, exact)                  # and the rest of each row was not recomputed
     assert torch.equal(layer.top(x[:1]), exact[:1])     # one row: forward

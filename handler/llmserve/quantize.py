@@ -164,7 +164,7 @@ def lowbit_kernels() -> str:
             variant, isa = "_avx512", ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"]
             if {"amx_tile", "amx_bf16", "avx512_bf16", "avx512vbmi"} <= flags:   # bf16 tiles for steps of many rows
                 variant, isa = "_amx", [*isa, "-mavx512bf16", "-mavx512vbmi", "-mamx-tile", "-mamx-bf16"]
-            elif "avx512_bf16" in flags:   # vdpbf16ps for the LM head's greedy rows (q8_mm_top): Zen 4
+            elif "avx512_bf16" in flags:   # vdpbf16ps for the LM head's sampled rows (q8_mm_bf16), q8_mm_top: Zen 4
                 name_suffix, isa = "_bf16", [*isa, "-mavx512bf16"]
         elif "avx_vnni" in flags:
             variant, isa = "_vnni", ["-mavxvnni"]
@@ -383,10 +383,11 @@ class PackedLinear(torch.nn.Module):
 
     def top(self, x: torch.Tensor) -> torch.Tensor:
         """forward's product where nothing but each row's largest is read (greedy rows' LM head):
-        exactly forward's at the largest, rounded elsewhere (llmserve::q8_mm_top), so the argmax is
-        forward's, however many rows a step takes. w4's LM head at 6 / 64 rows took 1.86 / 18.7 ms
-        on its float activations, 1.12 / 10.6 ms so (Zen 4, 2 threads; commit message). Where it
-        cannot (no vdpbf16ps, AMX, a single row, rows past the float weights' crossover): forward."""
+        exactly forward's at the largest, from int8 activations elsewhere (llmserve::q8_mm_top), so the
+        argmax is forward's, however many rows a step takes. w4's LM head at 6 / 64 rows took 1.86 /
+        18.7 ms on its float activations, 1.12 / 10.6 ms with a bf16 pass, 0.71 / 8.6 with the int8
+        one (Zen 4, 2 threads, the head alone; commit messages). Where it cannot (no vdpbf16ps build,
+        AMX, a single row, rows past the float weights' crossover): forward."""
         return self._bf16_pass(x, 2, torch.ops.llmserve.q8_mm_top, self.norms)
 
     def rounded(self, x: torch.Tensor) -> torch.Tensor:
