@@ -274,6 +274,14 @@ def test_openai_client_plain_and_streamed(server):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="llm", messages=messages, n=2)
     assert e.value.body["param"] == "n"
+    # penalties: OpenAI's two as the client's own arguments, vLLM's repetition_penalty in the body, as
+    # the native API takes them (the same greedy text), and a repetitive answer changed by them
+    prompt, penalties = "1, 2, 1, 2, 1, 2,", dict(frequency_penalty=1.0, presence_penalty=1.0)
+    penalized = client.completions.create(model="llm", prompt=prompt, max_tokens=12, **penalties,
+                                          extra_body={"repetition_penalty": 1.3}).choices[0].text
+    native = post(server, {"prompt": prompt, "max_new_tokens": 12, "repetition_penalty": 1.3, **penalties})
+    assert penalized == native.json()["text"] != client.completions.create(model="llm", prompt=prompt,
+                                                                           max_tokens=12).choices[0].text
     with requests.post(f"{server.inference_url}/predictions/llm/1.0/v1/completions", stream=True, timeout=60,
                        json={"model": "llm", "prompt": "Hi", "max_tokens": 30, "ignore_eos": True, "stream": True}) as r:
         assert r.headers["Content-Type"].startswith("text/event-stream")

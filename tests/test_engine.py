@@ -36,18 +36,64 @@ def alone(engine, prompt, max_new=12, **kw) -> list[int]:
     return r.output_ids
 
 
-def reference_no_cache(engine, prompt, max_new=12) -> list[int]:
-    """Hugging Face's own forward over the whole sequence at every step, no KV cache."""
+def reference_no_cache(engine, prompt, max_new=12, presence=0.0, frequency=0.0, repetition=1.0) -> list[int]:
+    """Hugging Face's own forward over the whole sequence at every step, no KV cache; greedy, with
+    vLLM's penalties applied by hand where asked: repetition_penalty on the prompt's and output's
+    tokens, then presence and frequency x count on the output's."""
     model = engine.runner.model
     ids = engine.tokenizer(prompt)["input_ids"]
     out = []
     with torch.inference_mode():
         for _ in range(max_new):
             logits = model(torch.tensor([ids + out]), use_cache=False).logits[0, -1]
+            if (presence, frequency, repetition) != (0.0, 0.0, 1.0):
+                for t in set(ids + out):
+                    logits[t] = logits[t] / repetition if logits[t] > 0 else logits[t] * repetition
+                for t in set(out):
+                    logits[t] -= frequency * out.count(t) + presence
             out.append(int(logits.argmax()))
             if out[-1] in engine.facts.stop_token_ids:
                 break
     return out
+
+
+PENALTIES = [dict(presence=1.5), dict(presence=-1.0), dict(frequency=0.5), dict(repetition=1.5),
+             dict(presence=0.5, frequency=0.25, repetition=2.0)]
+
+
+def test_penalties_change_the_tokens_as_vllm_applies_them_alone_and_batched(engine):
+    """presence_penalty, frequency_penalty and repetition_penalty give the tokens a by-hand
+    application to Hugging Face's logits gives, alone and in a batch beside unpenalized requests
+    (whose tokens they leave alone); they do change the tokens."""
+    changed = False
+    for kw in PENALTIES:
+        params = {f"{k}_penalty": v for k, v in kw.items()}
+        for p in PROMPTS[1:3]:
+            expected = reference_no_cache(engine, p, 16, **kw)
+            assert alone(engine, p, 16, **params) == expected, (kw, p)
+            changed |= expected != reference_no_cache(engine, p, 16)
+        batch = [make(engine, i, p, 16, **(params if i % 2 else {})) for i, p in enumerate(PROMPTS)]
+        engine.generate(batch)
+        for i, (r, p) in enumerate(zip(batch, PROMPTS)):
+            assert r.output_ids == (reference_no_cache(engine, p, 16, **kw) if i % 2 else alone(engine, p, 16))
+    assert changed
+
+
+def test_a_penalized_request_does_not_draft_and_keeps_its_tokens(tiny_model_dir, monkeypatch):
+    """In verify steps beside a request that drafts (every step, here: its last token twice), a
+    penalized one drafts nothing: its tokens are the penalized ones, one a step."""
+    from llmserve.speculative import PromptLookup
+
+    monkeypatch.setattr(PromptLookup, "draft", lambda self, tokens, limit: tokens[-1:] * min(limit, 2))
+    spec = Engine.from_config(EngineConfig(model_path=str(tiny_model_dir), quantization="fp32", max_model_len=128,
+                                           max_num_seqs=8, spec_tokens=3, spec_max_rows=8))
+    prompt = "x"
+    penalized = make(spec, 0, prompt, 16, presence_penalty=0.5, frequency_penalty=0.25, repetition_penalty=2.0)
+    plain = make(spec, 1, prompt, 16)
+    spec.generate([penalized, plain])
+    assert plain.num_draft_tokens > 0 and penalized.num_draft_tokens == 0
+    assert penalized.output_ids == reference_no_cache(spec, prompt, 16, presence=0.5, frequency=0.25, repetition=2.0)
+    assert plain.output_ids == reference_no_cache(spec, prompt, 16) != penalized.output_ids
 
 
 def test_cached_equals_uncached(engine):

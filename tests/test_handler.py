@@ -428,6 +428,20 @@ def test_openai_chat_and_completions_plain_and_streamed(continuous):
     assert whole(responses["models"])["data"][0]["id"] == "llm"
 
 
+def test_openai_penalties_are_the_native_apis(continuous):
+    """presence_penalty, frequency_penalty (OpenAI's) and repetition_penalty (vLLM's) reach the
+    engine as the native API's fields do: the same text, not the unpenalized one."""
+    h, ctx = continuous
+    penalties = {"presence_penalty": 0.5, "frequency_penalty": 0.25, "repetition_penalty": 2.0}
+    cmpl = {"model": "llm", "prompt": "x", "max_tokens": 16, "ignore_eos": True}
+    responses = openai_run(h, ctx, {0: {"pen": ("v1/completions", {**cmpl, **penalties}),
+                                        "plain": ("v1/completions", cmpl),
+                                        "native": ("", {"prompt": "x", "max_new_tokens": 16, "ignore_eos": True,
+                                                        **penalties})}})
+    text = whole(responses["pen"])["choices"][0]["text"]
+    assert text == whole(responses["native"])["text"] != whole(responses["plain"])["choices"][0]["text"]
+
+
 @pytest.mark.parametrize("route, body, status, param", [
     ("v1/chat/completions", {"model": "llm", "messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n"),
     ("v1/chat/completions", {"model": "llm", "messages": [{"role": "user", "content": "hi"}],
@@ -437,6 +451,7 @@ def test_openai_chat_and_completions_plain_and_streamed(continuous):
      400, "max_tokens"),
     ("v1/completions", {"model": "llm", "prompt": "hi", "logprobs": 9}, 400, "logprobs"),
     ("v1/completions", {"model": "llm", "prompt": "hi", "echo": True}, 400, "echo"),
+    ("v1/completions", {"model": "llm", "prompt": "hi", "presence_penalty": 2.5}, 400, "presence_penalty"),
     ("v1/embeddings", {"model": "llm", "input": "hi"}, 404, "url_path"),
 ])
 def test_openai_errors_name_the_parameter(continuous, route, body, status, param):

@@ -46,9 +46,11 @@ def test_raw_bytes_and_chat():
 
 def test_all_sampling_params():
     r = parse({"prompt": "a", "temperature": 0.7, "top_p": 0.9, "top_k": 40, "seed": 3, "stop": ["a", "b"],
-               "stream": True})
+               "stream": True, "presence_penalty": -2, "frequency_penalty": 0.5, "repetition_penalty": 1.2})
     p = r.params
     assert (p.temperature, p.top_p, p.top_k, p.seed, p.stop) == (0.7, 0.9, 40, 3, ("a", "b")) and r.stream
+    assert (p.presence_penalty, p.frequency_penalty, p.repetition_penalty) == (-2, 0.5, 1.2) and p.is_penalized
+    assert not parse({"prompt": "a", "presence_penalty": 0, "repetition_penalty": 1}).params.is_penalized
 
 
 @pytest.mark.parametrize("body,field", [
@@ -88,6 +90,11 @@ def test_all_sampling_params():
     ({"messages": [{"role": "user", "content": "\udfff"}]}, "messages"),
     ({"prompt": "a", "stop": ["x", "\udc00\ud800"]}, "stop"),
     ({"prompt": "a", "top_k": 2**40}, "top_k"),
+    ({"prompt": "a", "presence_penalty": 2.5}, "presence_penalty"),
+    ({"prompt": "a", "frequency_penalty": -2.01}, "frequency_penalty"),
+    ({"prompt": "a", "frequency_penalty": "high"}, "frequency_penalty"),
+    ({"prompt": "a", "repetition_penalty": 0}, "repetition_penalty"),
+    ({"prompt": "a", "repetition_penalty": float("nan")}, "repetition_penalty"),
     ({"messages": [{"role": ["user"], "content": "x"}]}, "messages"),
     (b"[" * 100000 + b"]" * 100000, "body"),
 ])

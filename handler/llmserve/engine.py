@@ -86,7 +86,9 @@ class Engine:
         self.check_room(request.tier)
         request.generator = make_generator(request.params, self.facts.device)
         c = self.config
-        if c.spec_tokens:
+        # a penalized request does not draft: its penalties at a draft's positions would count the
+        # draft tokens before each (and an answer told not to repeat itself copies little)
+        if c.spec_tokens and not request.params.is_penalized:
             request.lookup = PromptLookup(c.spec_tokens, c.spec_lookup_min, c.spec_lookup_max)
         if request.deadline is not None:
             self.timed.add(request)
@@ -325,10 +327,31 @@ class Engine:
             if (early := r.params.min_tokens - len(r.output_ids)) > 0:
                 logits[i, :early, self.stop_ids] = float("-inf")
 
+    @staticmethod
+    def _penalized(requests: list[Request], logits: torch.Tensor) -> torch.Tensor:
+        """logits [B, V], or a copy with each penalized row's penalties applied as vLLM applies them:
+        repetition_penalty on the tokens of its prompt and output (a positive logit divided by it,
+        another multiplied), then presence_penalty and frequency_penalty x count on its output's.
+        Sampling reads the copy; log-probabilities stay the model's."""
+        rows = [i for i, r in enumerate(requests) if r.params.is_penalized]
+        if not rows:
+            return logits
+        scores = logits.clone()
+        for i in rows:
+            r, p, row = requests[i], requests[i].params, scores[i]
+            if p.repetition_penalty != 1:
+                seen = torch.tensor(sorted(set(r.prompt_ids) | set(r.output_ids)), device=row.device)
+                v = row[seen]
+                row[seen] = torch.where(v > 0, v / p.repetition_penalty, v * p.repetition_penalty)
+            if r.output_ids and (p.presence_penalty or p.frequency_penalty):
+                counts = torch.bincount(torch.tensor(r.output_ids, device=row.device), minlength=row.numel())
+                row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
+        return scores
+
     def _postprocess(self, requests: list[Request], logits: torch.Tensor, batch_size: int) -> None:
         rows = slice(requests[0].row, requests[0].row + len(requests))
         self._mask_early_eos(requests, logits[:, None])
-        tokens = sample(logits, [r.params for r in requests], [r.generator for r in requests])
+        tokens = sample(self._penalized(requests, logits), [r.params for r in requests], [r.generator for r in requests])
         self.cache.last_tokens[rows] = tokens
         if any(r.params.logprobs is not None for r in requests):
             self._logprobs(requests, logits, tokens)

@@ -8,7 +8,9 @@ from dataclasses import dataclass, field
 from .config import EngineConfig
 
 KNOWN_FIELDS = ("prompt", "messages", "max_new_tokens", "temperature", "top_p", "top_k", "seed",
-                "stop", "stream", "ignore_eos", "min_tokens", "timeout_s")
+                "stop", "stream", "ignore_eos", "min_tokens", "timeout_s", "presence_penalty",
+                "frequency_penalty", "repetition_penalty")
+MAX_PENALTY = 2.0   # OpenAI's range for presence_penalty and frequency_penalty: [-2, 2]
 MAX_STOP_STRINGS = 8
 TIERS = ("premium", "standard", "batch")   # priority tiers, first served first (scheduler.py)
 MAX_TOP_K = 2**31 - 1
@@ -35,10 +37,18 @@ class SamplingParams:
     ignore_eos: bool = False          # vLLM's meaning: EOS does not end the request (fixed-length benchmarks)
     min_tokens: int = 0               # vLLM's meaning: EOS cannot be sampled, nor a stop string end it, before this
     logprobs: int | None = None       # None: none; k: each output token's log-probability and its k best rivals
+    presence_penalty: float = 0.0     # OpenAI's: subtracted from the logit of each token the output holds
+    frequency_penalty: float = 0.0    # OpenAI's: ... times the times the output holds it
+    repetition_penalty: float = 1.0   # vLLM's (CTRL's): a prompt or output token's logit divided by it if
+                                      # positive, multiplied if not; applied before the two above
 
     @property
     def max_stop_len(self) -> int:
         return max(map(len, self.stop), default=0)
+
+    @property
+    def is_penalized(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
 
     @property
     def is_greedy(self) -> bool:
@@ -91,15 +101,16 @@ class Request:
     @property
     def reads_argmax_only(self) -> bool:
         """Its next token is its logits' argmax and nothing else reads them (no sampling, no
-        logprobs, no min_tokens mask): the LM head may be exact at the largest only (runner._logits)."""
+        logprobs, no min_tokens mask, no penalty): the LM head may be exact at the largest only
+        (runner._logits)."""
         p = self.params
-        return p.is_greedy and p.logprobs is None and len(self.output_ids) >= p.min_tokens
+        return p.is_greedy and p.logprobs is None and not p.is_penalized and len(self.output_ids) >= p.min_tokens
 
     @property
     def lm_head(self) -> str:
         """How its logits may be computed (runner._logits): "top" where only their argmax is read,
         "rounded" for a sampled request (the LM head on bf16 activations, PackedLinear.rounded),
-        "exact" for a greedy one that reads more (logprobs, the min_tokens mask): its tokens are then
+        "exact" for a greedy one that reads more (logprobs, the min_tokens mask, a penalty): its tokens are then
         the same as without logprobs."""
         if self.reads_argmax_only:
             return "top"
@@ -233,6 +244,9 @@ def parse_request(request_id: str, body, config: EngineConfig, tokenizer) -> Req
         stop=_stop(body),
         ignore_eos=_bool(body, "ignore_eos"),
         min_tokens=_int(body, "min_tokens", 0, 0, config.max_new_tokens_cap),
+        presence_penalty=_float(body, "presence_penalty", 0.0),
+        frequency_penalty=_float(body, "frequency_penalty", 0.0),
+        repetition_penalty=_float(body, "repetition_penalty", 1.0),
     )
     timeout_s = body.get("timeout_s")
     if timeout_s is not None and (_float(body, "timeout_s", 0.0) <= 0):
@@ -243,6 +257,11 @@ def parse_request(request_id: str, body, config: EngineConfig, tokenizer) -> Req
         raise RequestError("temperature", f"temperature must be >= 0, got {params.temperature}")
     if not 0 < params.top_p <= 1:
         raise RequestError("top_p", f"top_p must be in (0, 1], got {params.top_p}")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if abs(getattr(params, name)) > MAX_PENALTY:
+            raise RequestError(name, f"{name} must be between -{MAX_PENALTY:g} and {MAX_PENALTY:g}, got {getattr(params, name)}")
+    if params.repetition_penalty <= 0:
+        raise RequestError("repetition_penalty", f"repetition_penalty must be > 0, got {params.repetition_penalty}")
     stream = _bool(body, "stream")
 
     if "prompt" in body:
