@@ -255,7 +255,7 @@ def openai_client(server, model="llm", **kw) -> openai.OpenAI:
                          max_retries=0, timeout=300, **kw)
 
 
-def test_openai_client_plain_and_streamed(server):
+def test_openai_client_plain_and_streamed(server, tokenizer):
     client = openai_client(server)
     messages = FRANCE["messages"]
     plain = client.chat.completions.create(model="llm", messages=messages, max_tokens=24)
@@ -282,6 +282,10 @@ def test_openai_client_plain_and_streamed(server):
     native = post(server, {"prompt": prompt, "max_new_tokens": 12, "repetition_penalty": 1.3, **penalties})
     assert penalized == native.json()["text"] != client.completions.create(model="llm", prompt=prompt,
                                                                            max_tokens=12).choices[0].text
+    # logit_bias: -100 on " Paris" (its token ids) keeps it out of the answer
+    banned = {str(t): -100 for t in tokenizer(" Paris")["input_ids"]}
+    other = client.completions.create(model="llm", prompt="The capital of France is", max_tokens=6, logit_bias=banned)
+    assert "Paris" not in other.choices[0].text
     with requests.post(f"{server.inference_url}/predictions/llm/1.0/v1/completions", stream=True, timeout=60,
                        json={"model": "llm", "prompt": "Hi", "max_tokens": 30, "ignore_eos": True, "stream": True}) as r:
         assert r.headers["Content-Type"].startswith("text/event-stream")

@@ -36,16 +36,20 @@ def alone(engine, prompt, max_new=12, **kw) -> list[int]:
     return r.output_ids
 
 
-def reference_no_cache(engine, prompt, max_new=12, presence=0.0, frequency=0.0, repetition=1.0) -> list[int]:
+def reference_no_cache(engine, prompt, max_new=12, presence=0.0, frequency=0.0, repetition=1.0,
+                       bias: dict | None = None) -> list[int]:
     """Hugging Face's own forward over the whole sequence at every step, no KV cache; greedy, with
-    vLLM's penalties applied by hand where asked: repetition_penalty on the prompt's and output's
-    tokens, then presence and frequency x count on the output's."""
+    a logit bias and vLLM's penalties applied by hand where asked, in vLLM's order: the bias, then
+    repetition_penalty on the prompt's and output's tokens, then presence and frequency x count on
+    the output's."""
     model = engine.runner.model
     ids = engine.tokenizer(prompt)["input_ids"]
     out = []
     with torch.inference_mode():
         for _ in range(max_new):
             logits = model(torch.tensor([ids + out]), use_cache=False).logits[0, -1]
+            for t, b in (bias or {}).items():
+                logits[t] += b
             if (presence, frequency, repetition) != (0.0, 0.0, 1.0):
                 for t in set(ids + out):
                     logits[t] = logits[t] / repetition if logits[t] > 0 else logits[t] * repetition
@@ -77,6 +81,18 @@ def test_penalties_change_the_tokens_as_vllm_applies_them_alone_and_batched(engi
         for i, (r, p) in enumerate(zip(batch, PROMPTS)):
             assert r.output_ids == (reference_no_cache(engine, p, 16, **kw) if i % 2 else alone(engine, p, 16))
     assert changed
+
+
+def test_a_logit_bias_bans_and_favours_tokens_before_the_penalties(engine):
+    """logit_bias adds to each listed token's logit before the penalties: -100 bans the token the
+    unbiased answer starts with, and a bias beside a penalty gives the by-hand tokens."""
+    for p in PROMPTS[1:3]:
+        first = reference_no_cache(engine, p, 12)[0]
+        bias = {first: -100.0, 7: 3.5}
+        banned = alone(engine, p, 12, logit_bias=tuple(sorted(bias.items())))
+        assert banned == reference_no_cache(engine, p, 12, bias=bias) and first not in banned
+        both = alone(engine, p, 12, logit_bias=tuple(sorted(bias.items())), repetition_penalty=2.0)
+        assert both == reference_no_cache(engine, p, 12, repetition=2.0, bias=bias)
 
 
 def test_a_penalized_request_does_not_draft_and_keeps_its_tokens(tiny_model_dir, monkeypatch):

@@ -10,7 +10,10 @@ CONFIG = EngineConfig(model_path="m", max_model_len=64, max_new_tokens_cap=32, d
 
 
 class FakeTokenizer:
-    """One token per character; the chat template joins role: content lines."""
+    """One token per character (ids below 1000); the chat template joins role: content lines."""
+
+    def __len__(self):
+        return 1000
 
     def __call__(self, text):
         return {"input_ids": [ord(c) % 1000 for c in text]}
@@ -49,8 +52,9 @@ def test_all_sampling_params():
                "stream": True, "presence_penalty": -2, "frequency_penalty": 0.5, "repetition_penalty": 1.2})
     p = r.params
     assert (p.temperature, p.top_p, p.top_k, p.seed, p.stop) == (0.7, 0.9, 40, 3, ("a", "b")) and r.stream
-    assert (p.presence_penalty, p.frequency_penalty, p.repetition_penalty) == (-2, 0.5, 1.2) and p.is_penalized
-    assert not parse({"prompt": "a", "presence_penalty": 0, "repetition_penalty": 1}).params.is_penalized
+    assert (p.presence_penalty, p.frequency_penalty, p.repetition_penalty) == (-2, 0.5, 1.2) and p.adjusts_logits
+    assert not parse({"prompt": "a", "presence_penalty": 0, "repetition_penalty": 1, "logit_bias": {}}).params.adjusts_logits
+    assert parse({"prompt": "a", "logit_bias": {"7": 5, "3": -100.0}}).params.logit_bias == ((3, -100.0), (7, 5.0))
 
 
 @pytest.mark.parametrize("body,field", [
@@ -95,6 +99,13 @@ def test_all_sampling_params():
     ({"prompt": "a", "frequency_penalty": "high"}, "frequency_penalty"),
     ({"prompt": "a", "repetition_penalty": 0}, "repetition_penalty"),
     ({"prompt": "a", "repetition_penalty": float("nan")}, "repetition_penalty"),
+    ({"prompt": "a", "logit_bias": [1]}, "logit_bias"),
+    ({"prompt": "a", "logit_bias": {"abc": 1}}, "logit_bias"),
+    ({"prompt": "a", "logit_bias": {"-1": 1}}, "logit_bias"),
+    ({"prompt": "a", "logit_bias": {"1000": 1}}, "logit_bias"),
+    ({"prompt": "a", "logit_bias": {"5": 100.5}}, "logit_bias"),
+    ({"prompt": "a", "logit_bias": {"5": True}}, "logit_bias"),
+    ({"prompt": "a", "logit_bias": {str(i): 1 for i in range(1025)}}, "logit_bias"),
     ({"messages": [{"role": ["user"], "content": "x"}]}, "messages"),
     (b"[" * 100000 + b"]" * 100000, "body"),
 ])

@@ -86,9 +86,9 @@ class Engine:
         self.check_room(request.tier)
         request.generator = make_generator(request.params, self.facts.device)
         c = self.config
-        # a penalized request does not draft: its penalties at a draft's positions would count the
+        # nor does one whose logits are adjusted: its penalties at a draft's positions would count the
         # draft tokens before each (and an answer told not to repeat itself copies little)
-        if c.spec_tokens and not request.params.is_penalized:
+        if c.spec_tokens and not request.params.adjusts_logits:
             request.lookup = PromptLookup(c.spec_tokens, c.spec_lookup_min, c.spec_lookup_max)
         if request.deadline is not None:
             self.timed.add(request)
@@ -328,17 +328,20 @@ class Engine:
                 logits[i, :early, self.stop_ids] = float("-inf")
 
     @staticmethod
-    def _penalized(requests: list[Request], logits: torch.Tensor) -> torch.Tensor:
-        """logits [B, V], or a copy with each penalized row's penalties applied as vLLM applies them:
-        repetition_penalty on the tokens of its prompt and output (a positive logit divided by it,
-        another multiplied), then presence_penalty and frequency_penalty x count on its output's.
-        Sampling reads the copy; log-probabilities stay the model's."""
-        rows = [i for i, r in enumerate(requests) if r.params.is_penalized]
+    def _adjusted(requests: list[Request], logits: torch.Tensor) -> torch.Tensor:
+        """logits [B, V], or a copy with each row's bias and penalties applied in vLLM's order:
+        logit_bias, then repetition_penalty on the tokens of its prompt and output (a positive logit
+        divided by it, another multiplied), then presence_penalty and frequency_penalty x count on
+        its output's. Sampling reads the copy; log-probabilities stay the model's."""
+        rows = [i for i, r in enumerate(requests) if r.params.adjusts_logits]
         if not rows:
             return logits
         scores = logits.clone()
         for i in rows:
             r, p, row = requests[i], requests[i].params, scores[i]
+            if p.logit_bias:
+                ids, bias = zip(*p.logit_bias)
+                row[list(ids)] += torch.tensor(bias, device=row.device)
             if p.repetition_penalty != 1:
                 seen = torch.tensor(sorted(set(r.prompt_ids) | set(r.output_ids)), device=row.device)
                 v = row[seen]
@@ -351,7 +354,7 @@ class Engine:
     def _postprocess(self, requests: list[Request], logits: torch.Tensor, batch_size: int) -> None:
         rows = slice(requests[0].row, requests[0].row + len(requests))
         self._mask_early_eos(requests, logits[:, None])
-        tokens = sample(self._penalized(requests, logits), [r.params for r in requests], [r.generator for r in requests])
+        tokens = sample(self._adjusted(requests, logits), [r.params for r in requests], [r.generator for r in requests])
         self.cache.last_tokens[rows] = tokens
         if any(r.params.logprobs is not None for r in requests):
             self._logprobs(requests, logits, tokens)

@@ -15,10 +15,9 @@ ROUTES = (CHAT, COMPLETIONS, MODELS)
 MAX_LOGPROBS = 5
 # passed to the engine as they are (vLLM's extensions included)
 SHARED = ("temperature", "top_p", "top_k", "seed", "stop", "stream", "ignore_eos", "min_tokens", "timeout_s",
-          "presence_penalty", "frequency_penalty", "repetition_penalty")
+          "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias")
 # accepted only at the value that changes nothing; anything else is a 400 naming the parameter
-NEUTRAL = {"n": 1, "best_of": 1, "echo": False, "suffix": None,
-           "logit_bias": None, "tools": None, "tool_choice": None, "functions": None, "function_call": None,
+NEUTRAL = {"n": 1, "best_of": 1, "echo": False, "suffix": None, "tools": None, "tool_choice": None, "functions": None, "function_call": None,
            "response_format": None, "parallel_tool_calls": None}
 KNOWN = {CHAT: {"model", "messages", "max_tokens", "max_completion_tokens", "stream_options", "logprobs",
                 "top_logprobs", "user", *SHARED, *NEUTRAL} - {"best_of", "echo", "suffix"},

@@ -9,8 +9,9 @@ from .config import EngineConfig
 
 KNOWN_FIELDS = ("prompt", "messages", "max_new_tokens", "temperature", "top_p", "top_k", "seed",
                 "stop", "stream", "ignore_eos", "min_tokens", "timeout_s", "presence_penalty",
-                "frequency_penalty", "repetition_penalty")
+                "frequency_penalty", "repetition_penalty", "logit_bias")
 MAX_PENALTY = 2.0   # OpenAI's range for presence_penalty and frequency_penalty: [-2, 2]
+MAX_BIAS, MAX_BIASED_TOKENS = 100.0, 1024   # logit_bias: OpenAI's range of a bias; tokens biased at most
 MAX_STOP_STRINGS = 8
 TIERS = ("premium", "standard", "batch")   # priority tiers, first served first (scheduler.py)
 MAX_TOP_K = 2**31 - 1
@@ -41,14 +42,17 @@ class SamplingParams:
     frequency_penalty: float = 0.0    # OpenAI's: ... times the times the output holds it
     repetition_penalty: float = 1.0   # vLLM's (CTRL's): a prompt or output token's logit divided by it if
                                       # positive, multiplied if not; applied before the two above
+    logit_bias: tuple[tuple[int, float], ...] = ()   # OpenAI's: (token id, bias) added to its logit first
 
     @property
     def max_stop_len(self) -> int:
         return max(map(len, self.stop), default=0)
 
     @property
-    def is_penalized(self) -> bool:
-        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+    def adjusts_logits(self) -> bool:
+        """A bias or a penalty: sampling reads the logits so adjusted (engine._adjusted)."""
+        return (self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+                or bool(self.logit_bias))
 
     @property
     def is_greedy(self) -> bool:
@@ -101,16 +105,16 @@ class Request:
     @property
     def reads_argmax_only(self) -> bool:
         """Its next token is its logits' argmax and nothing else reads them (no sampling, no
-        logprobs, no min_tokens mask, no penalty): the LM head may be exact at the largest only
+        logprobs, no min_tokens mask, no bias or penalty): the LM head may be exact at the largest only
         (runner._logits)."""
         p = self.params
-        return p.is_greedy and p.logprobs is None and not p.is_penalized and len(self.output_ids) >= p.min_tokens
+        return p.is_greedy and p.logprobs is None and not p.adjusts_logits and len(self.output_ids) >= p.min_tokens
 
     @property
     def lm_head(self) -> str:
         """How its logits may be computed (runner._logits): "top" where only their argmax is read,
         "rounded" for a sampled request (the LM head on bf16 activations, PackedLinear.rounded),
-        "exact" for a greedy one that reads more (logprobs, the min_tokens mask, a penalty): its tokens are then
+        "exact" for a greedy one that reads more (logprobs, the min_tokens mask, a bias or penalty): its tokens are then
         the same as without logprobs."""
         if self.reads_argmax_only:
             return "top"
@@ -211,6 +215,26 @@ def _stop(body: dict) -> tuple[str, ...]:
     return tuple(_encodable(s, "stop") for s in stop)
 
 
+def _logit_bias(body: dict, tokenizer) -> tuple[tuple[int, float], ...]:
+    """OpenAI's logit_bias: {"<token id>": bias in [-100, 100], ...} as sorted (id, bias) pairs."""
+    bias = body.get("logit_bias")
+    if bias is None:
+        return ()
+    vocab_size = len(tokenizer)
+    if not isinstance(bias, dict) or len(bias) > MAX_BIASED_TOKENS:
+        raise RequestError("logit_bias", f"logit_bias must be an object of at most {MAX_BIASED_TOKENS} "
+                                         "\"<token id>\": bias entries")
+    pairs = []
+    for key, value in bias.items():
+        token = int(key) if isinstance(key, str) and key.isascii() and key.isdigit() else -1
+        if not 0 <= token < vocab_size:
+            raise RequestError("logit_bias", f"logit_bias keys must be token ids 0..{vocab_size - 1}, got {key!r}")
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not -MAX_BIAS <= value <= MAX_BIAS:
+            raise RequestError("logit_bias", f"logit_bias[{key!r}] must be a number from -100 to 100, got {json.dumps(value)}")
+        pairs.append((token, float(value)))
+    return tuple(sorted(pairs))
+
+
 def _messages(body: dict) -> list[dict]:
     messages = body["messages"]
     if not isinstance(messages, list) or not messages:
@@ -247,6 +271,7 @@ def parse_request(request_id: str, body, config: EngineConfig, tokenizer) -> Req
         presence_penalty=_float(body, "presence_penalty", 0.0),
         frequency_penalty=_float(body, "frequency_penalty", 0.0),
         repetition_penalty=_float(body, "repetition_penalty", 1.0),
+        logit_bias=_logit_bias(body, tokenizer),
     )
     timeout_s = body.get("timeout_s")
     if timeout_s is not None and (_float(body, "timeout_s", 0.0) <= 0):
