@@ -286,6 +286,9 @@ def test_openai_client_plain_and_streamed(server, tokenizer):
     banned = {str(t): -100 for t in tokenizer(" Paris")["input_ids"]}
     other = client.completions.create(model="llm", prompt="The capital of France is", max_tokens=6, logit_bias=banned)
     assert "Paris" not in other.choices[0].text
+    # min_p (vLLM's, in the body): 1.0 keeps only the likeliest token, so sampling at temperature 1 is greedy
+    assert client.completions.create(model="llm", prompt="The capital of France is", max_tokens=6, temperature=1.0,
+                                     extra_body={"min_p": 1.0}).choices[0].text == text
     with requests.post(f"{server.inference_url}/predictions/llm/1.0/v1/completions", stream=True, timeout=60,
                        json={"model": "llm", "prompt": "Hi", "max_tokens": 30, "ignore_eos": True, "stream": True}) as r:
         assert r.headers["Content-Type"].startswith("text/event-stream")

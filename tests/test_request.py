@@ -48,10 +48,10 @@ def test_raw_bytes_and_chat():
 
 
 def test_all_sampling_params():
-    r = parse({"prompt": "a", "temperature": 0.7, "top_p": 0.9, "top_k": 40, "seed": 3, "stop": ["a", "b"],
+    r = parse({"prompt": "a", "temperature": 0.7, "top_p": 0.9, "top_k": 40, "min_p": 0.05, "seed": 3, "stop": ["a", "b"],
                "stream": True, "presence_penalty": -2, "frequency_penalty": 0.5, "repetition_penalty": 1.2})
     p = r.params
-    assert (p.temperature, p.top_p, p.top_k, p.seed, p.stop) == (0.7, 0.9, 40, 3, ("a", "b")) and r.stream
+    assert (p.temperature, p.top_p, p.top_k, p.min_p, p.seed, p.stop) == (0.7, 0.9, 40, 0.05, 3, ("a", "b")) and r.stream
     assert (p.presence_penalty, p.frequency_penalty, p.repetition_penalty) == (-2, 0.5, 1.2) and p.adjusts_logits
     assert not parse({"prompt": "a", "presence_penalty": 0, "repetition_penalty": 1, "logit_bias": {}}).params.adjusts_logits
     assert parse({"prompt": "a", "logit_bias": {"7": 5, "3": -100.0}}).params.logit_bias == ((3, -100.0), (7, 5.0))
@@ -79,6 +79,8 @@ def test_all_sampling_params():
     ({"prompt": "a", "top_p": 0}, "top_p"),
     ({"prompt": "a", "top_p": 1.5}, "top_p"),
     ({"prompt": "a", "top_k": -1}, "top_k"),
+    ({"prompt": "a", "min_p": 1.5}, "min_p"),
+    ({"prompt": "a", "min_p": -0.1}, "min_p"),
     ({"prompt": "a", "seed": "x"}, "seed"),
     ({"prompt": "a", "stop": [1]}, "stop"),
     ({"prompt": "a", "stop": [""]}, "stop"),

@@ -64,24 +64,27 @@ def test_seed_reproduces_whatever_the_batch():
     assert make_generator(SamplingParams(max_new_tokens=1), torch.device("cpu")) is None
 
 
-def kept_by_sorting(probs: torch.Tensor, top_k: int, top_p: float) -> set[int]:
-    """The kept tokens by the definition: the most likely first, while the mass before is under top_p."""
+def kept_by_sorting(probs: torch.Tensor, top_k: int, top_p: float, min_p: float = 0.0) -> set[int]:
+    """The kept tokens by the definition: the most likely first, while the mass before is under top_p,
+    none less likely than min_p x the most likely."""
     ranked, order = torch.sort(probs, descending=True)
-    keep = (ranked.cumsum(-1) - ranked) < top_p
+    keep = ((ranked.cumsum(-1) - ranked) < top_p) & (ranked >= min_p * ranked[0])
     if top_k:
         keep[top_k:] = False
     return set(order[keep].tolist())
 
 
-@pytest.mark.parametrize("top_k, top_p", [(0, 1.0), (0, 0.9), (0, 0.5), (3, 1.0), (700, 0.95), (5, 0.3)])
-def test_each_kept_token_gets_its_share_of_uniforms(top_k, top_p):
+@pytest.mark.parametrize("top_k, top_p, min_p", [(0, 1.0, 0), (0, 0.9, 0), (0, 0.5, 0), (3, 1.0, 0), (700, 0.95, 0),
+                                                 (5, 0.3, 0), (0, 1.0, 0.3), (0, 0.9, 0.5), (4, 1.0, 0.9)])
+def test_each_kept_token_gets_its_share_of_uniforms(top_k, top_p, min_p):
     """Uniforms spread evenly over [0, 1) land on each kept token in proportion to its probability,
     on no other; flat enough logits that top_p's cut lies past the first candidates sorted."""
     V = 1000
     logits = torch.randn(1, V, generator=torch.Generator().manual_seed(1)) * 0.5
-    p = SamplingParams(max_new_tokens=1, temperature=0.8, top_k=top_k, top_p=top_p)
+    p = SamplingParams(max_new_tokens=1, temperature=0.8, top_k=top_k, top_p=top_p, min_p=min_p)
     probs = torch.softmax(logits[0] / 0.8, -1)
-    kept = kept_by_sorting(probs, top_k, top_p)
+    kept = kept_by_sorting(probs, top_k, top_p, min_p)
+    assert min_p == 0 or len(kept) < len(kept_by_sorting(probs, top_k, top_p))   # min_p does cut
     n = 20_000
     u = (torch.arange(n, dtype=torch.float64) + 0.5) / n
     tokens = draw(logits.expand(n, V).contiguous(), [p] * n, u.float())

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from .config import EngineConfig
 
-KNOWN_FIELDS = ("prompt", "messages", "max_new_tokens", "temperature", "top_p", "top_k", "seed",
+KNOWN_FIELDS = ("prompt", "messages", "max_new_tokens", "temperature", "top_p", "top_k", "min_p", "seed",
                 "stop", "stream", "ignore_eos", "min_tokens", "timeout_s", "presence_penalty",
                 "frequency_penalty", "repetition_penalty", "logit_bias")
 MAX_PENALTY = 2.0   # OpenAI's range for presence_penalty and frequency_penalty: [-2, 2]
@@ -33,6 +33,7 @@ class SamplingParams:
     temperature: float = 0.0          # 0 = greedy
     top_p: float = 1.0
     top_k: int = 0                    # 0 = no top-k cut
+    min_p: float = 0.0                # vLLM's and llama.cpp's: no token less likely than this x the likeliest
     seed: int | None = None           # own random stream: same seed, same sample, whatever the batch
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False          # vLLM's meaning: EOS does not end the request (fixed-length benchmarks)
@@ -264,6 +265,7 @@ def parse_request(request_id: str, body, config: EngineConfig, tokenizer) -> Req
         temperature=_float(body, "temperature", 0.0),
         top_p=_float(body, "top_p", 1.0),
         top_k=_int(body, "top_k", 0, 0, MAX_TOP_K),
+        min_p=_float(body, "min_p", 0.0),
         seed=_int(body, "seed", None, 0, 2**63 - 1),
         stop=_stop(body),
         ignore_eos=_bool(body, "ignore_eos"),
@@ -282,6 +284,8 @@ def parse_request(request_id: str, body, config: EngineConfig, tokenizer) -> Req
         raise RequestError("temperature", f"temperature must be >= 0, got {params.temperature}")
     if not 0 < params.top_p <= 1:
         raise RequestError("top_p", f"top_p must be in (0, 1], got {params.top_p}")
+    if not 0 <= params.min_p <= 1:
+        raise RequestError("min_p", f"min_p must be in [0, 1], got {params.min_p}")
     for name in ("presence_penalty", "frequency_penalty"):
         if abs(getattr(params, name)) > MAX_PENALTY:
             raise RequestError(name, f"{name} must be between -{MAX_PENALTY:g} and {MAX_PENALTY:g}, got {getattr(params, name)}")
