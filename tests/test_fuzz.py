@@ -28,6 +28,9 @@ GOOD = [
     {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi! ¿Qué tal? 你好"}],
      "max_new_tokens": 10, "stop": ["\n\n"]},
     {"prompt": "1, 2, 3, 4,", "max_new_tokens": 16, "temperature": 0.7, "seed": 7},
+    {"prompt": "1, 2, 1, 2, 1, 2,", "max_new_tokens": 12, "repetition_penalty": 1.3, "presence_penalty": 0.5,
+     "frequency_penalty": -0.5, "logit_bias": {"28": -5, "30": 2.5}},
+    {"prompt": "Colours: red, green,", "max_new_tokens": 12, "temperature": 0.9, "min_p": 0.1, "seed": 3},
 ]
 
 # (field, values that are wrong for it): types, extremes and odd text; each makes the body invalid
@@ -43,6 +46,12 @@ WRONG = {
     "seed": [-1, 2**64, 10**40, 1.5, "7", [1]],
     "stop": [5, [5], [""], "", ["a"] * 9, ["\ud800"], "\udfff", {"s": 1}],
     "stream": ["yes", 1, None, []],
+    "min_p": [-0.1, 1.5, 1e400, float("nan"), "0.1", None],
+    "presence_penalty": [2.5, -3, 1e400, float("nan"), "1", None, [1]],
+    "frequency_penalty": [-2.5, 3, -1e400, float("nan"), False],
+    "repetition_penalty": [0, -1, 1e400, float("nan"), "1.2", None],
+    "logit_bias": [[1], "a", 5, {"x": 1}, {"-5": 1}, {"99999999": 1}, {"5": 101}, {"5": "1"}, {"5": True},
+                   {"5": None}, {"\ud800": 1}, {"\u0665": 1}],
 }
 
 

@@ -104,6 +104,7 @@ def test_all_sampling_params():
     ({"prompt": "a", "logit_bias": [1]}, "logit_bias"),
     ({"prompt": "a", "logit_bias": {"abc": 1}}, "logit_bias"),
     ({"prompt": "a", "logit_bias": {"-1": 1}}, "logit_bias"),
+    ({"prompt": "a", "logit_bias": {"\u0665": 1}}, "logit_bias"),     # a digit to str.isdigit, not a token id
     ({"prompt": "a", "logit_bias": {"1000": 1}}, "logit_bias"),
     ({"prompt": "a", "logit_bias": {"5": 100.5}}, "logit_bias"),
     ({"prompt": "a", "logit_bias": {"5": True}}, "logit_bias"),
