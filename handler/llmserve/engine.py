@@ -18,7 +18,7 @@ from .load import ModelFacts, load_model
 from .prefix_cache import BLOCK, PrefixCache
 from .request import TIERS, Request
 from .runner import ModelRunner
-from .sampling import argmax, draw, make_generator, sample
+from .sampling import adjusted, argmax, draw, make_generator, sample
 from .scheduler import Scheduler
 from .speculative import PromptLookup, accepted_length
 
@@ -86,8 +86,8 @@ class Engine:
         self.check_room(request.tier)
         request.generator = make_generator(request.params, self.facts.device)
         c = self.config
-        # nor does one whose logits are adjusted: its penalties at a draft's positions would count the
-        # draft tokens before each (and an answer told not to repeat itself copies little)
+        # a request with a bias or penalty does not draft: its penalties at a draft's positions would
+        # count the draft tokens before each (and an answer told not to repeat itself copies little)
         if c.spec_tokens and not request.params.adjusts_logits:
             request.lookup = PromptLookup(c.spec_tokens, c.spec_lookup_min, c.spec_lookup_max)
         if request.deadline is not None:
@@ -327,34 +327,14 @@ class Engine:
             if (early := r.params.min_tokens - len(r.output_ids)) > 0:
                 logits[i, :early, self.stop_ids] = float("-inf")
 
-    @staticmethod
-    def _adjusted(requests: list[Request], logits: torch.Tensor) -> torch.Tensor:
-        """logits [B, V], or a copy with each row's bias and penalties applied in vLLM's order:
-        logit_bias, then repetition_penalty on the tokens of its prompt and output (a positive logit
-        divided by it, another multiplied), then presence_penalty and frequency_penalty x count on
-        its output's. Sampling reads the copy; log-probabilities stay the model's."""
-        rows = [i for i, r in enumerate(requests) if r.params.adjusts_logits]
-        if not rows:
-            return logits
-        scores = logits.clone()
-        for i in rows:
-            r, p, row = requests[i], requests[i].params, scores[i]
-            if p.logit_bias:
-                ids, bias = zip(*p.logit_bias)
-                row[list(ids)] += torch.tensor(bias, device=row.device)
-            if p.repetition_penalty != 1:
-                seen = torch.tensor(sorted(set(r.prompt_ids) | set(r.output_ids)), device=row.device)
-                v = row[seen]
-                row[seen] = torch.where(v > 0, v / p.repetition_penalty, v * p.repetition_penalty)
-            if r.output_ids and (p.presence_penalty or p.frequency_penalty):
-                counts = torch.bincount(torch.tensor(r.output_ids, device=row.device), minlength=row.numel())
-                row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
-        return scores
-
     def _postprocess(self, requests: list[Request], logits: torch.Tensor, batch_size: int) -> None:
         rows = slice(requests[0].row, requests[0].row + len(requests))
         self._mask_early_eos(requests, logits[:, None])
-        tokens = sample(self._adjusted(requests, logits), [r.params for r in requests], [r.generator for r in requests])
+        params = [r.params for r in requests]
+        scores = logits               # a bias or penalty is sampled from; logprobs read the model's logits
+        if any(p.adjusts_logits for p in params):
+            scores = adjusted(logits, params, [r.prompt_ids for r in requests], [r.output_ids for r in requests])
+        tokens = sample(scores, params, [r.generator for r in requests])
         self.cache.last_tokens[rows] = tokens
         if any(r.params.logprobs is not None for r in requests):
             self._logprobs(requests, logits, tokens)

@@ -51,7 +51,7 @@ class SamplingParams:
 
     @property
     def adjusts_logits(self) -> bool:
-        """A bias or a penalty: sampling reads the logits so adjusted (engine._adjusted)."""
+        """A bias or a penalty: sampling reads the logits so adjusted (sampling.adjusted)."""
         return (self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
                 or bool(self.logit_bias))
 

@@ -1,6 +1,7 @@
 """Picks the next token for each row of a logits batch, each row under its own parameters:
-greedy, temperature, top-k, top-p, and a per-request seed that makes a sampled request
-reproducible whatever it is batched with. Knows nothing about requests beyond their params."""
+greedy, temperature, top-k, top-p, min-p, a logit bias and penalties, and a per-request seed that
+makes a sampled request reproducible whatever it is batched with. Knows nothing about requests
+beyond their params (and the token ids a penalty reads)."""
 
 import torch
 
@@ -32,6 +33,31 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
     best = chunks.amax(dim=-1).argmax(dim=-1)                                 # [N]
     inner = chunks[torch.arange(chunks.shape[0], device=logits.device), best].argmax(dim=-1)
     return (best * CHUNK + inner).reshape(lead)
+
+
+def adjusted(logits: torch.Tensor, params: list[SamplingParams], prompts: list[list[int]],
+             outputs: list[list[int]]) -> torch.Tensor:
+    """logits [B, V], or a copy with each row's bias and penalties applied in vLLM's order:
+    logit_bias, then repetition_penalty on the tokens of its prompt and output (a positive logit
+    divided by it, another multiplied), then presence_penalty and frequency_penalty x count on its
+    output's."""
+    rows = [i for i, p in enumerate(params) if p.adjusts_logits]
+    if not rows:
+        return logits
+    scores = logits.clone()
+    for i in rows:
+        p, row = params[i], scores[i]                                          # row: [V]
+        if p.logit_bias:
+            ids, bias = zip(*p.logit_bias)
+            row[list(ids)] += torch.tensor(bias, device=row.device)
+        if p.repetition_penalty != 1:
+            tokens = torch.tensor(sorted(set(prompts[i]) | set(outputs[i])), device=row.device)
+            v = row[tokens]
+            row[tokens] = torch.where(v > 0, v / p.repetition_penalty, v * p.repetition_penalty)
+        if outputs[i] and (p.presence_penalty or p.frequency_penalty):
+            counts = torch.bincount(torch.tensor(outputs[i], device=row.device), minlength=row.numel())
+            row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
+    return scores
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> torch.Tensor:
