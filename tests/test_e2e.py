@@ -286,6 +286,11 @@ def test_openai_client_plain_and_streamed(server, tokenizer):
     banned = {str(t): -100 for t in tokenizer(" Paris")["input_ids"]}
     other = client.completions.create(model="llm", prompt="The capital of France is", max_tokens=6, logit_bias=banned)
     assert "Paris" not in other.choices[0].text
+    # stop_token_ids (vLLM's, in the body): the answer ends at " Paris", which it keeps
+    stopped = client.completions.create(model="llm", prompt="The capital of France is", max_tokens=6,
+                                        extra_body={"stop_token_ids": tokenizer(" Paris")["input_ids"]}).choices[0]
+    assert len(tokenizer(" Paris")["input_ids"]) == 1 and stopped.finish_reason == "stop"
+    assert stopped.text.endswith(" Paris") and text.startswith(stopped.text)
     # min_p (vLLM's, in the body): 1.0 keeps only the likeliest token, so sampling at temperature 1 is greedy
     assert client.completions.create(model="llm", prompt="The capital of France is", max_tokens=6, temperature=1.0,
                                      extra_body={"min_p": 1.0}).choices[0].text == text

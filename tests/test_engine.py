@@ -282,6 +282,21 @@ def test_ignore_eos_and_min_tokens(engine, monkeypatch):
     assert len(at_least.output_ids) >= 12 and eos not in at_least.output_ids[:11]   # EOS masked until then
 
 
+def test_stop_token_ids_end_the_request_after_min_tokens_even_ignoring_eos(engine):
+    """A request's stop_token_ids end it at the first one produced, kept in its output (vLLM's
+    meaning), with or without ignore_eos; min_tokens masks them as it masks EOS."""
+    free = alone(engine, PROMPTS[1], max_new=20)
+    stop = free[4]
+    first = free.index(stop)
+    for kw in ({}, {"ignore_eos": True}):
+        r = make(engine, 0, PROMPTS[1], 20, stop_token_ids=(stop,), **kw)
+        engine.generate([r])
+        assert r.output_ids == free[:first + 1] and r.finish_reason == "stop"
+    late = make(engine, 1, PROMPTS[1], 20, stop_token_ids=(stop,), min_tokens=first + 2)
+    engine.generate([late])
+    assert stop not in late.output_ids[:first + 1] and len(late.output_ids) >= first + 2
+
+
 def test_the_engines_forward_scores_a_window_like_hugging_faces(engine):
     from benchmarks.measure import engine_loss, perplexity
 

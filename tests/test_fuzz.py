@@ -47,6 +47,7 @@ WRONG = {
     "stop": [5, [5], [""], "", ["a"] * 9, ["\ud800"], "\udfff", {"s": 1}],
     "stream": ["yes", 1, None, []],
     "min_p": [-0.1, 1.5, 1e400, float("nan"), "0.1", None],
+    "stop_token_ids": [5, "5", [-1], [2**40], [1.0], [True], [None], list(range(65)), {"a": 1}],
     "presence_penalty": [2.5, -3, 1e400, float("nan"), "1", None, [1]],
     "frequency_penalty": [-2.5, 3, -1e400, float("nan"), False],
     "repetition_penalty": [0, -1, 1e400, float("nan"), "1.2", None],

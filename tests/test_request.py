@@ -55,6 +55,7 @@ def test_all_sampling_params():
     assert (p.presence_penalty, p.frequency_penalty, p.repetition_penalty) == (-2, 0.5, 1.2) and p.adjusts_logits
     assert not parse({"prompt": "a", "presence_penalty": 0, "repetition_penalty": 1, "logit_bias": {}}).params.adjusts_logits
     assert parse({"prompt": "a", "logit_bias": {"7": 5, "3": -100.0}}).params.logit_bias == ((3, -100.0), (7, 5.0))
+    assert parse({"prompt": "a", "stop_token_ids": [9, 2, 9]}).params.stop_token_ids == (2, 9)
 
 
 @pytest.mark.parametrize("body,field", [
@@ -101,6 +102,10 @@ def test_all_sampling_params():
     ({"prompt": "a", "frequency_penalty": "high"}, "frequency_penalty"),
     ({"prompt": "a", "repetition_penalty": 0}, "repetition_penalty"),
     ({"prompt": "a", "repetition_penalty": float("nan")}, "repetition_penalty"),
+    ({"prompt": "a", "stop_token_ids": 5}, "stop_token_ids"),
+    ({"prompt": "a", "stop_token_ids": [1000]}, "stop_token_ids"),
+    ({"prompt": "a", "stop_token_ids": [True]}, "stop_token_ids"),
+    ({"prompt": "a", "stop_token_ids": list(range(65))}, "stop_token_ids"),
     ({"prompt": "a", "logit_bias": [1]}, "logit_bias"),
     ({"prompt": "a", "logit_bias": {"abc": 1}}, "logit_bias"),
     ({"prompt": "a", "logit_bias": {"-1": 1}}, "logit_bias"),

@@ -321,11 +321,12 @@ class Engine:
                         break
 
     def _mask_early_eos(self, requests: list[Request], logits: torch.Tensor) -> None:
-        """min_tokens: no stop token at the positions of logits [B, W, V] whose token would come
-        before the request's min_tokens-th."""
+        """min_tokens: no stop token (EOS, or one of its stop_token_ids) at the positions of logits
+        [B, W, V] whose token would come before the request's min_tokens-th."""
         for i, r in enumerate(requests):
             if (early := r.params.min_tokens - len(r.output_ids)) > 0:
                 logits[i, :early, self.stop_ids] = float("-inf")
+                logits[i, :early, list(r.params.stop_token_ids)] = float("-inf")
 
     def _postprocess(self, requests: list[Request], logits: torch.Tensor, batch_size: int) -> None:
         rows = slice(requests[0].row, requests[0].row + len(requests))
@@ -348,7 +349,7 @@ class Engine:
         if r.first_token_time is None:
             r.first_token_time = now
         r.max_batch_size = max(r.max_batch_size, batch_size)
-        if token in self.facts.stop_token_ids and not r.params.ignore_eos:
+        if (token in self.facts.stop_token_ids and not r.params.ignore_eos) or token in r.params.stop_token_ids:
             self._finish(r, "stop")
         elif (r.stream or r.params.stop) and self._detokenize(r):
             self._finish(r, "stop")

@@ -15,7 +15,7 @@ ROUTES = (CHAT, COMPLETIONS, MODELS)
 MAX_LOGPROBS = 5
 # passed to the engine as they are (vLLM's extensions included)
 SHARED = ("temperature", "top_p", "top_k", "min_p", "seed", "stop", "stream", "ignore_eos", "min_tokens", "timeout_s",
-          "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias")
+          "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias", "stop_token_ids")
 # accepted only at the value that changes nothing; anything else is a 400 naming the parameter
 NEUTRAL = {"n": 1, "best_of": 1, "echo": False, "suffix": None, "tools": None, "tool_choice": None, "functions": None, "function_call": None,
            "response_format": None, "parallel_tool_calls": None}

@@ -9,10 +9,11 @@ from .config import EngineConfig
 
 KNOWN_FIELDS = ("prompt", "messages", "max_new_tokens", "temperature", "top_p", "top_k", "min_p", "seed",
                 "stop", "stream", "ignore_eos", "min_tokens", "timeout_s", "presence_penalty",
-                "frequency_penalty", "repetition_penalty", "logit_bias")
+                "frequency_penalty", "repetition_penalty", "logit_bias", "stop_token_ids")
 MAX_PENALTY = 2.0   # OpenAI's range for presence_penalty and frequency_penalty: [-2, 2]
 MAX_BIAS, MAX_BIASED_TOKENS = 100.0, 1024   # logit_bias: OpenAI's range of a bias; tokens biased at most
 MAX_STOP_STRINGS = 8
+MAX_STOP_TOKEN_IDS = 64
 TIERS = ("premium", "standard", "batch")   # priority tiers, first served first (scheduler.py)
 MAX_TOP_K = 2**31 - 1
 
@@ -36,6 +37,7 @@ class SamplingParams:
     min_p: float = 0.0                # vLLM's and llama.cpp's: no token less likely than this x the likeliest
     seed: int | None = None           # own random stream: same seed, same sample, whatever the batch
     stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()   # vLLM's: these tokens end the request too (kept in its text, as EOS is not)
     ignore_eos: bool = False          # vLLM's meaning: EOS does not end the request (fixed-length benchmarks)
     min_tokens: int = 0               # vLLM's meaning: EOS cannot be sampled, nor a stop string end it, before this
     logprobs: int | None = None       # None: none; k: each output token's log-probability and its k best rivals
@@ -216,6 +218,15 @@ def _stop(body: dict) -> tuple[str, ...]:
     return tuple(_encodable(s, "stop") for s in stop)
 
 
+def _stop_token_ids(body: dict, tokenizer) -> tuple[int, ...]:
+    ids = body.get("stop_token_ids", [])
+    if not isinstance(ids, list) or len(ids) > MAX_STOP_TOKEN_IDS or not all(
+            isinstance(t, int) and not isinstance(t, bool) and 0 <= t < len(tokenizer) for t in ids):
+        raise RequestError("stop_token_ids", f"stop_token_ids must be a list of at most {MAX_STOP_TOKEN_IDS} token ids "
+                                             f"in the vocabulary, got {json.dumps(ids)[:100]}")
+    return tuple(sorted(set(ids)))
+
+
 def _logit_bias(body: dict, tokenizer) -> tuple[tuple[int, float], ...]:
     """OpenAI's logit_bias: {"<token id>": bias in [-100, 100], ...} as sorted (id, bias) pairs."""
     bias = body.get("logit_bias")
@@ -268,6 +279,7 @@ def parse_request(request_id: str, body, config: EngineConfig, tokenizer) -> Req
         min_p=_float(body, "min_p", 0.0),
         seed=_int(body, "seed", None, 0, 2**63 - 1),
         stop=_stop(body),
+        stop_token_ids=_stop_token_ids(body, tokenizer),
         ignore_eos=_bool(body, "ignore_eos"),
         min_tokens=_int(body, "min_tokens", 0, 0, config.max_new_tokens_cap),
         presence_penalty=_float(body, "presence_penalty", 0.0),
