@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from llmserve.request import SamplingParams
-from llmserve.sampling import CHUNK, argmax, draw, make_generator, sample
+from llmserve.sampling import CHUNK, adjusted, argmax, draw, make_generator, sample
 
 LOGITS = torch.tensor([[0.0, 3.0, 1.0, 2.0], [5.0, 0.0, 0.0, 4.9]])
 
@@ -102,3 +102,30 @@ def test_the_extreme_uniforms_pick_kept_tokens_only():
     params = [SamplingParams(max_new_tokens=1, temperature=1.0), SamplingParams(max_new_tokens=1, temperature=1.0, top_p=0.5)]
     for u in (0.0, 1.0 - 2.0 ** -24):
         assert draw(logits, params, torch.tensor([u, u])).tolist() == [1 if u == 0 else 2, 2]
+
+
+def test_adjusted_applies_bias_and_penalties_to_the_listed_tokens_of_each_row_only():
+    """sampling.adjusted, all rows at once, against the definition a row at a time: the bias, then
+    repetition_penalty on prompt and output tokens (a token in both, or repeated, once), then
+    frequency x count and presence on the output's; a row that adjusts nothing is left alone."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 50, generator=g) * 3
+    params = [SamplingParams(max_new_tokens=8, repetition_penalty=1.5, logit_bias=((3, 2.0), (9, -100.0))),
+              SamplingParams(max_new_tokens=8),
+              SamplingParams(max_new_tokens=8, frequency_penalty=0.5, presence_penalty=-0.25),
+              SamplingParams(max_new_tokens=8, repetition_penalty=0.5, frequency_penalty=1.0, presence_penalty=1.0)]
+    prompts = [[1, 2, 3, 3], [4], [5, 6], [7, 8, 8]]
+    outputs = [[3, 10, 10], [11], [12, 12, 12, 13], [8, 14, 14]]
+    expected = logits.clone()
+    for row, p, prompt, out in zip(expected, params, prompts, outputs):
+        for t, b in p.logit_bias:
+            row[t] += b
+        if p.repetition_penalty != 1:
+            for t in set(prompt + out):
+                row[t] = row[t] / p.repetition_penalty if row[t] > 0 else row[t] * p.repetition_penalty
+        for t in set(out):
+            row[t] = row[t] - p.frequency_penalty * out.count(t) - p.presence_penalty
+    vocabs = [torch.tensor(sorted(set(prompt))) for prompt in prompts]
+    got = adjusted(logits, params, vocabs, outputs)
+    assert torch.allclose(got, expected, rtol=0, atol=1e-6) and torch.equal(got[1], logits[1])
+    assert not torch.equal(got, logits) and adjusted(logits, [params[1]] * 4, vocabs, outputs) is logits

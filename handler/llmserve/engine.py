@@ -90,6 +90,8 @@ class Engine:
         # count the draft tokens before each (and an answer told not to repeat itself copies little)
         if c.spec_tokens and not request.params.adjusts_logits:
             request.lookup = PromptLookup(c.spec_tokens, c.spec_lookup_min, c.spec_lookup_max)
+        if request.params.repetition_penalty != 1:   # once, not at every step (sampling.adjusted)
+            request.prompt_vocab = torch.tensor(sorted(set(request.prompt_ids)), device=self.facts.device)
         if request.deadline is not None:
             self.timed.add(request)
         self.requests[request.request_id] = request
@@ -334,7 +336,7 @@ class Engine:
         params = [r.params for r in requests]
         scores = logits               # a bias or penalty is sampled from; logprobs read the model's logits
         if any(p.adjusts_logits for p in params):
-            scores = adjusted(logits, params, [r.prompt_ids for r in requests], [r.output_ids for r in requests])
+            scores = adjusted(logits, params, [r.prompt_vocab for r in requests], [r.output_ids for r in requests])
         tokens = sample(scores, params, [r.generator for r in requests])
         self.cache.last_tokens[rows] = tokens
         if any(r.params.logprobs is not None for r in requests):

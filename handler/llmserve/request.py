@@ -96,6 +96,7 @@ class Request:
     tier: int = 1                     # index in TIERS (1: standard)
     engine_s: float = 0.0             # its share of the engine steps it was in, by tokens computed
     generator: object = None          # the sampler's own random stream (set by the engine) when sampled
+    prompt_vocab: object = None       # its prompt's distinct token ids (set by the engine) for repetition_penalty
 
     @property
     def num_tokens(self) -> int:

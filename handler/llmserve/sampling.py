@@ -35,28 +35,47 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
     return (best * CHUNK + inner).reshape(lead)
 
 
-def adjusted(logits: torch.Tensor, params: list[SamplingParams], prompts: list[list[int]],
+def adjusted(logits: torch.Tensor, params: list[SamplingParams], prompt_vocabs: list[torch.Tensor | None],
              outputs: list[list[int]]) -> torch.Tensor:
     """logits [B, V], or a copy with each row's bias and penalties applied in vLLM's order:
-    logit_bias, then repetition_penalty on the tokens of its prompt and output (a positive logit
-    divided by it, another multiplied), then presence_penalty and frequency_penalty x count on its
-    output's."""
+    logit_bias, then repetition_penalty on the tokens of its prompt (prompt_vocabs: its distinct
+    ids, where it has one) and output (a positive logit divided by it, another multiplied), then
+    frequency_penalty x count and presence_penalty on its output's. Only those tokens' logits are
+    read and written, all adjusting rows at once (a row at a time, through Python sets and
+    whole-vocabulary counts, took 42 ms at 64 rows of 2,000-token prompts: commit message)."""
     rows = [i for i, p in enumerate(params) if p.adjusts_logits]
     if not rows:
         return logits
+    dev, V = logits.device, logits.shape[-1]
+    ps = [params[i] for i in rows]
+    batch_row = torch.tensor(rows, device=dev)                                # [R]: adjusting row -> batch row
     scores = logits.clone()
-    for i in rows:
-        p, row = params[i], scores[i]                                          # row: [V]
-        if p.logit_bias:
-            ids, bias = zip(*p.logit_bias)
-            row[list(ids)] += torch.tensor(bias, device=row.device)
-        if p.repetition_penalty != 1:
-            tokens = torch.tensor(sorted(set(prompts[i]) | set(outputs[i])), device=row.device)
-            v = row[tokens]
-            row[tokens] = torch.where(v > 0, v / p.repetition_penalty, v * p.repetition_penalty)
-        if outputs[i] and (p.presence_penalty or p.frequency_penalty):
-            counts = torch.bincount(torch.tensor(outputs[i], device=row.device), minlength=row.numel())
-            row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
+    ids = lambda tokens: torch.tensor(tokens, dtype=torch.long, device=dev)
+
+    def pairs(per_row: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(adjusting row, token) index tensors of each adjusting row's tokens."""
+        lens = torch.tensor([len(tokens) for tokens in per_row], device=dev)
+        return torch.repeat_interleave(torch.arange(len(per_row), device=dev), lens), torch.cat(per_row)
+
+    def per_row(name: str) -> torch.Tensor:
+        return torch.tensor([getattr(p, name) for p in ps], dtype=scores.dtype, device=dev)   # [R]
+
+    if any(p.logit_bias for p in ps):
+        a, t = pairs([ids([t for t, _ in p.logit_bias]) for p in ps])
+        bias = torch.tensor([b for p in ps for _, b in p.logit_bias], dtype=scores.dtype, device=dev)
+        scores.index_put_((batch_row[a], t), bias, accumulate=True)
+    if any(p.repetition_penalty != 1 for p in ps):
+        a, t = pairs([torch.cat([prompt_vocabs[i], ids(outputs[i])]) if p.repetition_penalty != 1 else ids([])
+                      for i, p in zip(rows, ps)])
+        rep, r = per_row("repetition_penalty")[a], batch_row[a]
+        v = scores[r, t]                          # a token in both is written twice, the same value
+        scores[r, t] = torch.where(v > 0, v / rep, v * rep)
+    if any(p.presence_penalty or p.frequency_penalty for p in ps):
+        a, t = pairs([ids(outputs[i]) for i in rows])
+        key, counts = torch.unique(a * V + t, return_counts=True)           # each (row, token) once, counted
+        a, t = key // V, key % V
+        r = batch_row[a]
+        scores[r, t] = scores[r, t] - per_row("frequency_penalty")[a] * counts - per_row("presence_penalty")[a]
     return scores
 
 
