@@ -17,8 +17,8 @@ MAX_LOGPROBS = 5
 SHARED = ("temperature", "top_p", "top_k", "min_p", "seed", "stop", "stream", "ignore_eos", "min_tokens", "timeout_s",
           "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias", "stop_token_ids")
 # accepted only at the value that changes nothing; anything else is a 400 naming the parameter
-NEUTRAL = {"n": 1, "best_of": 1, "echo": False, "suffix": None, "tools": None, "tool_choice": None, "functions": None, "function_call": None,
-           "response_format": None, "parallel_tool_calls": None}
+NEUTRAL = {"n": 1, "best_of": 1, "echo": False, "suffix": None, "tools": None, "tool_choice": None,
+           "functions": None, "function_call": None, "response_format": None, "parallel_tool_calls": None}
 KNOWN = {CHAT: {"model", "messages", "max_tokens", "max_completion_tokens", "stream_options", "logprobs",
                 "top_logprobs", "user", *SHARED, *NEUTRAL} - {"best_of", "echo", "suffix"},
          COMPLETIONS: {"model", "prompt", "max_tokens", "stream_options", "logprobs", "user", *SHARED, *NEUTRAL}

@@ -39,7 +39,8 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()   # vLLM's: these tokens end the request too (kept in its text, as EOS is not)
     ignore_eos: bool = False          # vLLM's meaning: EOS does not end the request (fixed-length benchmarks)
-    min_tokens: int = 0               # vLLM's meaning: EOS cannot be sampled, nor a stop string end it, before this
+    min_tokens: int = 0               # vLLM's meaning: EOS (nor stop_token_ids) cannot be sampled, nor a stop
+                                      # string end it, before this
     logprobs: int | None = None       # None: none; k: each output token's log-probability and its k best rivals
     presence_penalty: float = 0.0     # OpenAI's: subtracted from the logit of each token the output holds
     frequency_penalty: float = 0.0    # OpenAI's: ... times the times the output holds it
@@ -118,8 +119,8 @@ class Request:
     def lm_head(self) -> str:
         """How its logits may be computed (runner._logits): "top" where only their argmax is read,
         "rounded" for a sampled request (the LM head on bf16 activations, PackedLinear.rounded),
-        "exact" for a greedy one that reads more (logprobs, the min_tokens mask, a bias or penalty): its tokens are then
-        the same as without logprobs."""
+        "exact" for a greedy one that reads more (logprobs, the min_tokens mask, a bias or penalty):
+        its tokens are then the same as without logprobs."""
         if self.reads_argmax_only:
             return "top"
         return "exact" if self.params.is_greedy else "rounded"
