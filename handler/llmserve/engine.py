@@ -334,9 +334,8 @@ class Engine:
         rows = slice(requests[0].row, requests[0].row + len(requests))
         self._mask_early_eos(requests, logits[:, None])
         params = [r.params for r in requests]
-        scores = logits               # a bias or penalty is sampled from; logprobs read the model's logits
-        if any(p.adjusts_logits for p in params):
-            scores = adjusted(logits, params, [r.prompt_vocab for r in requests], [r.output_ids for r in requests])
+        # a bias or penalty is sampled from (logits itself where no row has one); logprobs read the model's
+        scores = adjusted(logits, params, [r.prompt_vocab for r in requests], [r.output_ids for r in requests])
         tokens = sample(scores, params, [r.generator for r in requests])
         self.cache.last_tokens[rows] = tokens
         if any(r.params.logprobs is not None for r in requests):

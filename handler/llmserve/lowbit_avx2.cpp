@@ -414,12 +414,6 @@ void dot_columns8(const uint8_t* W, const uint16_t* S, const uint16_t* L, const 
 constexpr int kColumns16RowTile = 8;   // rows per unpacking of a block (16 registers of the 32 hold w and acc)
 
 #if LLMSERVE_AVX512
-// The AVX-512 layout (quantize.pack_q4_columns, 16 columns): 16 output columns at a time, so that one
-// vpdpbusd multiplies 4 inputs of one activation row (broadcast) by the 4 weights of each of 16
-// columns, and the block's scale and minimum apply to the 16 columns' sums in one vector each: no
-// horizontal sums, and a row costs 8 vpdpbusd per block. Per group of 16 columns and block of 32:
-// 256 bytes, vector m (64 bytes) holds in byte 4c + t weight 4(2m) + t of column c (low nibble)
-// and weight 4(2m + 1) + t (high nibble); scale and low [N/16, K/32, 16] float16.
 // One block of 32 inputs of one row (int8, x) times 16 columns' weights w[8] (vector m: inputs
 // 4m..4m+3 of column c in lane c, unsigned): the 16 integer sums, in two chains of vpdpbusd
 inline __m512i dot_block16(const __m512i* w, const int8_t* x) {
@@ -433,6 +427,12 @@ inline __m512i dot_block16(const __m512i* w, const int8_t* x) {
   return _mm512_add_epi32(even, odd);
 }
 
+// The AVX-512 layout (quantize.pack_q4_columns, 16 columns): 16 output columns at a time, so that one
+// vpdpbusd multiplies 4 inputs of one activation row (broadcast) by the 4 weights of each of 16
+// columns, and the block's scale and minimum apply to the 16 columns' sums in one vector each: no
+// horizontal sums, and a row costs 8 vpdpbusd per block. Per group of 16 columns and block of 32:
+// 256 bytes, vector m (64 bytes) holds in byte 4c + t weight 4(2m) + t of column c (low nibble)
+// and weight 4(2m + 1) + t (high nibble); scale and low [N/16, K/32, 16] float16.
 // ROWS rows of activations (plain layout: quantize_rows without xscale4) for column group g.
 template <int ROWS>
 void dot_columns16(const uint8_t* W, const uint16_t* S, const uint16_t* L, const int8_t* xq, const float* xs,

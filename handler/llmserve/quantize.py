@@ -388,7 +388,7 @@ class PackedLinear(torch.nn.Module):
         18.7 ms on its float activations, 1.12 / 10.6 ms with a bf16 pass, 0.71 / 8.6 with the int8
         one (Zen 4, 2 threads, the head alone; commit messages). Where it cannot (no vdpbf16ps build,
         AMX, a single row, rows past the float weights' crossover): forward."""
-        return self._bf16_pass(x, 2, torch.ops.llmserve.q8_mm_top, self.norms)
+        return self._pairs_pass(x, 2, torch.ops.llmserve.q8_mm_top, self.norms)
 
     def rounded(self, x: torch.Tensor) -> torch.Tensor:
         """forward's product with the activations rounded to bf16 (llmserve::q8_mm_bf16), for rows whose
@@ -399,11 +399,12 @@ class PackedLinear(torch.nn.Module):
         temperature 0.7), where w4's own weights and int8 activations move it 5.7 % from fp32's
         (commit message). Where the kernel cannot (no vdpbf16ps, AMX, rows past the float weights'
         crossover): forward."""
-        return self._bf16_pass(x, 1, torch.ops.llmserve.q8_mm_bf16)
+        return self._pairs_pass(x, 1, torch.ops.llmserve.q8_mm_bf16)
 
-    def _bf16_pass(self, x: torch.Tensor, min_rows: int, op, *args) -> torch.Tensor:
-        """op(x, packed, scales, *args) over x's rows where the vdpbf16ps kernels can take them (norms
-        kept: 8 bits in the pairs layout, no AMX) and min_rows to max_packed_rows of them; else forward."""
+    def _pairs_pass(self, x: torch.Tensor, min_rows: int, op, *args) -> torch.Tensor:
+        """op(x, packed, scales, *args) over x's rows where the pairs layout's own kernels can take them
+        (norms kept: 8 bits in that layout, the vdpbf16ps build, no AMX) and min_rows to
+        max_packed_rows of them; else forward."""
         x2 = x.reshape(-1, x.shape[-1])
         if self.norms is None or not min_rows <= x2.shape[0] <= self.max_packed_rows:
             return self(x)
