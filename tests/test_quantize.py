@@ -573,6 +573,33 @@ def test_our_decoder_steps_attention_matches_torchs_over_long_contexts(model_dir
         assert (a - b).abs().max() < 0.02 * a.abs().max()   # one bf16 step of the logits: 0.4-0.6 %; wrong order ~100 %
 
 
+def test_a_tokens_attention_is_the_same_bits_in_a_prefill_a_verify_step_or_alone(model_dir_64, amx_rows):
+    """Our C++ step's attention (AVX-512) scores a lone token's heads a key row at a time, several
+    tokens' (a prefill's, a verify step's) with each 16 positions' keys in columns, the products and
+    sums in one order either way: 45 tokens prefilled at once or as 7, then verify steps of 6 to 1
+    tokens, give every position's keys, values and logits bit for bit (speculative decoding's greedy
+    answers rest on it). No AMX tiles, whose bf16 products of many rows round otherwise."""
+    amx_rows(ALWAYS_PACKED)
+    engine = Engine.from_config(EngineConfig(model_path=str(model_dir_64), quantization="w4", max_model_len=128,
+                                             max_num_seqs=2, packed_max_rows=ALWAYS_PACKED, compile=True))
+    if engine.runner.fused_weights is None:
+        pytest.skip("our C++ decoder step does not run here (no AVX2 kernels)")
+    runner, c = engine.runner, engine.cache
+    ids = engine.tokenizer(" ".join(PROMPTS * 6))["input_ids"][:45]
+    assert len(ids) == 45
+    whole = runner.prefill(slice(1, 2), [ids], all_positions=True)[0]              # [45, V], row 1
+    parts = [runner.prefill(slice(0, 1), [ids[:7]], all_positions=True)[0]]         # row 0
+    at = 7
+    for W in (6, 5, 4, 3, 2, 1, 6, 5, 4, 2):
+        parts.append(runner.verify(torch.tensor([ids[at:at + W]]), ["exact"])[0])  # [W, V]
+        c.lengths[0] += W - 1                                                     # all W kept
+        c.row_lengths[0] += W - 1
+        at += W
+    assert at == 45 and int(c.row_lengths[0]) == 45
+    assert torch.equal(c.k[:, 0, :, :45], c.k[:, 1, :, :45]) and torch.equal(c.v[:, 0, :, :45], c.v[:, 1, :, :45])
+    assert torch.equal(torch.cat(parts), whole)
+
+
 def test_kv_cache_is_fp16_under_our_decoder_step_and_errors_name_the_key(tiny_model_dir, kernels):
     """kv_cache_dtype auto: fp16 where our C++ decoder step runs (half the bytes its attention reads),
     the fp32 cache's logits over a prefill and decode steps (as close as another batch size's: this
