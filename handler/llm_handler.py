@@ -110,13 +110,21 @@ class LLMHandler(BaseHandler):
             if body is None and row:
                 raise RequestError("body", "no JSON body found; send a JSON object with Content-Type: application/json")
             if is_openai:
-                r, include_usage = parse_openai(route, request_id, body, self.model_name, self.engine.config,
-                                                self.engine.tokenizer)
-                ex = Exchange(r, Formatter(route, r, self.model_name, include_usage, self._token_text))
+                requests, include_usage = parse_openai(route, request_id, body, self.model_name, self.engine.config,
+                                                       self.engine.tokenizer)
+                ex = Exchange(requests, Formatter(route, requests, self.model_name, include_usage, self._token_text))
             else:
-                ex = Exchange(parse_request(request_id, body, self.engine.config, self.engine.tokenizer))
-            ex.request.tenant, ex.request.tier = tenant, tier
-            self.engine.add_request(ex.request)
+                ex = Exchange([parse_request(request_id, body, self.engine.config, self.engine.tokenizer)])
+            added = []
+            try:
+                for r in ex.requests:
+                    r.tenant, r.tier = tenant, tier
+                    self.engine.add_request(r)
+                    added.append(r)
+            except Exception:   # all of its choices or none
+                for r in added:
+                    self.engine.abort(r.request_id)
+                raise
         except RequestError as e:
             return self._reply(context, idx, e.status, error_json(is_openai, e.status, e.message, e.field))
         except (Overloaded, RateLimited) as e:
@@ -150,47 +158,58 @@ class LLMHandler(BaseHandler):
         limit = CALL_S if any(ex.request.stream for ex in self.exchanges.values()) else PLAIN_CALL_S
         self._step()
         while time.perf_counter() - t0 < limit and self.engine.has_unfinished() and not any(
-                ex.request.is_finished or (ex.request.first_token_time or 0) >= t0 for ex in self.exchanges.values()):
+                r.is_finished or (r.first_token_time or 0) >= t0 for ex in self.exchanges.values() for r in ex.requests):
             self._step()
 
     def _next_part(self, idx: int, ex: Exchange, context) -> tuple[str | None, bool | None]:
         """What ex's client gets now and whether it is the last: (None, False) nothing yet (no HTTP
         head goes out); (part, False) a stream's part; (part, True) a stream's last part; (body,
-        None) one whole response, a 200 or, if nothing went out before, the error's 4xx/5xx."""
-        r = ex.request
+        None) one whole response, a 200 or, if nothing went out before, the error's 4xx/5xx. One of
+        n choices failing fails the others with it: the client gets the error."""
         body = ""
         try:
-            if r.finish_reason not in FAILED:
-                body = ex.part() if r.stream else (ex.whole() if r.is_finished else "")
+            if not self._failed(ex):
+                body = ex.part() if ex.request.stream else (ex.whole() if ex.is_finished else "")
         except Exception as e:   # our fault, and this request's alone
-            logger.exception("could not answer request %s", r.request_id)
-            self.engine.fail(r, f"could not answer: {type(e).__name__}: {e}")
-        if r.finish_reason in FAILED:
+            logger.exception("could not answer request %s", ex.request.request_id)
+            self.engine.fail(ex.request, f"could not answer: {type(e).__name__}: {e}")
+        failed = self._failed(ex)
+        if failed is not None:
             if ex.is_open:
-                return ex.error_part(r.error), True
-            status = FAILED[r.finish_reason]
-            return self._reply(context, idx, status, error_json(ex.openai is not None, status, r.error, None)), None
-        if not r.is_finished:
+                return ex.error_part(failed.error), True
+            status = FAILED[failed.finish_reason]
+            return self._reply(context, idx, status, error_json(ex.openai is not None, status, failed.error, None)), None
+        if not ex.is_finished:
             if not body:
                 return None, False
             ex.is_open = True
             return body, False
         return body, (True if ex.is_open else None)
 
+    def _failed(self, ex: Exchange) -> Request | None:
+        """ex's first failed request, or None; its other choices then end as it did (freeing their rows)."""
+        failed = next((r for r in ex.requests if r.finish_reason in FAILED), None)
+        if failed is not None:
+            for r in ex.requests:
+                if r.finish_reason not in FAILED:
+                    self.engine.fail(r, failed.error)
+                    r.finish_reason = failed.finish_reason
+        return failed
+
     # -- TorchServe's classic batching: the batch runs to completion in one call ---------------------
     def handle_batch(self, data: list, context) -> list:
         admitted = [self._admit(idx, row, context) for idx, row in enumerate(data)]
         exchanges = {idx: ex for idx, ex in enumerate(admitted) if isinstance(ex, Exchange)}
-        while any(not ex.request.is_finished for ex in exchanges.values()):
+        while any(not ex.is_finished for ex in exchanges.values()):
             self._step()
             self._send_stream_parts(exchanges, context)
-        self._record(context, [self._outcome(context, idx, ex) for idx, ex in enumerate(admitted)])
+        self._record(context, [o for idx, ex in enumerate(admitted) for o in self._outcome(context, idx, ex)])
         return [self._next_part(idx, ex, context)[0] if isinstance(ex, Exchange) else ex
                 for idx, ex in enumerate(admitted)]
 
     def _send_stream_parts(self, exchanges: dict[int, Exchange], context) -> None:
         parts = {idx: part for idx, ex in exchanges.items()
-                 if ex.request.stream and not ex.request.is_finished and (part := ex.part())}
+                 if ex.request.stream and not ex.is_finished and (part := ex.part())}
         for idx in parts:
             exchanges[idx].is_open = True
         if parts:
@@ -202,16 +221,16 @@ class LLMHandler(BaseHandler):
         ids = [context.get_request_id(idx) for idx in range(len(data))]
         answered: list[tuple] = []       # (request or None, HTTP status, its tenant and tier) of those leaving
         for gone in set(self.exchanges) - set(ids):      # the frontend dropped it: its client went away
-            r = self.exchanges.pop(gone).request
-            self.engine.abort(r.request_id)
-            answered.append((r, CLIENT_GONE, (r.tenant, TIERS[r.tier])))
+            for r in self.exchanges.pop(gone).requests:
+                self.engine.abort(r.request_id)
+                answered.append((r, CLIENT_GONE, (r.tenant, TIERS[r.tier])))
         replies: dict[int, tuple[str | None, bool | None]] = {}
         for idx, rid in enumerate(ids):
             if rid not in self.exchanges:
                 ex = self._admit(idx, data[idx], context)
                 if isinstance(ex, str):
                     replies[idx] = (ex, None)
-                    answered.append(self._outcome(context, idx, ex))
+                    answered.extend(self._outcome(context, idx, ex))
                 else:
                     self.exchanges[rid] = ex
         # a call that refuses someone answers at once; the step waits one call at most
@@ -222,7 +241,7 @@ class LLMHandler(BaseHandler):
             if idx not in replies:
                 replies[idx] = self._next_part(idx, self.exchanges[rid], context)
                 if replies[idx][1] is not False:
-                    answered.append(self._outcome(context, idx, self.exchanges.pop(rid)))
+                    answered.extend(self._outcome(context, idx, self.exchanges.pop(rid)))
         for idx, (body, _) in replies.items():
             if body is None:          # nothing to send: leave it out, so no HTTP head goes out yet
                 del context.request_ids[idx]
@@ -231,25 +250,26 @@ class LLMHandler(BaseHandler):
         return [replies[idx][0] or "" for idx in range(len(data))]
 
     # -- metrics (declared in config/metrics.yaml; TorchServe exports them on its metrics port) ------
-    def _outcome(self, context, idx: int, item: Exchange | str) -> tuple[Request | None, int, tuple] | None:
-        """(request, HTTP status, (tenant, tier)) of one answered for good; None for the model list."""
+    def _outcome(self, context, idx: int, item: Exchange | str) -> list[tuple[Request | None, int, tuple]]:
+        """(request, HTTP status, (tenant, tier)) of one answered for good: one for each of its engine
+        requests (OpenAI's n choices each count as a request, with their own tokens); none for the
+        model list."""
         if isinstance(item, Exchange):
-            r = item.request
-            return r, FAILED.get(r.finish_reason, 200), (r.tenant, TIERS[r.tier])
+            return [(r, FAILED.get(r.finish_reason, 200), (r.tenant, TIERS[r.tier])) for r in item.requests]
         status = context.get_response_status(idx)[0] or 200
         if status == 200:
-            return None
+            return []
         try:
             tenant, tier = self.tenants.identify(context.get_all_request_header(idx))
         except RequestError:   # refused for its headers
             tenant, tier = ANONYMOUS, TIERS.index(self.tenants.default.tier)
-        return None, status, (tenant, TIERS[tier])
+        return [(None, status, (tenant, TIERS[tier]))]
 
-    def _record(self, context, answered: list[tuple | None]) -> None:
+    def _record(self, context, answered: list[tuple]) -> None:
         """Counters and histograms of the requests answered in this call, and by tenant and tier
         (for chargeback); gauges of the engine. Charges each tenant's tokens-per-minute limit."""
         metrics = context.metrics
-        for r, status, (tenant, tier) in filter(None, answered):
+        for r, status, (tenant, tier) in answered:
             reason = r.finish_reason if r is not None else "refused"   # refused: before the engine saw it
             metrics.add_metric("llm_requests_total", 1, "Count", None,
                                [Dimension("finish_reason", reason), Dimension("status", str(status))],

@@ -271,8 +271,17 @@ def test_openai_client_plain_and_streamed(server, tokenizer):
     streamed = client.completions.create(model="llm", prompt="The capital of France is", max_tokens=6, stream=True)
     assert "".join(c.choices[0].text for c in streamed) == text and "Paris" in text
     assert [m.id for m in client.models.list()] == ["llm"]
+    # n: the client's choices, seeded samples that differ, streamed by index
+    sampled = dict(model="llm", messages=messages, max_tokens=12, n=2, temperature=1.0, seed=5,
+                   extra_body={"ignore_eos": True})
+    two = client.chat.completions.create(**sampled)
+    assert [c.index for c in two.choices] == [0, 1] and two.choices[0].message.content != two.choices[1].message.content
+    assert two.usage.completion_tokens == 24 and all(c.finish_reason == "length" for c in two.choices)
+    streamed = list(client.chat.completions.create(**sampled, stream=True))
+    assert ["".join(c.choices[0].delta.content or "" for c in streamed if c.choices[0].index == i) for i in (0, 1)] \
+        == [c.message.content for c in two.choices]
     with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model="llm", messages=messages, n=2)
+        client.chat.completions.create(model="llm", messages=messages, n=0)
     assert e.value.body["param"] == "n"
     # penalties: OpenAI's two as the client's own arguments, vLLM's repetition_penalty in the body, as
     # the native API takes them (the same greedy text), and a repetitive answer changed by them

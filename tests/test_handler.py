@@ -442,8 +442,46 @@ def test_openai_penalties_are_the_native_apis(continuous):
     assert text == whole(responses["native"])["text"] != whole(responses["plain"])["choices"][0]["text"]
 
 
+def test_openai_n_choices_plain_and_streamed(continuous):
+    """n: that many choices of one prompt, each its own sequence. Seeded and sampled, choice i is the
+    native API's answer for seed + i (so they differ); streamed, each chunk carries one choice by its
+    index (a chat choice's first with the role), each choice's text adds up to the plain one's and
+    ends with its finish_reason; the usage counts the prompt once and every choice's tokens."""
+    h, ctx = continuous
+    sampled = {"max_tokens": 6, "ignore_eos": True, "temperature": 1.0, "seed": 7, "n": 3}
+    cmpl = {"model": "llm", "prompt": "Hello there", **sampled}
+    chat = {"model": "llm", "messages": [{"role": "user", "content": "Hello there"}], **sampled}
+    responses = openai_run(h, ctx, {0: {
+        "cmpl": ("v1/completions", cmpl),
+        "cmpl-s": ("v1/completions", {**cmpl, "stream": True, "stream_options": {"include_usage": True}}),
+        "chat": ("v1/chat/completions", chat),
+        "chat-s": ("v1/chat/completions", {**chat, "stream": True}),
+        **{f"native{i}": ("", {"prompt": "Hello there", "max_new_tokens": 6, "ignore_eos": True, "temperature": 1.0,
+                               "seed": 7 + i}) for i in range(3)}}})
+    plain = whole(responses["cmpl"])
+    assert [c["index"] for c in plain["choices"]] == [0, 1, 2]
+    texts = [c["text"] for c in plain["choices"]]
+    assert texts == [whole(responses[f"native{i}"])["text"] for i in range(3)] and len(set(texts)) == 3
+    prompt_tokens = whole(responses["native0"])["usage"]["prompt_tokens"]
+    assert plain["usage"]["prompt_tokens"] == prompt_tokens and plain["usage"]["completion_tokens"] == 18
+    chunks = sse(responses["cmpl-s"])
+    assert all(len(c["choices"]) == 1 for c in chunks[:-1]) and chunks[-1]["choices"] == []
+    assert chunks[-1]["usage"] == plain["usage"]
+    by_choice = [[c["choices"][0] for c in chunks[:-1] if c["choices"][0]["index"] == i] for i in range(3)]
+    assert ["".join(c["text"] for c in cs) for cs in by_choice] == texts
+    assert all(cs[-1]["finish_reason"] == "length" and all(c["finish_reason"] is None for c in cs[:-1])
+               for cs in by_choice)
+    answers = [c["message"]["content"] for c in whole(responses["chat"])["choices"]]
+    chunks = sse(responses["chat-s"])
+    by_choice = [[c["choices"][0] for c in chunks if c["choices"][0]["index"] == i] for i in range(3)]
+    assert all(cs[0]["delta"]["role"] == "assistant" and all("role" not in c["delta"] for c in cs[1:])
+               for cs in by_choice)
+    assert ["".join(c["delta"]["content"] for c in cs) for cs in by_choice] == answers and len(set(answers)) == 3
+
+
 @pytest.mark.parametrize("route, body, status, param", [
-    ("v1/chat/completions", {"model": "llm", "messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n"),
+    ("v1/chat/completions", {"model": "llm", "messages": [{"role": "user", "content": "hi"}], "n": 5}, 400, "n"),
+    ("v1/completions", {"model": "llm", "prompt": "hi", "n": True}, 400, "n"),
     ("v1/chat/completions", {"model": "llm", "messages": [{"role": "user", "content": "hi"}],
                              "tools": [{"type": "function"}]}, 400, "tools"),
     ("v1/chat/completions", {"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}, 404, "model"),
@@ -487,13 +525,18 @@ def test_a_queue_full_of_lower_tiers_still_takes_a_premium_request(tiny_model_di
     assert ctx.status == {2: 503, 5: 503}
 
 
-def test_queue_wait_limit_and_own_timeout(tiny_model_dir, monkeypatch):
-    h, ctx = make_handler(tiny_model_dir, yaml={"batchSize": 4}, max_num_seqs=1, max_queue_wait_s=0.05)
+def slow_decode_steps(h, monkeypatch) -> None:
+    """Every decode step 5 ms longer: queue waits and timeouts pass alike on any CPU."""
     decode = h.engine.runner.decode
-    def slow_decode(num_rows, heads=None):      # 60 steps take 0.3 s at least, whatever the CPU
+    def slow_decode(num_rows, heads=None):
         time.sleep(0.005)
         return decode(num_rows, heads)
     monkeypatch.setattr(h.engine.runner, "decode", slow_decode)
+
+
+def test_queue_wait_limit_and_own_timeout(tiny_model_dir, monkeypatch):
+    h, ctx = make_handler(tiny_model_dir, yaml={"batchSize": 4}, max_num_seqs=1, max_queue_wait_s=0.05)
+    slow_decode_steps(h, monkeypatch)           # 60 steps take 0.3 s at least, whatever the CPU
     responses = run_steps(h, ctx, {0: {"long": body("Hello there", max_new_tokens=60, ignore_eos=True, timeout_s=0.1),
                                        "queued": body("Hi", max_new_tokens=4)}})
     (out, code, _), = responses["queued"]
@@ -506,6 +549,24 @@ def test_queue_wait_limit_and_own_timeout(tiny_model_dir, monkeypatch):
     assert len(counts[("llm_time_to_first_token_seconds",)]) == 1          # only the one that started
     assert sorted(counts[("llm_generation_tokens_total",)]) == [0, long["usage"]["completion_tokens"]]
     assert counts[("llm_requests_running",)][-1] == 0
+
+
+def test_one_failed_choice_fails_the_request_and_frees_the_others(tiny_model_dir, monkeypatch):
+    """n = 2 on 2 rows, one taken: the second choice waits, past max_queue_wait_s, so the request gets
+    the 503 and its first choice, which was running, ends with it (its row freed, counted as it);
+    the other request runs on, untouched."""
+    h, ctx = make_handler(tiny_model_dir, yaml={"batchSize": 4}, max_num_seqs=2, max_queue_wait_s=0.05)
+    slow_decode_steps(h, monkeypatch)           # 40 steps take 0.2 s at least, whatever the CPU
+    bodies = {0: {"long": body("Hello there", max_new_tokens=40, ignore_eos=True)},
+              1: {"two": {"body": json.dumps({"model": "llm", "prompt": "Hi", "max_tokens": 30, "ignore_eos": True,
+                                                "n": 2}).encode()}}}
+    responses = run_steps(h, ctx, bodies, paths={"two": "v1/completions"})
+    (out, code, _), = responses["two"]
+    assert code == 503 and "in the queue" in json.loads(out)["error"]["message"]
+    assert whole(responses["long"])["usage"]["completion_tokens"] == 40
+    counts = ctx.metrics.values
+    assert counts[("llm_requests_total", "finish_reason=queue_timeout", "status=503")] == [1, 1]
+    assert not h.engine.has_unfinished() and not h.exchanges
 
 
 def test_bad_timeout_is_a_400(continuous):

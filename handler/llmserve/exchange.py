@@ -50,10 +50,20 @@ class Exchange:
     """One HTTP request's protocol state. Under TorchServe's continuous batching the HTTP head goes
     out with a request's first part, after which only 200 parts can follow: so a request sends
     nothing until it has text to stream, or (not streamed) until it is finished; until then an
-    error, a timeout in the queue or a dead worker can still reach its client as a whole 4xx/5xx."""
-    request: Request
+    error, a timeout in the queue or a dead worker can still reach its client as a whole 4xx/5xx.
+    requests: the engine's request, or one for each of OpenAI's n choices (the first one's stream
+    flag, tenant and tier are theirs all)."""
+    requests: list[Request]
     openai: Formatter | None = None   # None: the native dialect
     is_open: bool = False             # a first part (with a 200 head) went out
+
+    @property
+    def request(self) -> Request:
+        return self.requests[0]
+
+    @property
+    def is_finished(self) -> bool:
+        return all(r.is_finished for r in self.requests)
 
     @property
     def content_type(self) -> str:
@@ -64,7 +74,7 @@ class Exchange:
     def part(self) -> str:
         """A stream's next part: its new text (everything left once finished), or ""."""
         if self.openai:
-            return self.openai.events(stream_delta(self.request))
+            return self.openai.events([stream_delta(r) for r in self.requests])
         return chunk(self.request)
 
     def whole(self) -> str:

@@ -13,15 +13,16 @@ from .request import Request, RequestError, decode_body, parse_request
 CHAT, COMPLETIONS, MODELS = "v1/chat/completions", "v1/completions", "v1/models"
 ROUTES = (CHAT, COMPLETIONS, MODELS)
 MAX_LOGPROBS = 5
+MAX_CHOICES = 16     # n at most (and at most max_num_seqs: the choices are decoded side by side)
 # passed to the engine as they are (vLLM's extensions included)
 SHARED = ("temperature", "top_p", "top_k", "min_p", "seed", "stop", "stream", "ignore_eos", "min_tokens", "timeout_s",
           "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias", "stop_token_ids")
 # accepted only at the value that changes nothing; anything else is a 400 naming the parameter
-NEUTRAL = {"n": 1, "best_of": 1, "echo": False, "suffix": None, "tools": None, "tool_choice": None,
+NEUTRAL = {"best_of": 1, "echo": False, "suffix": None, "tools": None, "tool_choice": None,
            "functions": None, "function_call": None, "response_format": None, "parallel_tool_calls": None}
 KNOWN = {CHAT: {"model", "messages", "max_tokens", "max_completion_tokens", "stream_options", "logprobs",
-                "top_logprobs", "user", *SHARED, *NEUTRAL} - {"best_of", "echo", "suffix"},
-         COMPLETIONS: {"model", "prompt", "max_tokens", "stream_options", "logprobs", "user", *SHARED, *NEUTRAL}
+                "top_logprobs", "user", "n", *SHARED, *NEUTRAL} - {"best_of", "echo", "suffix"},
+         COMPLETIONS: {"model", "prompt", "max_tokens", "stream_options", "logprobs", "user", "n", *SHARED, *NEUTRAL}
          - {"tools", "tool_choice", "functions", "function_call", "response_format", "parallel_tool_calls"}}
 
 
@@ -35,9 +36,10 @@ def models_body(model: str, created: int) -> dict:
 
 
 def parse_openai(route: str, request_id: str, body, model: str, config: EngineConfig,
-                 tokenizer) -> tuple[Request, bool]:
-    """Validate an OpenAI body: the engine's request and whether a stream ends with a usage chunk.
-    Raises RequestError naming the OpenAI parameter (status 404 for an unknown model)."""
+                 tokenizer) -> tuple[list[Request], bool]:
+    """Validate an OpenAI body: the engine's requests, one a choice (n; the first's id is request_id,
+    choice i's request_id-i), and whether a stream ends with a usage chunk. Raises RequestError naming
+    the OpenAI parameter (status 404 for an unknown model)."""
     body = decode_body(body)
     for name, value in body.items():
         if name not in KNOWN[route]:
@@ -72,7 +74,31 @@ def parse_openai(route: str, request_id: str, body, model: str, config: EngineCo
         e.field = limit if e.field == "max_new_tokens" else e.field
         raise
     r.params = replace(r.params, logprobs=logprobs)
-    return r, bool((options or {}).get("include_usage"))
+    return choices(r, _choices_count(body, config)), bool((options or {}).get("include_usage"))
+
+
+def _choices_count(body: dict, config: EngineConfig) -> int:
+    value = body.get("n")
+    if value is None:
+        return 1
+    most = min(MAX_CHOICES, config.max_num_seqs)
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= most:
+        raise RequestError("n", f"n must be an integer between 1 and {most}, got {json.dumps(value)}")
+    return value
+
+
+def choices(r: Request, n: int) -> list[Request]:
+    """r and n - 1 more requests for the same prompt (OpenAI's n choices), each its own sequence: a
+    seeded request's choice i takes seed + i, so the choices differ and each is reproducible (greedy
+    choices are all alike, as OpenAI's are)."""
+    out = [r]
+    for i in range(1, n):
+        seed = None if r.params.seed is None else (r.params.seed + i) % 2 ** 63
+        twin = Request(request_id=f"{r.request_id}-{i}", prompt_ids=list(r.prompt_ids),
+                       params=replace(r.params, seed=seed), stream=r.stream)
+        twin.arrival_time, twin.deadline = r.arrival_time, r.deadline
+        out.append(twin)
+    return out
 
 
 def _messages(messages) -> list[dict]:
@@ -114,19 +140,21 @@ def _logprobs_count(body: dict, name: str) -> int | None:
 
 
 class Formatter:
-    """OpenAI's objects for one request on one route; keeps what a stream has already sent."""
+    """OpenAI's objects for one request's choices (its engine requests, index i for requests[i]) on one
+    route; keeps what a stream has already sent of each."""
 
-    def __init__(self, route: str, r: Request, model: str, include_usage: bool, token_text) -> None:
-        self.route, self.r, self.model, self.token_text = route, r, model, token_text
+    def __init__(self, route: str, requests: list[Request], model: str, include_usage: bool, token_text) -> None:
+        self.route, self.requests, self.model, self.token_text = route, requests, model, token_text
         self.include_usage = include_usage
         prefix = "chatcmpl" if route == CHAT else "cmpl"
-        self.id = f"{prefix}-{r.request_id}"
+        self.id = f"{prefix}-{requests[0].request_id}"
         self.created = int(time.time())
-        self.num_sent_tokens = 0          # logprobs already streamed
-        self.is_role_sent = False
+        self.num_sent_tokens = [0] * len(requests)        # logprobs already streamed, per choice
+        self.is_role_sent = [False] * len(requests)
+        self.is_end_sent = [False] * len(requests)        # the choice's chunk with its finish_reason
 
-    def _logprobs(self, start: int, end: int) -> dict | None:
-        r = self.r
+    def _logprobs(self, i: int, start: int, end: int) -> dict | None:
+        r = self.requests[i]
         if r.params.logprobs is None:
             return None
         entries = [(self.token_text(t), lp, [(self.token_text(a), alp) for a, alp in top])
@@ -140,44 +168,54 @@ class Formatter:
                 "top_logprobs": [dict(top) for _, _, top in entries], "text_offset": []}
 
     def _usage(self) -> dict:
-        r = self.r
-        return {"prompt_tokens": len(r.prompt_ids), "completion_tokens": len(r.output_ids),
-                "total_tokens": len(r.prompt_ids) + len(r.output_ids),
-                "prompt_tokens_details": {"cached_tokens": r.num_cached_tokens},
+        """The prompt's tokens once (the choices share it), all the choices' completion tokens."""
+        first = self.requests[0]
+        completion = sum(len(r.output_ids) for r in self.requests)
+        drafted = sum(r.num_draft_tokens for r in self.requests)
+        accepted = sum(r.num_accepted_tokens for r in self.requests)
+        return {"prompt_tokens": len(first.prompt_ids), "completion_tokens": completion,
+                "total_tokens": len(first.prompt_ids) + completion,
+                "prompt_tokens_details": {"cached_tokens": first.num_cached_tokens},
                 # OpenAI's names for predicted outputs: our drafts kept and dropped
-                "completion_tokens_details": {"accepted_prediction_tokens": r.num_accepted_tokens,
-                                              "rejected_prediction_tokens": r.num_draft_tokens - r.num_accepted_tokens}}
+                "completion_tokens_details": {"accepted_prediction_tokens": accepted,
+                                              "rejected_prediction_tokens": drafted - accepted}}
 
-    def _object(self, choice: dict, chunk: bool) -> dict:
+    def _object(self, choices: list[dict], chunk: bool) -> dict:
         kind = ("chat.completion" if self.route == CHAT else "text_completion") + (".chunk" if chunk and self.route == CHAT else "")
-        return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": [choice]}
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices}
 
     def whole(self) -> dict:
-        r = self.r
-        choice = {"index": 0, "logprobs": self._logprobs(0, len(r.output_ids)), "finish_reason": r.finish_reason}
-        if self.route == CHAT:
-            choice["message"] = {"role": "assistant", "content": r.text}
-        else:
-            choice["text"] = r.text
-        return {**self._object(choice, chunk=False), "usage": self._usage()}
+        choices = []
+        for i, r in enumerate(self.requests):
+            choice = {"index": i, "logprobs": self._logprobs(i, 0, len(r.output_ids)), "finish_reason": r.finish_reason}
+            if self.route == CHAT:
+                choice["message"] = {"role": "assistant", "content": r.text}
+            else:
+                choice["text"] = r.text
+            choices.append(choice)
+        return {**self._object(choices, chunk=False), "usage": self._usage()}
 
-    def events(self, delta: str) -> str:
-        """The Server-Sent Events for the text not yet sent (delta), the final chunk and [DONE]."""
-        r = self.r
-        end = len(r.output_ids)
-        if not delta and not r.is_finished:      # nothing yet: no part, so no HTTP head goes out
-            return ""
-        choice = {"index": 0, "logprobs": self._logprobs(self.num_sent_tokens, end),
-                  "finish_reason": r.finish_reason if r.is_finished else None}
-        self.num_sent_tokens = end
-        if self.route == CHAT:
-            choice["delta"] = {"content": delta} if self.is_role_sent else {"role": "assistant", "content": delta}
-            self.is_role_sent = True
-        else:
-            choice["text"] = delta
+    def events(self, deltas: list[str]) -> str:
+        """The Server-Sent Events for each choice's text not yet sent (deltas[i]): a chunk for each
+        choice with news, its last with its finish_reason; after the last choice's, the usage chunk
+        and [DONE]. "" while there is nothing (so no HTTP head goes out yet)."""
+        lines = []
         usage = {"usage": None} if self.include_usage else {}
-        lines = [self._object(choice, chunk=True) | usage]
-        if r.is_finished and self.include_usage:
-            lines.append({**self._object(choice, chunk=True), "choices": [], "usage": self._usage()})
+        for i, (r, delta) in enumerate(zip(self.requests, deltas)):
+            if self.is_end_sent[i] or (not delta and not r.is_finished):
+                continue
+            end = len(r.output_ids)
+            choice = {"index": i, "logprobs": self._logprobs(i, self.num_sent_tokens[i], end),
+                      "finish_reason": r.finish_reason if r.is_finished else None}
+            self.num_sent_tokens[i], self.is_end_sent[i] = end, r.is_finished
+            if self.route == CHAT:
+                choice["delta"] = {"content": delta} if self.is_role_sent[i] else {"role": "assistant", "content": delta}
+                self.is_role_sent[i] = True
+            else:
+                choice["text"] = delta
+            lines.append(self._object([choice], chunk=True) | usage)
+        done = bool(lines) and all(self.is_end_sent)
+        if done and self.include_usage:
+            lines.append({**self._object([], chunk=True), "usage": self._usage()})
         out = "".join(f"data: {json.dumps(line)}\n\n" for line in lines)
-        return out + ("data: [DONE]\n\n" if r.is_finished else "")
+        return out + ("data: [DONE]\n\n" if done else "")
