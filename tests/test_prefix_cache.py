@@ -106,3 +106,14 @@ def test_a_hash_collision_is_a_miss_not_another_prompts_keys():
     assert pc.match([1] * BLOCK + [0]) == []
     fill(pc, [1] * BLOCK, 5.0)                                            # and saving does not overwrite it
     assert pc.blocks[key][1] == tuple([2] * BLOCK)
+
+
+def test_identical_prompts_arriving_together_prefill_the_prompt_once(plain, tiny_model_dir):
+    """Three requests of one 60-token prompt at once (OpenAI's n choices, a burst): the first is
+    prefilled alone, the other two a step later from its blocks in the prefix cache, and all answer
+    as without the cache."""
+    prompt = list(range(100, 160))
+    expected = run(plain, [prompt])[0].output_ids
+    same = run(engine_of(tiny_model_dir, 1024), [list(prompt) for _ in range(3)])
+    assert [r.num_cached_tokens for r in same] == [0, 56, 56]
+    assert all(r.output_ids == expected for r in same)

@@ -306,3 +306,22 @@ def test_a_premium_prefill_runs_alone_at_most_two_steps_in_a_row():
     alone.add(q2 := req("q2", 5, tier="premium"))
     out = alone.schedule(now=0)
     assert [r.request_id for r in out.decode] == ["q1"] and out.prefill == [q2]
+
+
+def test_a_prompt_sharing_a_prefix_with_one_being_prefilled_waits_a_step_for_the_cache():
+    """shared_prefix_wait: b starts with the same 40 tokens as a, which this step prefills, so b waits
+    a step (its prefill then finds them in the prefix cache) while c, another prompt, goes; once b has
+    them cached (prefill_cost), it goes. Sharing fewer tokens than the threshold waits for nothing."""
+    cached: dict[str, int] = {}
+    s = Scheduler(8, 1000, 10_000, prefill_cost=lambda r: r.num_tokens - cached.get(r.request_id, 0),
+                  shared_prefix_wait=32)
+    a = Request("a", [5] * 40 + [1], SamplingParams(max_new_tokens=4))
+    b = Request("b", [5] * 40 + [2], SamplingParams(max_new_tokens=4))
+    c = Request("c", [6] * 40, SamplingParams(max_new_tokens=4))
+    d = Request("d", [5] * 20 + [3] * 20, SamplingParams(max_new_tokens=4))   # 20 shared: under 32
+    for r in (a, b, c, d):
+        s.add(r)
+    assert s.schedule().prefill == [a, c, d] and list(s.waiting) == [b]
+    cached["b"] = 40                          # a's prefill stored its blocks
+    assert s.schedule().prefill == [b]
+    assert not Scheduler(8, 1000, 10_000).shared_prefix_wait            # off unless asked

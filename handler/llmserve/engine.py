@@ -66,7 +66,9 @@ class Engine:
                                    request_level=config.batching == "request_level", prefill_cost=self._uncached,
                                    priority_ageing_s=config.priority_ageing_s,
                                    prefill_chunk_tokens=config.prefill_chunk_tokens if self.prefix else 0,
-                                   max_chunked_tokens=config.prefix_cache_tokens // 2)
+                                   max_chunked_tokens=config.prefix_cache_tokens // 2,
+                                   # a prompt sharing 32 tokens or more with one being prefilled waits a step
+                                   shared_prefix_wait=4 * BLOCK if self.prefix else 0)
         self.rows: list[Request] = []          # rows[i] is the request in KV row i
         self.requests: dict[str, Request] = {}  # unfinished requests by id
         self.scheduled: list[Request] = []     # the requests the current (or last) step runs

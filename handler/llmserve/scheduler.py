@@ -35,7 +35,8 @@ class SchedulerOutput:
 class Scheduler:
     def __init__(self, max_num_seqs: int, max_prefill_tokens: int, kv_capacity_tokens: int,
                  request_level: bool = False, prefill_cost: Callable[[Request], int] | None = None,
-                 priority_ageing_s: float = 0.0, prefill_chunk_tokens: int = 0, max_chunked_tokens: int = 0) -> None:
+                 priority_ageing_s: float = 0.0, prefill_chunk_tokens: int = 0, max_chunked_tokens: int = 0,
+                 shared_prefix_wait: int = 0) -> None:
         self.max_num_seqs = max_num_seqs
         self.priority_ageing_s = priority_ageing_s   # 0: no ageing
         self.request_level = request_level
@@ -49,6 +50,10 @@ class Scheduler:
         # tokens a request's prefill computes (the engine leaves out a cached prefix); default all
         self.prefill_cost = prefill_cost or (lambda r: r.num_tokens)
         self.kv_capacity_tokens = kv_capacity_tokens
+        # a waiting request whose prompt shares at least this many tokens more than it has cached with a
+        # prompt prefilled in this step waits for the next one, whose prefill finds them in the prefix
+        # cache (OpenAI's n choices, a burst of one prompt); 0 = never
+        self.shared_prefix_wait = shared_prefix_wait
         self.waiting: deque[Request] = deque()   # in arrival order, preempted ones first
         self.running: list[Request] = []
         self.alone_steps = 0                     # steps in a row that ran premium prefills alone
@@ -114,6 +119,8 @@ class Scheduler:
                 break
             tokens = request.num_tokens   # a preempted request recomputes its output too
             cost = self.prefill_cost(request)
+            if self._shares_with(request, out.prefill, tokens - cost):
+                continue
             if out.decode and request.tier > 0 and 0 < self.prefill_chunk_tokens < cost and \
                     tokens <= self.max_chunked_tokens and not self.request_level:
                 if not out.prefill or num_prefill_tokens + self.prefill_chunk_tokens <= self.max_prefill_tokens:
@@ -147,6 +154,15 @@ class Scheduler:
             if self.batch_quota and self.waiting.index(request) < self.batch_quota:   # a member that never ran
                 self.batch_quota -= 1
             self.waiting.remove(request)
+
+    def _shares_with(self, request: Request, prefilling: list[Request], cached: int) -> bool:
+        """Whether request's prompt starts with at least shared_prefix_wait tokens more than its cached
+        ones of a prompt in prefilling."""
+        if not self.shared_prefix_wait:
+            return False
+        want = cached + self.shared_prefix_wait
+        head = request.prompt_ids[:want]
+        return len(head) == want and any(other.prompt_ids[:want] == head for other in prefilling)
 
     def _worst(self, now: float) -> Request:
         """The running request to evict first: the worst rank, the last admitted among equals."""
