@@ -110,9 +110,9 @@ class LLMHandler(BaseHandler):
             if body is None and row:
                 raise RequestError("body", "no JSON body found; send a JSON object with Content-Type: application/json")
             if is_openai:
-                requests, include_usage = parse_openai(route, request_id, body, self.model_name, self.engine.config,
-                                                       self.engine.tokenizer)
-                ex = Exchange(requests, Formatter(route, requests, self.model_name, include_usage, self._token_text))
+                requests, options = parse_openai(route, request_id, body, self.model_name, self.engine.config,
+                                                 self.engine.tokenizer)
+                ex = Exchange(requests, Formatter(route, requests, self.model_name, self._token_text, **options))
             else:
                 ex = Exchange([parse_request(request_id, body, self.engine.config, self.engine.tokenizer)])
             added = []

@@ -280,6 +280,14 @@ def test_openai_client_plain_and_streamed(server, tokenizer):
     streamed = list(client.chat.completions.create(**sampled, stream=True))
     assert ["".join(c.choices[0].delta.content or "" for c in streamed if c.choices[0].index == i) for i in (0, 1)] \
         == [c.message.content for c in two.choices]
+    # echo with max_tokens 0 (lm-eval's loglikelihood): the prompt scored, its last token as the model
+    # predicts it after the rest
+    scored = client.completions.create(model="llm", prompt="The capital of France is Paris", echo=True, logprobs=1,
+                                       max_tokens=0).choices[0]
+    assert scored.text == "The capital of France is Paris" and scored.logprobs.token_logprobs[0] is None
+    after = client.completions.create(model="llm", prompt="The capital of France is", max_tokens=1, logprobs=1)
+    assert after.choices[0].text == scored.logprobs.tokens[-1] == " Paris"
+    assert scored.logprobs.token_logprobs[-1] == pytest.approx(after.choices[0].logprobs.token_logprobs[0], abs=1e-3)
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="llm", messages=messages, n=0)
     assert e.value.body["param"] == "n"

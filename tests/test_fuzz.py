@@ -31,11 +31,13 @@ GOOD = [
     {"prompt": "1, 2, 1, 2, 1, 2,", "max_new_tokens": 12, "repetition_penalty": 1.3, "presence_penalty": 0.5,
      "frequency_penalty": -0.5, "logit_bias": {"28": -5, "30": 2.5}},
     {"prompt": "Colours: red, green,", "max_new_tokens": 12, "temperature": 0.9, "min_p": 0.1, "seed": 3},
+    {"prompt": [504, 3458, 282, 4649, 314], "max_new_tokens": 8},   # token ids
 ]
 
 # (field, values that are wrong for it): types, extremes and odd text; each makes the body invalid
 WRONG = {
-    "prompt": [42, 1.5, None, True, [], {}, ["a"], "", "\ud800", "ok \udfff", "\udc00\ud800", "word " * 3000],
+    "prompt": [42, 1.5, None, True, [], {}, ["a"], "", "\ud800", "ok \udfff", "\udc00\ud800", "word " * 3000,
+               [-1], [10**9], [1.5], [True], [[1]], [1] * 3000],
     "messages": ["hi", [], [1], [{"role": "user"}], [{"role": "bot", "content": "x"}],
                  [{"role": "user", "content": 5}], [{"role": "user", "content": "\ud834"}],
                  [{"role": "user", "content": "x", "name": "n"}], [{"role": ["user"], "content": "x"}]],

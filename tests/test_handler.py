@@ -479,6 +479,52 @@ def test_openai_n_choices_plain_and_streamed(continuous):
     assert ["".join(c["delta"]["content"] for c in cs) for cs in by_choice] == answers and len(set(answers)) == 3
 
 
+def test_openai_echo_gives_the_prompts_logprobs_as_the_model_scores_it(continuous, tiny_model_dir, tokenizer):
+    """echo (completions): the prompt's text before each choice's and, with logprobs, its tokens with
+    their log-probabilities (the first null), as the model itself scores the prompt; max_tokens 0 gives
+    the prompt alone (lm-eval's loglikelihood requests); a prompt of token ids scores as its text;
+    streamed, the first chunk carries the prompt and the offsets run on."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    h, ctx = continuous
+    prompt = "The quick brown fox jumps over the lazy dog"
+    ids = tokenizer(prompt)["input_ids"]
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        expected = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)   # [T, V]
+    cmpl = {"model": "llm", "prompt": prompt, "echo": True, "logprobs": 2, "max_tokens": 3, "ignore_eos": True}
+    responses = openai_run(h, ctx, {0: {
+        "echo": ("v1/completions", cmpl),
+        "zero": ("v1/completions", {**cmpl, "max_tokens": 0}),
+        "ids": ("v1/completions", {**cmpl, "prompt": ids, "max_tokens": 0}),
+        "stream": ("v1/completions", {**cmpl, "stream": True}),
+        "two": ("v1/completions", {**cmpl, "n": 2, "temperature": 1.0, "seed": 3, "logprobs": None}),
+        "plain": ("v1/completions", {**cmpl, "echo": False})}})
+    echo, plain = whole(responses["echo"])["choices"][0], whole(responses["plain"])["choices"][0]
+    assert echo["text"] == prompt + plain["text"]
+    lp = echo["logprobs"]
+    n = len(ids)
+    assert lp["tokens"][:n] == [tokenizer.decode([t]) for t in ids] and len(lp["tokens"]) == n + 3
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert lp["token_logprobs"][n:] == pytest.approx(plain["logprobs"]["token_logprobs"], abs=1e-4)   # other shapes
+    got = torch.tensor(lp["token_logprobs"][1:n])
+    want = expected[torch.arange(n - 1), torch.tensor(ids[1:])]
+    assert torch.allclose(got, want, atol=1e-4), (got, want)
+    assert all(len(top) == 2 and max(top.values()) == pytest.approx(expected[i].max().item(), abs=1e-4)
+               for i, top in enumerate(lp["top_logprobs"][1:n]))
+    assert lp["text_offset"][:3] == [0, len(lp["tokens"][0]), len(lp["tokens"][0]) + len(lp["tokens"][1])]
+    zero = whole(responses["zero"])
+    assert zero["choices"][0]["text"] == prompt and zero["usage"]["completion_tokens"] == 0
+    assert zero["choices"][0]["logprobs"]["token_logprobs"] == lp["token_logprobs"][:n]
+    assert whole(responses["ids"])["choices"][0]["logprobs"]["token_logprobs"] == lp["token_logprobs"][:n]
+    chunks = sse(responses["stream"])
+    assert chunks[0]["choices"][0]["text"].startswith(prompt)
+    assert "".join(c["choices"][0]["text"] for c in chunks) == echo["text"]
+    assert [t for c in chunks for t in c["choices"][0]["logprobs"]["token_logprobs"]] == lp["token_logprobs"]
+    assert [o for c in chunks for o in c["choices"][0]["logprobs"]["text_offset"]] == lp["text_offset"]
+    assert all(c["text"].startswith(prompt) and c["text"] != prompt for c in whole(responses["two"])["choices"])
+
+
 @pytest.mark.parametrize("route, body, status, param", [
     ("v1/chat/completions", {"model": "llm", "messages": [{"role": "user", "content": "hi"}], "n": 5}, 400, "n"),
     ("v1/completions", {"model": "llm", "prompt": "hi", "n": True}, 400, "n"),
@@ -488,7 +534,11 @@ def test_openai_n_choices_plain_and_streamed(continuous):
     ("v1/chat/completions", {"model": "llm", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0},
      400, "max_tokens"),
     ("v1/completions", {"model": "llm", "prompt": "hi", "logprobs": 9}, 400, "logprobs"),
-    ("v1/completions", {"model": "llm", "prompt": "hi", "echo": True}, 400, "echo"),
+    ("v1/completions", {"model": "llm", "prompt": "hi", "echo": "yes"}, 400, "echo"),
+    ("v1/chat/completions", {"model": "llm", "messages": [{"role": "user", "content": "hi"}], "echo": True}, 400, "echo"),
+    ("v1/completions", {"model": "llm", "prompt": [1, "x"]}, 400, "prompt"),
+    ("v1/completions", {"model": "llm", "prompt": [10 ** 9]}, 400, "prompt"),
+    ("v1/completions", {"model": "llm", "prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
     ("v1/completions", {"model": "llm", "prompt": "hi", "presence_penalty": 2.5}, 400, "presence_penalty"),
     ("v1/embeddings", {"model": "llm", "input": "hi"}, 404, "url_path"),
 ])

@@ -38,6 +38,15 @@ def cache_dtype(config: EngineConfig, model, facts: ModelFacts) -> torch.dtype:
     return facts.dtype
 
 
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> list[tuple[float, list[tuple[int, float]]]]:
+    """Each row's token's log-probability under logits [N, V] (the raw model's) and its k best rivals
+    (id, log-probability); tokens [N]."""
+    lp = torch.log_softmax(logits.float(), dim=-1)                                       # [N, V]
+    chosen = lp.gather(-1, tokens[:, None])[:, 0].tolist()                              # [N]
+    top_lp, top_ids = lp.topk(k or 1, dim=-1)
+    return [(c, list(zip(ids[:k], lps[:k]))) for c, ids, lps in zip(chosen, top_ids.tolist(), top_lp.tolist())]
+
+
 class Overloaded(Exception):
     """The waiting queue is full (config.max_waiting_requests): the server's 503."""
 
@@ -219,6 +228,9 @@ class Engine:
         copy each prompt's cached prefix into its row first, keep its new full blocks after. The
         tokens computed for each (past what the prefix cache held, its chunks among them)."""
         computed = {}
+        for r in [r for r in requests if r.params.prompt_logprobs is not None and not r.output_ids]:
+            computed[r] = self._prefill_scored(r)
+            requests = [q for q in requests if q is not r]
         budget = self.config.max_prefill_tokens
         cost = {r: self._uncached(r) for r in requests}
         pending = sorted(requests, key=cost.get)
@@ -249,6 +261,24 @@ class Engine:
             for r in group:
                 r.prefill_ms += ms
         return computed
+
+    def _prefill_scored(self, r: Request) -> int:
+        """r's first prefill where it asks for its prompt's log-probabilities (OpenAI's echo): alone, every
+        position computed (no cached prefix) and its logits read, 256 positions at a time, into
+        r.prompt_logprobs. The tokens computed."""
+        t0 = time.perf_counter()
+        r.row, r.start_time = len(self.rows), r.start_time or t0
+        self.rows.append(r)
+        tokens = r.prompt_ids
+        logits = self.runner.prefill(slice(r.row, r.row + 1), [tokens], all_positions=True)[0]   # [T, V]
+        following = torch.tensor(tokens[1:], device=logits.device)
+        for i in range(0, len(following), 256):
+            r.prompt_logprobs += token_logprobs(logits[i:i + 256], following[i:i + 256], r.params.prompt_logprobs)
+        if self.prefix:
+            self.prefix.save(tokens, r.row, 0)
+        self._postprocess([r], logits[-1:], batch_size=len(self.rows))
+        r.prefill_ms += (time.perf_counter() - t0) * 1000
+        return len(tokens)
 
     def _prefill_chunk(self, r: Request, t0: float) -> int:
         """The next prefill_chunk_tokens of waiting r's prompt, computed in the free row after the
@@ -366,13 +396,9 @@ class Engine:
         distribution, before temperature)."""
         asking = [i for i, r in enumerate(requests) if r.params.logprobs is not None]
         rows = torch.tensor(asking, device=logits.device)
-        lp = torch.log_softmax(logits[rows].float(), dim=-1)                           # [N, V]
-        chosen = lp.gather(-1, tokens[rows][:, None])[:, 0].tolist()                  # [N]
-        top_lp, top_ids = lp.topk(max(requests[i].params.logprobs for i in asking) or 1, dim=-1)
-        top_lp, top_ids = top_lp.tolist(), top_ids.tolist()
-        for n, i in enumerate(asking):
-            k = requests[i].params.logprobs
-            requests[i].logprobs.append((chosen[n], list(zip(top_ids[n][:k], top_lp[n][:k]))))
+        scored = token_logprobs(logits[rows], tokens[rows], max(requests[i].params.logprobs for i in asking))
+        for (lp, top), i in zip(scored, asking):
+            requests[i].logprobs.append((lp, top[:requests[i].params.logprobs]))
 
     def _detokenize(self, r: Request, final: bool = False) -> bool:
         """Append the text of r's new tokens to r.text, decoding a short window (not the whole

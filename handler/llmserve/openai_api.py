@@ -6,6 +6,7 @@ server: the TorchServe handler picks the route from the url_path header."""
 import json
 import time
 from dataclasses import replace
+from itertools import accumulate
 
 from .config import EngineConfig
 from .request import Request, RequestError, decode_body, parse_request
@@ -18,11 +19,12 @@ MAX_CHOICES = 16     # n at most (and at most max_num_seqs: the choices are deco
 SHARED = ("temperature", "top_p", "top_k", "min_p", "seed", "stop", "stream", "ignore_eos", "min_tokens", "timeout_s",
           "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias", "stop_token_ids")
 # accepted only at the value that changes nothing; anything else is a 400 naming the parameter
-NEUTRAL = {"best_of": 1, "echo": False, "suffix": None, "tools": None, "tool_choice": None,
+NEUTRAL = {"best_of": 1, "suffix": None, "tools": None, "tool_choice": None,
            "functions": None, "function_call": None, "response_format": None, "parallel_tool_calls": None}
 KNOWN = {CHAT: {"model", "messages", "max_tokens", "max_completion_tokens", "stream_options", "logprobs",
                 "top_logprobs", "user", "n", *SHARED, *NEUTRAL} - {"best_of", "echo", "suffix"},
-         COMPLETIONS: {"model", "prompt", "max_tokens", "stream_options", "logprobs", "user", "n", *SHARED, *NEUTRAL}
+         COMPLETIONS: {"model", "prompt", "max_tokens", "stream_options", "logprobs", "user", "n", "echo", *SHARED,
+                       *NEUTRAL}
          - {"tools", "tool_choice", "functions", "function_call", "response_format", "parallel_tool_calls"}}
 
 
@@ -36,10 +38,12 @@ def models_body(model: str, created: int) -> dict:
 
 
 def parse_openai(route: str, request_id: str, body, model: str, config: EngineConfig,
-                 tokenizer) -> tuple[list[Request], bool]:
+                 tokenizer) -> tuple[list[Request], dict]:
     """Validate an OpenAI body: the engine's requests, one a choice (n; the first's id is request_id,
-    choice i's request_id-i), and whether a stream ends with a usage chunk. Raises RequestError naming
-    the OpenAI parameter (status 404 for an unknown model)."""
+    choice i's request_id-i), and the Formatter's options: include_usage (a stream ends with a usage
+    chunk), echo (completions: the prompt's text, to put before each choice's, else None) and
+    hide_output (echo with max_tokens 0: the prompt alone, its one generated token not shown). Raises
+    RequestError naming the OpenAI parameter (status 404 for an unknown model)."""
     body = decode_body(body)
     for name, value in body.items():
         if name not in KNOWN[route]:
@@ -53,15 +57,22 @@ def parse_openai(route: str, request_id: str, body, model: str, config: EngineCo
     limit = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     if body.get(limit) is not None:
         native["max_new_tokens"] = body[limit]
+    echo = body.get("echo") or False
+    if not isinstance(echo, bool):
+        raise RequestError("echo", f"echo must be true or false, got {json.dumps(echo)}")
+    hide_output = echo and body.get(limit) == 0 and not isinstance(body.get(limit), bool)
+    if hide_output:                      # the prompt's log-probabilities alone (lm-eval's loglikelihood)
+        native["max_new_tokens"] = 1
     if route == CHAT:
         native["messages"] = _messages(body.get("messages"))
         logprobs = _logprobs_flag(body)
     else:
         prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1:
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
             prompt = prompt[0]
-        if not isinstance(prompt, str):
-            raise RequestError("prompt", "prompt must be a string (or a list of one string)")
+        if not isinstance(prompt, (str, list)) or isinstance(prompt, list) and not all(
+                isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            raise RequestError("prompt", "prompt must be a string or a list of token ids (or a list of one of them)")
         native["prompt"] = prompt
         logprobs = _logprobs_count(body, "logprobs")
     options = body.get("stream_options")
@@ -73,8 +84,11 @@ def parse_openai(route: str, request_id: str, body, model: str, config: EngineCo
     except RequestError as e:
         e.field = limit if e.field == "max_new_tokens" else e.field
         raise
-    r.params = replace(r.params, logprobs=logprobs)
-    return choices(r, _choices_count(body, config)), bool((options or {}).get("include_usage"))
+    r.params = replace(r.params, logprobs=logprobs, prompt_logprobs=logprobs if echo else None)
+    if echo:
+        echo = tokenizer.decode(r.prompt_ids) if isinstance(native["prompt"], list) else native["prompt"]
+    return choices(r, _choices_count(body, config)), {"include_usage": bool((options or {}).get("include_usage")),
+                                                      "echo": echo or None, "hide_output": hide_output}
 
 
 def _choices_count(body: dict, config: EngineConfig) -> int:
@@ -94,8 +108,8 @@ def choices(r: Request, n: int) -> list[Request]:
     out = [r]
     for i in range(1, n):
         seed = None if r.params.seed is None else (r.params.seed + i) % 2 ** 63
-        twin = Request(request_id=f"{r.request_id}-{i}", prompt_ids=list(r.prompt_ids),
-                       params=replace(r.params, seed=seed), stream=r.stream)
+        twin = Request(request_id=f"{r.request_id}-{i}", prompt_ids=list(r.prompt_ids),   # the prompt scored once
+                       params=replace(r.params, seed=seed, prompt_logprobs=None), stream=r.stream)
         twin.arrival_time, twin.deadline = r.arrival_time, r.deadline
         out.append(twin)
     return out
@@ -141,36 +155,54 @@ def _logprobs_count(body: dict, name: str) -> int | None:
 
 class Formatter:
     """OpenAI's objects for one request's choices (its engine requests, index i for requests[i]) on one
-    route; keeps what a stream has already sent of each."""
+    route; keeps what a stream has already sent of each. echo: the prompt's text, put before each
+    choice's (completions), with its tokens' log-probabilities (the first's null) where logprobs are
+    asked for; hide_output: the choices' generated tokens left out (echo with max_tokens 0)."""
 
-    def __init__(self, route: str, requests: list[Request], model: str, include_usage: bool, token_text) -> None:
+    def __init__(self, route: str, requests: list[Request], model: str, token_text, include_usage: bool = False,
+                 echo: str | None = None, hide_output: bool = False) -> None:
         self.route, self.requests, self.model, self.token_text = route, requests, model, token_text
-        self.include_usage = include_usage
+        self.include_usage, self.echo, self.hide_output = include_usage, echo, hide_output
         prefix = "chatcmpl" if route == CHAT else "cmpl"
         self.id = f"{prefix}-{requests[0].request_id}"
         self.created = int(time.time())
         self.num_sent_tokens = [0] * len(requests)        # logprobs already streamed, per choice
-        self.is_role_sent = [False] * len(requests)
+        self.num_sent_chars = [0] * len(requests)         # ... and the characters of their tokens (text_offset)
+        self.is_started = [False] * len(requests)         # a chunk of the choice went out
         self.is_end_sent = [False] * len(requests)        # the choice's chunk with its finish_reason
 
-    def _logprobs(self, i: int, start: int, end: int) -> dict | None:
-        r = self.requests[i]
-        if r.params.logprobs is None:
+    def _entries(self, i: int, start: int, end: int, echo: bool) -> list[tuple]:
+        """(text, logprob, [(rival text, logprob), ...]) of choice i's output tokens start..end, after
+        the prompt's where echo (the first token's logprob and rivals None)."""
+        def entry(token, lp, top):
+            return self.token_text(token), lp, [(self.token_text(a), alp) for a, alp in top]
+        r, first = self.requests[i], self.requests[0]
+        prompt = []
+        if echo:
+            prompt = [(self.token_text(first.prompt_ids[0]), None, None)]
+            prompt += [entry(t, lp, top) for t, (lp, top) in zip(first.prompt_ids[1:], first.prompt_logprobs)]
+        if self.hide_output:
+            return prompt
+        return prompt + [entry(t, lp, top) for t, (lp, top) in zip(r.output_ids[start:end], r.logprobs[start:end])]
+
+    def _logprobs(self, i: int, start: int, end: int, echo: bool = False) -> dict | None:
+        if self.requests[i].params.logprobs is None:
             return None
-        entries = [(self.token_text(t), lp, [(self.token_text(a), alp) for a, alp in top])
-                   for t, (lp, top) in zip(r.output_ids[start:end], r.logprobs[start:end])]
+        entries = self._entries(i, start, end, echo)
         if self.route == CHAT:
             def item(text, lp):
                 return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
             return {"content": [{**item(t, lp), "top_logprobs": [item(a, alp) for a, alp in top]}
                                 for t, lp, top in entries]}
+        offsets = list(accumulate((len(t) for t, _, _ in entries), initial=self.num_sent_chars[i]))
+        self.num_sent_chars[i] = offsets.pop()
         return {"tokens": [t for t, _, _ in entries], "token_logprobs": [lp for _, lp, _ in entries],
-                "top_logprobs": [dict(top) for _, _, top in entries], "text_offset": []}
+                "top_logprobs": [None if top is None else dict(top) for _, _, top in entries], "text_offset": offsets}
 
     def _usage(self) -> dict:
         """The prompt's tokens once (the choices share it), all the choices' completion tokens."""
         first = self.requests[0]
-        completion = sum(len(r.output_ids) for r in self.requests)
+        completion = 0 if self.hide_output else sum(len(r.output_ids) for r in self.requests)
         drafted = sum(r.num_draft_tokens for r in self.requests)
         accepted = sum(r.num_accepted_tokens for r in self.requests)
         return {"prompt_tokens": len(first.prompt_ids), "completion_tokens": completion,
@@ -187,32 +219,36 @@ class Formatter:
     def whole(self) -> dict:
         choices = []
         for i, r in enumerate(self.requests):
-            choice = {"index": i, "logprobs": self._logprobs(i, 0, len(r.output_ids)), "finish_reason": r.finish_reason}
+            choice = {"index": i, "logprobs": self._logprobs(i, 0, len(r.output_ids), echo=self.echo is not None),
+                      "finish_reason": r.finish_reason}
             if self.route == CHAT:
                 choice["message"] = {"role": "assistant", "content": r.text}
             else:
-                choice["text"] = r.text
+                choice["text"] = (self.echo or "") + ("" if self.hide_output else r.text)
             choices.append(choice)
         return {**self._object(choices, chunk=False), "usage": self._usage()}
 
     def events(self, deltas: list[str]) -> str:
         """The Server-Sent Events for each choice's text not yet sent (deltas[i]): a chunk for each
-        choice with news, its last with its finish_reason; after the last choice's, the usage chunk
-        and [DONE]. "" while there is nothing (so no HTTP head goes out yet)."""
+        choice with news (the echoed prompt first, once the prompt is computed), its last with its
+        finish_reason; after the last choice's, the usage chunk and [DONE]. "" while there is nothing
+        (so no HTTP head goes out yet)."""
         lines = []
         usage = {"usage": None} if self.include_usage else {}
+        prompt_done = self.requests[0].first_token_time is not None or self.requests[0].is_finished
         for i, (r, delta) in enumerate(zip(self.requests, deltas)):
-            if self.is_end_sent[i] or (not delta and not r.is_finished):
+            first, delta = not self.is_started[i], "" if self.hide_output else delta
+            echo = first and self.echo is not None
+            if self.is_end_sent[i] or not (delta or r.is_finished or echo and prompt_done):
                 continue
             end = len(r.output_ids)
-            choice = {"index": i, "logprobs": self._logprobs(i, self.num_sent_tokens[i], end),
+            choice = {"index": i, "logprobs": self._logprobs(i, self.num_sent_tokens[i], end, echo),
                       "finish_reason": r.finish_reason if r.is_finished else None}
-            self.num_sent_tokens[i], self.is_end_sent[i] = end, r.is_finished
+            self.num_sent_tokens[i], self.is_end_sent[i], self.is_started[i] = end, r.is_finished, True
             if self.route == CHAT:
-                choice["delta"] = {"content": delta} if self.is_role_sent[i] else {"role": "assistant", "content": delta}
-                self.is_role_sent[i] = True
+                choice["delta"] = {"role": "assistant", "content": delta} if first else {"content": delta}
             else:
-                choice["text"] = delta
+                choice["text"] = (self.echo if echo else "") + delta
             lines.append(self._object([choice], chunk=True) | usage)
         done = bool(lines) and all(self.is_end_sent)
         if done and self.include_usage:

@@ -42,6 +42,7 @@ class SamplingParams:
     min_tokens: int = 0               # vLLM's meaning: EOS (nor stop_token_ids) cannot be sampled, nor a stop
                                       # string end it, before this
     logprobs: int | None = None       # None: none; k: each output token's log-probability and its k best rivals
+    prompt_logprobs: int | None = None   # the same for each prompt token after the first (OpenAI's echo)
     presence_penalty: float = 0.0     # OpenAI's: subtracted from the logit of each token the output holds
     frequency_penalty: float = 0.0    # OpenAI's: ... times the times the output holds it
     repetition_penalty: float = 1.0   # vLLM's (CTRL's): a prompt or output token's logit divided by it if
@@ -80,6 +81,7 @@ class Request:
     num_sent_chars: int = 0           # streaming: how much of text the client already has
     row: int = -1                     # KV cache row while running
     logprobs: list = field(default_factory=list)   # per output token: (logprob, [(rival id, logprob), ...])
+    prompt_logprobs: list = field(default_factory=list)   # the same per prompt token after the first
     arrival_time: float = field(default_factory=time.perf_counter)
     deadline: float | None = None     # perf_counter time at which it ends with finish_reason "timeout"
     start_time: float | None = None   # first admitted to a KV row (its queue wait ends)
@@ -308,9 +310,14 @@ def parse_request(request_id: str, body, config: EngineConfig, tokenizer) -> Req
     stream = _bool(body, "stream")
 
     if "prompt" in body:
-        if not isinstance(body["prompt"], str) or not body["prompt"]:
-            raise RequestError("prompt", "prompt must be a non-empty string")
-        prompt_ids = tokenizer(_encodable(body["prompt"], "prompt"))["input_ids"]
+        prompt = body["prompt"]
+        if isinstance(prompt, list) and prompt and all(
+                isinstance(t, int) and not isinstance(t, bool) and 0 <= t < len(tokenizer) for t in prompt):
+            prompt_ids = prompt          # token ids, as given
+        elif isinstance(prompt, str) and prompt:
+            prompt_ids = tokenizer(_encodable(prompt, "prompt"))["input_ids"]
+        else:
+            raise RequestError("prompt", f"prompt must be a non-empty string or list of token ids 0..{len(tokenizer) - 1}")
         name = "prompt"
     else:
         prompt_ids = tokenizer.apply_chat_template(_messages(body), add_generation_prompt=True, tokenize=True,
