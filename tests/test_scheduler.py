@@ -325,3 +325,23 @@ def test_a_prompt_sharing_a_prefix_with_one_being_prefilled_waits_a_step_for_the
     cached["b"] = 40                          # a's prefill stored its blocks
     assert s.schedule().prefill == [b]
     assert not Scheduler(8, 1000, 10_000).shared_prefix_wait            # off unless asked
+
+
+def test_a_request_scoring_its_prompt_is_neither_chunked_nor_kept_waiting_for_the_cache():
+    """One asking for its prompt's logprobs (OpenAI's echo) computes all of it in its prefill: a
+    long one beside decoding rows goes whole, not a chunk a step, and one sharing a prompt being
+    prefilled goes at once."""
+    s = Scheduler(8, 1000, 10_000, prefill_chunk_tokens=64, max_chunked_tokens=500, shared_prefix_wait=32)
+    running = req("running", 5)
+    s.add(running)
+    s.schedule()
+    decode_one(s)
+    long = Request("long", [3] * 200, SamplingParams(max_new_tokens=4, prompt_logprobs=1))
+    s.add(long)
+    out = s.schedule()
+    assert out.chunk is None and out.prefill == [long]
+    a = Request("a", [5] * 40, SamplingParams(max_new_tokens=4))
+    b = Request("b", [5] * 40, SamplingParams(max_new_tokens=4, prompt_logprobs=0))
+    s.add(a)
+    s.add(b)
+    assert s.schedule().prefill == [a, b]

@@ -219,8 +219,11 @@ class Engine:
             self._finish(r, "queue_timeout")
 
     def _uncached(self, r: Request) -> int:
-        """Tokens r's prefill must compute: those past its prefix found in the prefix cache."""
+        """Tokens r's prefill must compute: those past its prefix found in the prefix cache (all of
+        them where it scores its prompt: _prefill_scored)."""
         tokens = r.prompt_ids + r.output_ids   # a preempted request recomputes its output too
+        if r.params.prompt_logprobs is not None and not r.output_ids:
+            return len(tokens)
         return len(tokens) - (len(self.prefix.match(tokens)) * BLOCK if self.prefix else 0)
 
     def _prefill(self, requests: list[Request]) -> dict[Request, int]:
