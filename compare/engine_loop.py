@@ -21,7 +21,7 @@ from benchmarks.machine import describe
 from benchmarks.tables import format_table
 from compare.run import arguments, measure_point
 from compare.systems import ROOT, SYSTEMS, archive_engine_config
-from compare.workload import OUTPUT_TOKENS, messages
+from compare.workload import CONTEXT_TOKENS, OUTPUT_TOKENS, messages
 from llmserve.config import EngineConfig
 from llmserve.engine import Engine
 from llmserve.request import parse_request
@@ -90,7 +90,7 @@ def beside_torchserve(engine: Engine, loads: list[int], turns: int, out: Path) -
     system = SYSTEMS["ours"]
     logs = ROOT / "build" / "compare" / out.name                 # TorchServe's logs and work files, as compare.run's
     logs.mkdir(parents=True, exist_ok=True)
-    server = system.start(max(loads), system.port, logs)
+    server = system.start(max(loads), system.port, logs, CONTEXT_TOKENS["chat"])
     settings = arguments().parse_args([])
     rows = []
     try:

@@ -27,7 +27,7 @@ import psutil
 from benchmarks.machine import describe
 from benchmarks.tables import format_table, write_csv
 from compare.systems import ROOT, SYSTEMS, System
-from compare.workload import OUTPUT_TOKENS, WORKLOADS, closed_loop, messages, send
+from compare.workload import CONTEXT_TOKENS, OUTPUT_TOKENS, WORKLOADS, closed_loop, messages, send
 from loadtest.measure import percentile
 
 WARMUP_TOKENS = 8
@@ -144,7 +144,7 @@ def run_system(name: str, system: System, args, workdir: Path) -> Iterator[dict]
             if server is None:
                 logs = workdir / f"{name}-{users}"
                 logs.mkdir(parents=True, exist_ok=True)
-                server = system.start(users, system.port, logs)
+                server = system.start(users, system.port, logs, CONTEXT_TOKENS[args.workload])
             for stream in args.modes:
                 yield measure_point(name, system, server, users, stream, args)
     finally:
@@ -160,7 +160,8 @@ def measure_paired(names: list[str], args, workdir: Path) -> Iterator[dict]:
     try:
         for name in names:
             (workdir / f"{name}-paired").mkdir(parents=True, exist_ok=True)
-            servers.append(SYSTEMS[name].start(1, SYSTEMS[name].port, workdir / f"{name}-paired"))
+            servers.append(SYSTEMS[name].start(1, SYSTEMS[name].port, workdir / f"{name}-paired",
+                                               CONTEXT_TOKENS[args.workload]))
         for stream in args.modes:
             records: dict[str, list[dict]] = {name: [] for name in names}
             for name in names:

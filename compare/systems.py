@@ -29,7 +29,6 @@ PEERS_DIR = Path(os.environ.get("PEERS_DIR", Path.home() / ".cache" / "llmserve-
 VLLM_PYTHON = PEERS_DIR / "vllm" / "bin" / "python"
 LLAMA_SERVER = PEERS_DIR / "llama.cpp" / "llama-server"
 INSTALLER = "compare/install_peers.sh"
-SLOT_TOKENS = 256   # llama-server's context per slot: a ~45-token prompt + 64 output tokens fit
 
 
 class Server:
@@ -68,7 +67,8 @@ def gguf_file() -> Path:
     return next(package.glob("*.gguf"))
 
 
-def start_ours(users: int, port: int, workdir: Path, settings: tuple[str, ...] = ()) -> TorchServeProcess:
+def start_ours(users: int, port: int, workdir: Path, context_tokens: int,
+               settings: tuple[str, ...] = ()) -> TorchServeProcess:
     """TorchServe with llm.mar, or with a variant of it built into workdir (handler settings KEY=VALUE)."""
     if not settings:
         return TorchServeProcess(workdir, port, models="llm=llm.mar").start()
@@ -77,7 +77,7 @@ def start_ours(users: int, port: int, workdir: Path, settings: tuple[str, ...] =
     return TorchServeProcess(workdir, port, models="llm=llm-variant.mar", model_store=workdir).start()
 
 
-def start_vllm(users: int, port: int, workdir: Path, prefix_caching: bool = True) -> Server:
+def start_vllm(users: int, port: int, workdir: Path, context_tokens: int, prefix_caching: bool = True) -> Server:
     cmd = [str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", str(MODEL_DIR),
            "--served-model-name", "llm", "--host", "127.0.0.1", "--port", str(port), "--dtype", "bfloat16",
            "--max-num-seqs", str(users), "--max-model-len", "2048",
@@ -88,16 +88,16 @@ def start_vllm(users: int, port: int, workdir: Path, prefix_caching: bool = True
                   env={"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}).start()
 
 
-def start_llama_server(users: int, port: int, workdir: Path) -> Server:
+def start_llama_server(users: int, port: int, workdir: Path, context_tokens: int) -> Server:
     cores = str(os.cpu_count())
     cmd = [str(LLAMA_SERVER), "-m", str(gguf_file()), "--host", "127.0.0.1", "--port", str(port),
-           "-np", str(users), "-c", str(SLOT_TOKENS * users), "-t", cores, "-tb", cores]
+           "-np", str(users), "-c", str(context_tokens * users), "-t", cores, "-tb", cores]   # a slot a user
     if "amx" in Path("/proc/cpuinfo").read_text():
         cmd.append("--no-repack")   # with AMX, the repacked weights crash at the first request
     return Server(cmd, f"http://127.0.0.1:{port}/health", workdir / "llama-server.log").start()
 
 
-def start_hf(users: int, port: int, workdir: Path) -> Server:
+def start_hf(users: int, port: int, workdir: Path, context_tokens: int) -> Server:
     cmd = [sys.executable, str(ROOT / "compare" / "hf_server.py"), "--model", str(MODEL_DIR), "--port", str(port)]
     return Server(cmd, f"http://127.0.0.1:{port}/health", workdir / "hf_server.log").start()
 
@@ -184,7 +184,9 @@ PROTOCOLS = {
 
 @dataclass(frozen=True)
 class System:
-    start: Callable[[int, int, Path], object]     # (users, port, workdir) -> a started server (.proc, .stop())
+    # (users, port, workdir, tokens a request needs: llama-server's slot; the others hold 2048) -> a started
+    # server (.proc, .stop())
+    start: Callable[[int, int, Path, int], object]
     protocol: Protocol
     is_matched: bool                              # started anew per load, its sequence limit = users
     port: int

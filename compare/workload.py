@@ -2,7 +2,8 @@
 builds the same prompt) and 64 output tokens: `chat`, short questions of 34-48 tokens (mean 40)
 with the chat template; `shared-prefix`, the same questions after a long system prompt that
 every request shares (a reference document from WikiText-2); `copy`, requests whose answer copies
-their input (proofread or summarize a WikiText paragraph, edit a function and return it whole).
+their input (proofread or summarize a WikiText paragraph, edit a function and return it whole);
+`long-prompt`, summarize a whole 1,100-word WikiText article (~1,450 prompt tokens, each its own).
 And the closed loop that sends them: `num_users` threads, each sending its next request when its
 last one is answered, until `num_requests` were sent or `send_cap_s` passed; a request still open
 at `cut_cap_s` is abandoned (its connection closed). Knows nothing about which server answers."""
@@ -30,7 +31,9 @@ PROMPTS = CHAT_QUESTIONS + CODE_REQUESTS + (   # 26 shared with the load test, 6
 )
 
 
-WORKLOADS = ("chat", "shared-prefix", "copy")
+WORKLOADS = ("chat", "shared-prefix", "copy", "long-prompt")
+# tokens a request of the workload may need (prompt and answer): llama-server's context per slot
+CONTEXT_TOKENS = {"chat": 256, "shared-prefix": 1024, "copy": 256, "long-prompt": 2048}
 TEXT_TASKS = ("Proofread this text and return it corrected, in full:", "Summarize this text:")
 CODE_TASKS = ("Add type hints to this Python code and return the whole code:",
               "Rename the variables of this Python code to clearer names and return the whole code:")
@@ -49,6 +52,9 @@ def workload(name: str) -> tuple[str, tuple[str, ...]]:
         texts = [f"{TEXT_TASKS[n % 2]}\n\n{text}" for n, text in enumerate(paragraphs)]
         code = [f"{CODE_TASKS[k % 2]}\n\n{CODE_SNIPPETS[k % 3].format(k=k)}" for k in range(16)]
         return SYSTEM, tuple(texts + code)
+    if name == "long-prompt":
+        articles = load_articles(WIKITEXT / "test.txt", num_words=1100)[:32]
+        return SYSTEM, tuple(f"{TEXT_TASKS[1]}\n\n{text}" for text in articles)
     raise ValueError(f"workload must be one of {WORKLOADS}, got {name!r}")
 
 

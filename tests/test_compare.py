@@ -100,3 +100,14 @@ def test_sampled_runs_send_temperature_and_top_p_in_either_protocol(monkeypatch,
     greedy, sampled = bodies
     assert greedy.get("temperature", 0) == 0 and "top_p" not in greedy
     assert (sampled["temperature"], sampled["top_p"]) == (0.7, 0.9)
+
+
+@pytest.mark.parametrize("name", ["chat", "shared-prefix", "copy", "long-prompt"])
+def test_each_workloads_requests_fit_the_context_a_peer_is_given(name, tokenizer):
+    """CONTEXT_TOKENS is llama-server's context per slot: every request of the workload, prompt with
+    the chat template and OUTPUT_TOKENS answer, must fit it (and our max_model_len of 2048), or a peer
+    would cut or refuse what another answers."""
+    from compare.workload import CONTEXT_TOKENS, OUTPUT_TOKENS, messages, workload
+    lengths = [len(tokenizer.apply_chat_template(messages(i, name), add_generation_prompt=True, tokenize=True,
+                                                 return_dict=True)["input_ids"]) for i in range(len(workload(name)[1]))]
+    assert max(lengths) + OUTPUT_TOKENS <= CONTEXT_TOKENS[name] <= 2048
