@@ -276,6 +276,17 @@ def test_disconnect_frees_the_slot(tiny_model_dir):
     h.handle([{}], ctx)
     assert "a" not in h.exchanges and len(h.engine.rows) == 1
     assert ctx.metrics.values[("llm_requests_total", "finish_reason=abort", "status=499")] == [1]
+    # n = 3 choices of one client: its going frees all three rows
+    choices = {"model": "llm", "prompt": "Hello there", "max_tokens": 40, "ignore_eos": True, "n": 3}
+    ctx.new_batch(["b", "c"], paths={1: "v1/completions"})
+    h.handle([{}, {"body": json.dumps(choices).encode()}], ctx)
+    ctx.new_batch(["b", "c"], paths={1: "v1/completions"})
+    h.handle([{}, {}], ctx)
+    assert len(h.engine.rows) == 4 and len(h.exchanges["c"].requests) == 3
+    ctx.new_batch(["b"])
+    h.handle([{}], ctx)
+    assert "c" not in h.exchanges and len(h.engine.rows) == 1
+    assert ctx.metrics.values[("llm_requests_total", "finish_reason=abort", "status=499")] == [1, 1, 1, 1]
 
 
 def test_entry_points_pick_the_policy(tiny_model_dir, monkeypatch):
