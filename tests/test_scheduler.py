@@ -325,6 +325,13 @@ def test_a_prompt_sharing_a_prefix_with_one_being_prefilled_waits_a_step_for_the
     cached["b"] = 40                          # a's prefill stored its blocks
     assert s.schedule().prefill == [b]
     assert not Scheduler(8, 1000, 10_000).shared_prefix_wait            # off unless asked
+    # a lower tier does not go before the one waiting for the cache: it could take its row
+    s = Scheduler(2, 1000, 10_000, shared_prefix_wait=32)
+    a2, b2 = (Request(n, [5] * 40 + [i], SamplingParams(max_new_tokens=4)) for i, n in enumerate(("a2", "b2")))
+    batch = Request("batch", [6] * 40, SamplingParams(max_new_tokens=4), tier=TIERS.index("batch"))
+    for r in (a2, b2, batch):
+        s.add(r)
+    assert s.schedule().prefill == [a2] and list(s.waiting) == [b2, batch]
 
 
 def test_a_request_scoring_its_prompt_is_neither_chunked_nor_kept_waiting_for_the_cache():

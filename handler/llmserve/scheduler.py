@@ -110,6 +110,7 @@ class Scheduler:
         may_go_alone = self.alone_steps < MAX_ALONE_STEPS and not self.request_level \
             and any(r.tier > 0 for r in out.decode)
         is_alone = False
+        held = None   # the best tier of those waiting a step for the prefix cache: no lower tier goes first
         for request in order:
             if len(self.running) >= self.max_num_seqs or (self.request_level and not self.batch_quota):
                 break
@@ -117,11 +118,14 @@ class Scheduler:
                 break   # do not re-admit in the step that evicted it
             if request.tier > 0 and is_alone:
                 break
+            if held is not None and request.tier > held and not self.request_level:
+                break
             tokens = request.num_tokens   # a preempted request recomputes its output too
             cost = self.prefill_cost(request)
             # a request scoring its prompt (OpenAI's echo) computes all of it in its prefill, in one go
             scores_prompt = request.params.prompt_logprobs is not None and not request.output_ids
             if not scores_prompt and self._shares_with(request, out.prefill, tokens - cost):
+                held = request.tier if held is None else min(held, request.tier)
                 continue
             if out.decode and request.tier > 0 and 0 < self.prefill_chunk_tokens < cost and \
                     tokens <= self.max_chunked_tokens and not self.request_level and not scores_prompt:
