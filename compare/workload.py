@@ -3,7 +3,7 @@ builds the same prompt) and 64 output tokens: `chat`, short questions of 34-48 t
 with the chat template; `shared-prefix`, the same questions after a long system prompt that
 every request shares (a reference document from WikiText-2); `copy`, requests whose answer copies
 their input (proofread or summarize a WikiText paragraph, edit a function and return it whole);
-`long-prompt`, summarize a whole 1,100-word WikiText article (~1,450 prompt tokens, each its own).
+`long-prompt`, summarize a whole 1,100-word WikiText article (1,411 prompt tokens on average, each its own).
 And the closed loop that sends them: `num_users` threads, each sending its next request when its
 last one is answered, until `num_requests` were sent or `send_cap_s` passed; a request still open
 at `cut_cap_s` is abandoned (its connection closed). Knows nothing about which server answers."""

@@ -158,7 +158,8 @@ class LLMHandler(BaseHandler):
         limit = CALL_S if any(ex.request.stream for ex in self.exchanges.values()) else PLAIN_CALL_S
         self._step()
         while time.perf_counter() - t0 < limit and self.engine.has_unfinished() and not any(
-                r.is_finished or (r.first_token_time or 0) >= t0 for ex in self.exchanges.values() for r in ex.requests):
+                r.is_finished or (r.first_token_time or 0) >= t0
+                for ex in self.exchanges.values() for r in ex.requests):
             self._step()
 
     def _next_part(self, idx: int, ex: Exchange, context) -> tuple[str | None, bool | None]:
@@ -167,18 +168,20 @@ class LLMHandler(BaseHandler):
         None) one whole response, a 200 or, if nothing went out before, the error's 4xx/5xx. One of
         n choices failing fails the others with it: the client gets the error."""
         body = ""
-        try:
-            if not self._failed(ex):
-                body = ex.part() if ex.request.stream else (ex.whole() if ex.is_finished else "")
-        except Exception as e:   # our fault, and this request's alone
-            logger.exception("could not answer request %s", ex.request.request_id)
-            self.engine.fail(ex.request, f"could not answer: {type(e).__name__}: {e}")
         failed = self._failed(ex)
+        if failed is None:
+            try:
+                body = ex.part() if ex.request.stream else (ex.whole() if ex.is_finished else "")
+            except Exception as e:   # our fault, and this request's alone
+                logger.exception("could not answer request %s", ex.request.request_id)
+                self.engine.fail(ex.request, f"could not answer: {type(e).__name__}: {e}")
+                failed = self._failed(ex)
         if failed is not None:
             if ex.is_open:
                 return ex.error_part(failed.error), True
             status = FAILED[failed.finish_reason]
-            return self._reply(context, idx, status, error_json(ex.openai is not None, status, failed.error, None)), None
+            body = error_json(ex.openai is not None, status, failed.error, None)
+            return self._reply(context, idx, status, body), None
         if not ex.is_finished:
             if not body:
                 return None, False

@@ -222,7 +222,7 @@ class Engine:
         """Tokens r's prefill must compute: those past its prefix found in the prefix cache (all of
         them where it scores its prompt: _prefill_scored)."""
         tokens = r.prompt_ids + r.output_ids   # a preempted request recomputes its output too
-        if r.params.prompt_logprobs is not None and not r.output_ids:
+        if r.is_scoring_prompt:
             return len(tokens)
         return len(tokens) - (len(self.prefix.match(tokens)) * BLOCK if self.prefix else 0)
 
@@ -230,10 +230,8 @@ class Engine:
         """Left-pad prompts into groups of similar uncached length so padding costs little compute;
         copy each prompt's cached prefix into its row first, keep its new full blocks after. The
         tokens computed for each (past what the prefix cache held, its chunks among them)."""
-        computed = {}
-        for r in [r for r in requests if r.params.prompt_logprobs is not None and not r.output_ids]:
-            computed[r] = self._prefill_scored(r)
-            requests = [q for q in requests if q is not r]
+        computed = {r: self._prefill_scored(r) for r in requests if r.is_scoring_prompt}
+        requests = [r for r in requests if r not in computed]
         budget = self.config.max_prefill_tokens
         cost = {r: self._uncached(r) for r in requests}
         pending = sorted(requests, key=cost.get)

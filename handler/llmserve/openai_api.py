@@ -85,10 +85,11 @@ def parse_openai(route: str, request_id: str, body, model: str, config: EngineCo
         e.field = limit if e.field == "max_new_tokens" else e.field
         raise
     r.params = replace(r.params, logprobs=logprobs, prompt_logprobs=logprobs if echo else None)
+    echo_text = None
     if echo:
-        echo = tokenizer.decode(r.prompt_ids) if isinstance(native["prompt"], list) else native["prompt"]
+        echo_text = tokenizer.decode(r.prompt_ids) if isinstance(native["prompt"], list) else native["prompt"]
     return choices(r, _choices_count(body, config)), {"include_usage": bool((options or {}).get("include_usage")),
-                                                      "echo": echo or None, "hide_output": hide_output}
+                                                      "echo": echo_text, "hide_output": hide_output}
 
 
 def _choices_count(body: dict, config: EngineConfig) -> int:

@@ -110,6 +110,12 @@ class Request:
         return self.status == "finished"
 
     @property
+    def is_scoring_prompt(self) -> bool:
+        """Its next prefill computes its prompt's log-probabilities (OpenAI's echo): every position, in
+        one go, no cached prefix (engine._prefill_scored). Only the first: a preempted one has them."""
+        return self.params.prompt_logprobs is not None and not self.output_ids
+
+    @property
     def reads_argmax_only(self) -> bool:
         """Its next token is its logits' argmax and nothing else reads them (no sampling, no
         logprobs, no min_tokens mask, no bias or penalty): the LM head may be exact at the largest only

@@ -123,12 +123,11 @@ class Scheduler:
             tokens = request.num_tokens   # a preempted request recomputes its output too
             cost = self.prefill_cost(request)
             # a request scoring its prompt (OpenAI's echo) computes all of it in its prefill, in one go
-            scores_prompt = request.params.prompt_logprobs is not None and not request.output_ids
-            if not scores_prompt and self._shares_with(request, out.prefill, tokens - cost):
+            if not request.is_scoring_prompt and self._shares_with(request, out.prefill, tokens - cost):
                 held = request.tier if held is None else min(held, request.tier)
                 continue
             if out.decode and request.tier > 0 and 0 < self.prefill_chunk_tokens < cost and \
-                    tokens <= self.max_chunked_tokens and not self.request_level and not scores_prompt:
+                    tokens <= self.max_chunked_tokens and not self.request_level and not request.is_scoring_prompt:
                 if not out.prefill or num_prefill_tokens + self.prefill_chunk_tokens <= self.max_prefill_tokens:
                     out.chunk = request
                 break
