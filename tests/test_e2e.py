@@ -291,6 +291,13 @@ def test_openai_client_plain_and_streamed(server, tokenizer):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="llm", messages=messages, n=0)
     assert e.value.body["param"] == "n"
+    # JSON mode: an object that parses, streamed the same
+    ask = dict(model="llm", max_tokens=96, response_format={"type": "json_object"},
+               messages=[{"role": "user", "content": "Describe a cat as JSON with the fields name, age and colour."}])
+    structured = client.chat.completions.create(**ask)
+    assert structured.choices[0].finish_reason == "stop" and isinstance(json.loads(structured.choices[0].message.content), dict)
+    assert "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(**ask, stream=True)
+                   if c.choices) == structured.choices[0].message.content
     # penalties: OpenAI's two as the client's own arguments, vLLM's repetition_penalty in the body, as
     # the native API takes them (the same greedy text), and a repetitive answer changed by them
     prompt, penalties = "1, 2, 1, 2, 1, 2,", dict(frequency_penalty=1.0, presence_penalty=1.0)

@@ -541,6 +541,8 @@ def test_openai_echo_gives_the_prompts_logprobs_as_the_model_scores_it(continuou
     ("v1/completions", {"model": "llm", "prompt": "hi", "n": True}, 400, "n"),
     ("v1/chat/completions", {"model": "llm", "messages": [{"role": "user", "content": "hi"}],
                              "tools": [{"type": "function"}]}, 400, "tools"),
+    ("v1/chat/completions", {"model": "llm", "messages": [{"role": "user", "content": "hi"}],
+                             "response_format": {"type": "json_schema"}}, 400, "response_format"),
     ("v1/chat/completions", {"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}, 404, "model"),
     ("v1/chat/completions", {"model": "llm", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0},
      400, "max_tokens"),

@@ -12,7 +12,9 @@ from dataclasses import replace
 
 import torch
 
+from . import json_mode
 from .config import EngineConfig
+from .json_mode import JsonVocab
 from .kv_cache import KVCache
 from .load import ModelFacts, load_model
 from .prefix_cache import BLOCK, PrefixCache
@@ -84,6 +86,7 @@ class Engine:
         self.stop_ids = torch.tensor(sorted(facts.stop_token_ids), device=facts.device)   # [S]
         self.timed: set[Request] = set()       # unfinished requests with their own timeout_s
         self.mean_latency_s = 1.0              # moving mean of finished requests' latency (Retry-After)
+        self._json_vocab: JsonVocab | None = None
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> "Engine":
@@ -98,11 +101,14 @@ class Engine:
         request.generator = make_generator(request.params, self.facts.device)
         c = self.config
         # a request with a bias or penalty does not draft: its penalties at a draft's positions would
-        # count the draft tokens before each (and an answer told not to repeat itself copies little)
-        if c.spec_tokens and not request.params.adjusts_logits:
+        # count the draft tokens before each (and an answer told not to repeat itself copies little);
+        # nor does one in JSON mode (its tokens are checked one by one)
+        if c.spec_tokens and not request.params.adjusts_logits and not request.params.json_object:
             request.lookup = PromptLookup(c.spec_tokens, c.spec_lookup_min, c.spec_lookup_max)
         if request.params.repetition_penalty != 1:   # once, not at every step (sampling.adjusted)
             request.prompt_vocab = torch.tensor(sorted(set(request.prompt_ids)), device=self.facts.device)
+        if request.params.json_object:
+            request.json_state = json_mode.INITIAL
         if request.deadline is not None:
             self.timed.add(request)
         self.requests[request.request_id] = request
@@ -127,6 +133,14 @@ class Engine:
         request = self.requests.get(request_id)
         if request is not None and not request.is_finished:
             self._finish(request, "abort")
+
+    @property
+    def json_vocab(self) -> JsonVocab:
+        """The vocabulary as JSON mode reads it, built at the first request in JSON mode (~1 s)."""
+        if self._json_vocab is None:
+            size = self.runner.model.get_output_embeddings().out_features
+            self._json_vocab = JsonVocab(json_mode.token_bytes(self.tokenizer, size), set(self.facts.stop_token_ids))
+        return self._json_vocab
 
     def has_unfinished(self) -> bool:
         return self.scheduler.num_unfinished > 0
@@ -370,6 +384,11 @@ class Engine:
         # a bias or penalty is sampled from (logits itself where no row has one); logprobs read the model's
         scores = adjusted(logits, params, [r.prompt_vocab for r in requests], [r.output_ids for r in requests])
         tokens = sample(scores, params, [r.generator for r in requests])
+        for i, r in enumerate(requests):
+            if r.json_state is not None:
+                token = self.json_vocab.choose(r.json_state, scores[i], int(tokens[i]), r.params, r.generator)
+                tokens[i] = token
+                r.json_state = json_mode.feed(r.json_state, self.json_vocab.pieces[token] or b"")
         self.cache.last_tokens[rows] = tokens
         if any(r.params.logprobs is not None for r in requests):
             self._logprobs(requests, logits, tokens)

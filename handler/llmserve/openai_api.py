@@ -17,15 +17,15 @@ MAX_LOGPROBS = 5
 MAX_CHOICES = 16     # n at most (and at most max_num_seqs: the choices are decoded side by side)
 # passed to the engine as they are (vLLM's extensions included)
 SHARED = ("temperature", "top_p", "top_k", "min_p", "seed", "stop", "stream", "ignore_eos", "min_tokens", "timeout_s",
-          "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias", "stop_token_ids")
+          "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias", "stop_token_ids", "response_format")
 # accepted only at the value that changes nothing; anything else is a 400 naming the parameter
 NEUTRAL = {"best_of": 1, "suffix": None, "tools": None, "tool_choice": None,
-           "functions": None, "function_call": None, "response_format": None, "parallel_tool_calls": None}
+           "functions": None, "function_call": None, "parallel_tool_calls": None}
 KNOWN = {CHAT: {"model", "messages", "max_tokens", "max_completion_tokens", "stream_options", "logprobs",
                 "top_logprobs", "user", "n", *SHARED, *NEUTRAL} - {"best_of", "echo", "suffix"},
          COMPLETIONS: {"model", "prompt", "max_tokens", "stream_options", "logprobs", "user", "n", "echo", *SHARED,
                        *NEUTRAL}
-         - {"tools", "tool_choice", "functions", "function_call", "response_format", "parallel_tool_calls"}}
+         - {"tools", "tool_choice", "functions", "function_call", "parallel_tool_calls"}}
 
 
 def error_body(message: str, param: str | None, status: int) -> dict:
