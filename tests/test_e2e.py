@@ -298,6 +298,14 @@ def test_openai_client_plain_and_streamed(server, tokenizer):
     assert structured.choices[0].finish_reason == "stop" and isinstance(json.loads(structured.choices[0].message.content), dict)
     assert "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(**ask, stream=True)
                    if c.choices) == structured.choices[0].message.content
+    # structured outputs: a schema's fields, in its order, of its types
+    cat = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"},
+           "colour": {"enum": ["black", "white", "ginger", "grey"]}, "indoor": {"type": "boolean"}},
+           "required": ["name", "age", "colour", "indoor"], "additionalProperties": False}
+    ask["response_format"] = {"type": "json_schema", "json_schema": {"name": "cat", "schema": cat, "strict": True}}
+    answer = json.loads(client.chat.completions.create(**ask).choices[0].message.content)
+    assert list(answer) == list(cat["properties"]) and answer["colour"] in cat["properties"]["colour"]["enum"]
+    assert isinstance(answer["age"], int) and isinstance(answer["indoor"], bool) and isinstance(answer["name"], str)
     # penalties: OpenAI's two as the client's own arguments, vLLM's repetition_penalty in the body, as
     # the native API takes them (the same greedy text), and a repetitive answer changed by them
     prompt, penalties = "1, 2, 1, 2, 1, 2,", dict(frequency_penalty=1.0, presence_penalty=1.0)

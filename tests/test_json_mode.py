@@ -1,6 +1,7 @@
-"""JSON mode: the automaton against Python's own JSON parser, each state's valid tokens against a
-check of every token, the choice of a constrained row's token, and the engine holding a random
-model's output to a JSON object beside a request it must not change."""
+"""JSON mode and structured outputs: the automaton against Python's own JSON parser and against
+schemas, each state's valid tokens against a check of every token, the choice of a constrained
+row's token, and the engine holding a random model's output to a JSON object (and to a schema)
+beside a request it must not change."""
 
 import json
 import random
@@ -10,16 +11,17 @@ import torch
 
 from llmserve.config import EngineConfig
 from llmserve.engine import Engine
-from llmserve.json_mode import DONE, INITIAL, MAX_SPACES, JsonVocab, feed, token_bytes
+from llmserve.json_mode import DONE, MAX_INDENT, Grammar, JsonVocab, SchemaError, response_schema, token_bytes
 from llmserve.request import Request, SamplingParams
 
-DOCUMENTS = ['{}', '{"a": 1}', ' {"a": -0.5E-3, "b": [1, 2.25e+10, {"c": null}], "d": true}\n', '{"k": ""}',
+ANY = Grammar()
+DOCUMENTS = ['{}', '{"a": 1}', ' {"a": -0.5E-3, "b": [1, 2.25e+10, {"c": null}], "d": true}', '{"k": ""}',
              '{"s": "tab\\tquote\\"slash\\/u\\u00e9\\uD83D"}', '{"x": [], "y": {}, "z": [[], [{}]]}',
              '{"n": 0, "m": -0, "e": 1e5, "f": false}', '{"\u00e9t\u00e9": "h\u00e9"}', '{ "a" : [ 1 , 2 ] }']
 NOT_OBJECTS = ['[1]', '"a"', '1', 'true', '', '{', '{"a": 01}', '{"a": 1.}', '{"a": .5}', '{"a": 1e}', '{"a" 1}',
                '{"a": 1,}', '{"a": [1,]}', '{a: 1}', '{"a": "\\x"}', '{"a": "\\u12G4"}', '{"a": "line\nbreak"}',
                '{"a": tru}', '{"a": nul}', '{"a": 1}}', '{"a": 1} x', '{"a": 1]', '{"a": [1}', '{"a": -}',
-               '{"a": +1}', '{"a": 1e+}', '{} {}', "{'a': 1}", '{"a": TRUE}']
+               '{"a": +1}', '{"a": 1e+}', '{} {}', "{'a': 1}", '{"a": TRUE}', '{"a":\n\t[1,\n  2]\n}']
 
 
 def parses_to_object(text: str) -> bool:
@@ -29,9 +31,16 @@ def parses_to_object(text: str) -> bool:
         return False
 
 
-def is_object(text: str) -> bool:
-    state = feed(INITIAL, text.encode())
+def is_object(text: str, grammar: Grammar = ANY) -> bool:
+    state = grammar.feed(grammar.initial, text.encode())
     return state is not None and state[0] == DONE
+
+
+def feed(state, data: bytes, grammar: Grammar = ANY):
+    return grammar.feed(state, data)
+
+
+INITIAL = ANY.initial
 
 
 @pytest.mark.parametrize("text", DOCUMENTS + NOT_OBJECTS)
@@ -52,7 +61,7 @@ def test_random_strings_agree_with_python_s_parser():
     whole object exactly when json.loads parses it to a dict, and a prefix the automaton refuses
     cannot be completed (none of its extensions parse)."""
     rng = random.Random(0)
-    alphabet = list('{}[]":,0123456789-+.eE tfrunlsa\\\n') + ['"a"', '": ', 'true', 'null', '1.5', '\\u00e9']
+    alphabet = list('{}[]":,0123456789-+.eEtfrunlsa\\') + ['"a"', '":', 'true', 'null', '1.5', '\\u00e9', '" "']
     seen = 0
     for _ in range(20000):
         text = "{" + "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 8)))
@@ -65,9 +74,65 @@ def test_random_strings_agree_with_python_s_parser():
     assert seen > 100          # the sample holds objects, not only refusals
 
 
-def test_whitespace_outside_strings_is_bounded():
-    assert is_object("{" + " " * MAX_SPACES + "}") and feed(INITIAL, ("{" + " " * (MAX_SPACES + 1)).encode()) is None
-    assert is_object('{"a": "' + " " * 100 + '"}')
+def test_whitespace_outside_strings_is_a_space_or_a_newline_and_indent_and_nothing_after_the_end():
+    assert is_object('{ "a" : [ 1 ,\n\t2 ] }') and is_object("{\n" + " " * MAX_INDENT + "}")
+    assert not any(is_object(text) or feed(INITIAL, text.encode()) is not None
+                   for text in ("{  ", "{\n\n", "{ \n", "{\t", "{\r\n", "{\n" + " " * (MAX_INDENT + 1), "{} ", "{}\n"))
+    assert is_object('{"a": "' + " " * 100 + '\\n"}')
+
+
+CAT = {"type": "object", "title": "cat", "properties": {
+    "name": {"type": "string", "description": "its name"}, "age": {"type": "integer"},
+    "colour": {"enum": ["black", "white", 3, None]}, "indoor": {"type": "boolean"},
+    "toys": {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 2},
+    "owner": {"type": "object", "properties": {"city": {"type": "string"}, "since": {"type": "number"}},
+              "required": ["since"]},
+    "notes": {}, "tags": {"type": "object"}, "gone": {"type": "null"}},
+    "required": ["name", "age", "toys"], "additionalProperties": False}
+CATS = ['{"name": "Tom", "age": 3, "toys": ["ball"]}',
+        '{"name": "Tom", "age": -3, "colour": 3, "indoor": false, "toys": ["a", "b"], "owner": {"since": 1.5e2},'
+        ' "notes": [1, {"x": null}], "tags": {"any": ["thing"]}, "gone": null}',
+        '{"name":"\\u00e9","age":0,"colour":"black","toys":["x"],"owner":{"city":"Paris","since":-0.5}}',
+        '{"name": "T", "age": 1, "colour": null, "toys": ["x"]}']
+NOT_CATS = ['{}', '{"name": "Tom", "age": 3}', '{"age": 3, "name": "Tom", "toys": ["b"]}',
+            '{"name": "Tom", "age": 3.5, "toys": ["b"]}', '{"name": "Tom", "age": 3, "toys": []}',
+            '{"name": "Tom", "age": 3, "toys": ["a", "b", "c"]}', '{"name": "Tom", "age": 3, "toys": [1]}',
+            '{"name": "Tom", "age": 3, "colour": "red", "toys": ["b"]}', '{"name": 5, "age": 3, "toys": ["b"]}',
+            '{"name": "Tom", "age": 3, "toys": ["b"], "extra": 1}', '{"name": "Tom", "age": 3, "toys": ["b"], "owner": {}}',
+            '{"name": "Tom", "age": 3, "toys": ["b"], "indoor": "yes"}', '{"name": "Tom", "age": 3, "toys": ["b"], "gone": 0}',
+            '{"name": "Tom", "age": 3, "colour": "blackish", "toys": ["b"]}', '{"nam": "Tom", "age": 3, "toys": ["b"]}',
+            '{"name": "Tom", "age": 3, "toys": ["b"],}', '{"name": "Tom", "age": 3, "colour": 30, "toys": ["b"]}']
+
+
+@pytest.mark.parametrize("text, ok", [(t, True) for t in CATS] + [(t, False) for t in NOT_CATS])
+def test_a_schema_s_automaton_takes_its_objects_and_no_others(text, ok):
+    cat = Grammar(CAT)
+    assert is_object(text, cat) == ok
+    if ok:
+        assert parses_to_object(text) and is_object(json.dumps(json.loads(text), indent=2), cat)
+
+
+@pytest.mark.parametrize("schema, words", [
+    ({"type": "array"}, "top level"), ({"type": "object", "properties": {"a": {"pattern": "x"}}}, "pattern"),
+    ({"type": "object", "properties": {"a": {"anyOf": []}}}, "anyOf"), ({"type": "objects"}, "type"),
+    ({"type": "object", "properties": {"a": {}}, "required": ["b"]}, "required"),
+    ({"type": "object", "properties": {"a": {"type": "array", "minItems": 3, "maxItems": 2}}}, "maxItems"),
+    ({"type": "object", "properties": {"a": {"enum": []}}}, "enum"), ([], "schema"),
+    ({"type": "object", "properties": {"a": 5}}, "JSON object")])
+def test_a_schema_outside_the_subset_is_refused_by_name(schema, words):
+    with pytest.raises(SchemaError, match=words):
+        response_schema({"type": "json_schema", "json_schema": {"name": "x", "schema": schema}})
+
+
+def test_response_format_values():
+    assert response_schema(None) is None and response_schema({"type": "text"}) is None
+    assert response_schema({"type": "json_object"}) == "null"
+    text = response_schema({"type": "json_schema", "json_schema": {"name": "cat", "schema": CAT, "strict": True}})
+    assert list(json.loads(text)["properties"]) == list(CAT["properties"])       # their order kept
+    for bad in ({"type": "json_schema"}, {"type": "json_object", "strict": True}, "json",
+                {"type": "json_schema", "json_schema": {"name": "x", "schema": CAT, "colour": 1}}):
+        with pytest.raises(SchemaError):
+            response_schema(bad)
 
 
 @pytest.fixture(scope="module")
@@ -82,30 +147,18 @@ def test_the_vocabulary_is_the_tokenizer_s_bytes(tokenizer, vocab):
     assert vocab.pieces[tokenizer.eos_token_id] is None
 
 
-@pytest.mark.parametrize("prefix", ['', '{', '{"a', '{"a\\', '{"a\\u00', '{"a"', '{"a":', '{"a": 1', '{"a": -',
-                                    '{"a": 1.5e', '{"a": t', '{"a": [', '{"a": [1, {"b": "c"}', '{}', '{"a": 0} '])
-def test_a_state_s_mask_is_every_token_that_keeps_the_output_valid(vocab, prefix):
-    state = feed(INITIAL, prefix.encode())
-    expected = [vocab.is_valid(state, t) for t in range(vocab.size)]
-    assert vocab.mask(state).tolist() == expected
-    assert vocab.mask(state) is vocab.mask(state)            # cached
-
-
-def test_a_row_s_own_choice_stands_if_valid_else_the_valid_tokens_are_drawn_from(tokenizer, vocab):
-    state = feed(INITIAL, b'{"a":')
-    scores = torch.zeros(vocab.size)
-    word, quote = tokenizer(" hello")["input_ids"][0], tokenizer(' "')["input_ids"][0]
-    scores[word], scores[quote] = 30.0, 20.0                  # the likeliest is invalid after a colon
-    greedy = SamplingParams(max_new_tokens=8)
-    assert vocab.choose(state, scores, word, greedy, None) == quote
-    sampled = SamplingParams(max_new_tokens=8, temperature=1.0, top_k=50)
-    g = torch.Generator().manual_seed(0)
-    draws = [vocab.choose(state, scores, word, sampled, g) for _ in range(50)]
-    assert all(vocab.is_valid(state, t) for t in draws) and quote in draws
-    assert vocab.choose(state, scores, quote, sampled, g) == quote          # a valid choice stands
-    # a closed object with its whitespace spent: only the end of text
-    done = feed(INITIAL, ("{}" + " " * MAX_SPACES).encode())
-    assert vocab.choose(done, scores, quote, greedy, None) == tokenizer.eos_token_id
+@pytest.mark.parametrize("schema, prefix", [(None, p) for p in [
+    '', '{', '{"a', '{"a\\', '{"a\\u00', '{"a"', '{"a":', '{"a": 1', '{"a": -', '{"a": 1.5e', '{"a": t', '{"a": [',
+    '{"a": [1, {"b": "c"}', '{}', '{\n  "a": 0', ' ']] + [(CAT, p) for p in [
+    '{', '{"na', '{"name": "T", "age": 1', '{"name": "T", "age": 1, "colour": "bl', '{"name": "T", "age": 1, "colour": 3',
+    '{"name": "T", "age": 1, "toys": ["a"', '{"name": "T", "age": 1, "toys": ["a", "b"]', '{"name": "T", "age": 1, "toys": [']])
+def test_a_state_s_mask_is_every_token_that_keeps_the_output_valid(vocab, schema, prefix):
+    grammar = Grammar(schema, json.dumps(schema))
+    state = grammar.feed(grammar.initial, prefix.encode())
+    assert state is not None
+    expected = [vocab.is_valid(grammar, state, t) for t in range(vocab.size)]
+    assert vocab.mask(grammar, state).tolist() == expected and any(expected)
+    assert vocab.mask(grammar, state) is vocab.mask(grammar, state)            # cached
 
 
 @pytest.fixture(scope="module")
@@ -119,14 +172,37 @@ def request(engine, i, max_new, **kw) -> Request:
     return Request(request_id=f"json-{i}", prompt_ids=ids, params=SamplingParams(max_new_tokens=max_new, **kw))
 
 
-def test_a_random_model_s_output_is_held_to_a_json_object_and_its_neighbour_is_unchanged(engine):
+def test_a_row_s_own_choice_stands_if_valid_else_the_valid_tokens_are_drawn_from(engine, tokenizer):
+    r = request(engine, "choose", 8, response_schema="null")
+    r.json_grammar = engine.json_vocab.grammar("null")
+    r.json_state = r.json_grammar.feed(r.json_grammar.initial, b'{"a":')
+    scores = torch.zeros(engine.json_vocab.size)
+    word, quote, brace = (tokenizer(text)["input_ids"][0] for text in (" hello", ' "', " {"))
+    scores[word], scores[quote], scores[brace] = 30.0, 20.0, 19.9   # the likeliest is invalid after a colon
+    assert engine._json_token(r, scores, word) == quote       # greedy
+    r.params = SamplingParams(max_new_tokens=8, temperature=1.0, top_k=50, response_schema="null")
+    r.generator = torch.Generator().manual_seed(0)
+    draws = [engine._json_token(r, scores, word) for _ in range(50)]
+    assert all(engine.json_vocab.is_valid(r.json_grammar, r.json_state, t) for t in draws)
+    assert {quote, brace} <= set(draws)                       # drawn, not the likeliest
+    assert engine._json_token(r, scores, quote) == quote      # a valid choice stands
+    r.json_state = r.json_grammar.feed(r.json_grammar.initial, b"{}")   # a closed object: only the end of text
+    assert engine._json_token(r, scores, quote) == tokenizer.eos_token_id
+    r.params = SamplingParams(max_new_tokens=8, stop_token_ids=(quote,), response_schema="null")
+    assert engine._json_token(r, scores, word) == quote       # ... or a stop token of its own
+
+
+def test_a_random_model_s_output_is_held_to_a_json_object_or_a_schema_and_its_neighbour_is_unchanged(engine):
     """A random model's likeliest tokens are anything; in JSON mode every output is an object's
-    prefix (a whole one where it stopped), greedy and sampled, while a plain request in the same
-    batch gets the tokens it gets alone."""
+    prefix (a whole one where it stopped), greedy and sampled, with or without a schema, while a
+    plain request in the same batch gets the tokens it gets alone."""
     plain_alone = request(engine, "alone", 24)
     engine.generate([plain_alone])
-    constrained = [request(engine, i, 48, json_object=True, **kw)
-                   for i, kw in enumerate([{}, {"temperature": 1.0, "seed": 3}, {"temperature": 0.7, "top_p": 0.9}])]
+    cat = response_schema({"type": "json_schema", "json_schema": {"name": "cat", "schema": CAT}})
+    constrained = [request(engine, i, 64, response_schema=schema, **kw)
+                   for i, (schema, kw) in enumerate([("null", {}), ("null", {"temperature": 1.0, "seed": 3}),
+                                                     ("null", {"temperature": 0.7, "top_p": 0.9}), (cat, {}),
+                                                     (cat, {"temperature": 1.0, "seed": 4})])]
     plain = request(engine, "plain", 24)
     engine.generate(constrained + [plain])
     assert plain.output_ids == plain_alone.output_ids
@@ -134,10 +210,14 @@ def test_a_random_model_s_output_is_held_to_a_json_object_and_its_neighbour_is_u
     engine.generate([unconstrained])
     assert feed(INITIAL, engine.tokenizer.decode(unconstrained.output_ids).encode()) is None   # the model alone is not JSON
     for r in constrained:
+        grammar = Grammar(json.loads(r.params.response_schema))
         text = engine.tokenizer.decode(r.output_ids, skip_special_tokens=True)
-        assert text == r.text and feed(INITIAL, text.encode()) is not None, text
-        assert r.finish_reason == "length" or parses_to_object(text)
-    assert len({tuple(r.output_ids) for r in constrained}) == 3
+        assert text == r.text and grammar.feed(grammar.initial, text.encode()) is not None, text
+        assert r.finish_reason == "length" or is_object(text, grammar) and parses_to_object(text)
+    assert len({tuple(r.output_ids) for r in constrained}) == len(constrained)
+    for r in constrained[3:]:                                 # the schema's first property first
+        rest = r.text.lstrip(" \n\t").removeprefix("{").lstrip(" \n\t")
+        assert '"name"'.startswith(rest) or rest.startswith('"name"'), r.text
 
 
 def test_json_mode_does_not_draft(tiny_model_dir, monkeypatch):
@@ -146,7 +226,7 @@ def test_json_mode_does_not_draft(tiny_model_dir, monkeypatch):
     monkeypatch.setattr(PromptLookup, "draft", lambda self, tokens, limit: tokens[-1:] * min(limit, 2))
     spec = Engine.from_config(EngineConfig(model_path=str(tiny_model_dir), quantization="fp32", max_model_len=128,
                                            max_num_seqs=8, spec_tokens=3, spec_max_rows=8))
-    constrained, plain = request(spec, 0, 16, json_object=True), request(spec, 1, 16)
+    constrained, plain = request(spec, 0, 16, response_schema="null"), request(spec, 1, 16)
     spec.generate([constrained, plain])
     assert plain.num_draft_tokens > 0 and constrained.num_draft_tokens == 0 and constrained.lookup is None
     assert feed(INITIAL, bytes(b for t in constrained.output_ids for b in spec.json_vocab.pieces[t] or b"")) is not None

@@ -56,8 +56,11 @@ def test_all_sampling_params():
     assert not parse({"prompt": "a", "presence_penalty": 0, "repetition_penalty": 1, "logit_bias": {}}).params.adjusts_logits
     assert parse({"prompt": "a", "logit_bias": {"7": 5, "3": -100.0}}).params.logit_bias == ((3, -100.0), (7, 5.0))
     assert parse({"prompt": "a", "stop_token_ids": [9, 2, 9]}).params.stop_token_ids == (2, 9)
-    assert parse({"prompt": "a", "response_format": {"type": "json_object"}}).params.json_object
-    assert not parse({"prompt": "a", "response_format": {"type": "text"}}).params.json_object
+    assert parse({"prompt": "a", "response_format": {"type": "json_object"}}).params.response_schema == "null"
+    assert parse({"prompt": "a", "response_format": {"type": "text"}}).params.response_schema is None
+    schema = {"type": "object", "properties": {"b": {"type": "integer"}, "a": {"type": "string"}}}
+    assert parse({"prompt": "a", "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": schema}}}).params.response_schema == json.dumps(schema)
 
 
 @pytest.mark.parametrize("body,field", [
@@ -121,6 +124,8 @@ def test_all_sampling_params():
     ({"prompt": "a", "response_format": "json"}, "response_format"),
     ({"prompt": "a", "response_format": {"type": "json_object", "strict": True}}, "response_format"),
     ({"prompt": "a", "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format"),
+    ({"prompt": "a", "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "object", "properties": {"a": {"$ref": "#/b"}}}}}}, "response_format"),
 ])
 def test_bad_input_names_the_field(body, field):
     assert field_of(body) == field

@@ -12,9 +12,8 @@ from dataclasses import replace
 
 import torch
 
-from . import json_mode
 from .config import EngineConfig
-from .json_mode import JsonVocab
+from .json_mode import JsonVocab, token_bytes
 from .kv_cache import KVCache
 from .load import ModelFacts, load_model
 from .prefix_cache import BLOCK, PrefixCache
@@ -103,12 +102,13 @@ class Engine:
         # a request with a bias or penalty does not draft: its penalties at a draft's positions would
         # count the draft tokens before each (and an answer told not to repeat itself copies little);
         # nor does one in JSON mode (its tokens are checked one by one)
-        if c.spec_tokens and not request.params.adjusts_logits and not request.params.json_object:
+        if c.spec_tokens and not request.params.adjusts_logits and request.params.response_schema is None:
             request.lookup = PromptLookup(c.spec_tokens, c.spec_lookup_min, c.spec_lookup_max)
         if request.params.repetition_penalty != 1:   # once, not at every step (sampling.adjusted)
             request.prompt_vocab = torch.tensor(sorted(set(request.prompt_ids)), device=self.facts.device)
-        if request.params.json_object:
-            request.json_state = json_mode.INITIAL
+        if request.params.response_schema is not None:
+            request.json_grammar = self.json_vocab.grammar(request.params.response_schema)
+            request.json_state = request.json_grammar.initial
         if request.deadline is not None:
             self.timed.add(request)
         self.requests[request.request_id] = request
@@ -139,7 +139,7 @@ class Engine:
         """The vocabulary as JSON mode reads it, built at the first request in JSON mode (~1 s)."""
         if self._json_vocab is None:
             size = self.runner.model.get_output_embeddings().out_features
-            self._json_vocab = JsonVocab(json_mode.token_bytes(self.tokenizer, size), set(self.facts.stop_token_ids))
+            self._json_vocab = JsonVocab(token_bytes(self.tokenizer, size), set(self.facts.stop_token_ids))
         return self._json_vocab
 
     def has_unfinished(self) -> bool:
@@ -386,15 +386,34 @@ class Engine:
         tokens = sample(scores, params, [r.generator for r in requests])
         for i, r in enumerate(requests):
             if r.json_state is not None:
-                token = self.json_vocab.choose(r.json_state, scores[i], int(tokens[i]), r.params, r.generator)
-                tokens[i] = token
-                r.json_state = json_mode.feed(r.json_state, self.json_vocab.pieces[token] or b"")
+                tokens[i] = token = self._json_token(r, scores[i], int(tokens[i]))
+                r.json_state = r.json_grammar.feed(r.json_state, self.json_vocab.pieces[token] or b"")
         self.cache.last_tokens[rows] = tokens
         if any(r.params.logprobs is not None for r in requests):
             self._logprobs(requests, logits, tokens)
         now = time.perf_counter()
         for r, token in zip(requests, tokens.tolist()):   # the one device-to-host copy of the step
             self._append(r, token, now, batch_size)
+
+    def _json_token(self, r: Request, scores: torch.Tensor, token: int) -> int:
+        """JSON mode (json_mode.py): r's token, chosen from scores [V], if its output stays valid;
+        else the likeliest valid one (greedy: the 8 likeliest are tried before a mask is built) or
+        a new draw from the valid ones alone, with a new uniform from its generator (llama.cpp's rule)."""
+        vocab, stops = self.json_vocab, frozenset(r.params.stop_token_ids)
+        if vocab.is_valid(r.json_grammar, r.json_state, token, stops):
+            return token
+        if r.params.is_greedy:
+            for t in torch.topk(scores, 8).indices.tolist():
+                if vocab.is_valid(r.json_grammar, r.json_state, t, stops):
+                    return t
+        mask = vocab.mask(r.json_grammar, r.json_state, stops).to(scores.device)
+        masked = scores.masked_fill(~mask, float("-inf"))
+        if not torch.isfinite(masked.max()):   # min_tokens masked the end, the only valid token: the object comes first
+            return int(mask.nonzero()[0])
+        if r.params.is_greedy:
+            return int(masked.argmax())
+        u = torch.rand((), device=scores.device, generator=r.generator)
+        return int(draw(masked[None], [r.params], u[None])[0])
 
     def _append(self, r: Request, token: int, now: float, batch_size: int) -> bool:
         """r's next token; finish r if it ends there. Says whether it did."""

@@ -1,27 +1,39 @@
-"""JSON mode (OpenAI's response_format {"type": "json_object"}): a request's output is held to a
-JSON object, token by token. A byte-level automaton (step) says whether the output so far can still
-become one; JsonVocab says which tokens of the vocabulary keep it so from a given state, and picks a
-constrained row's token the way llama.cpp applies a grammar: the token the row's own sampling chose
-stands if it is valid; else every invalid token is masked and the row draws again from the rest,
-with its own temperature, top-k, top-p and min-p (greedy: the likeliest valid token). The end of
-text (EOS, or one of the request's stop_token_ids) is valid only once the object is closed, and
-then only whitespace or the end is, so a finished answer always parses; an answer cut short by
-max_new_tokens is a prefix of one (finish_reason "length"), as OpenAI's is."""
+"""JSON mode and structured outputs (OpenAI's response_format {"type": "json_object"} and
+{"type": "json_schema"}): a request's output is held, token by token, to a JSON object, or to one
+that a JSON schema (the subset below) accepts. A Grammar is a byte-level automaton (step) that says
+whether the output so far can still become such an object; JsonVocab says which tokens of the
+vocabulary keep it so from a given state, and picks a constrained row's token the way llama.cpp
+applies a grammar: the token the row's own sampling chose stands if it is valid; else every invalid
+token is masked and the row draws again from the rest, with its own temperature, top-k, top-p and
+min-p (greedy: the likeliest valid token). Whitespace outside strings is llama.cpp's JSON grammar's:
+a space, or a newline and up to 20 spaces or tabs. The end of text (EOS, or one of the request's
+stop_token_ids) is valid only once the object is closed, and then nothing else is, so a finished
+answer always parses; one cut short by max_new_tokens is a prefix of one (finish_reason
+"length"), as OpenAI's is.
 
+The schema subset (what OpenAI's strict mode and most extraction schemas use): "type" object (its
+"properties" in the order given, "required" ones present, the others optional; no other keys; an
+object without "properties" takes any keys and values), array ("items", "minItems", "maxItems"),
+string, number, integer, boolean, null; "enum" and "const" of any JSON values. Annotations
+("title", "description", "format", "$schema", "strict", "additionalProperties") are read and not
+enforced; any other keyword ("pattern", "anyOf", "$ref", ...) is refused with a SchemaError."""
+
+import json
 from collections import OrderedDict
 
 import torch
 
-from .sampling import draw
-
-# modes of the automaton's state (mode, stack, aux, spaces): stack holds the open containers ("{" or
-# "["), aux the mode's detail (STRING: 0, 1 after a backslash, 3 + k with k + 1 hex digits of a \u
-# escape to go; NUMBER: its grammar's place, NUM_*; LITERAL: the bytes still to come), spaces the
-# whitespace bytes in a row outside strings
-START, VALUE, ARRAY_FIRST, OBJECT_FIRST, KEY, COLON, AFTER, DONE, STRING_VALUE, STRING_KEY, NUMBER, LITERAL = range(12)
-STRUCTURAL = (START, VALUE, ARRAY_FIRST, OBJECT_FIRST, KEY, COLON, AFTER, DONE)
-INITIAL = (START, "", 0, 0)
-MAX_SPACES = 16          # whitespace bytes in a row outside strings: a small model can indent forever
+# schema nodes (Grammar.nodes): (ANY,), (OBJECT, properties: ((name bytes, node, required), ...) or
+# None for any keys), (ARRAY, items node, min, max or None), (STRING,), (NUMBER, integer?),
+# (BOOLEAN,), (NULL,), (ENUM, (value bytes, ...)); node 0 is any value, node 1 any object
+ANY, OBJECT, ARRAY, STRING, NUMBER, BOOLEAN, NULL, ENUM = range(8)
+ANY_VALUE, ANY_OBJECT = 0, 1
+# modes of a state (mode, stack, aux, spaces): stack holds the open containers as frames, ("o",
+# object node, next property) or ("a", array node, items so far); aux the mode's detail; spaces the
+# whitespace just before, outside strings: 0 none, -1 a space, n a newline and n - 1 spaces or tabs
+START, VALUE, OBJECT_OPEN, KEY_NEXT, KEY_MATCH, COLON, AFTER, ARRAY_OPEN, DONE, IN_STRING, IN_NUMBER, \
+    IN_LITERAL, IN_ENUM = range(13)
+MAX_INDENT = 20          # spaces or tabs after a newline outside strings (a small model can indent forever)
 WHITESPACE = frozenset(b" \t\n\r")
 DIGITS = frozenset(b"0123456789")
 HEX = frozenset(b"0123456789abcdefABCDEF")
@@ -31,81 +43,223 @@ ESCAPES = frozenset(b'"\\/bfnrt')
 NUM_SIGN, NUM_ZERO, NUM_INT, NUM_DOT, NUM_FRAC, NUM_E, NUM_E_SIGN, NUM_EXP = range(8)
 NUM_ENDS = (NUM_ZERO, NUM_INT, NUM_FRAC, NUM_EXP)
 LITERALS = {ord("t"): b"rue", ord("f"): b"alse", ord("n"): b"ull"}
-MASKS_KEPT = 256         # valid-token masks cached, by state (a few dozen states recur in practice)
+TYPES = {"object": OBJECT, "array": ARRAY, "string": STRING, "number": NUMBER, "integer": NUMBER,
+         "boolean": BOOLEAN, "null": NULL}
+ANNOTATIONS = {"title", "description", "format", "$schema", "strict", "additionalProperties", "default", "examples",
+               "$id", "$comment"}
+KEYWORDS = {"type", "properties", "required", "items", "minItems", "maxItems", "enum", "const"} | ANNOTATIONS
+MAX_NODES = 256
+MASKS_KEPT = 512         # valid-token masks cached, by grammar and state
 
 
-def _closed(stack: str) -> tuple:
-    """The state after a value (or container) completes with these containers still open."""
-    return (AFTER, stack, 0, 0) if stack else (DONE, "", 0, 0)
+class SchemaError(ValueError):
+    pass
 
 
-def step(state: tuple, b: int) -> tuple | None:
-    """The state after byte b, or None where no JSON object continues so."""
-    mode, stack, aux, spaces = state
-    if mode in (STRING_VALUE, STRING_KEY):
-        if aux == 0:
-            if b == 0x22:                                   # "
-                return (COLON, stack, 0, 0) if mode == STRING_KEY else _closed(stack)
-            if b == 0x5C:                                   # backslash
-                return (mode, stack, 1, 0)
-            return None if b < 0x20 else state
-        if aux == 1:
-            if b == ord("u"):
-                return (mode, stack, 6, 0)
-            return (mode, stack, 0, 0) if b in ESCAPES else None
-        return (mode, stack, aux - 1 if aux > 3 else 0, 0) if b in HEX else None
-    if mode == NUMBER:
-        nxt = _number(aux, b)
-        if nxt is not None:
-            return (NUMBER, stack, nxt, 0)
-        return step(_closed(stack), b) if aux in NUM_ENDS else None
-    if mode == LITERAL:
-        if b != aux[0]:
+class Grammar:
+    """The automaton for one schema (None: any JSON object). States are tuples, so a state's mask
+    can be cached."""
+
+    def __init__(self, schema: dict | None = None, key: str = "null") -> None:
+        self.key = key                                       # response_schema()'s text
+        self.nodes: list[tuple] = [(ANY,), (OBJECT, None)]
+        root = self._compile({"type": "object"} if schema is None else schema, "schema")
+        if self.nodes[root][0] != OBJECT:
+            raise SchemaError('the schema\'s top level must be {"type": "object", ...}')
+        self.initial = (START, (), root, 0)
+
+    def _compile(self, schema, where: str) -> int:
+        if not isinstance(schema, dict):
+            raise SchemaError(f"{where} must be a JSON object, got {json.dumps(schema)}")
+        unknown = sorted(set(schema) - KEYWORDS)
+        if unknown:
+            raise SchemaError(f"{where}: {unknown[0]!r} is not supported (supported: {sorted(KEYWORDS - ANNOTATIONS)})")
+        if len(self.nodes) >= MAX_NODES:
+            raise SchemaError(f"the schema has more than {MAX_NODES} parts")
+        if "enum" in schema or "const" in schema:
+            values = schema["enum"] if "enum" in schema else [schema["const"]]
+            if not isinstance(values, list) or not values:
+                raise SchemaError(f"{where}.enum must be a non-empty list")
+            return self._add((ENUM, tuple(json.dumps(v, ensure_ascii=False).encode() for v in values)))
+        kind = schema.get("type")
+        if kind is None and not set(schema) - ANNOTATIONS:
+            return ANY_VALUE                                 # {}: any value
+        if kind not in TYPES:
+            raise SchemaError(f"{where}.type must be one of {sorted(TYPES)}, got {json.dumps(kind)}")
+        if TYPES[kind] == OBJECT:
+            props = schema.get("properties")
+            required = schema.get("required", [])
+            if not isinstance(required, list) or props is not None and not isinstance(props, dict) \
+                    or any(name not in (props or {}) for name in required):
+                raise SchemaError(f"{where}: required must list names of its properties")
+            if props is None:
+                return ANY_OBJECT
+            node = self._add(None)                           # its place, before its properties'
+            self.nodes[node] = (OBJECT, tuple((json.dumps(name, ensure_ascii=False)[1:-1].encode(),
+                                               self._compile(sub, f"{where}.properties.{name}"), name in required)
+                                              for name, sub in props.items()))
+            return node
+        if TYPES[kind] == ARRAY:
+            lo, hi = schema.get("minItems", 0), schema.get("maxItems")
+            if not isinstance(lo, int) or lo < 0 or hi is not None and (not isinstance(hi, int) or hi < lo):
+                raise SchemaError(f"{where}: minItems and maxItems must be integers, 0 <= minItems <= maxItems")
+            node = self._add(None)
+            self.nodes[node] = (ARRAY, self._compile(schema.get("items", {}), f"{where}.items"), lo, hi)
+            return node
+        return self._add((NUMBER, kind == "integer") if TYPES[kind] == NUMBER else (TYPES[kind],))
+
+    def _add(self, node) -> int:
+        self.nodes.append(node)
+        return len(self.nodes) - 1
+
+    # -- the automaton ------------------------------------------------------------------------------
+    def _closed(self, stack: tuple) -> tuple:
+        """The state after a value completes inside these containers (an array counts it)."""
+        if not stack:
+            return (DONE, (), 0, 0)
+        top = stack[-1]
+        if top[0] == "a":
+            stack = stack[:-1] + (("a", top[1], top[2] + 1),)
+        return (AFTER, stack, 0, 0)
+
+    def _keys(self, frame: tuple) -> tuple:
+        """The properties an object may name next: from its next one up to its first required one."""
+        props = self.nodes[frame[1]][1]
+        out = []
+        for j in range(frame[2], len(props)):
+            out.append((j, props[j][0]))
+            if props[j][2]:
+                break
+        return tuple(out)
+
+    def _may_close(self, frame: tuple) -> bool:
+        node = self.nodes[frame[1]]
+        if frame[0] == "a":
+            return node[0] == ANY or frame[2] >= node[2]
+        return node[1] is None or not any(p[2] for p in node[1][frame[2]:])
+
+    def _value(self, node_id: int, stack: tuple, b: int) -> tuple | None:
+        """The state after byte b starts a value of node_id's schema."""
+        node = self.nodes[node_id]
+        kind = node[0]
+        if kind == ENUM:
+            return (IN_ENUM, stack, (node_id, bytes([b])), 0) if any(v[:1] == bytes([b]) for v in node[1]) else None
+        if b == ord("{") and kind in (ANY, OBJECT):
+            frame = ("o", node_id if kind == OBJECT else ANY_OBJECT, 0)
+            return (OBJECT_OPEN, stack + (frame,), 0, 0)
+        if b == ord("[") and kind in (ANY, ARRAY):
+            return (ARRAY_OPEN, stack + (("a", node_id if kind == ARRAY else ANY_VALUE, 0),), 0, 0)
+        if b == 0x22 and kind in (ANY, STRING):
+            return (IN_STRING, stack, (0, False), 0)
+        if (b == ord("-") or b in DIGITS) and kind in (ANY, NUMBER):
+            place = NUM_SIGN if b == ord("-") else NUM_ZERO if b == ord("0") else NUM_INT
+            return (IN_NUMBER, stack, (place, kind == NUMBER and node[1]), 0)
+        if b in LITERALS and (kind == ANY or kind == BOOLEAN and b != ord("n") or kind == NULL and b == ord("n")):
+            return (IN_LITERAL, stack, LITERALS[b], 0)
+        return None
+
+    def step(self, state: tuple, b: int) -> tuple | None:
+        """The state after byte b, or None where no object the grammar takes continues so."""
+        mode, stack, aux, spaces = state
+        if mode == IN_STRING:
+            escape, is_key = aux
+            if escape == 0:
+                if b == 0x22:
+                    return (COLON, stack, 0, 0) if is_key else self._closed(stack)
+                if b == 0x5C:
+                    return (IN_STRING, stack, (1, is_key), 0)
+                return None if b < 0x20 else state
+            if escape == 1:
+                if b == ord("u"):
+                    return (IN_STRING, stack, (6, is_key), 0)
+                return (IN_STRING, stack, (0, is_key), 0) if b in ESCAPES else None
+            return (IN_STRING, stack, (escape - 1 if escape > 3 else 0, is_key), 0) if b in HEX else None
+        if mode == IN_NUMBER:
+            place, integer = aux
+            nxt = _number(place, b, integer)
+            if nxt is not None:
+                return (IN_NUMBER, stack, (nxt, integer), 0)
+            return self.step(self._closed(stack), b) if place in NUM_ENDS else None
+        if mode == IN_LITERAL:
+            if b != aux[0]:
+                return None
+            return (IN_LITERAL, stack, aux[1:], 0) if len(aux) > 1 else self._closed(stack)
+        if mode == IN_ENUM:
+            node_id, sofar = aux
+            longer = sofar + bytes([b])
+            if any(v.startswith(longer) for v in self.nodes[node_id][1]):
+                return (IN_ENUM, stack, (node_id, longer), 0)
+            return self.step(self._closed(stack), b) if sofar in self.nodes[node_id][1] else None
+        if mode == KEY_MATCH:
+            keys, sofar = aux
+            if b == 0x22:
+                match = [j for j, name in keys if name == sofar]
+                if not match:
+                    return None
+                top = stack[-1]
+                value = self.nodes[top[1]][1][match[0]][1]
+                return (COLON, stack[:-1] + (("o", top[1], match[0] + 1),), value, 0)
+            longer = sofar + bytes([b])
+            return (KEY_MATCH, stack, (keys, longer), 0) if any(name.startswith(longer) for _, name in keys) else None
+        if b in WHITESPACE:          # structural modes: llama.cpp's JSON whitespace, a space or a newline and indent
+            if mode == DONE:
+                return None
+            if spaces == 0:
+                return (mode, stack, aux, -1) if b == 0x20 else (mode, stack, aux, 1) if b == 0x0A else None
+            return (mode, stack, aux, spaces + 1) if 0 < spaces <= MAX_INDENT and b in b" \t" else None
+        if mode == START:
+            return self._value(aux, stack, b) if b == ord("{") else None
+        if mode == DONE:
             return None
-        return (LITERAL, stack, aux[1:], 0) if len(aux) > 1 else _closed(stack)
-    if b in WHITESPACE:                                     # structural modes
-        return (mode, stack, aux, spaces + 1) if spaces < MAX_SPACES else None
-    if mode == START:
-        return (OBJECT_FIRST, "{", 0, 0) if b == ord("{") else None
-    if mode == DONE:
-        return None
-    if mode in (VALUE, ARRAY_FIRST):
-        if b == ord("]") and mode == ARRAY_FIRST:
-            return _closed(stack[:-1])
-        if b == ord("{"):
-            return (OBJECT_FIRST, stack + "{", 0, 0)
-        if b == ord("["):
-            return (ARRAY_FIRST, stack + "[", 0, 0)
-        if b == 0x22:
-            return (STRING_VALUE, stack, 0, 0)
-        if b == ord("-"):
-            return (NUMBER, stack, NUM_SIGN, 0)
-        if b in DIGITS:
-            return (NUMBER, stack, NUM_ZERO if b == ord("0") else NUM_INT, 0)
-        if b in LITERALS:
-            return (LITERAL, stack, LITERALS[b], 0)
-        return None
-    if mode in (OBJECT_FIRST, KEY):
-        if b == 0x22:
-            return (STRING_KEY, stack, 0, 0)
-        return _closed(stack[:-1]) if b == ord("}") and mode == OBJECT_FIRST else None
-    if mode == COLON:
-        return (VALUE, stack, 0, 0) if b == ord(":") else None
-    # AFTER: a value inside the container on top of the stack
-    if b == ord(","):
-        return (KEY, stack, 0, 0) if stack[-1] == "{" else (VALUE, stack, 0, 0)
-    if b == ord("}" if stack[-1] == "{" else "]"):
-        return _closed(stack[:-1])
-    return None
+        if mode == VALUE:
+            return self._value(aux, stack, b)
+        if mode == COLON:
+            return (VALUE, stack, aux, 0) if b == ord(":") else None
+        top = stack[-1]
+        if mode in (OBJECT_OPEN, KEY_NEXT):
+            if b == 0x22:
+                if self.nodes[top[1]][1] is None:
+                    return (IN_STRING, stack, (0, True), 0)
+                keys = self._keys(top)
+                return (KEY_MATCH, stack, (keys, b""), 0) if keys else None
+            return self._closed(stack[:-1]) if b == ord("}") and mode == OBJECT_OPEN and self._may_close(top) else None
+        if mode == ARRAY_OPEN:
+            if b == ord("]"):
+                return self._closed(stack[:-1]) if self._may_close(top) else None
+            hi = self.nodes[top[1]][3] if top[1] else None
+            return None if hi == 0 else self._value(self.nodes[top[1]][1] if top[1] else ANY_VALUE, stack, b)
+        # AFTER: a value inside the container on top of the stack
+        if top[0] == "o":
+            if b == ord(","):
+                props = self.nodes[top[1]][1]
+                return (KEY_NEXT, stack, 0, 0) if props is None or top[2] < len(props) else None
+            return self._closed(stack[:-1]) if b == ord("}") and self._may_close(top) else None
+        if b == ord(","):
+            node = self.nodes[top[1]] if top[1] else None
+            if node is not None and node[3] is not None and top[2] >= node[3]:
+                return None
+            return (VALUE, stack, node[1] if node is not None else ANY_VALUE, 0)
+        return self._closed(stack[:-1]) if b == ord("]") and self._may_close(top) else None
+
+    def feed(self, state: tuple | None, data: bytes) -> tuple | None:
+        """The state after data, or None."""
+        for b in data:
+            if state is None:
+                return None
+            state = self.step(state, b)
+        return state
 
 
-def _number(place: int, b: int) -> int | None:
-    """A number's next place after byte b, or None where b is not part of it."""
+def _number(place: int, b: int, integer: bool) -> int | None:
+    """A number's next place after byte b, or None where b is not part of it (an integer has no
+    fraction or exponent)."""
     if place == NUM_SIGN:
         return None if b not in DIGITS else NUM_ZERO if b == ord("0") else NUM_INT
     if place in (NUM_ZERO, NUM_INT, NUM_FRAC):
         if b in DIGITS and place != NUM_ZERO:
             return place
+        if integer:
+            return None
         if b == ord(".") and place != NUM_FRAC:
             return NUM_DOT
         return NUM_E if b in b"eE" else None
@@ -116,13 +270,22 @@ def _number(place: int, b: int) -> int | None:
     return NUM_EXP if b in DIGITS else None                  # NUM_E_SIGN, NUM_EXP
 
 
-def feed(state: tuple | None, data: bytes) -> tuple | None:
-    """The state after data, or None."""
-    for b in data:
-        if state is None:
-            return None
-        state = step(state, b)
-    return state
+def response_schema(value) -> str | None:
+    """OpenAI's response_format as the engine keeps it: None (text), or the schema as canonical JSON
+    text ("null" for json_object: any object). Raises SchemaError where it is not one we take."""
+    if value is None or value == {"type": "text"}:
+        return None
+    if value == {"type": "json_object"}:
+        return "null"
+    if isinstance(value, dict) and value.get("type") == "json_schema" and set(value) == {"type", "json_schema"}:
+        spec = value["json_schema"]
+        if isinstance(spec, dict) and isinstance(spec.get("schema"), dict) and set(spec) <= {"name", "schema", "strict",
+                                                                                             "description"}:
+            Grammar(spec["schema"])                          # refused here, not at the first token
+            return json.dumps(spec["schema"])                # its properties' order is the output's
+        raise SchemaError('json_schema must be {"name": ..., "schema": {...}, "strict": ...}')
+    raise SchemaError('response_format must be {"type": "text"}, {"type": "json_object"} or {"type": "json_schema", '
+                      f'"json_schema": {{"name": ..., "schema": {{...}}}}}}, got {json.dumps(value)}')
 
 
 def byte_level_alphabet() -> dict[str, int]:
@@ -150,84 +313,72 @@ def token_bytes(tokenizer, size: int) -> list[bytes | None]:
 
 
 class JsonVocab:
-    """The vocabulary as JSON mode reads it: the tokens' bytes, grouped so that a state's valid
-    tokens are found by checking a few thousand candidates rather than every token, and a cache of
-    each recent state's mask."""
+    """The vocabulary as JSON mode reads it: the tokens' bytes, grouped by their leading whitespace
+    and the byte after it, so that a state's valid tokens are found by checking a few thousand
+    candidates rather than every token; the grammars of recent schemas; and each recent state's
+    mask."""
 
     def __init__(self, pieces: list[bytes | None], stop_ids: set[int]) -> None:
         self.pieces, self.stop_ids, self.size = pieces, stop_ids, len(pieces)
         plain = [p is not None and p != b"" and all(b >= 0x20 and b not in (0x22, 0x5C) for b in p) for p in pieces]
         self.plain = torch.tensor(plain)                    # valid anywhere inside a string, and stay there
         self.unplain = [i for i, p in enumerate(pieces) if p and not plain[i]]
-        self.by_first: dict[int, list[int]] = {}            # tokens by their first byte (not whitespace)
-        self.by_first_after_space: dict[int, list[int]] = {}   # ... by the first after leading whitespace
-        self.spaces_only: list[int] = []
+        # tokens by (leading whitespace, the byte after it; None for whitespace alone)
+        self.groups: dict[bytes, dict[int | None, list[int]]] = {}
         for i, p in enumerate(pieces):
-            if not p:
-                continue
-            rest = p.lstrip(b" \t\n\r")
-            if not rest:
-                self.spaces_only.append(i)
-            elif len(rest) == len(p):
-                self.by_first.setdefault(p[0], []).append(i)
-            else:
-                self.by_first_after_space.setdefault(rest[0], []).append(i)
+            if p:
+                rest = p.lstrip(b" \t\n\r")
+                lead = p[:len(p) - len(rest)]
+                self.groups.setdefault(lead, {}).setdefault(rest[0] if rest else None, []).append(i)
+        self.grammars: OrderedDict[str, Grammar] = OrderedDict()
         self.masks: OrderedDict[tuple, torch.Tensor] = OrderedDict()
 
-    def is_valid(self, state: tuple, token: int, stop_ids: frozenset = frozenset()) -> bool:
+    def grammar(self, schema: str) -> Grammar:
+        """The grammar of a response_schema() text, compiled once while it is in use."""
+        if schema not in self.grammars:
+            self.grammars[schema] = Grammar(json.loads(schema), schema)
+            if len(self.grammars) > 64:
+                self.grammars.popitem(last=False)
+        self.grammars.move_to_end(schema)
+        return self.grammars[schema]
+
+    def is_valid(self, grammar: Grammar, state: tuple, token: int, stop_ids: frozenset = frozenset()) -> bool:
         if token in self.stop_ids or token in stop_ids:
             return state[0] == DONE
-        return token < self.size and self.pieces[token] is not None and feed(state, self.pieces[token]) is not None
+        return token < self.size and self.pieces[token] is not None and grammar.feed(state, self.pieces[token]) is not None
 
-    def mask(self, state: tuple) -> torch.Tensor:
-        """[size] bool: the tokens valid from state (the stop tokens where it is DONE; a request's own
-        stop_token_ids are added by the caller)."""
-        if state in self.masks:
-            self.masks.move_to_end(state)
-            return self.masks[state]
-        mode = state[0]
-        if mode in (STRING_VALUE, STRING_KEY) and state[2] == 0:
+    def mask(self, grammar: Grammar, state: tuple, stop_ids: frozenset = frozenset()) -> torch.Tensor:
+        """[size] bool: the tokens valid from state (where it is DONE, the stop tokens: the model's
+        and a request's own stop_ids)."""
+        if stop_ids and state[0] == DONE:
+            mask = self.mask(grammar, state).clone()
+            mask[[t for t in stop_ids if t < self.size]] = True
+            return mask
+        key = (grammar.key, state)
+        if key in self.masks:
+            self.masks.move_to_end(key)
+            return self.masks[key]
+        if state[0] == IN_STRING and state[2][0] == 0:
             mask, candidates = self.plain.clone(), self.unplain
         else:
-            mask = torch.zeros(self.size, dtype=torch.bool)
-            candidates = [i for b in range(256) if b not in WHITESPACE and step(state, b) is not None
-                          for i in self.by_first.get(b, ())]
-            after_space = step(state, 0x20)
-            if after_space is not None:   # whitespace first: what may follow it (the same mode, or a number's end)
-                candidates += self.spaces_only + [i for b in range(256) if b not in WHITESPACE
-                                                  and step(after_space, b) is not None
-                                                  for i in self.by_first_after_space.get(b, ())]
+            mask, candidates = torch.zeros(self.size, dtype=torch.bool), []
+            for lead, by_byte in self.groups.items():
+                after = grammar.feed(state, lead)
+                if after is None:
+                    continue
+                for b, ids in by_byte.items():
+                    if b is None:
+                        mask[ids] = True                     # the whitespace alone, valid as fed
+                    elif grammar.step(after, b) is not None:
+                        candidates += ids
         for i in candidates:
-            if feed(state, self.pieces[i]) is not None:
+            if grammar.feed(state, self.pieces[i]) is not None:
                 mask[i] = True
-        if mode == DONE:
+        if state[0] == DONE:
             for i in self.stop_ids:
                 if i < self.size:
                     mask[i] = True
-        self.masks[state] = mask
+        self.masks[key] = mask
         if len(self.masks) > MASKS_KEPT:
             self.masks.popitem(last=False)
         return mask
-
-    def choose(self, state: tuple, scores: torch.Tensor, token: int, params, generator) -> int:
-        """A constrained row's token: `token` (what its sampling chose from scores [V]) if valid from
-        state; else the likeliest valid one (greedy; the few likeliest are tried before a mask is
-        built) or a new draw from the valid ones alone, with a new uniform from its generator."""
-        stops = frozenset(params.stop_token_ids)
-        if self.is_valid(state, token, stops):
-            return token
-        if params.is_greedy:
-            for t in torch.topk(scores, 8).indices.tolist():
-                if self.is_valid(state, t, stops):
-                    return t
-        mask = self.mask(state)
-        if stops and state[0] == DONE:
-            mask = mask.clone()
-            mask[[t for t in stops if t < self.size]] = True
-        masked = scores.masked_fill(~mask.to(scores.device), float("-inf"))
-        if not torch.isfinite(masked.max()):   # min_tokens masked the end, the only valid token: the object comes first
-            return int(mask.nonzero()[0])
-        if params.is_greedy:
-            return int(masked.argmax())
-        u = torch.rand((), device=scores.device, generator=generator)
-        return int(draw(masked[None], [params], u[None])[0])

@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass, field
 
 from .config import EngineConfig
+from .json_mode import SchemaError, response_schema
 
 KNOWN_FIELDS = ("prompt", "messages", "max_new_tokens", "temperature", "top_p", "top_k", "min_p", "seed",
                 "stop", "stream", "ignore_eos", "min_tokens", "timeout_s", "presence_penalty",
@@ -48,8 +49,8 @@ class SamplingParams:
     repetition_penalty: float = 1.0   # vLLM's (CTRL's): a prompt or output token's logit divided by it if
                                       # positive, multiplied if not; applied before the two above
     logit_bias: tuple[tuple[int, float], ...] = ()   # OpenAI's: (token id, bias) added to its logit first
-    json_object: bool = False         # OpenAI's response_format {"type": "json_object"}: the output is held to
-                                      # a JSON object (json_mode.py)
+    response_schema: str | None = None   # OpenAI's response_format: the output is held to a JSON object ("null")
+                                         # or to one its schema takes (json_mode.response_schema); None: text
 
     @property
     def max_stop_len(self) -> int:
@@ -102,7 +103,8 @@ class Request:
     engine_s: float = 0.0             # its share of the engine steps it was in, by tokens computed
     generator: object = None          # the sampler's own random stream (set by the engine) when sampled
     prompt_vocab: object = None       # its prompt's distinct token ids (set by the engine) for repetition_penalty
-    json_state: tuple | None = None   # JSON mode: its output's state in json_mode's automaton (set by the engine)
+    json_grammar: object = None       # JSON mode: its json_mode.Grammar and its output's state there (set by the engine)
+    json_state: tuple | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -124,7 +126,7 @@ class Request:
         logprobs, no min_tokens mask, no bias or penalty): the LM head may be exact at the largest only
         (runner._logits)."""
         p = self.params
-        return (p.is_greedy and p.logprobs is None and not p.adjusts_logits and not p.json_object
+        return (p.is_greedy and p.logprobs is None and not p.adjusts_logits and p.response_schema is None
                 and len(self.output_ids) >= p.min_tokens)
 
     @property
@@ -261,17 +263,13 @@ def _logit_bias(body: dict, tokenizer) -> tuple[tuple[int, float], ...]:
     return tuple(sorted(pairs))
 
 
-def _json_object(body: dict) -> bool:
-    """response_format: absent, {"type": "text"} or {"type": "json_object"} (JSON mode)."""
-    value = body.get("response_format")
-    if value is None or value == {"type": "text"}:
-        return False
-    if value == {"type": "json_object"}:
-        return True
-    hint = (" (a schema is not enforced: ask for json_object and describe the fields in the prompt)"
-            if isinstance(value, dict) and value.get("type") == "json_schema" else "")
-    raise RequestError("response_format", 'response_format must be {"type": "text"} or {"type": "json_object"}, '
-                       f"got {json.dumps(value)}{hint}")
+def _response_schema(body: dict) -> str | None:
+    """response_format: absent or {"type": "text"}, {"type": "json_object"}, or {"type": "json_schema",
+    "json_schema": {"name", "schema"}} with a schema json_mode takes."""
+    try:
+        return response_schema(body.get("response_format"))
+    except SchemaError as e:
+        raise RequestError("response_format", str(e)) from None
 
 
 def _messages(body: dict) -> list[dict]:
@@ -313,7 +311,7 @@ def parse_request(request_id: str, body, config: EngineConfig, tokenizer) -> Req
         frequency_penalty=_float(body, "frequency_penalty", 0.0),
         repetition_penalty=_float(body, "repetition_penalty", 1.0),
         logit_bias=_logit_bias(body, tokenizer),
-        json_object=_json_object(body),
+        response_schema=_response_schema(body),
     )
     timeout_s = body.get("timeout_s")
     if timeout_s is not None and (_float(body, "timeout_s", 0.0) <= 0):
