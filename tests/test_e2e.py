@@ -306,6 +306,19 @@ def test_openai_client_plain_and_streamed(server, tokenizer):
     answer = json.loads(client.chat.completions.create(**ask).choices[0].message.content)
     assert list(answer) == list(cat["properties"]) and answer["colour"] in cat["properties"]["colour"]["enum"]
     assert isinstance(answer["age"], int) and isinstance(answer["indoor"], bool) and isinstance(answer["name"], str)
+    # a forced tool call: the function named, its arguments of its parameters' schema
+    weather = {"type": "function", "function": {"name": "get_weather", "description": "the weather in a city",
+               "parameters": {"type": "object", "properties": {"city": {"type": "string"},
+                                                               "unit": {"enum": ["celsius", "fahrenheit"]}},
+                              "required": ["city", "unit"]}}}
+    called = client.chat.completions.create(model="llm", max_tokens=64, tools=[weather], tool_choice="required",
+                                            messages=[{"role": "user", "content": "What is the weather in Paris?"}])
+    call = called.choices[0].message.tool_calls[0]
+    assert call.function.name == "get_weather" and called.choices[0].message.content is None
+    assert list(json.loads(call.function.arguments)) == ["city", "unit"]
+    with pytest.raises(openai.BadRequestError) as e:      # "auto", the default with tools, needs a parser we lack
+        client.chat.completions.create(model="llm", messages=messages, tools=[weather])
+    assert e.value.body["param"] == "tool_choice"
     # penalties: OpenAI's two as the client's own arguments, vLLM's repetition_penalty in the body, as
     # the native API takes them (the same greedy text), and a repetitive answer changed by them
     prompt, penalties = "1, 2, 1, 2, 1, 2,", dict(frequency_penalty=1.0, presence_penalty=1.0)

@@ -11,6 +11,7 @@ import llm_handler
 from llm_handler import LLMHandler
 from llmserve import exchange
 from llmserve.exchange import stream_delta
+from llmserve.json_mode import Grammar
 from llmserve.request import Request, SamplingParams
 
 
@@ -536,6 +537,45 @@ def test_openai_echo_gives_the_prompts_logprobs_as_the_model_scores_it(continuou
     assert all(c["text"].startswith(prompt) and c["text"] != prompt for c in whole(responses["two"])["choices"])
 
 
+WEATHER = [{"type": "function", "function": {"name": "get_weather", "description": "the weather in a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"},
+                                                            "unit": {"enum": ["celsius", "fahrenheit"]}},
+                           "required": ["city", "unit"]}}}]
+
+
+def test_openai_a_forced_tool_call_names_the_function_and_holds_its_arguments_to_the_schema(continuous):
+    """tool_choice "required" (one tool) or naming it: the answer is a tool call whose arguments
+    are an object of the function's parameters (a random model's tokens masked into it), streamed as
+    the name then the arguments in pieces; a tool's result in a later turn is read as the user's."""
+    h, ctx = continuous
+    ask = {"model": "llm", "messages": [{"role": "user", "content": "Weather in Paris?"}], "max_tokens": 24,
+           "tools": WEATHER}
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    later = ask["messages"] + [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]
+    responses = openai_run(h, ctx, {0: {
+        "call": ("v1/chat/completions", {**ask, "tool_choice": "required"}),
+        "call-s": ("v1/chat/completions", {**ask, "tool_choice": named, "stream": True}),
+        "none": ("v1/chat/completions", {**ask, "messages": later, "tool_choice": "none", "parallel_tool_calls": False})}})
+    choice = whole(responses["call"])["choices"][0]
+    call, = choice["message"]["tool_calls"]
+    assert choice["message"]["content"] is None and call["type"] == "function" and call["id"].startswith("call_")
+    assert call["function"]["name"] == "get_weather"
+    if choice["finish_reason"] == "stop":
+        arguments = json.loads(call["function"]["arguments"])
+        assert list(arguments) == ["city", "unit"] and arguments["unit"] in ("celsius", "fahrenheit")
+    else:                                             # cut by max_tokens: a prefix of one
+        grammar = Grammar(WEATHER[0]["function"]["parameters"])
+        assert grammar.feed(grammar.initial, call["function"]["arguments"].encode()) is not None
+        assert choice["finish_reason"] == "length"
+    chunks = [c["choices"][0] for c in sse(responses["call-s"]) if c["choices"]]
+    first, = chunks[0]["delta"]["tool_calls"]
+    assert first["function"]["name"] == "get_weather" and first["id"].startswith("call_")
+    assert "".join(c["delta"]["tool_calls"][0]["function"]["arguments"] for c in chunks) == call["function"]["arguments"]
+    assert "tool_calls" not in whole(responses["none"])["choices"][0]["message"]
+
+
 @pytest.mark.parametrize("route, body, status, param", [
     ("v1/chat/completions", {"model": "llm", "messages": [{"role": "user", "content": "hi"}], "n": 5}, 400, "n"),
     ("v1/completions", {"model": "llm", "prompt": "hi", "n": True}, 400, "n"),
@@ -544,6 +584,20 @@ def test_openai_echo_gives_the_prompts_logprobs_as_the_model_scores_it(continuou
     ("v1/chat/completions", {"model": "llm", "messages": [{"role": "user", "content": "hi"}],
                              "response_format": {"type": "json_schema"}}, 400, "response_format"),
     ("v1/chat/completions", {"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}, 404, "model"),
+    ("v1/chat/completions", {"model": "llm", "messages": [{"role": "user", "content": "hi"}], "tools": WEATHER},
+     400, "tool_choice"),
+    ("v1/chat/completions", {"model": "llm", "messages": [{"role": "user", "content": "hi"}], "tools": WEATHER * 2,
+     "tool_choice": "required"}, 400, "tools"),
+    ("v1/chat/completions", {"model": "llm", "messages": [{"role": "user", "content": "hi"}], "tools": WEATHER,
+     "tool_choice": {"type": "function", "function": {"name": "get_time"}}}, 400, "tool_choice"),
+    ("v1/chat/completions", {"model": "llm", "messages": [{"role": "user", "content": "hi"}], "tool_choice": "required"},
+     400, "tool_choice"),
+    ("v1/chat/completions", {"model": "llm", "messages": [{"role": "user", "content": "hi"}], "tool_choice": "required",
+     "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]}, 400, "tools"),
+    ("v1/chat/completions", {"model": "llm", "messages": [{"role": "user", "content": "hi"}], "tool_choice": "required",
+     "tools": WEATHER, "response_format": {"type": "json_object"}}, 400, "tool_choice"),
+    ("v1/chat/completions", {"model": "llm", "messages": [{"role": "user", "content": "hi"}],
+     "parallel_tool_calls": "yes"}, 400, "parallel_tool_calls"),
     ("v1/chat/completions", {"model": "llm", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0},
      400, "max_tokens"),
     ("v1/completions", {"model": "llm", "prompt": "hi", "logprobs": 9}, 400, "logprobs"),

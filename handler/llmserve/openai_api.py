@@ -9,6 +9,7 @@ from dataclasses import replace
 from itertools import accumulate
 
 from .config import EngineConfig
+from .json_mode import SchemaError, response_schema
 from .request import Request, RequestError, decode_body, parse_request
 
 CHAT, COMPLETIONS, MODELS = "v1/chat/completions", "v1/completions", "v1/models"
@@ -19,13 +20,15 @@ MAX_CHOICES = 16     # n at most (and at most max_num_seqs: the choices are deco
 SHARED = ("temperature", "top_p", "top_k", "min_p", "seed", "stop", "stream", "ignore_eos", "min_tokens", "timeout_s",
           "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias", "stop_token_ids", "response_format")
 # accepted only at the value that changes nothing; anything else is a 400 naming the parameter
-NEUTRAL = {"best_of": 1, "suffix": None, "tools": None, "tool_choice": None,
-           "functions": None, "function_call": None, "parallel_tool_calls": None}
+NEUTRAL = {"best_of": 1, "suffix": None, "functions": None, "function_call": None}
 KNOWN = {CHAT: {"model", "messages", "max_tokens", "max_completion_tokens", "stream_options", "logprobs",
-                "top_logprobs", "user", "n", *SHARED, *NEUTRAL} - {"best_of", "echo", "suffix"},
+                "top_logprobs", "user", "n", "tools", "tool_choice", "parallel_tool_calls", *SHARED, *NEUTRAL}
+         - {"best_of", "echo", "suffix"},
          COMPLETIONS: {"model", "prompt", "max_tokens", "stream_options", "logprobs", "user", "n", "echo", *SHARED,
                        *NEUTRAL}
-         - {"tools", "tool_choice", "functions", "function_call", "parallel_tool_calls"}}
+         - {"functions", "function_call"}}
+AUTO_TOOLS = ('tool_choice "auto" needs a model trained to call tools and a parser for its calls (vLLM\'s '
+              '--tool-call-parser); send "required" (one tool), {"type": "function", "function": {"name": ...}} or "none"')
 
 
 def error_body(message: str, param: str | None, status: int) -> dict:
@@ -41,9 +44,10 @@ def parse_openai(route: str, request_id: str, body, model: str, config: EngineCo
                  tokenizer) -> tuple[list[Request], dict]:
     """Validate an OpenAI body: the engine's requests, one a choice (n; the first's id is request_id,
     choice i's request_id-i), and the Formatter's options: include_usage (a stream ends with a usage
-    chunk), echo (completions: the prompt's text, to put before each choice's, else None) and
-    hide_output (echo with max_tokens 0: the prompt alone, its one generated token not shown). Raises
-    RequestError naming the OpenAI parameter (status 404 for an unknown model)."""
+    chunk), echo (completions: the prompt's text, to put before each choice's, else None),
+    hide_output (echo with max_tokens 0: the prompt alone, its one generated token not shown) and tool
+    (chat: the function a forced tool call names, its arguments held to its parameters' schema).
+    Raises RequestError naming the OpenAI parameter (status 404 for an unknown model)."""
     body = decode_body(body)
     for name, value in body.items():
         if name not in KNOWN[route]:
@@ -63,9 +67,16 @@ def parse_openai(route: str, request_id: str, body, model: str, config: EngineCo
     hide_output = echo and body.get(limit) == 0 and not isinstance(body.get(limit), bool)
     if hide_output:                      # the prompt's log-probabilities alone (lm-eval's loglikelihood)
         native["max_new_tokens"] = 1
+    tool = _forced_tool(body) if route == CHAT else None
     if route == CHAT:
         native["messages"] = _messages(body.get("messages"))
         logprobs = _logprobs_flag(body)
+        if tool is not None:
+            if native.get("response_format") not in (None, {"type": "text"}):
+                raise RequestError("tool_choice", "a forced tool call and response_format cannot go together")
+            native["response_format"] = {"type": "json_schema", "json_schema": {"name": tool["name"],
+                                                                                "schema": tool["parameters"]}}
+            native["messages"] = _with_tool(native["messages"], tool)
     else:
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
@@ -89,7 +100,8 @@ def parse_openai(route: str, request_id: str, body, model: str, config: EngineCo
     if echo:
         echo_text = tokenizer.decode(r.prompt_ids) if isinstance(native["prompt"], list) else native["prompt"]
     return choices(r, _choices_count(body, config)), {"include_usage": bool((options or {}).get("include_usage")),
-                                                      "echo": echo_text, "hide_output": hide_output}
+                                                      "echo": echo_text, "hide_output": hide_output,
+                                                      "tool": tool and tool["name"]}
 
 
 def _choices_count(body: dict, config: EngineConfig) -> int:
@@ -116,12 +128,81 @@ def choices(r: Request, n: int) -> list[Request]:
     return out
 
 
+def _forced_tool(body: dict) -> dict | None:
+    """The function tool_choice makes the model call ({name, description, parameters}), or None:
+    "required" with one tool, or one named; "none" or no tools, no call. "auto", the default with
+    tools, is refused, as vLLM refuses it without a parser for the model's own calls."""
+    tools, choice = body.get("tools"), body.get("tool_choice")
+    parallel = body.get("parallel_tool_calls")
+    if parallel is not None and not isinstance(parallel, bool):
+        raise RequestError("parallel_tool_calls", f"parallel_tool_calls must be true or false, got {json.dumps(parallel)}")
+    if tools is None:
+        if choice not in (None, "none"):
+            raise RequestError("tool_choice", "tool_choice needs tools")
+        return None
+    if not isinstance(tools, list) or not tools or not all(
+            isinstance(t, dict) and t.get("type") == "function" and set(t) == {"type", "function"}
+            and isinstance(t["function"], dict) and isinstance(t["function"].get("name"), str)
+            and set(t["function"]) <= {"name", "description", "parameters", "strict"} for t in tools):
+        raise RequestError("tools", 'tools must be a non-empty list of {"type": "function", "function": '
+                                    '{"name", "description", "parameters"}}')
+    functions = {t["function"]["name"]: t["function"] for t in tools}
+    if len(functions) < len(tools):
+        raise RequestError("tools", "tools must have different names")
+    for name, f in functions.items():
+        try:
+            response_schema({"type": "json_schema", "json_schema": {"name": name, "schema": _parameters(f)}})
+        except SchemaError as e:
+            raise RequestError("tools", f"tools: {name}: {e}") from None
+    if choice in (None, "auto"):
+        raise RequestError("tool_choice", AUTO_TOOLS)
+    if choice == "none":
+        return None
+    if choice == "required":
+        if len(functions) > 1:
+            raise RequestError("tool_choice", f'"required" with {len(functions)} tools is not supported: name the one to call')
+        name = next(iter(functions))
+    elif isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("function"), dict):
+        name = choice["function"].get("name")
+        if name not in functions:
+            raise RequestError("tool_choice", f"no tool is named {json.dumps(name)}")
+    else:
+        raise RequestError("tool_choice", 'tool_choice must be "none", "auto", "required" or {"type": "function", '
+                                          f'"function": {{"name": ...}}}}, got {json.dumps(choice)}')
+    f = functions[name]
+    return {"name": name, "description": f.get("description"), "parameters": _parameters(f)}
+
+
+def _parameters(function: dict) -> dict:
+    return function.get("parameters") or {"type": "object", "properties": {}}
+
+
+def _with_tool(messages: list[dict], tool: dict) -> list[dict]:
+    """The conversation with the function to call described in its system message (the chat
+    template's default one replaced where there was none): a small model fills arguments it was told of."""
+    about = f" ({tool['description']})" if tool["description"] else ""
+    text = (f"Call the function {tool['name']}{about}: reply with its arguments, a JSON object of this schema: "
+            f"{json.dumps(tool['parameters'])}")
+    if messages[0]["role"] == "system":
+        return [{"role": "system", "content": messages[0]["content"] + "\n\n" + text}] + messages[1:]
+    return [{"role": "system", "content": text}] + messages
+
+
 def _messages(messages) -> list[dict]:
     """OpenAI messages as the chat template wants them: text parts joined, developer as system."""
     if not isinstance(messages, list) or not messages:
         raise RequestError("messages", "messages must be a non-empty list of {role, content} objects")
     out = []
     for i, m in enumerate(messages):
+        calls = m.get("tool_calls") if isinstance(m, dict) and m.get("role") == "assistant" else None
+        if calls is not None:   # an earlier forced call: the model said its arguments
+            if not isinstance(calls, list) or not all(isinstance(c, dict) and isinstance(c.get("function"), dict)
+                                                      for c in calls):
+                raise RequestError("messages", f"messages[{i}].tool_calls must be a list of {{id, type, function}}")
+            m = {"role": "assistant", "content": "\n".join(str(c["function"].get("arguments", "")) for c in calls)}
+        if isinstance(m, dict) and m.get("role") == "tool":   # a call's result, told as the user's turn
+            m = {"role": "user", "content": m.get("content"), **({"name": m["name"]} if "name" in m else {})}
+            m["content"] = ("Tool result: " + m["content"]) if isinstance(m["content"], str) else m["content"]
         if not isinstance(m, dict) or not {"role", "content"} <= set(m) or set(m) - {"role", "content", "name"}:
             raise RequestError("messages", f"messages[{i}] must have role and content (and optionally name) only")
         content = m["content"]
@@ -158,12 +239,13 @@ class Formatter:
     """OpenAI's objects for one request's choices (its engine requests, index i for requests[i]) on one
     route; keeps what a stream has already sent of each. echo: the prompt's text, put before each
     choice's (completions), with its tokens' log-probabilities (the first's null) where logprobs are
-    asked for; hide_output: the choices' generated tokens left out (echo with max_tokens 0)."""
+    asked for; hide_output: the choices' generated tokens left out (echo with max_tokens 0); tool: the
+    function a forced call names, each choice's text then its arguments in message.tool_calls."""
 
     def __init__(self, route: str, requests: list[Request], model: str, token_text, include_usage: bool = False,
-                 echo: str | None = None, hide_output: bool = False) -> None:
+                 echo: str | None = None, hide_output: bool = False, tool: str | None = None) -> None:
         self.route, self.requests, self.model, self.token_text = route, requests, model, token_text
-        self.include_usage, self.echo, self.hide_output = include_usage, echo, hide_output
+        self.include_usage, self.echo, self.hide_output, self.tool = include_usage, echo, hide_output, tool
         prefix = "chatcmpl" if route == CHAT else "cmpl"
         self.id = f"{prefix}-{requests[0].request_id}"
         self.created = int(time.time())
@@ -222,7 +304,10 @@ class Formatter:
         for i, r in enumerate(self.requests):
             choice = {"index": i, "logprobs": self._logprobs(i, 0, len(r.output_ids), echo=self.echo is not None),
                       "finish_reason": r.finish_reason}
-            if self.route == CHAT:
+            if self.route == CHAT and self.tool:
+                choice["message"] = {"role": "assistant", "content": None, "tool_calls": [
+                    {"id": f"call_{r.request_id}", "type": "function", "function": {"name": self.tool, "arguments": r.text}}]}
+            elif self.route == CHAT:
                 choice["message"] = {"role": "assistant", "content": r.text}
             else:
                 choice["text"] = (self.echo or "") + ("" if self.hide_output else r.text)
@@ -246,7 +331,13 @@ class Formatter:
             choice = {"index": i, "logprobs": self._logprobs(i, self.num_sent_tokens[i], end, echo),
                       "finish_reason": r.finish_reason if r.is_finished else None}
             self.num_sent_tokens[i], self.is_end_sent[i], self.is_started[i] = end, r.is_finished, True
-            if self.route == CHAT:
+            if self.route == CHAT and self.tool:   # the call's name first, then its arguments piece by piece
+                call = {"index": 0, "function": {"arguments": delta}}
+                if first:
+                    call = {"index": 0, "id": f"call_{r.request_id}", "type": "function",
+                            "function": {"name": self.tool, "arguments": delta}}
+                choice["delta"] = ({"role": "assistant", "content": None} if first else {}) | {"tool_calls": [call]}
+            elif self.route == CHAT:
                 choice["delta"] = {"role": "assistant", "content": delta} if first else {"content": delta}
             else:
                 choice["text"] = (self.echo if echo else "") + delta
