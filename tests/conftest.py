@@ -31,3 +31,25 @@ def tiny_model_dir(tmp_path_factory, tokenizer):
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def person_model():
+    """A pydantic model with an optional field and a list of nested models, and the schema the openai
+    client sends for it in .parse() (strict: $defs, $ref, anyOf)."""
+    from typing import Optional
+
+    import pydantic
+    from openai.lib._pydantic import to_strict_json_schema
+
+    class Pet(pydantic.BaseModel):
+        name: str
+        kind: str
+
+    class Person(pydantic.BaseModel):
+        name: str
+        age: Optional[int] = None
+        pets: list[Pet]
+        boss: Optional["Person"] = None
+
+    return Person, to_strict_json_schema(Person)

@@ -89,6 +89,12 @@ CAT = {"type": "object", "title": "cat", "properties": {
               "required": ["since"]},
     "notes": {}, "tags": {"type": "object"}, "gone": {"type": "null"}},
     "required": ["name", "age", "toys"], "additionalProperties": False}
+PERSON = {"$ref": "#/$defs/Person", "$defs": {   # pydantic's shape: a $ref at the top, a recursive optional field
+    "Pet": {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]},
+    "Person": {"type": "object", "properties": {"name": {"type": "string"},
+                                                "age": {"anyOf": [{"type": "integer"}, {"type": "null"}]},
+                                                "pets": {"type": "array", "items": {"$ref": "#/$defs/Pet"}},
+                                                "boss": {"anyOf": [{"$ref": "#/$defs/Person"}, {"type": "null"}]}}}}}
 CATS = ['{"name": "Tom", "age": 3, "toys": ["ball"]}',
         '{"name": "Tom", "age": -3, "colour": 3, "indoor": false, "toys": ["a", "b"], "owner": {"since": 1.5e2},'
         ' "notes": [1, {"x": null}], "tags": {"any": ["thing"]}, "gone": null}',
@@ -114,7 +120,11 @@ def test_a_schema_s_automaton_takes_its_objects_and_no_others(text, ok):
 
 @pytest.mark.parametrize("schema, words", [
     ({"type": "array"}, "top level"), ({"type": "object", "properties": {"a": {"pattern": "x"}}}, "pattern"),
-    ({"type": "object", "properties": {"a": {"anyOf": []}}}, "anyOf"), ({"type": "objects"}, "type"),
+    ({"type": "object", "properties": {"a": {"oneOf": []}}}, "oneOf"), ({"type": "objects"}, "type"),
+    ({"type": "object", "properties": {"a": {"anyOf": [{"type": "object"}, {"type": "object", "properties": {}}]}}},
+     "begin differently"), ({"type": "object", "properties": {"a": {"type": ["integer", "number"]}}}, "begin differently"),
+    ({"type": "object", "properties": {"a": {"$ref": "#/$defs/B"}}}, "ref"),
+    ({"type": "object", "properties": {"a": {"$ref": "http://example.com/b.json"}}}, "ref"),
     ({"type": "object", "properties": {"a": {}}, "required": ["b"]}, "required"),
     ({"type": "object", "properties": {"a": {"type": "array", "minItems": 3, "maxItems": 2}}}, "maxItems"),
     ({"type": "object", "properties": {"a": {"enum": []}}}, "enum"), ([], "schema"),
@@ -135,6 +145,24 @@ def test_response_format_values():
             response_schema(bad)
 
 
+@pytest.mark.parametrize("text, ok", [
+    ('{"name": "Ann", "age": null, "pets": [], "boss": null}', True),
+    ('{"name": "Ann", "age": 31, "pets": [{"name": "Rex", "kind": "dog"}], "boss": {"name": "Bo", "age": null, '
+     '"pets": [], "boss": {"name": "Cy", "age": 70, "pets": [], "boss": null}}}', True),
+    ('{"name": "Ann", "age": "31", "pets": [], "boss": null}', False),
+    ('{"name": "Ann", "age": 31, "pets": [{"name": "Rex"}], "boss": null}', False),
+    ('{"name": "Ann", "age": 31, "pets": [], "boss": {"name": "Bo"}}', False),
+    ('{"name": "Ann", "age": 3.5, "pets": [], "boss": null}', False),
+    ('{"name": "Ann", "pets": [], "boss": null}', False)])
+def test_pydantic_s_schemas_with_defs_refs_and_optional_fields(person_model, text, ok):
+    model, strict = person_model
+    for schema in (strict, model.model_json_schema()):   # the second: a $ref at the top, optional fields
+        grammar = Grammar(json.loads(response_schema({"type": "json_schema", "json_schema": {"name": "p", "schema": schema}})))
+        assert is_object(text, grammar) == (ok or schema is not strict and text == '{"name": "Ann", "pets": [], "boss": null}')
+    if ok:
+        assert model.model_validate_json(text).name == "Ann"
+
+
 @pytest.fixture(scope="module")
 def vocab(tokenizer):
     return JsonVocab(token_bytes(tokenizer, len(tokenizer)), {tokenizer.eos_token_id})
@@ -151,7 +179,9 @@ def test_the_vocabulary_is_the_tokenizer_s_bytes(tokenizer, vocab):
     '', '{', '{"a', '{"a\\', '{"a\\u00', '{"a"', '{"a":', '{"a": 1', '{"a": -', '{"a": 1.5e', '{"a": t', '{"a": [',
     '{"a": [1, {"b": "c"}', '{}', '{\n  "a": 0', ' ']] + [(CAT, p) for p in [
     '{', '{"na', '{"name": "T", "age": 1', '{"name": "T", "age": 1, "colour": "bl', '{"name": "T", "age": 1, "colour": 3',
-    '{"name": "T", "age": 1, "toys": ["a"', '{"name": "T", "age": 1, "toys": ["a", "b"]', '{"name": "T", "age": 1, "toys": [']])
+    '{"name": "T", "age": 1, "toys": ["a"', '{"name": "T", "age": 1, "toys": ["a", "b"]', '{"name": "T", "age": 1, "toys": [']]
+    + [(PERSON, p) for p in ['{"name": "A", "age": ', '{"name": "A", "age": null, "pets": [{"na',
+                             '{"name": "A", "age": null, "pets": [], "boss": {']])
 def test_a_state_s_mask_is_every_token_that_keeps_the_output_valid(vocab, schema, prefix):
     grammar = Grammar(schema, json.dumps(schema))
     state = grammar.feed(grammar.initial, prefix.encode())

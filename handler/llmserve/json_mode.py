@@ -14,9 +14,11 @@ answer always parses; one cut short by max_new_tokens is a prefix of one (finish
 The schema subset (what OpenAI's strict mode and most extraction schemas use): "type" object (its
 "properties" in the order given, "required" ones present, the others optional; no other keys; an
 object without "properties" takes any keys and values), array ("items", "minItems", "maxItems"),
-string, number, integer, boolean, null; "enum" and "const" of any JSON values. Annotations
+string, number, integer, boolean, null; "enum" and "const" of any JSON values; "anyOf" (and a list
+of types) whose alternatives begin differently (pydantic's Optional: a type or null); "$ref" to
+the schema's own "$defs" (pydantic's nested models, recursion included). Annotations
 ("title", "description", "format", "$schema", "strict", "additionalProperties") are read and not
-enforced; any other keyword ("pattern", "anyOf", "$ref", ...) is refused with a SchemaError."""
+enforced; any other keyword ("pattern", "oneOf", "allOf", ...) is refused with a SchemaError."""
 
 import json
 from collections import OrderedDict
@@ -25,8 +27,10 @@ import torch
 
 # schema nodes (Grammar.nodes): (ANY,), (OBJECT, properties: ((name bytes, node, required), ...) or
 # None for any keys), (ARRAY, items node, min, max or None), (STRING,), (NUMBER, integer?),
-# (BOOLEAN,), (NULL,), (ENUM, (value bytes, ...)); node 0 is any value, node 1 any object
-ANY, OBJECT, ARRAY, STRING, NUMBER, BOOLEAN, NULL, ENUM = range(8)
+# (BOOLEAN,), (NULL,), (ENUM, (value bytes, ...)), (ANY_OF, (node, ...)); node 0 is any value,
+# node 1 any object
+ANY, OBJECT, ARRAY, STRING, NUMBER, BOOLEAN, NULL, ENUM, ANY_OF = range(9)
+STARTS = {OBJECT: b"{", ARRAY: b"[", STRING: b'"', NUMBER: b"-0123456789", BOOLEAN: b"tf", NULL: b"n"}
 ANY_VALUE, ANY_OBJECT = 0, 1
 # modes of a state (mode, stack, aux, spaces): stack holds the open containers as frames, ("o",
 # object node, next property) or ("a", array node, items so far); aux the mode's detail; spaces the
@@ -47,7 +51,8 @@ TYPES = {"object": OBJECT, "array": ARRAY, "string": STRING, "number": NUMBER, "
          "boolean": BOOLEAN, "null": NULL}
 ANNOTATIONS = {"title", "description", "format", "$schema", "strict", "additionalProperties", "default", "examples",
                "$id", "$comment"}
-KEYWORDS = {"type", "properties", "required", "items", "minItems", "maxItems", "enum", "const"} | ANNOTATIONS
+KEYWORDS = {"type", "properties", "required", "items", "minItems", "maxItems", "enum", "const", "anyOf", "$ref",
+            "$defs", "definitions"} | ANNOTATIONS
 MAX_NODES = 256
 MASKS_KEPT = 512         # valid-token masks cached, by grammar and state
 
@@ -63,9 +68,18 @@ class Grammar:
     def __init__(self, schema: dict | None = None, key: str = "null") -> None:
         self.key = key                                       # response_schema()'s text
         self.nodes: list[tuple] = [(ANY,), (OBJECT, None)]
-        root = self._compile({"type": "object"} if schema is None else schema, "schema")
+        schema = {"type": "object"} if schema is None else schema
+        self.defs = schema.get("$defs", schema.get("definitions", {})) if isinstance(schema, dict) else {}
+        self.refs: dict[str, int] = {}                       # $ref -> its node (compiled once: recursion)
+        root = self._compile(schema, "schema")
         if self.nodes[root][0] != OBJECT:
             raise SchemaError('the schema\'s top level must be {"type": "object", ...}')
+        for node in self.nodes:
+            if node[0] == ANY_OF:
+                starts = [self._starts(alt, set()) for alt in node[1]]
+                if sum(map(len, starts)) != len(set().union(*starts)):
+                    raise SchemaError("anyOf: its alternatives must begin differently (a string or null, say), "
+                                      "so that the first byte of a value picks one")
         self.initial = (START, (), root, 0)
 
     def _compile(self, schema, where: str) -> int:
@@ -76,6 +90,16 @@ class Grammar:
             raise SchemaError(f"{where}: {unknown[0]!r} is not supported (supported: {sorted(KEYWORDS - ANNOTATIONS)})")
         if len(self.nodes) >= MAX_NODES:
             raise SchemaError(f"the schema has more than {MAX_NODES} parts")
+        if "$ref" in schema:
+            return self._ref(schema["$ref"], where)
+        if "anyOf" in schema or isinstance(schema.get("type"), list):
+            rest = {k: v for k, v in schema.items() if k not in ("anyOf", "type")}
+            alts = schema.get("anyOf") or [{**rest, "type": kind} for kind in schema["type"]]
+            if not isinstance(alts, list) or not alts:
+                raise SchemaError(f"{where}.anyOf must be a non-empty list")
+            node = self._add(None)
+            self.nodes[node] = (ANY_OF, tuple(self._compile(alt, f"{where}.anyOf[{i}]") for i, alt in enumerate(alts)))
+            return node
         if "enum" in schema or "const" in schema:
             values = schema["enum"] if "enum" in schema else [schema["const"]]
             if not isinstance(values, list) or not values:
@@ -107,6 +131,28 @@ class Grammar:
             self.nodes[node] = (ARRAY, self._compile(schema.get("items", {}), f"{where}.items"), lo, hi)
             return node
         return self._add((NUMBER, kind == "integer") if TYPES[kind] == NUMBER else (TYPES[kind],))
+
+    def _ref(self, ref, where: str) -> int:
+        """A local reference, "#/$defs/<name>" (pydantic's) or "#/definitions/<name>"."""
+        if ref not in self.refs:
+            name = ref.split("/", 2)[-1] if isinstance(ref, str) and ref.startswith(("#/$defs/", "#/definitions/")) else None
+            if name not in self.defs:
+                raise SchemaError(f"{where}.$ref: only references to the schema's own $defs are supported, got {json.dumps(ref)}")
+            self.refs[ref] = self._add(None)                 # its place, for a reference to itself
+            self.nodes[self.refs[ref]] = self.nodes[self._compile(self.defs[name], f"$defs.{name}")]
+        return self.refs[ref]
+
+    def _starts(self, node_id: int, seen: set) -> set[int]:
+        """The bytes a value of node_id's schema may begin with."""
+        node = self.nodes[node_id]
+        if node[0] == ENUM:
+            return {v[0] for v in node[1]}
+        if node[0] == ANY:
+            return set(b"".join(STARTS.values()))
+        if node[0] == ANY_OF:
+            seen = seen | {node_id}
+            return set().union(*(self._starts(alt, seen) for alt in node[1] if alt not in seen))
+        return set(STARTS[node[0]])
 
     def _add(self, node) -> int:
         self.nodes.append(node)
@@ -142,6 +188,8 @@ class Grammar:
         """The state after byte b starts a value of node_id's schema."""
         node = self.nodes[node_id]
         kind = node[0]
+        if kind == ANY_OF:                                   # the one alternative b begins (checked at compile time)
+            return next((st for alt in node[1] if (st := self._value(alt, stack, b)) is not None), None)
         if kind == ENUM:
             return (IN_ENUM, stack, (node_id, bytes([b])), 0) if any(v[:1] == bytes([b]) for v in node[1]) else None
         if b == ord("{") and kind in (ANY, OBJECT):
