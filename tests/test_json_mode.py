@@ -125,6 +125,9 @@ def test_a_schema_s_automaton_takes_its_objects_and_no_others(text, ok):
      "begin differently"), ({"type": "object", "properties": {"a": {"type": ["integer", "number"]}}}, "begin differently"),
     ({"type": "object", "properties": {"a": {"$ref": "#/$defs/B"}}}, "ref"),
     ({"type": "object", "properties": {"a": {"$ref": "http://example.com/b.json"}}}, "ref"),
+    ({"type": "object", "properties": {"a": {"$ref": "#/$defs/A"}}, "$defs": {"A": {"$ref": "#/$defs/A"}}}, "itself"),
+    ({"type": "object", "properties": {"a": {"$ref": "#/$defs/A"}},
+      "$defs": {"A": {"anyOf": [{"$ref": "#/$defs/A"}, {"type": "null"}]}}}, "leads back"),
     ({"type": "object", "properties": {"a": {}}, "required": ["b"]}, "required"),
     ({"type": "object", "properties": {"a": {"type": "array", "minItems": 3, "maxItems": 2}}}, "maxItems"),
     ({"type": "object", "properties": {"a": {"enum": []}}}, "enum"), ([], "schema"),
@@ -248,6 +251,23 @@ def test_a_random_model_s_output_is_held_to_a_json_object_or_a_schema_and_its_ne
     for r in constrained[3:]:                                 # the schema's first property first
         rest = r.text.lstrip(" \n\t").removeprefix("{").lstrip(" \n\t")
         assert '"name"'.startswith(rest) or rest.startswith('"name"'), r.text
+
+
+def test_a_grammar_that_fails_ends_its_request_alone(engine, monkeypatch):
+    """A fault in JSON mode (here: its automaton raising for one schema) is that request's error;
+    the plain request and the other JSON one beside it get their tokens."""
+    plain_alone, json_alone = request(engine, "alone", 12), request(engine, "json-alone", 12, response_schema="null")
+    engine.generate([plain_alone, json_alone])
+    broken_schema = json.dumps({"type": "object", "properties": {"a": {"type": "string"}}})
+    real_step = Grammar.step
+    monkeypatch.setattr(Grammar, "step", lambda self, state, b: (_ for _ in ()).throw(KeyError("lost"))
+                        if self.key == broken_schema and state[0] != 0 else real_step(self, state, b))
+    broken, plain, other = (request(engine, "broken", 12, response_schema=broken_schema), request(engine, "plain", 12),
+                            request(engine, "other", 12, response_schema="null"))
+    engine.generate([broken, plain, other])
+    assert broken.finish_reason == "error" and "JSON mode failed: KeyError" in broken.error
+    assert plain.output_ids == plain_alone.output_ids and other.output_ids == json_alone.output_ids
+    engine.check_invariants()
 
 
 def test_json_mode_does_not_draft(tiny_model_dir, monkeypatch):

@@ -384,16 +384,23 @@ class Engine:
         # a bias or penalty is sampled from (logits itself where no row has one); logprobs read the model's
         scores = adjusted(logits, params, [r.prompt_vocab for r in requests], [r.output_ids for r in requests])
         tokens = sample(scores, params, [r.generator for r in requests])
+        broken: dict[Request, str] = {}
         for i, r in enumerate(requests):
             if r.json_state is not None:
-                tokens[i] = token = self._json_token(r, scores[i], int(tokens[i]))
-                r.json_state = r.json_grammar.feed(r.json_state, self.json_vocab.pieces[token] or b"")
+                try:
+                    tokens[i] = token = self._json_token(r, scores[i], int(tokens[i]))
+                    r.json_state = r.json_grammar.feed(r.json_state, self.json_vocab.pieces[token] or b"")
+                except Exception as e:   # our fault, and this request's alone: it ends, its batch goes on
+                    broken[r] = f"JSON mode failed: {type(e).__name__}: {e}"
         self.cache.last_tokens[rows] = tokens
         if any(r.params.logprobs is not None for r in requests):
             self._logprobs(requests, logits, tokens)
         now = time.perf_counter()
         for r, token in zip(requests, tokens.tolist()):   # the one device-to-host copy of the step
-            self._append(r, token, now, batch_size)
+            if r in broken:
+                self.fail(r, broken[r])
+            else:
+                self._append(r, token, now, batch_size)
 
     def _json_token(self, r: Request, scores: torch.Tensor, token: int) -> int:
         """JSON mode (json_mode.py): r's token, chosen from scores [V], if its output stays valid;

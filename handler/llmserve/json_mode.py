@@ -74,7 +74,11 @@ class Grammar:
         root = self._compile(schema, "schema")
         if self.nodes[root][0] != OBJECT:
             raise SchemaError('the schema\'s top level must be {"type": "object", ...}')
-        for node in self.nodes:
+        if any(node is None for node in self.nodes):
+            raise SchemaError("a $ref refers to itself with no schema in between")
+        for i, node in enumerate(self.nodes):
+            if node[0] == ANY_OF and self._loops(i, set()):
+                raise SchemaError("anyOf: an alternative leads back to it with no value in between")
             if node[0] == ANY_OF:
                 starts = [self._starts(alt, set()) for alt in node[1]]
                 if sum(map(len, starts)) != len(set().union(*starts)):
@@ -141,6 +145,12 @@ class Grammar:
             self.refs[ref] = self._add(None)                 # its place, for a reference to itself
             self.nodes[self.refs[ref]] = self.nodes[self._compile(self.defs[name], f"$defs.{name}")]
         return self.refs[ref]
+
+    def _loops(self, node_id: int, seen: set) -> bool:
+        """Whether anyOf node_id reaches itself through alternatives alone (a value would never begin)."""
+        if node_id in seen:
+            return True
+        return any(self.nodes[alt][0] == ANY_OF and self._loops(alt, seen | {node_id}) for alt in self.nodes[node_id][1])
 
     def _starts(self, node_id: int, seen: set) -> set[int]:
         """The bytes a value of node_id's schema may begin with."""
