@@ -328,6 +328,14 @@ def test_openai_client_plain_and_streamed(server, tokenizer, person_model):
     call = called.choices[0].message.tool_calls[0]
     assert call.function.name == "get_weather" and called.choices[0].message.content is None
     assert list(json.loads(call.function.arguments)) == ["city", "unit"]
+    # "required" with two tools: the answer names one, with that one's arguments
+    clock = {"type": "function", "function": {"name": "get_time", "description": "the time in a time zone",
+             "parameters": {"type": "object", "properties": {"zone": {"enum": ["UTC", "CET", "PST"]}},
+                            "required": ["zone"]}}}
+    called = client.chat.completions.create(model="llm", max_tokens=64, tools=[weather, clock], tool_choice="required",
+                                            messages=[{"role": "user", "content": "What time is it in UTC?"}])
+    call = called.choices[0].message.tool_calls[0]
+    assert list(json.loads(call.function.arguments)) == {"get_weather": ["city", "unit"], "get_time": ["zone"]}[call.function.name]
     with pytest.raises(openai.BadRequestError) as e:      # "auto", the default with tools, needs a parser we lack
         client.chat.completions.create(model="llm", messages=messages, tools=[weather])
     assert e.value.body["param"] == "tool_choice"

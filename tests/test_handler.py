@@ -576,6 +576,39 @@ def test_openai_a_forced_tool_call_names_the_function_and_holds_its_arguments_to
     assert "tool_calls" not in whole(responses["none"])["choices"][0]["message"]
 
 
+def test_openai_required_with_several_tools_names_one_in_the_answer(tiny_model_dir):
+    """tool_choice "required" with several tools: the answer is {"name", "arguments"}, the name one
+    of the tools' and the arguments of that tool's schema (a union the name decides), returned as its
+    call; streamed in one chunk at the end, since the name is known only then. Cut by max_tokens, it
+    comes back as content, a prefix of such an object."""
+    h, ctx = make_handler(tiny_model_dir, max_model_len=256, max_num_seqs=8, yaml={"batchSize": 8})
+    tools = [{"type": "function", "function": {"name": name, "parameters": {
+        "type": "object", "properties": {key: {"type": "integer"}}, "required": [key]}}} for name, key in (("a", "x"), ("b", "y"))]
+    ask = {"model": "llm", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 64, "tools": tools,
+           "tool_choice": "required", "temperature": 1.0, "seed": 1}
+    responses = openai_run(h, ctx, {0: {f"call{i}": ("v1/chat/completions", {**ask, "seed": i}) for i in range(4)}
+                                    | {"call0-s": ("v1/chat/completions", {**ask, "seed": 0, "stream": True})}})
+    grammar = Grammar({"anyOf": [{"type": "object", "properties": {"name": {"const": t["function"]["name"]},
+                                                                   "arguments": t["function"]["parameters"]},
+                                  "required": ["name", "arguments"]} for t in tools]})
+    for i in range(4):
+        choice = whole(responses[f"call{i}"])["choices"][0]
+        if choice["finish_reason"] == "stop":
+            call, = choice["message"]["tool_calls"]
+            key = {"a": "x", "b": "y"}[call["function"]["name"]]
+            assert list(json.loads(call["function"]["arguments"])) == [key] and choice["message"]["content"] is None
+        else:
+            assert grammar.feed(grammar.initial, choice["message"]["content"].encode()) is not None
+    chunks = [c["choices"][0] for c in sse(responses["call0-s"]) if c["choices"]]
+    assert len(chunks) == 1 and chunks[0]["finish_reason"] is not None
+    plain, delta = whole(responses["call0"])["choices"][0]["message"], chunks[0]["delta"]
+    if "tool_calls" in plain:
+        assert [c["function"] for c in delta["tool_calls"]] == [c["function"] for c in plain["tool_calls"]]
+        assert delta["tool_calls"][0]["index"] == 0 and delta["content"] is None
+    else:
+        assert delta["content"] == plain["content"]
+
+
 @pytest.mark.parametrize("route, body, status, param", [
     ("v1/chat/completions", {"model": "llm", "messages": [{"role": "user", "content": "hi"}], "n": 5}, 400, "n"),
     ("v1/completions", {"model": "llm", "prompt": "hi", "n": True}, 400, "n"),

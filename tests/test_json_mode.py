@@ -166,6 +166,25 @@ def test_pydantic_s_schemas_with_defs_refs_and_optional_fields(person_model, tex
         assert model.model_validate_json(text).name == "Ann"
 
 
+CALL = {"anyOf": [{"type": "object", "properties": {"name": {"const": name}, "arguments": arguments},
+                   "required": ["name", "arguments"]} for name, arguments in (
+    ("get_weather", {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}),
+    ("get_time", {"type": "object", "properties": {"zone": {"enum": ["utc", "cet"]}}, "required": ["zone"]}))]}
+
+
+@pytest.mark.parametrize("text, ok", [
+    ('{"name": "get_weather", "arguments": {"city": "Paris"}}', True), ('{"name":"get_time","arguments":{"zone":"cet"}}', True),
+    ('{"name": "get_time", "arguments": {"city": "Paris"}}', False), ('{"name": "get_x", "arguments": {}}', False),
+    ('{"arguments": {}, "name": "get_time"}', False), ('{}', False), ('{"name": "get_time"}', False)])
+def test_objects_told_apart_by_a_first_constant_are_a_union_the_constant_decides(text, ok):
+    """anyOf of objects that all begin alike: allowed where each one's first property is the same
+    required name holding a constant of its own (tool calls, tagged unions): its value picks the rest."""
+    assert is_object(text, Grammar(CALL)) == ok
+    with pytest.raises(SchemaError, match="tagged union"):
+        Grammar({"anyOf": [{"type": "object", "properties": {"name": {"const": "a"}}},
+                           {"type": "object", "properties": {"name": {"const": "b"}}, "required": ["name"]}]})
+
+
 @pytest.fixture(scope="module")
 def vocab(tokenizer):
     return JsonVocab(token_bytes(tokenizer, len(tokenizer)), {tokenizer.eos_token_id})
@@ -183,6 +202,7 @@ def test_the_vocabulary_is_the_tokenizer_s_bytes(tokenizer, vocab):
     '{"a": [1, {"b": "c"}', '{}', '{\n  "a": 0', ' ']] + [(CAT, p) for p in [
     '{', '{"na', '{"name": "T", "age": 1', '{"name": "T", "age": 1, "colour": "bl', '{"name": "T", "age": 1, "colour": 3',
     '{"name": "T", "age": 1, "toys": ["a"', '{"name": "T", "age": 1, "toys": ["a", "b"]', '{"name": "T", "age": 1, "toys": [']]
+    + [(CALL, p) for p in ['{', '{"name": "get_', '{"name": "get_time", ']]
     + [(PERSON, p) for p in ['{"name": "A", "age": ', '{"name": "A", "age": null, "pets": [{"na',
                              '{"name": "A", "age": null, "pets": [], "boss": {']])
 def test_a_state_s_mask_is_every_token_that_keeps_the_output_valid(vocab, schema, prefix):

@@ -15,7 +15,8 @@ The schema subset (what OpenAI's strict mode and most extraction schemas use): "
 "properties" in the order given, "required" ones present, the others optional; no other keys; an
 object without "properties" takes any keys and values), array ("items", "minItems", "maxItems"),
 string, number, integer, boolean, null; "enum" and "const" of any JSON values; "anyOf" (and a list
-of types) whose alternatives begin differently (pydantic's Optional: a type or null); "$ref" to
+of types) whose alternatives begin differently (pydantic's Optional: a type or null) or are objects
+whose first property is one required name holding a constant of each one's own; "$ref" to
 the schema's own "$defs" (pydantic's nested models, recursion included). Annotations
 ("title", "description", "format", "$schema", "strict", "additionalProperties") are read and not
 enforced; any other keyword ("pattern", "oneOf", "allOf", ...) is refused with a SchemaError."""
@@ -27,9 +28,10 @@ import torch
 
 # schema nodes (Grammar.nodes): (ANY,), (OBJECT, properties: ((name bytes, node, required), ...) or
 # None for any keys), (ARRAY, items node, min, max or None), (STRING,), (NUMBER, integer?),
-# (BOOLEAN,), (NULL,), (ENUM, (value bytes, ...)), (ANY_OF, (node, ...)); node 0 is any value,
-# node 1 any object
-ANY, OBJECT, ARRAY, STRING, NUMBER, BOOLEAN, NULL, ENUM, ANY_OF = range(9)
+# (BOOLEAN,), (NULL,), (ENUM, (value bytes, ...)), (ANY_OF, (node, ...)), (UNION, tag name bytes, tag
+# ENUM node, {tag value bytes: object node}): objects told apart by their first property's constant;
+# node 0 is any value, node 1 any object
+ANY, OBJECT, ARRAY, STRING, NUMBER, BOOLEAN, NULL, ENUM, ANY_OF, UNION = range(10)
 STARTS = {OBJECT: b"{", ARRAY: b"[", STRING: b'"', NUMBER: b"-0123456789", BOOLEAN: b"tf", NULL: b"n"}
 ANY_VALUE, ANY_OBJECT = 0, 1
 # modes of a state (mode, stack, aux, spaces): stack holds the open containers as frames, ("o",
@@ -72,8 +74,6 @@ class Grammar:
         self.defs = schema.get("$defs", schema.get("definitions", {})) if isinstance(schema, dict) else {}
         self.refs: dict[str, int] = {}                       # $ref -> its node (compiled once: recursion)
         root = self._compile(schema, "schema")
-        if self.nodes[root][0] != OBJECT:
-            raise SchemaError('the schema\'s top level must be {"type": "object", ...}')
         if any(node is None for node in self.nodes):
             raise SchemaError("a $ref refers to itself with no schema in between")
         for i, node in enumerate(self.nodes):
@@ -81,9 +81,12 @@ class Grammar:
                 raise SchemaError("anyOf: an alternative leads back to it with no value in between")
             if node[0] == ANY_OF:
                 starts = [self._starts(alt, set()) for alt in node[1]]
-                if sum(map(len, starts)) != len(set().union(*starts)):
+                if sum(map(len, starts)) != len(set().union(*starts)) and not self._union(i):
                     raise SchemaError("anyOf: its alternatives must begin differently (a string or null, say), "
-                                      "so that the first byte of a value picks one")
+                                      "so that the first byte of a value picks one, or be objects whose first "
+                                      "property is a required const of its own (a tagged union)")
+        if self.nodes[root][0] not in (OBJECT, UNION):
+            raise SchemaError('the schema\'s top level must be {"type": "object", ...}')
         self.initial = (START, (), root, 0)
 
     def _compile(self, schema, where: str) -> int:
@@ -146,6 +149,21 @@ class Grammar:
             self.nodes[self.refs[ref]] = self.nodes[self._compile(self.defs[name], f"$defs.{name}")]
         return self.refs[ref]
 
+    def _union(self, node_id: int) -> bool:
+        """Make anyOf node_id a UNION if its alternatives are objects whose first property has one name,
+        is required and is a constant of each one's own (tool calls' "name", pydantic's tagged unions)."""
+        alts = [self.nodes[alt] for alt in self.nodes[node_id][1]]
+        if not all(a[0] == OBJECT and a[1] for a in alts):
+            return False
+        firsts = [a[1][0] for a in alts]
+        tags = [self.nodes[node][1] for _, node, _ in firsts if self.nodes[node][0] == ENUM]
+        if len(tags) < len(alts) or len({name for name, _, _ in firsts}) > 1 or not all(req for _, _, req in firsts) \
+                or any(len(t) > 1 for t in tags) or len({t[0] for t in tags}) < len(tags):
+            return False
+        tag = self._add((ENUM, tuple(t[0] for t in tags)))
+        self.nodes[node_id] = (UNION, firsts[0][0], tag, {t[0]: alt for t, alt in zip(tags, self.nodes[node_id][1])})
+        return True
+
     def _loops(self, node_id: int, seen: set) -> bool:
         """Whether anyOf node_id reaches itself through alternatives alone (a value would never begin)."""
         if node_id in seen:
@@ -159,6 +177,8 @@ class Grammar:
             return {v[0] for v in node[1]}
         if node[0] == ANY:
             return set(b"".join(STARTS.values()))
+        if node[0] == UNION:
+            return {ord("{")}
         if node[0] == ANY_OF:
             seen = seen | {node_id}
             return set().union(*(self._starts(alt, seen) for alt in node[1] if alt not in seen))
@@ -192,6 +212,8 @@ class Grammar:
         node = self.nodes[frame[1]]
         if frame[0] == "a":
             return node[0] == ANY or frame[2] >= node[2]
+        if frame[0] == "u":                                  # its tag comes first
+            return False
         return node[1] is None or not any(p[2] for p in node[1][frame[2]:])
 
     def _value(self, node_id: int, stack: tuple, b: int) -> tuple | None:
@@ -202,6 +224,8 @@ class Grammar:
             return next((st for alt in node[1] if (st := self._value(alt, stack, b)) is not None), None)
         if kind == ENUM:
             return (IN_ENUM, stack, (node_id, bytes([b])), 0) if any(v[:1] == bytes([b]) for v in node[1]) else None
+        if b == ord("{") and kind == UNION:                  # its tag first
+            return (OBJECT_OPEN, stack + (("u", node_id, 0),), 0, 0)
         if b == ord("{") and kind in (ANY, OBJECT):
             frame = ("o", node_id if kind == OBJECT else ANY_OBJECT, 0)
             return (OBJECT_OPEN, stack + (frame,), 0, 0)
@@ -247,7 +271,11 @@ class Grammar:
             longer = sofar + bytes([b])
             if any(v.startswith(longer) for v in self.nodes[node_id][1]):
                 return (IN_ENUM, stack, (node_id, longer), 0)
-            return self.step(self._closed(stack), b) if sofar in self.nodes[node_id][1] else None
+            if sofar not in self.nodes[node_id][1]:
+                return None
+            if stack and stack[-1][0] == "u":               # a union's tag: the rest is its object's
+                stack = stack[:-1] + (("o", self.nodes[stack[-1][1]][3][sofar], 1),)
+            return self.step(self._closed(stack), b)
         if mode == KEY_MATCH:
             keys, sofar = aux
             if b == 0x22:
@@ -255,6 +283,8 @@ class Grammar:
                 if not match:
                     return None
                 top = stack[-1]
+                if top[0] == "u":
+                    return (COLON, stack, self.nodes[top[1]][2], 0)
                 value = self.nodes[top[1]][1][match[0]][1]
                 return (COLON, stack[:-1] + (("o", top[1], match[0] + 1),), value, 0)
             longer = sofar + bytes([b])
@@ -276,6 +306,8 @@ class Grammar:
         top = stack[-1]
         if mode in (OBJECT_OPEN, KEY_NEXT):
             if b == 0x22:
+                if top[0] == "u":
+                    return (KEY_MATCH, stack, (((0, self.nodes[top[1]][1]),), b""), 0) if mode == OBJECT_OPEN else None
                 if self.nodes[top[1]][1] is None:
                     return (IN_STRING, stack, (0, True), 0)
                 keys = self._keys(top)

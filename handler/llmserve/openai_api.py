@@ -27,6 +27,7 @@ KNOWN = {CHAT: {"model", "messages", "max_tokens", "max_completion_tokens", "str
          COMPLETIONS: {"model", "prompt", "max_tokens", "stream_options", "logprobs", "user", "n", "echo", *SHARED,
                        *NEUTRAL}
          - {"functions", "function_call"}}
+ANY_TOOL = "*"        # Formatter's tool: one of several, named in the answer's text ({"name", "arguments"})
 AUTO_TOOLS = ('tool_choice "auto" needs a model trained to call tools and a parser for its calls (vLLM\'s '
               '--tool-call-parser); send "required" (one tool), {"type": "function", "function": {"name": ...}} or "none"')
 
@@ -74,8 +75,7 @@ def parse_openai(route: str, request_id: str, body, model: str, config: EngineCo
         if tool is not None:
             if native.get("response_format") not in (None, {"type": "text"}):
                 raise RequestError("tool_choice", "a forced tool call and response_format cannot go together")
-            native["response_format"] = {"type": "json_schema", "json_schema": {"name": tool["name"],
-                                                                                "schema": tool["parameters"]}}
+            native["response_format"] = {"type": "json_schema", "json_schema": {"name": "call", "schema": _call_schema(tool)}}
             native["messages"] = _with_tool(native["messages"], tool)
     else:
         prompt = body.get("prompt")
@@ -101,7 +101,7 @@ def parse_openai(route: str, request_id: str, body, model: str, config: EngineCo
         echo_text = tokenizer.decode(r.prompt_ids) if isinstance(native["prompt"], list) else native["prompt"]
     return choices(r, _choices_count(body, config)), {"include_usage": bool((options or {}).get("include_usage")),
                                                       "echo": echo_text, "hide_output": hide_output,
-                                                      "tool": tool and tool["name"]}
+                                                      "tool": tool and (tool[0]["name"] if len(tool) == 1 else ANY_TOOL)}
 
 
 def _choices_count(body: dict, config: EngineConfig) -> int:
@@ -128,10 +128,10 @@ def choices(r: Request, n: int) -> list[Request]:
     return out
 
 
-def _forced_tool(body: dict) -> dict | None:
-    """The function tool_choice makes the model call ({name, description, parameters}), or None:
-    "required" with one tool, or one named; "none" or no tools, no call. "auto", the default with
-    tools, is refused, as vLLM refuses it without a parser for the model's own calls."""
+def _forced_tool(body: dict) -> list[dict] | None:
+    """The functions tool_choice makes the model call one of ({name, description, parameters} each),
+    or None: "required", all the tools; a named one, it alone; "none" or no tools, no call. "auto",
+    the default with tools, is refused, as vLLM refuses it without a parser for the model's own calls."""
     tools, choice = body.get("tools"), body.get("tool_choice")
     parallel = body.get("parallel_tool_calls")
     if parallel is not None and not isinstance(parallel, bool):
@@ -159,10 +159,9 @@ def _forced_tool(body: dict) -> dict | None:
     if choice == "none":
         return None
     if choice == "required":
-        if len(functions) > 1:
-            raise RequestError("tool_choice", f'"required" with {len(functions)} tools is not supported: name the one to call')
-        name = next(iter(functions))
-    elif isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("function"), dict):
+        return [{"name": name, "description": f.get("description"), "parameters": _parameters(f)}
+                for name, f in functions.items()]
+    if isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("function"), dict):
         name = choice["function"].get("name")
         if name not in functions:
             raise RequestError("tool_choice", f"no tool is named {json.dumps(name)}")
@@ -170,19 +169,30 @@ def _forced_tool(body: dict) -> dict | None:
         raise RequestError("tool_choice", 'tool_choice must be "none", "auto", "required" or {"type": "function", '
                                           f'"function": {{"name": ...}}}}, got {json.dumps(choice)}')
     f = functions[name]
-    return {"name": name, "description": f.get("description"), "parameters": _parameters(f)}
+    return [{"name": name, "description": f.get("description"), "parameters": _parameters(f)}]
 
 
 def _parameters(function: dict) -> dict:
     return function.get("parameters") or {"type": "object", "properties": {}}
 
 
-def _with_tool(messages: list[dict], tool: dict) -> list[dict]:
-    """The conversation with the function to call described in its system message (the chat
+def _call_schema(tools: list[dict]) -> dict:
+    """What the answer is held to: one function's arguments; for one of several, {"name": <a tool's>,
+    "arguments": <that tool's>} (a union the name decides: json_mode's UNION)."""
+    if len(tools) == 1:
+        return tools[0]["parameters"]
+    return {"anyOf": [{"type": "object", "properties": {"name": {"const": t["name"]}, "arguments": t["parameters"]},
+                       "required": ["name", "arguments"]} for t in tools]}
+
+
+def _with_tool(messages: list[dict], tools: list[dict]) -> list[dict]:
+    """The conversation with the functions to call described in its system message (the chat
     template's default one replaced where there was none): a small model fills arguments it was told of."""
-    about = f" ({tool['description']})" if tool["description"] else ""
-    text = (f"Call the function {tool['name']}{about}: reply with its arguments, a JSON object of this schema: "
-            f"{json.dumps(tool['parameters'])}")
+    about = [f"{t['name']}" + (f" ({t['description']})" if t["description"] else "") + f", arguments of this schema: "
+             f"{json.dumps(t['parameters'])}" for t in tools]
+    text = (f"Call the function {about[0]}. Reply with its arguments as a JSON object." if len(tools) == 1 else
+            "Call one of these functions: " + "; ".join(about) + '. Reply with a JSON object {"name": <the function>, '
+            '"arguments": <its arguments>}.')
     if messages[0]["role"] == "system":
         return [{"role": "system", "content": messages[0]["content"] + "\n\n" + text}] + messages[1:]
     return [{"role": "system", "content": text}] + messages
@@ -299,14 +309,25 @@ class Formatter:
         kind = ("chat.completion" if self.route == CHAT else "text_completion") + (".chunk" if chunk and self.route == CHAT else "")
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices}
 
+    def _call(self, r: Request) -> dict | None:
+        """r's answer as a tool call: its text is the named function's arguments, or (ANY_TOOL) the
+        object {"name", "arguments"}; None where that is cut short (max_tokens) and does not parse."""
+        if self.tool != ANY_TOOL:
+            return {"id": f"call_{r.request_id}", "type": "function", "function": {"name": self.tool, "arguments": r.text}}
+        try:
+            answer = json.loads(r.text)
+            function = {"name": answer["name"], "arguments": json.dumps(answer["arguments"], ensure_ascii=False)}
+        except (ValueError, KeyError, TypeError):
+            return None
+        return {"id": f"call_{r.request_id}", "type": "function", "function": function}
+
     def whole(self) -> dict:
         choices = []
         for i, r in enumerate(self.requests):
             choice = {"index": i, "logprobs": self._logprobs(i, 0, len(r.output_ids), echo=self.echo is not None),
                       "finish_reason": r.finish_reason}
-            if self.route == CHAT and self.tool:
-                choice["message"] = {"role": "assistant", "content": None, "tool_calls": [
-                    {"id": f"call_{r.request_id}", "type": "function", "function": {"name": self.tool, "arguments": r.text}}]}
+            if self.route == CHAT and self.tool and (call := self._call(r)):
+                choice["message"] = {"role": "assistant", "content": None, "tool_calls": [call]}
             elif self.route == CHAT:
                 choice["message"] = {"role": "assistant", "content": r.text}
             else:
@@ -325,13 +346,19 @@ class Formatter:
         for i, (r, delta) in enumerate(zip(self.requests, deltas)):
             first, delta = not self.is_started[i], "" if self.hide_output else delta
             echo = first and self.echo is not None
+            if self.tool == ANY_TOOL and not r.is_finished:
+                continue
             if self.is_end_sent[i] or not (delta or r.is_finished or echo and prompt_done):
                 continue
             end = len(r.output_ids)
             choice = {"index": i, "logprobs": self._logprobs(i, self.num_sent_tokens[i], end, echo),
                       "finish_reason": r.finish_reason if r.is_finished else None}
             self.num_sent_tokens[i], self.is_end_sent[i], self.is_started[i] = end, r.is_finished, True
-            if self.route == CHAT and self.tool:   # the call's name first, then its arguments piece by piece
+            if self.route == CHAT and self.tool == ANY_TOOL:   # whole at the end: the name is in the text
+                call = self._call(r)
+                choice["delta"] = {"role": "assistant"} | ({"content": None, "tool_calls": [{"index": 0} | call]}
+                                                         if call else {"content": r.text})
+            elif self.route == CHAT and self.tool:   # the call's name first, then its arguments piece by piece
                 call = {"index": 0, "function": {"arguments": delta}}
                 if first:
                     call = {"index": 0, "id": f"call_{r.request_id}", "type": "function",
