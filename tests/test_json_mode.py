@@ -232,17 +232,26 @@ def test_a_row_s_own_choice_stands_if_valid_else_the_valid_tokens_are_drawn_from
     scores = torch.zeros(engine.json_vocab.size)
     word, quote, brace = (tokenizer(text)["input_ids"][0] for text in (" hello", ' "', " {"))
     scores[word], scores[quote], scores[brace] = 30.0, 20.0, 19.9   # the likeliest is invalid after a colon
-    assert engine._json_token(r, scores, word) == quote       # greedy
+    assert engine._json_token(r, r.json_state, scores, word) == quote       # greedy
     r.params = SamplingParams(max_new_tokens=8, temperature=1.0, top_k=50, response_schema="null")
     r.generator = torch.Generator().manual_seed(0)
-    draws = [engine._json_token(r, scores, word) for _ in range(50)]
+    draws = [engine._json_token(r, r.json_state, scores, word) for _ in range(50)]
     assert all(engine.json_vocab.is_valid(r.json_grammar, r.json_state, t) for t in draws)
     assert {quote, brace} <= set(draws)                       # drawn, not the likeliest
-    assert engine._json_token(r, scores, quote) == quote      # a valid choice stands
+    assert engine._json_token(r, r.json_state, scores, quote) == quote      # a valid choice stands
     r.json_state = r.json_grammar.feed(r.json_grammar.initial, b"{}")   # a closed object: only the end of text
-    assert engine._json_token(r, scores, quote) == tokenizer.eos_token_id
+    assert engine._json_token(r, r.json_state, scores, quote) == tokenizer.eos_token_id
     r.params = SamplingParams(max_new_tokens=8, stop_token_ids=(quote,), response_schema="null")
-    assert engine._json_token(r, scores, word) == quote       # ... or a stop token of its own
+    assert engine._json_token(r, r.json_state, scores, word) == quote       # ... or a stop token of its own
+    # a verify step's positions: each the grammar's choice after the draft before it (the draft " \"" kept
+    # though the likeliest token at its position is " hello"; inside the string a newline is not valid)
+    r.params, r.json_state = SamplingParams(max_new_tokens=8, response_schema="null"), r.json_grammar.feed(
+        r.json_grammar.initial, b'{"a":')
+    newline = tokenizer("\n")["input_ids"][0]
+    logits = torch.zeros(2, engine.json_vocab.size)
+    logits[0, word], logits[0, quote] = 30.0, 20.0
+    logits[1, newline], logits[1, word] = 30.0, 20.0
+    assert engine._json_positions(r, [quote], logits, [word, newline]) == [quote, word]
 
 
 def test_a_random_model_s_output_is_held_to_a_json_object_or_a_schema_and_its_neighbour_is_unchanged(engine):
@@ -290,13 +299,44 @@ def test_a_grammar_that_fails_ends_its_request_alone(engine, monkeypatch):
     engine.check_invariants()
 
 
-def test_json_mode_does_not_draft(tiny_model_dir, monkeypatch):
+def test_a_greedy_json_request_drafts_and_keeps_its_tokens(tiny_model_dir, monkeypatch):
+    """Drafts verified position by position under the grammar (here: the one-by-one answer's next
+    token and a wrong one after it, cut to their valid part): greedy JSON answers, any object and a
+    schema's, are the ones decoded one by one, with drafts kept; a sampled JSON request does not draft."""
     from llmserve.speculative import PromptLookup
 
-    monkeypatch.setattr(PromptLookup, "draft", lambda self, tokens, limit: tokens[-1:] * min(limit, 2))
-    spec = Engine.from_config(EngineConfig(model_path=str(tiny_model_dir), quantization="fp32", max_model_len=128,
+    spec = Engine.from_config(EngineConfig(model_path=str(tiny_model_dir), quantization="fp32", max_model_len=256,
                                            max_num_seqs=8, spec_tokens=3, spec_max_rows=8))
-    constrained, plain = request(spec, 0, 16, response_schema="null"), request(spec, 1, 16)
-    spec.generate([constrained, plain])
-    assert plain.num_draft_tokens > 0 and constrained.num_draft_tokens == 0 and constrained.lookup is None
-    assert feed(INITIAL, bytes(b for t in constrained.output_ids for b in spec.json_vocab.pieces[t] or b"")) is not None
+    cat = response_schema({"type": "json_schema", "json_schema": {"name": "cat", "schema": CAT}})
+
+    def run(max_rows: int) -> list[Request]:
+        spec.spec_max_rows = max_rows                          # 1: no room for a draft
+        answers = [request(spec, f"{max_rows}-{i}", 48, response_schema=schema, **kw) for i, (schema, kw) in
+                   enumerate([("null", {}), (cat, {}), ("null", {"temperature": 1.0, "seed": 5})])]
+        spec.generate(answers)
+        return answers
+
+    one_by_one = run(1)
+    prompt = len(one_by_one[0].prompt_ids)
+
+    def draft(self, tokens, limit):
+        """The one-by-one answer's next two tokens, every other time with a valid wrong one second."""
+        out = tokens[prompt:]
+        for r in one_by_one[:2]:
+            ref = r.output_ids
+            if ref[:len(out)] == out and len(ref) > len(out) + 2:
+                grammar = spec.json_vocab.grammar(r.params.response_schema)
+                state = grammar.feed(grammar.initial, bytes(b for t in ref[:len(out) + 1] for b in spec.json_vocab.pieces[t]))
+                valid = spec.json_vocab.mask(grammar, state).nonzero()[:, 0].tolist()
+                wrong = next(t for t in valid if t != ref[len(out) + 1])
+                return (ref[len(out):len(out) + 2] if len(out) % 2 else [ref[len(out)], wrong])[:limit]
+        return []
+
+    monkeypatch.setattr(PromptLookup, "draft", draft)
+    drafted = run(12)                                          # room for two draft tokens a row
+    assert [r.output_ids for r in drafted[:2]] == [r.output_ids for r in one_by_one[:2]]   # (a sampled row's
+    # logits in a verify step's shape may round apart from a decode step's: not compared)
+    assert all(0 < r.num_accepted_tokens < r.num_draft_tokens for r in drafted[:2]) and drafted[2].lookup is None
+    for r in drafted:
+        grammar = spec.json_vocab.grammar(r.params.response_schema)
+        assert grammar.feed(grammar.initial, r.text.encode()) is not None

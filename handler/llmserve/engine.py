@@ -101,8 +101,9 @@ class Engine:
         c = self.config
         # a request with a bias or penalty does not draft: its penalties at a draft's positions would
         # count the draft tokens before each (and an answer told not to repeat itself copies little);
-        # nor does one in JSON mode (its tokens are checked one by one)
-        if c.spec_tokens and not request.params.adjusts_logits and request.params.response_schema is None:
+        # in JSON mode only a greedy one does (_verify holds each position to the grammar)
+        if c.spec_tokens and not request.params.adjusts_logits and (request.params.response_schema is None
+                                                                     or request.params.is_greedy):
             request.lookup = PromptLookup(c.spec_tokens, c.spec_lookup_min, c.spec_lookup_max)
         if request.params.repetition_penalty != 1:   # once, not at every step (sampling.adjusted)
             request.prompt_vocab = torch.tensor(sorted(set(request.prompt_ids)), device=self.facts.device)
@@ -323,6 +324,13 @@ class Engine:
             return None
         drafts = [r.lookup.draft(r.prompt_ids + r.output_ids, min(room, r.params.max_new_tokens - len(r.output_ids) - 1))
                   if r.lookup else [] for r in self.rows[:B]]
+        for r, d in zip(self.rows[:B], drafts):
+            state = r.json_state
+            for j, token in enumerate(d if state is not None else []):   # JSON mode: the draft's valid part
+                state = r.json_grammar.feed(state, self.json_vocab.pieces[token] or b"\x00")
+                if state is None:
+                    del d[j:]
+                    break
         return drafts if any(drafts) else None
 
     def _verify(self, drafts: list[list[int]], batch_size: int) -> None:
@@ -346,6 +354,9 @@ class Engine:
             u = torch.stack([torch.rand((), device=logits.device, generator=g) for _ in range(n)])   # [n]
             predicted[i] = draw(logits[i, :n], [requests[i].params] * n, u).tolist()
             g.set_state(start)                       # _postprocess draws the first position's again
+        for i, (r, d) in enumerate(zip(requests, drafts)):
+            if d and r.json_state is not None:   # JSON mode (greedy): each position's token as the grammar has it
+                predicted[i] = self._json_positions(r, d, logits[i], predicted[i])
         kept = [accepted_length(d, p) for d, p in zip(drafts, predicted)]
         # rows advance over their kept draft before any request finishes: a finished row's hole is
         # filled by moving the last row, whose keys move only up to its length
@@ -366,8 +377,25 @@ class Engine:
                 for j, token in enumerate(p[1:n + 1], start=1):
                     if r.params.logprobs is not None:   # from the logits it was drawn from, as one by one
                         self._logprobs([r], logits[i, j:j + 1], torch.tensor([token], device=logits.device))
+                    if r.json_state is not None:
+                        r.json_state = r.json_grammar.feed(r.json_state, self.json_vocab.pieces[token] or b"")
                     if self._append(r, token, now, batch_size):
                         break
+
+    def _json_positions(self, r: Request, draft: list[int], logits: torch.Tensor, argmaxes: list[int]) -> list[int]:
+        """A greedy JSON row's tokens at a verify step's positions (logits [W, V]) as one by one: each
+        the grammar's choice after the draft tokens before it, up to the first that is not the draft's.
+        A fault keeps none of the draft (_postprocess then ends the request with it)."""
+        state, out = r.json_state, []
+        try:
+            for j in range(len(draft) + 1):
+                out.append(self._json_token(r, state, logits[j], argmaxes[j]))
+                if j == len(draft) or out[j] != draft[j]:
+                    return out
+                state = r.json_grammar.feed(state, self.json_vocab.pieces[draft[j]] or b"")
+        except Exception:
+            return [-1]
+        return out
 
     def _mask_early_eos(self, requests: list[Request], logits: torch.Tensor) -> None:
         """min_tokens: no stop token (EOS, or one of its stop_token_ids) at the positions of logits
@@ -388,7 +416,7 @@ class Engine:
         for i, r in enumerate(requests):
             if r.json_state is not None:
                 try:
-                    tokens[i] = token = self._json_token(r, scores[i], int(tokens[i]))
+                    tokens[i] = token = self._json_token(r, r.json_state, scores[i], int(tokens[i]))
                     r.json_state = r.json_grammar.feed(r.json_state, self.json_vocab.pieces[token] or b"")
                 except Exception as e:   # our fault, and this request's alone: it ends, its batch goes on
                     broken[r] = f"JSON mode failed: {type(e).__name__}: {e}"
@@ -402,18 +430,18 @@ class Engine:
             else:
                 self._append(r, token, now, batch_size)
 
-    def _json_token(self, r: Request, scores: torch.Tensor, token: int) -> int:
-        """JSON mode (json_mode.py): r's token, chosen from scores [V], if its output stays valid;
+    def _json_token(self, r: Request, state: tuple, scores: torch.Tensor, token: int) -> int:
+        """JSON mode (json_mode.py): r's token, chosen from scores [V], if its output stays valid from state;
         else the likeliest valid one (greedy: the 8 likeliest are tried before a mask is built) or
         a new draw from the valid ones alone, with a new uniform from its generator (llama.cpp's rule)."""
         vocab, stops = self.json_vocab, frozenset(r.params.stop_token_ids)
-        if vocab.is_valid(r.json_grammar, r.json_state, token, stops):
+        if vocab.is_valid(r.json_grammar, state, token, stops):
             return token
         if r.params.is_greedy:
             for t in torch.topk(scores, 8).indices.tolist():
-                if vocab.is_valid(r.json_grammar, r.json_state, t, stops):
+                if vocab.is_valid(r.json_grammar, state, t, stops):
                     return t
-        mask = vocab.mask(r.json_grammar, r.json_state, stops).to(scores.device)
+        mask = vocab.mask(r.json_grammar, state, stops).to(scores.device)
         masked = scores.masked_fill(~mask, float("-inf"))
         if not torch.isfinite(masked.max()):   # min_tokens masked the end, the only valid token: the object comes first
             return int(mask.nonzero()[0])
