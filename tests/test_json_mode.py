@@ -166,6 +166,18 @@ def test_pydantic_s_schemas_with_defs_refs_and_optional_fields(person_model, tex
         assert model.model_validate_json(text).name == "Ann"
 
 
+NAME = {"type": "object", "properties": {"s": {"type": "string", "minLength": 2, "maxLength": 4}}, "required": ["s"]}
+
+
+@pytest.mark.parametrize("value, ok", [('"ab"', True), ('"abcd"', True), ('"\u00e9\u20acx"', True), ('"a\\n"', True),
+                                       ('"\\u00e9\\u00e9\\u00e9\\u00e9"', True), ('"a"', False), ('""', False),
+                                       ('"abcde"', False), ('"\\u00e9\\u00e9\\u00e9\\u00e9\\u00e9"', False)])
+def test_a_string_s_length_is_counted_in_characters(value, ok):
+    """minLength and maxLength count characters: a multi-byte UTF-8 one, an escape, once each."""
+    assert len(json.loads(value)) in (range(2, 5) if ok else (0, 1, 5))
+    assert is_object('{"s": ' + value + '}', Grammar(NAME)) == ok
+
+
 CALL = {"anyOf": [{"type": "object", "properties": {"name": {"const": name}, "arguments": arguments},
                    "required": ["name", "arguments"]} for name, arguments in (
     ("get_weather", {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}),
@@ -203,6 +215,7 @@ def test_the_vocabulary_is_the_tokenizer_s_bytes(tokenizer, vocab):
     '{', '{"na', '{"name": "T", "age": 1', '{"name": "T", "age": 1, "colour": "bl', '{"name": "T", "age": 1, "colour": 3',
     '{"name": "T", "age": 1, "toys": ["a"', '{"name": "T", "age": 1, "toys": ["a", "b"]', '{"name": "T", "age": 1, "toys": [']]
     + [(CALL, p) for p in ['{', '{"name": "get_', '{"name": "get_time", ']]
+    + [(NAME, p) for p in ['{"s": "', '{"s": "a', '{"s": "ab\u00e9']]
     + [(PERSON, p) for p in ['{"name": "A", "age": ', '{"name": "A", "age": null, "pets": [{"na',
                              '{"name": "A", "age": null, "pets": [], "boss": {']])
 def test_a_state_s_mask_is_every_token_that_keeps_the_output_valid(vocab, schema, prefix):

@@ -14,7 +14,8 @@ answer always parses; one cut short by max_new_tokens is a prefix of one (finish
 The schema subset (what OpenAI's strict mode and most extraction schemas use): "type" object (its
 "properties" in the order given, "required" ones present, the others optional; no other keys; an
 object without "properties" takes any keys and values), array ("items", "minItems", "maxItems"),
-string, number, integer, boolean, null; "enum" and "const" of any JSON values; "anyOf" (and a list
+string ("minLength", "maxLength": characters), number, integer, boolean, null; "enum" and "const"
+of any JSON values; "anyOf" (and a list
 of types) whose alternatives begin differently (pydantic's Optional: a type or null) or are objects
 whose first property is one required name holding a constant of each one's own; "$ref" to
 the schema's own "$defs" (pydantic's nested models, recursion included). Annotations
@@ -27,7 +28,7 @@ from collections import OrderedDict
 import torch
 
 # schema nodes (Grammar.nodes): (ANY,), (OBJECT, properties: ((name bytes, node, required), ...) or
-# None for any keys), (ARRAY, items node, min, max or None), (STRING,), (NUMBER, integer?),
+# None for any keys), (ARRAY, items node, min, max or None), (STRING, min, max or None), (NUMBER, integer?),
 # (BOOLEAN,), (NULL,), (ENUM, (value bytes, ...)), (ANY_OF, (node, ...)), (UNION, tag name bytes, tag
 # ENUM node, {tag value bytes: object node}): objects told apart by their first property's constant;
 # node 0 is any value, node 1 any object
@@ -53,8 +54,8 @@ TYPES = {"object": OBJECT, "array": ARRAY, "string": STRING, "number": NUMBER, "
          "boolean": BOOLEAN, "null": NULL}
 ANNOTATIONS = {"title", "description", "format", "$schema", "strict", "additionalProperties", "default", "examples",
                "$id", "$comment"}
-KEYWORDS = {"type", "properties", "required", "items", "minItems", "maxItems", "enum", "const", "anyOf", "$ref",
-            "$defs", "definitions"} | ANNOTATIONS
+KEYWORDS = {"type", "properties", "required", "items", "minItems", "maxItems", "minLength", "maxLength", "enum",
+            "const", "anyOf", "$ref", "$defs", "definitions"} | ANNOTATIONS
 MAX_NODES = 256
 MASKS_KEPT = 512         # valid-token masks cached, by grammar and state
 
@@ -137,6 +138,11 @@ class Grammar:
             node = self._add(None)
             self.nodes[node] = (ARRAY, self._compile(schema.get("items", {}), f"{where}.items"), lo, hi)
             return node
+        if TYPES[kind] == STRING:
+            lo, hi = schema.get("minLength", 0), schema.get("maxLength")
+            if not isinstance(lo, int) or lo < 0 or hi is not None and (not isinstance(hi, int) or hi < lo):
+                raise SchemaError(f"{where}: minLength and maxLength must be integers, 0 <= minLength <= maxLength")
+            return self._add((STRING, lo, hi))
         return self._add((NUMBER, kind == "integer") if TYPES[kind] == NUMBER else (TYPES[kind],))
 
     def _ref(self, ref, where: str) -> int:
@@ -232,7 +238,8 @@ class Grammar:
         if b == ord("[") and kind in (ANY, ARRAY):
             return (ARRAY_OPEN, stack + (("a", node_id if kind == ARRAY else ANY_VALUE, 0),), 0, 0)
         if b == 0x22 and kind in (ANY, STRING):
-            return (IN_STRING, stack, (0, False), 0)
+            length = (node[1], node[2], 0) if kind == STRING and (node[1] or node[2] is not None) else None
+            return (IN_STRING, stack, (0, False, length), 0)
         if (b == ord("-") or b in DIGITS) and kind in (ANY, NUMBER):
             place = NUM_SIGN if b == ord("-") else NUM_ZERO if b == ord("0") else NUM_INT
             return (IN_NUMBER, stack, (place, kind == NUMBER and node[1]), 0)
@@ -244,18 +251,26 @@ class Grammar:
         """The state after byte b, or None where no object the grammar takes continues so."""
         mode, stack, aux, spaces = state
         if mode == IN_STRING:
-            escape, is_key = aux
+            escape, is_key, length = aux                      # length: (min, max or None, characters so far)
             if escape == 0:
                 if b == 0x22:
+                    if length and length[2] < length[0]:
+                        return None
                     return (COLON, stack, 0, 0) if is_key else self._closed(stack)
+                if b < 0x20:
+                    return None
+                if length and not 0x80 <= b <= 0xBF:              # a character begins (not a UTF-8 continuation)
+                    if length[1] is not None and length[2] >= length[1]:
+                        return None
+                    length = (length[0], length[1], length[2] + 1)
                 if b == 0x5C:
-                    return (IN_STRING, stack, (1, is_key), 0)
-                return None if b < 0x20 else state
+                    return (IN_STRING, stack, (1, is_key, length), 0)
+                return (IN_STRING, stack, (0, is_key, length), 0) if length else state
             if escape == 1:
                 if b == ord("u"):
-                    return (IN_STRING, stack, (6, is_key), 0)
-                return (IN_STRING, stack, (0, is_key), 0) if b in ESCAPES else None
-            return (IN_STRING, stack, (escape - 1 if escape > 3 else 0, is_key), 0) if b in HEX else None
+                    return (IN_STRING, stack, (6, is_key, length), 0)
+                return (IN_STRING, stack, (0, is_key, length), 0) if b in ESCAPES else None
+            return (IN_STRING, stack, (escape - 1 if escape > 3 else 0, is_key, length), 0) if b in HEX else None
         if mode == IN_NUMBER:
             place, integer = aux
             nxt = _number(place, b, integer)
@@ -309,7 +324,7 @@ class Grammar:
                 if top[0] == "u":
                     return (KEY_MATCH, stack, (((0, self.nodes[top[1]][1]),), b""), 0) if mode == OBJECT_OPEN else None
                 if self.nodes[top[1]][1] is None:
-                    return (IN_STRING, stack, (0, True), 0)
+                    return (IN_STRING, stack, (0, True, None), 0)
                 keys = self._keys(top)
                 return (KEY_MATCH, stack, (keys, b""), 0) if keys else None
             return self._closed(stack[:-1]) if b == ord("}") and mode == OBJECT_OPEN and self._may_close(top) else None
@@ -412,6 +427,8 @@ class JsonVocab:
         self.pieces, self.stop_ids, self.size = pieces, stop_ids, len(pieces)
         plain = [p is not None and p != b"" and all(b >= 0x20 and b not in (0x22, 0x5C) for b in p) for p in pieces]
         self.plain = torch.tensor(plain)                    # valid anywhere inside a string, and stay there
+        self.characters = torch.tensor([sum(not 0x80 <= b <= 0xBF for b in p) if plain[i] else 0
+                                        for i, p in enumerate(pieces)])   # ... adding this many characters
         self.unplain = [i for i, p in enumerate(pieces) if p and not plain[i]]
         # tokens by (leading whitespace, the byte after it; None for whitespace alone)
         self.groups: dict[bytes, dict[int | None, list[int]]] = {}
@@ -449,7 +466,10 @@ class JsonVocab:
             self.masks.move_to_end(key)
             return self.masks[key]
         if state[0] == IN_STRING and state[2][0] == 0:
-            mask, candidates = self.plain.clone(), self.unplain
+            length = state[2][2]
+            room = None if length is None or length[1] is None else length[1] - length[2]
+            mask = self.plain.clone() if room is None else self.plain & (self.characters <= room)
+            candidates = self.unplain
         else:
             mask, candidates = torch.zeros(self.size, dtype=torch.bool), []
             for lead, by_byte in self.groups.items():
