@@ -178,6 +178,27 @@ def test_a_string_s_length_is_counted_in_characters(value, ok):
     assert is_object('{"s": ' + value + '}', Grammar(NAME)) == ok
 
 
+def test_an_integer_s_bounds_hold_every_prefix_to_a_value_within_them():
+    """minimum / maximum (and the exclusive ones) on integers: a prefix stands while some integer it
+    begins (itself, or longer) is within, and the value ends only within; checked against every
+    integer from -300 to 300 and their prefixes."""
+    for lo, hi, extra in [(0, 120, {}), (-50, -5, {}), (None, 7, {}), (15, None, {}), (None, None, {"exclusiveMinimum": 3, "exclusiveMaximum": 9})]:
+        schema = {"type": "integer", **({} if lo is None else {"minimum": lo}), **({} if hi is None else {"maximum": hi}), **extra}
+        grammar = Grammar({"type": "object", "properties": {"n": schema}, "required": ["n"]})
+        inside = range(4, 9) if extra else range(-10 ** 6 if lo is None else lo, 10 ** 6 if hi is None else hi + 1)
+        for v in range(-300, 301):
+            assert is_object('{"n": %d}' % v, grammar) == (v in inside), (schema, v)
+            text = str(v)
+            for n in range(1, len(text) + 1):     # a prefix stands if some integer within begins with it
+                reachable = any(str(w).startswith(text[:n]) for w in (inside if len(inside) < 10 ** 5 else range(-400, 401)))
+                if len(inside) < 10 ** 5:
+                    assert (grammar.feed(grammar.initial, ('{"n": ' + text[:n]).encode()) is not None) == reachable, (schema, text[:n])
+    with pytest.raises(SchemaError, match="integers"):
+        Grammar({"type": "object", "properties": {"x": {"type": "number", "minimum": 0}}})
+    with pytest.raises(SchemaError, match="no integer"):
+        Grammar({"type": "object", "properties": {"x": {"type": "integer", "minimum": 3, "exclusiveMaximum": 3}}})
+
+
 CALL = {"anyOf": [{"type": "object", "properties": {"name": {"const": name}, "arguments": arguments},
                    "required": ["name", "arguments"]} for name, arguments in (
     ("get_weather", {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}),
@@ -216,6 +237,8 @@ def test_the_vocabulary_is_the_tokenizer_s_bytes(tokenizer, vocab):
     '{"name": "T", "age": 1, "toys": ["a"', '{"name": "T", "age": 1, "toys": ["a", "b"]', '{"name": "T", "age": 1, "toys": [']]
     + [(CALL, p) for p in ['{', '{"name": "get_', '{"name": "get_time", ']]
     + [(NAME, p) for p in ['{"s": "', '{"s": "a', '{"s": "ab\u00e9']]
+    + [({"type": "object", "properties": {"n": {"type": "integer", "minimum": 5, "maximum": 250}}}, p)
+       for p in ['{"n": ', '{"n": 2', '{"n": 25']]
     + [(PERSON, p) for p in ['{"name": "A", "age": ', '{"name": "A", "age": null, "pets": [{"na',
                              '{"name": "A", "age": null, "pets": [], "boss": {']])
 def test_a_state_s_mask_is_every_token_that_keeps_the_output_valid(vocab, schema, prefix):

@@ -14,7 +14,8 @@ answer always parses; one cut short by max_new_tokens is a prefix of one (finish
 The schema subset (what OpenAI's strict mode and most extraction schemas use): "type" object (its
 "properties" in the order given, "required" ones present, the others optional; no other keys; an
 object without "properties" takes any keys and values), array ("items", "minItems", "maxItems"),
-string ("minLength", "maxLength": characters), number, integer, boolean, null; "enum" and "const"
+string ("minLength", "maxLength": characters), number, integer ("minimum", "maximum" and their
+exclusive forms), boolean, null; "enum" and "const"
 of any JSON values; "anyOf" (and a list
 of types) whose alternatives begin differently (pydantic's Optional: a type or null) or are objects
 whose first property is one required name holding a constant of each one's own; "$ref" to
@@ -28,7 +29,8 @@ from collections import OrderedDict
 import torch
 
 # schema nodes (Grammar.nodes): (ANY,), (OBJECT, properties: ((name bytes, node, required), ...) or
-# None for any keys), (ARRAY, items node, min, max or None), (STRING, min, max or None), (NUMBER, integer?),
+# None for any keys), (ARRAY, items node, min, max or None), (STRING, min, max or None), (NUMBER, integer?, min, max)
+# (bounds on integers only, else None),
 # (BOOLEAN,), (NULL,), (ENUM, (value bytes, ...)), (ANY_OF, (node, ...)), (UNION, tag name bytes, tag
 # ENUM node, {tag value bytes: object node}): objects told apart by their first property's constant;
 # node 0 is any value, node 1 any object
@@ -54,7 +56,8 @@ TYPES = {"object": OBJECT, "array": ARRAY, "string": STRING, "number": NUMBER, "
          "boolean": BOOLEAN, "null": NULL}
 ANNOTATIONS = {"title", "description", "format", "$schema", "strict", "additionalProperties", "default", "examples",
                "$id", "$comment"}
-KEYWORDS = {"type", "properties", "required", "items", "minItems", "maxItems", "minLength", "maxLength", "enum",
+KEYWORDS = {"type", "properties", "required", "items", "minItems", "maxItems", "minLength", "maxLength", "minimum",
+            "maximum", "exclusiveMinimum", "exclusiveMaximum", "enum",
             "const", "anyOf", "$ref", "$defs", "definitions"} | ANNOTATIONS
 MAX_NODES = 256
 MASKS_KEPT = 512         # valid-token masks cached, by grammar and state
@@ -143,7 +146,18 @@ class Grammar:
             if not isinstance(lo, int) or lo < 0 or hi is not None and (not isinstance(hi, int) or hi < lo):
                 raise SchemaError(f"{where}: minLength and maxLength must be integers, 0 <= minLength <= maxLength")
             return self._add((STRING, lo, hi))
-        return self._add((NUMBER, kind == "integer") if TYPES[kind] == NUMBER else (TYPES[kind],))
+        if TYPES[kind] == NUMBER:
+            bounds = [schema.get(k) for k in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")]
+            if any(v is not None for v in bounds) and (kind != "integer" or not all(
+                    v is None or isinstance(v, int) and not isinstance(v, bool) for v in bounds)):
+                raise SchemaError(f"{where}: minimum and maximum are taken on integers, with integer bounds")
+            lo, hi, xlo, xhi = bounds
+            lo = max([v for v in (lo, None if xlo is None else xlo + 1) if v is not None], default=None)
+            hi = min([v for v in (hi, None if xhi is None else xhi - 1) if v is not None], default=None)
+            if lo is not None and hi is not None and lo > hi:
+                raise SchemaError(f"{where}: no integer lies between its minimum and maximum")
+            return self._add((NUMBER, kind == "integer", lo, hi))
+        return self._add((TYPES[kind],))
 
     def _ref(self, ref, where: str) -> int:
         """A local reference, "#/$defs/<name>" (pydantic's) or "#/definitions/<name>"."""
@@ -242,7 +256,12 @@ class Grammar:
             return (IN_STRING, stack, (0, False, length), 0)
         if (b == ord("-") or b in DIGITS) and kind in (ANY, NUMBER):
             place = NUM_SIGN if b == ord("-") else NUM_ZERO if b == ord("0") else NUM_INT
-            return (IN_NUMBER, stack, (place, kind == NUMBER and node[1]), 0)
+            if kind == NUMBER and (node[2] is not None or node[3] is not None):   # a bounded integer: its digits kept
+                digits = "" if b == ord("-") else chr(b)
+                sign = -1 if b == ord("-") else 1
+                return (IN_NUMBER, stack, (place, True, (node[2], node[3], sign, digits)), 0) \
+                    if _may_reach(node[2], node[3], sign, digits) else None
+            return (IN_NUMBER, stack, (place, kind == NUMBER and node[1], None), 0)
         if b in LITERALS and (kind == ANY or kind == BOOLEAN and b != ord("n") or kind == NULL and b == ord("n")):
             return (IN_LITERAL, stack, LITERALS[b], 0)
         return None
@@ -272,11 +291,17 @@ class Grammar:
                 return (IN_STRING, stack, (0, is_key, length), 0) if b in ESCAPES else None
             return (IN_STRING, stack, (escape - 1 if escape > 3 else 0, is_key, length), 0) if b in HEX else None
         if mode == IN_NUMBER:
-            place, integer = aux
+            place, integer, bounds = aux                     # bounds: (min, max, sign, digits) of a bounded integer
             nxt = _number(place, b, integer)
             if nxt is not None:
-                return (IN_NUMBER, stack, (nxt, integer), 0)
-            return self.step(self._closed(stack), b) if place in NUM_ENDS else None
+                if bounds is None:
+                    return (IN_NUMBER, stack, (nxt, integer, None), 0)
+                lo, hi, sign, digits = bounds
+                return (IN_NUMBER, stack, (nxt, integer, (lo, hi, sign, digits + chr(b))), 0) \
+                    if _may_reach(lo, hi, sign, digits + chr(b)) else None
+            if place not in NUM_ENDS or bounds and not _within(bounds[0], bounds[1], bounds[2] * int(bounds[3])):
+                return None
+            return self.step(self._closed(stack), b)
         if mode == IN_LITERAL:
             if b != aux[0]:
                 return None
@@ -353,6 +378,29 @@ class Grammar:
                 return None
             state = self.step(state, b)
         return state
+
+
+def _within(lo: int | None, hi: int | None, value: int) -> bool:
+    return (lo is None or value >= lo) and (hi is None or value <= hi)
+
+
+def _may_reach(lo: int | None, hi: int | None, sign: int, digits: str) -> bool:
+    """Whether an integer written so far as sign and digits ("" after a "-") can still end within
+    [lo, hi]: as it is, or with k more digits (sign x [d 10^k, d 10^k + 10^k - 1]; none after a 0)."""
+    if not digits:                                           # "-": any negative integer
+        return lo is None or lo <= (-1 if hi is None else min(hi, -1))
+    d = int(digits)
+    if _within(lo, hi, sign * d):
+        return True
+    if d == 0:
+        return False
+    for k in range(1, 20):
+        first, last = sorted((sign * d * 10 ** k, sign * (d * 10 ** k + 10 ** k - 1)))
+        if (hi is None or first <= hi) and (lo is None or last >= lo):
+            return True
+        if sign > 0 and hi is not None and first > hi or sign < 0 and lo is not None and last < lo:
+            return False                                     # longer only goes further out
+    return False
 
 
 def _number(place: int, b: int, integer: bool) -> int | None:
