@@ -328,7 +328,7 @@ class Engine:
         for r, d in zip(self.rows[:B], drafts):
             state = r.json_state
             for j, token in enumerate(d if state is not None else []):   # JSON mode: the draft's valid part
-                state = r.json_grammar.feed(state, self.json_vocab.pieces[token] or b"\x00")
+                state = self.json_vocab.advance(r.json_grammar, state, token)
                 if state is None:
                     del d[j:]
                     break
@@ -379,7 +379,7 @@ class Engine:
                     if r.params.logprobs is not None:   # from the logits it was drawn from, as one by one
                         self._logprobs([r], logits[i, j:j + 1], torch.tensor([token], device=logits.device))
                     if r.json_state is not None:
-                        r.json_state = r.json_grammar.feed(r.json_state, self.json_vocab.pieces[token] or b"")
+                        r.json_state = self.json_vocab.advance(r.json_grammar, r.json_state, token)
                     if self._append(r, token, now, batch_size):
                         break
 
@@ -393,7 +393,7 @@ class Engine:
                 out.append(self._json_token(r, state, logits[j], argmaxes[j]))
                 if j == len(draft) or out[j] != draft[j]:
                     return out
-                state = r.json_grammar.feed(state, self.json_vocab.pieces[draft[j]] or b"")
+                state = self.json_vocab.advance(r.json_grammar, state, draft[j])
         except Exception:
             return [-1]
         return out
@@ -418,7 +418,7 @@ class Engine:
             if r.json_state is not None:
                 try:
                     tokens[i] = token = self._json_token(r, r.json_state, scores[i], int(tokens[i]))
-                    r.json_state = r.json_grammar.feed(r.json_state, self.json_vocab.pieces[token] or b"")
+                    r.json_state = self.json_vocab.advance(r.json_grammar, r.json_state, token)
                 except Exception as e:   # our fault, and this request's alone: it ends, its batch goes on
                     broken[r] = f"JSON mode failed: {type(e).__name__}: {e}"
         self.cache.last_tokens[rows] = tokens
@@ -435,7 +435,7 @@ class Engine:
         """JSON mode (json_mode.py): r's token, chosen from scores [V], if its output stays valid from state;
         else the likeliest valid one (greedy: the 8 likeliest are tried before a mask is built) or
         a new draw from the valid ones alone, with a new uniform from its generator (llama.cpp's rule)."""
-        vocab, stops = self.json_vocab, frozenset(r.params.stop_token_ids)
+        vocab, stops = self.json_vocab, r.params.stop_token_ids
         if vocab.is_valid(r.json_grammar, state, token, stops):
             return token
         if r.params.is_greedy:

@@ -33,10 +33,10 @@ import torch
 # (bounds on integers only, else None),
 # (BOOLEAN,), (NULL,), (ENUM, (value bytes, ...)), (ANY_OF, (node, ...)), (UNION, tag name bytes, tag
 # ENUM node, {tag value bytes: object node}): objects told apart by their first property's constant;
-# node 0 is any value, node 1 any object
+# node 0 is any value, node 1 any object, node 2 any array
 ANY, OBJECT, ARRAY, STRING, NUMBER, BOOLEAN, NULL, ENUM, ANY_OF, UNION = range(10)
 STARTS = {OBJECT: b"{", ARRAY: b"[", STRING: b'"', NUMBER: b"-0123456789", BOOLEAN: b"tf", NULL: b"n"}
-ANY_VALUE, ANY_OBJECT = 0, 1
+ANY_VALUE, ANY_OBJECT, ANY_ARRAY = 0, 1, 2
 # modes of a state (mode, stack, aux, spaces): stack holds the open containers as frames, ("o",
 # object node, next property) or ("a", array node, items so far); aux the mode's detail; spaces the
 # whitespace just before, outside strings: 0 none, -1 a space, n a newline and n - 1 spaces or tabs
@@ -73,7 +73,7 @@ class Grammar:
 
     def __init__(self, schema: dict | None = None, key: str = "null") -> None:
         self.key = key                                       # response_schema()'s text
-        self.nodes: list[tuple] = [(ANY,), (OBJECT, None)]
+        self.nodes: list[tuple] = [(ANY,), (OBJECT, None), (ARRAY, ANY_VALUE, 0, None)]
         schema = {"type": "object"} if schema is None else schema
         self.defs = schema.get("$defs", schema.get("definitions", {})) if isinstance(schema, dict) else {}
         self.refs: dict[str, int] = {}                       # $ref -> its node (compiled once: recursion)
@@ -81,9 +81,9 @@ class Grammar:
         if any(node is None for node in self.nodes):
             raise SchemaError("a $ref refers to itself with no schema in between")
         for i, node in enumerate(self.nodes):
-            if node[0] == ANY_OF and self._loops(i, set()):
-                raise SchemaError("anyOf: an alternative leads back to it with no value in between")
             if node[0] == ANY_OF:
+                if self._loops(i, set()):
+                    raise SchemaError("anyOf: an alternative leads back to it with no value in between")
                 starts = [self._starts(alt, set()) for alt in node[1]]
                 if sum(map(len, starts)) != len(set().union(*starts)) and not self._union(i):
                     raise SchemaError("anyOf: its alternatives must begin differently (a string or null, say), "
@@ -231,7 +231,7 @@ class Grammar:
     def _may_close(self, frame: tuple) -> bool:
         node = self.nodes[frame[1]]
         if frame[0] == "a":
-            return node[0] == ANY or frame[2] >= node[2]
+            return frame[2] >= node[2]
         if frame[0] == "u":                                  # its tag comes first
             return False
         return node[1] is None or not any(p[2] for p in node[1][frame[2]:])
@@ -250,7 +250,7 @@ class Grammar:
             frame = ("o", node_id if kind == OBJECT else ANY_OBJECT, 0)
             return (OBJECT_OPEN, stack + (frame,), 0, 0)
         if b == ord("[") and kind in (ANY, ARRAY):
-            return (ARRAY_OPEN, stack + (("a", node_id if kind == ARRAY else ANY_VALUE, 0),), 0, 0)
+            return (ARRAY_OPEN, stack + (("a", node_id if kind == ARRAY else ANY_ARRAY, 0),), 0, 0)
         if b == 0x22 and kind in (ANY, STRING):
             length = (node[1], node[2], 0) if kind == STRING and (node[1] or node[2] is not None) else None
             return (IN_STRING, stack, (0, False, length), 0)
@@ -356,8 +356,8 @@ class Grammar:
         if mode == ARRAY_OPEN:
             if b == ord("]"):
                 return self._closed(stack[:-1]) if self._may_close(top) else None
-            hi = self.nodes[top[1]][3] if top[1] else None
-            return None if hi == 0 else self._value(self.nodes[top[1]][1] if top[1] else ANY_VALUE, stack, b)
+            _, items, _, hi = self.nodes[top[1]]
+            return None if hi == 0 else self._value(items, stack, b)
         # AFTER: a value inside the container on top of the stack
         if top[0] == "o":
             if b == ord(","):
@@ -365,10 +365,8 @@ class Grammar:
                 return (KEY_NEXT, stack, 0, 0) if props is None or top[2] < len(props) else None
             return self._closed(stack[:-1]) if b == ord("}") and self._may_close(top) else None
         if b == ord(","):
-            node = self.nodes[top[1]] if top[1] else None
-            if node is not None and node[3] is not None and top[2] >= node[3]:
-                return None
-            return (VALUE, stack, node[1] if node is not None else ANY_VALUE, 0)
+            _, items, _, hi = self.nodes[top[1]]
+            return None if hi is not None and top[2] >= hi else (VALUE, stack, items, 0)
         return self._closed(stack[:-1]) if b == ord("]") and self._may_close(top) else None
 
     def feed(self, state: tuple | None, data: bytes) -> tuple | None:
@@ -497,12 +495,16 @@ class JsonVocab:
         self.grammars.move_to_end(schema)
         return self.grammars[schema]
 
-    def is_valid(self, grammar: Grammar, state: tuple, token: int, stop_ids: frozenset = frozenset()) -> bool:
+    def advance(self, grammar: Grammar, state: tuple, token: int) -> tuple | None:
+        """The state after token (a special one, EOS included, leaves it as it is: it ends the request)."""
+        return grammar.feed(state, self.pieces[token] or b"")
+
+    def is_valid(self, grammar: Grammar, state: tuple, token: int, stop_ids: tuple = ()) -> bool:
         if token in self.stop_ids or token in stop_ids:
             return state[0] == DONE
         return token < self.size and self.pieces[token] is not None and grammar.feed(state, self.pieces[token]) is not None
 
-    def mask(self, grammar: Grammar, state: tuple, stop_ids: frozenset = frozenset()) -> torch.Tensor:
+    def mask(self, grammar: Grammar, state: tuple, stop_ids: tuple = ()) -> torch.Tensor:
         """[size] bool: the tokens valid from state (where it is DONE, the stop tokens: the model's
         and a request's own stop_ids)."""
         if stop_ids and state[0] == DONE:

@@ -361,8 +361,7 @@ class Formatter:
             elif self.route == CHAT and self.tool:   # the call's name first, then its arguments piece by piece
                 call = {"index": 0, "function": {"arguments": delta}}
                 if first:
-                    call = {"index": 0, "id": f"call_{r.request_id}", "type": "function",
-                            "function": {"name": self.tool, "arguments": delta}}
+                    call = {"index": 0} | self._call(r) | {"function": {"name": self.tool, "arguments": delta}}
                 choice["delta"] = ({"role": "assistant", "content": None} if first else {}) | {"tool_calls": [call]}
             elif self.route == CHAT:
                 choice["delta"] = {"role": "assistant", "content": delta} if first else {"content": delta}
