@@ -268,6 +268,12 @@ def test_openai_client_plain_and_streamed(server, tokenizer, person_model):
     assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
     tokens = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
     assert len(tokens) == plain.usage.completion_tokens and all(len(t.top_logprobs) == 3 for t in tokens)
+    # predicted outputs: the answer again, drafted from itself, the same text
+    predicted = client.chat.completions.create(model="llm", messages=messages, max_tokens=24, store=False,
+                                               prediction={"type": "content", "content": plain.choices[0].message.content})
+    assert predicted.choices[0].message.content == plain.choices[0].message.content
+    details = predicted.usage.completion_tokens_details
+    assert details.accepted_prediction_tokens >= predicted.usage.completion_tokens // 2
     text = client.completions.create(model="llm", prompt="The capital of France is", max_tokens=6).choices[0].text
     streamed = client.completions.create(model="llm", prompt="The capital of France is", max_tokens=6, stream=True)
     assert "".join(c.choices[0].text for c in streamed) == text and "Paris" in text

@@ -609,6 +609,24 @@ def test_openai_required_with_several_tools_names_one_in_the_answer(tiny_model_d
         assert delta["content"] == plain["content"]
 
 
+def test_openai_and_native_predictions_are_drafted_from_and_change_no_text(tiny_model_dir):
+    """Predicted outputs: the answer asked for again with itself as the prediction (OpenAI's text
+    parts, n = 2 choices, and the native API's string) comes back the same, most of it from kept drafts."""
+    h, ctx = make_handler(tiny_model_dir, spec_tokens=4, spec_max_rows=16)
+    chat = {"model": "llm", "messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 24,
+            "ignore_eos": True}
+    text = whole(openai_run(h, ctx, {0: {"first": ("v1/chat/completions", chat)}})["first"])["choices"][0]["message"]["content"]
+    prediction = {"type": "content", "content": [{"type": "text", "text": text[:9]}, {"type": "text", "text": text[9:]}]}
+    responses = openai_run(h, ctx, {0: {
+        "predicted": ("v1/chat/completions", {**chat, "prediction": prediction, "store": False, "n": 2}),
+        "native": ("", {"messages": chat["messages"], "max_new_tokens": 24, "ignore_eos": True, "prediction": text})}})
+    again = whole(responses["predicted"])
+    assert [c["message"]["content"] for c in again["choices"]] == [text] * 2 == [whole(responses["native"])["text"]] * 2
+    details = again["usage"]["completion_tokens_details"]   # both choices'
+    assert details["accepted_prediction_tokens"] >= 2 * 12 > details["rejected_prediction_tokens"]
+    assert whole(responses["native"])["usage"]["accepted_draft_tokens"] >= 12
+
+
 @pytest.mark.parametrize("route, body, status, param", [
     ("v1/chat/completions", {"model": "llm", "messages": [{"role": "user", "content": "hi"}], "n": 5}, 400, "n"),
     ("v1/completions", {"model": "llm", "prompt": "hi", "n": True}, 400, "n"),
@@ -641,6 +659,18 @@ def test_openai_required_with_several_tools_names_one_in_the_answer(tiny_model_d
     ("v1/completions", {"model": "llm", "prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
     ("v1/completions", {"model": "llm", "prompt": "hi", "presence_penalty": 2.5}, 400, "presence_penalty"),
     ("v1/embeddings", {"model": "llm", "input": "hi"}, 404, "url_path"),
+    ("v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}, 400, "model"),
+    ("v1/chat/completions", {"model": "llm", "messages": [{"role": "user", "content": "hi"}], "store": True},
+     400, "store"),
+    ("v1/completions", {"model": "llm", "prompt": "hi", "store": False}, 400, "store"),
+    ("v1/chat/completions", {"model": "llm", "messages": [{"role": "user", "content": "hi"}],
+                             "prediction": {"type": "content", "content": 7}}, 400, "prediction"),
+    ("v1/chat/completions", {"model": "llm", "messages": [{"role": "user", "content": "hi"}],
+                             "prediction": {"type": "text", "content": "hi"}}, 400, "prediction"),
+    ("v1/chat/completions", {"model": "llm", "messages": [{"role": "user", "content": "hi"}],
+                             "prediction": "hi"}, 400, "prediction"),
+    ("v1/completions", {"model": "llm", "prompt": "hi", "prediction": {"type": "content", "content": "hi"}},
+     400, "prediction"),
 ])
 def test_openai_errors_name_the_parameter(continuous, route, body, status, param):
     h, ctx = continuous

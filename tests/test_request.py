@@ -15,7 +15,7 @@ class FakeTokenizer:
     def __len__(self):
         return 1000
 
-    def __call__(self, text):
+    def __call__(self, text, add_special_tokens=True):
         return {"input_ids": [ord(c) % 1000 for c in text]}
 
     def apply_chat_template(self, messages, add_generation_prompt, tokenize, return_dict):
@@ -121,6 +121,9 @@ def test_all_sampling_params():
     ({"prompt": "a", "logit_bias": {str(i): 1 for i in range(1025)}}, "logit_bias"),
     ({"messages": [{"role": ["user"], "content": "x"}]}, "messages"),
     (b"[" * 100000 + b"]" * 100000, "body"),
+    ({"prompt": "a", "prediction": 5}, "prediction"),
+    ({"prompt": "a", "prediction": "x" * 65}, "prediction"),
+    ({"prompt": "a", "prediction": "\ud800"}, "prediction"),
     ({"prompt": "a", "response_format": "json"}, "response_format"),
     ({"prompt": "a", "response_format": {"type": "json_object", "strict": True}}, "response_format"),
     ({"prompt": "a", "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format"),
@@ -129,6 +132,11 @@ def test_all_sampling_params():
 ])
 def test_bad_input_names_the_field(body, field):
     assert field_of(body) == field
+
+
+def test_a_prediction_is_tokenized_as_output_text():
+    assert parse({"prompt": "a", "prediction": "bc"}).prediction_ids == [98, 99]
+    assert parse({"prompt": "a"}).prediction_ids == []
 
 
 def test_unknown_field_named_even_if_not_encodable():

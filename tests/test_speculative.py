@@ -48,6 +48,22 @@ def test_the_draft_starts_long_shrinks_when_cut_short_and_grows_while_kept():
     assert lookup.draft(tokens, limit=10) == [1]                # never below 1
 
 
+def test_a_prediction_is_drafted_from_while_the_output_follows_it_and_found_again_after_an_edit():
+    lookup = PromptLookup(max_tokens=3, lookup_min=2, lookup_max=3, prediction=[7, 8, 9, 10, 11, 12, 13], prompt_len=3)
+    assert lookup.draft([1, 2, 3], limit=10) == [7, 8, 9]               # nothing out yet: its start
+    assert lookup.draft([1, 2, 3, 7], limit=10) == [8, 9, 10]
+    assert lookup.draft([1, 2, 3, 7, 8, 5], limit=10) == []             # the model wrote 5, not 9: lost
+    assert lookup.draft([1, 2, 3, 7, 8, 5, 10, 11], limit=10) == [12, 13]   # (10, 11) found again
+    assert lookup.draft([1, 2, 3, 7, 8, 9, 10, 11, 12, 13], limit=10) == []  # all of it out
+
+
+def test_a_repeated_n_gram_of_the_prediction_is_taken_where_the_last_kept_draft_ended():
+    lookup = PromptLookup(max_tokens=2, lookup_min=2, lookup_max=2, prediction=[4, 5, 6, 4, 5, 9, 1])
+    assert lookup.draft([0, 4, 5], limit=10) == [6, 4]                  # (4, 5) at its first place
+    lookup.kept(2, 2)
+    assert lookup.draft([0, 4, 5, 6, 4, 5], limit=10) == [9, 1]         # ... then at its second
+
+
 def test_accepted_length_counts_leading_agreement():
     assert accepted_length([4, 5, 6], [4, 5, 7, 9]) == 2
     assert accepted_length([4, 5, 6], [1, 5, 6, 9]) == 0
@@ -123,6 +139,29 @@ def test_verified_drafts_give_exactly_the_tokens_of_one_by_one_decoding(engines,
         assert 0 < kept < drafted
     else:
         assert kept == 0
+
+
+def test_a_prediction_changes_no_token_and_is_kept_where_the_answer_follows_it(engines):
+    """Predicted outputs: the answer itself, the answer with three tokens edited, and unrelated text
+    (a random model copies nothing: every draft here comes from the prediction)."""
+    plain, spec = engines
+    expected = [r.output_ids for r in greedy(plain, PROMPTS)]
+    edited = [e[:8] + [(t + 1) % 1000 for t in e[8:11]] + e[11:] for e in expected]
+    for prediction, kept in ((expected, "all"), (edited, "some"), ([[1, 2, 3, 4]] * 3, "none")):
+        rs = [Request(f"q{i}", p, SamplingParams(max_new_tokens=20, ignore_eos=True), prediction_ids=pred)
+              for i, (p, pred) in enumerate(zip(PROMPTS, prediction))]
+        for r in rs:
+            spec.add_request(r)
+        while spec.has_unfinished():
+            spec.step()
+        assert [r.output_ids for r in rs] == expected
+        drafted, accepted = sum(r.num_draft_tokens for r in rs), sum(r.num_accepted_tokens for r in rs)
+        if kept == "all":
+            assert accepted == drafted >= 3 * 15
+        elif kept == "some":   # past the edit the answer is found there again
+            assert 0 < accepted < drafted and all(r.num_accepted_tokens > 8 for r in rs)
+        else:
+            assert accepted == 0
 
 
 def test_a_stop_token_inside_a_kept_draft_ends_the_answer_there(engines, monkeypatch):

@@ -104,7 +104,8 @@ class Engine:
         # in JSON mode only a greedy one does (_verify holds each position to the grammar)
         if c.spec_tokens and not request.params.adjusts_logits and (request.params.response_schema is None
                                                                      or request.params.is_greedy):
-            request.lookup = PromptLookup(c.spec_tokens, c.spec_lookup_min, c.spec_lookup_max)
+            request.lookup = PromptLookup(c.spec_tokens, c.spec_lookup_min, c.spec_lookup_max,
+                                          request.prediction_ids, len(request.prompt_ids))
         if request.params.repetition_penalty != 1:   # once, not at every step (sampling.adjusted)
             request.prompt_vocab = torch.tensor(sorted(set(request.prompt_ids)), device=self.facts.device)
         if request.params.response_schema is not None:

@@ -20,13 +20,14 @@ MAX_CHOICES = 16     # n at most (and at most max_num_seqs: the choices are deco
 SHARED = ("temperature", "top_p", "top_k", "min_p", "seed", "stop", "stream", "ignore_eos", "min_tokens", "timeout_s",
           "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias", "stop_token_ids", "response_format")
 # accepted only at the value that changes nothing; anything else is a 400 naming the parameter
-NEUTRAL = {"best_of": 1, "suffix": None, "functions": None, "function_call": None}
+NEUTRAL = {"best_of": 1, "suffix": None, "functions": None, "function_call": None, "store": False}
 KNOWN = {CHAT: {"model", "messages", "max_tokens", "max_completion_tokens", "stream_options", "logprobs",
-                "top_logprobs", "user", "n", "tools", "tool_choice", "parallel_tool_calls", *SHARED, *NEUTRAL}
+                "top_logprobs", "user", "n", "tools", "tool_choice", "parallel_tool_calls", "prediction", *SHARED,
+                *NEUTRAL}
          - {"best_of", "echo", "suffix"},
          COMPLETIONS: {"model", "prompt", "max_tokens", "stream_options", "logprobs", "user", "n", "echo", *SHARED,
                        *NEUTRAL}
-         - {"functions", "function_call"}}
+         - {"functions", "function_call", "store"}}
 ANY_TOOL = "*"        # Formatter's tool: one of several, named in the answer's text ({"name", "arguments"})
 AUTO_TOOLS = ('tool_choice "auto" needs a model trained to call tools and a parser for its calls (vLLM\'s '
               '--tool-call-parser); send "required" (one tool), {"type": "function", "function": {"name": ...}} or "none"')
@@ -55,6 +56,8 @@ def parse_openai(route: str, request_id: str, body, model: str, config: EngineCo
             raise RequestError(name, f"unknown or unsupported parameter {name!r} for /{route}")
         if name in NEUTRAL and value != NEUTRAL[name] and value is not None:
             raise RequestError(name, f"{name}={json.dumps(value)} is not supported (only {json.dumps(NEUTRAL[name])})")
+    if body.get("model") is None:
+        raise RequestError("model", f"model is required; this server has {model!r}")
     if body.get("model") != model:
         raise RequestError("model", f"the model {json.dumps(body.get('model'))} does not exist; this server has {model!r}",
                            status=404)
@@ -71,6 +74,8 @@ def parse_openai(route: str, request_id: str, body, model: str, config: EngineCo
     tool = _forced_tool(body) if route == CHAT else None
     if route == CHAT:
         native["messages"] = _messages(body.get("messages"))
+        if body.get("prediction") is not None:
+            native["prediction"] = _prediction(body["prediction"])
         logprobs = _logprobs_flag(body)
         if tool is not None:
             if native.get("response_format") not in (None, {"type": "text"}):
@@ -122,7 +127,8 @@ def choices(r: Request, n: int) -> list[Request]:
     for i in range(1, n):
         seed = None if r.params.seed is None else (r.params.seed + i) % 2 ** 63
         twin = Request(request_id=f"{r.request_id}-{i}", prompt_ids=list(r.prompt_ids),   # the prompt scored once
-                       params=replace(r.params, seed=seed, prompt_logprobs=None), stream=r.stream)
+                       params=replace(r.params, seed=seed, prompt_logprobs=None), stream=r.stream,
+                       prediction_ids=r.prediction_ids)
         twin.arrival_time, twin.deadline = r.arrival_time, r.deadline
         out.append(twin)
     return out
@@ -224,6 +230,20 @@ def _messages(messages) -> list[dict]:
         role = "system" if m["role"] == "developer" else m["role"]
         out.append({"role": role, "content": content})
     return out
+
+
+def _prediction(prediction) -> str:
+    """Predicted outputs: {"type": "content", "content": text or text parts}, the text the answer is
+    expected to repeat; drafts come from it first (speculative.py). It changes no token, only how
+    many a step may keep."""
+    content = prediction.get("content") if isinstance(prediction, dict) and prediction.get("type") == "content" else None
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                                         for p in content):
+        content = "".join(p["text"] for p in content)
+    if not isinstance(content, str) or set(prediction) != {"type", "content"}:
+        raise RequestError("prediction", 'prediction must be {"type": "content", "content": text or a list of '
+                                         f'text parts}}, got {json.dumps(prediction)[:100]}')
+    return content
 
 
 def _logprobs_flag(body: dict) -> int | None:

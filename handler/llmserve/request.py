@@ -10,7 +10,8 @@ from .json_mode import SchemaError, response_schema
 
 KNOWN_FIELDS = ("prompt", "messages", "max_new_tokens", "temperature", "top_p", "top_k", "min_p", "seed",
                 "stop", "stream", "ignore_eos", "min_tokens", "timeout_s", "presence_penalty",
-                "frequency_penalty", "repetition_penalty", "logit_bias", "stop_token_ids", "response_format")
+                "frequency_penalty", "repetition_penalty", "logit_bias", "stop_token_ids", "response_format",
+                "prediction")
 MAX_PENALTY = 2.0   # OpenAI's range for presence_penalty and frequency_penalty: [-2, 2]
 MAX_BIAS, MAX_BIASED_TOKENS = 100.0, 1024   # logit_bias: OpenAI's range of a bias; tokens biased at most
 MAX_STOP_STRINGS = 8
@@ -93,6 +94,8 @@ class Request:
     prefill_ms: float = 0.0
     num_cached_tokens: int = 0        # prompt tokens whose keys and values came from the prefix cache
     num_chunked_tokens: int = 0       # prompt tokens computed in chunks before its prefill (engine.py)
+    prediction_ids: list[int] = field(default_factory=list)   # the output the client expects (drafts come
+                                      # from it first: OpenAI's predicted outputs); it changes no token
     lookup: object = None             # speculative.PromptLookup when this request drafts
     num_draft_tokens: int = 0         # speculative decoding: tokens drafted for it ...
     num_accepted_tokens: int = 0      # ... and kept
@@ -272,6 +275,19 @@ def _response_schema(body: dict) -> str | None:
         raise RequestError("response_format", str(e)) from None
 
 
+def _prediction(body: dict, config: EngineConfig, tokenizer) -> list[int]:
+    """prediction: the text the answer is expected to be (or mostly be), as token ids."""
+    text = body.get("prediction")
+    if text is None:
+        return []
+    if not isinstance(text, str):
+        raise RequestError("prediction", f"prediction must be a string (the expected output), got {json.dumps(text)[:100]}")
+    ids = tokenizer(_encodable(text, "prediction"), add_special_tokens=False)["input_ids"]
+    if len(ids) > config.max_model_len:
+        raise RequestError("prediction", f"prediction is {len(ids)} tokens; at most {config.max_model_len} (the context)")
+    return ids
+
+
 def _messages(body: dict) -> list[dict]:
     messages = body["messages"]
     if not isinstance(messages, list) or not messages:
@@ -352,7 +368,8 @@ def parse_request(request_id: str, body, config: EngineConfig, tokenizer) -> Req
     if len(prompt_ids) + params.max_new_tokens > config.max_model_len:
         raise RequestError("max_new_tokens", f"prompt ({len(prompt_ids)} tokens) + max_new_tokens "
                            f"({params.max_new_tokens}) exceeds the context of {config.max_model_len} tokens")
-    r = Request(request_id=request_id, prompt_ids=list(prompt_ids), params=params, stream=stream)
+    r = Request(request_id=request_id, prompt_ids=list(prompt_ids), params=params, stream=stream,
+                prediction_ids=_prediction(body, config, tokenizer))
     if timeout_s is not None:
         r.deadline = r.arrival_time + timeout_s
     return r
