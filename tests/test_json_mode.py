@@ -121,6 +121,8 @@ def test_a_schema_s_automaton_takes_its_objects_and_no_others(text, ok):
 @pytest.mark.parametrize("schema, words", [
     ({"type": "array"}, "top level"), ({"type": "object", "properties": {"a": {"pattern": "x"}}}, "pattern"),
     ({"type": "object", "properties": {"a": {"oneOf": []}}}, "oneOf"), ({"type": "objects"}, "type"),
+    ({"type": "object", "properties": {"a": {"anyOf": []}}}, "anyOf must be"),
+    ({"type": "object", "properties": {"a": {"type": []}}}, "type must be"),
     ({"type": "object", "properties": {"a": {"anyOf": [{"type": "object"}, {"type": "object", "properties": {}}]}}},
      "begin differently"), ({"type": "object", "properties": {"a": {"type": ["integer", "number"]}}}, "begin differently"),
     ({"type": "object", "properties": {"a": {"$ref": "#/$defs/B"}}}, "ref"),
@@ -216,6 +218,31 @@ def test_objects_told_apart_by_a_first_constant_are_a_union_the_constant_decides
     with pytest.raises(SchemaError, match="tagged union"):
         Grammar({"anyOf": [{"type": "object", "properties": {"name": {"const": "a"}}},
                            {"type": "object", "properties": {"name": {"const": "b"}}, "required": ["name"]}]})
+
+
+# pydantic's schema for Owner(name: str, pet: Cat | Dog = Field(discriminator="kind")), kind first in each
+OWNER = {"$defs": {"Cat": {"properties": {"kind": {"const": "cat", "type": "string"}, "meows": {"type": "integer"}},
+                           "required": ["kind", "meows"], "type": "object"},
+                   "Dog": {"properties": {"kind": {"const": "dog", "type": "string"}, "barks": {"type": "boolean"}},
+                           "required": ["kind", "barks"], "type": "object"}},
+         "properties": {"name": {"type": "string"}, "pet": {
+             "discriminator": {"mapping": {"cat": "#/$defs/Cat", "dog": "#/$defs/Dog"}, "propertyName": "kind"},
+             "oneOf": [{"$ref": "#/$defs/Cat"}, {"$ref": "#/$defs/Dog"}]}},
+         "required": ["name", "pet"], "type": "object"}
+
+
+@pytest.mark.parametrize("text, ok", [
+    ('{"name": "Ann", "pet": {"kind": "cat", "meows": 3}}', True), ('{"name": "Ann", "pet": {"kind": "dog", "barks": true}}', True),
+    ('{"name": "Ann", "pet": {"kind": "cat", "barks": true}}', False), ('{"name": "Ann", "pet": {"kind": "cow"}}', False),
+    ('{"name": "Ann", "pet": {"meows": 3, "kind": "cat"}}', False)])
+def test_one_of_is_any_of_whose_alternatives_match_one_at_most(text, ok):
+    """oneOf (pydantic's discriminated unions) is taken as anyOf: the alternatives anyOf allows are
+    told apart by their first bytes or first constant, so no value matches two."""
+    assert is_object(text, Grammar(OWNER)) == ok
+    with pytest.raises(SchemaError, match="begin differently"):
+        Grammar({"type": "object", "properties": {"a": {"oneOf": [{"type": "integer"}, {"type": "number"}]}}})
+    with pytest.raises(SchemaError, match="together"):
+        Grammar({"type": "object", "properties": {"a": {"oneOf": [{"type": "integer"}], "anyOf": [{"type": "null"}]}}})
 
 
 @pytest.fixture(scope="module")

@@ -16,12 +16,12 @@ The schema subset (what OpenAI's strict mode and most extraction schemas use): "
 object without "properties" takes any keys and values), array ("items", "minItems", "maxItems"),
 string ("minLength", "maxLength": characters), number, integer ("minimum", "maximum" and their
 exclusive forms), boolean, null; "enum" and "const"
-of any JSON values; "anyOf" (and a list
-of types) whose alternatives begin differently (pydantic's Optional: a type or null) or are objects
+of any JSON values; "anyOf" or "oneOf" (the same here: alternatives the first bytes tell apart
+match one at most), or a list of types, whose alternatives begin differently (pydantic's Optional: a type or null) or are objects
 whose first property is one required name holding a constant of each one's own; "$ref" to
 the schema's own "$defs" (pydantic's nested models, recursion included). Annotations
-("title", "description", "format", "$schema", "strict", "additionalProperties") are read and not
-enforced; any other keyword ("pattern", "oneOf", "allOf", ...) is refused with a SchemaError."""
+("title", "description", "format", "$schema", "strict", "additionalProperties", "discriminator") are
+read and not enforced; any other keyword ("pattern", "allOf", ...) is refused with a SchemaError."""
 
 import json
 from collections import OrderedDict
@@ -55,10 +55,10 @@ LITERALS = {ord("t"): b"rue", ord("f"): b"alse", ord("n"): b"ull"}
 TYPES = {"object": OBJECT, "array": ARRAY, "string": STRING, "number": NUMBER, "integer": NUMBER,
          "boolean": BOOLEAN, "null": NULL}
 ANNOTATIONS = {"title", "description", "format", "$schema", "strict", "additionalProperties", "default", "examples",
-               "$id", "$comment"}
+               "$id", "$comment", "discriminator"}
 KEYWORDS = {"type", "properties", "required", "items", "minItems", "maxItems", "minLength", "maxLength", "minimum",
             "maximum", "exclusiveMinimum", "exclusiveMaximum", "enum",
-            "const", "anyOf", "$ref", "$defs", "definitions"} | ANNOTATIONS
+            "const", "anyOf", "oneOf", "$ref", "$defs", "definitions"} | ANNOTATIONS
 MAX_NODES = 256
 MASKS_KEPT = 512         # valid-token masks cached, by grammar and state
 
@@ -83,10 +83,10 @@ class Grammar:
         for i, node in enumerate(self.nodes):
             if node[0] == ANY_OF:
                 if self._loops(i, set()):
-                    raise SchemaError("anyOf: an alternative leads back to it with no value in between")
+                    raise SchemaError("anyOf/oneOf: an alternative leads back to it with no value in between")
                 starts = [self._starts(alt, set()) for alt in node[1]]
                 if sum(map(len, starts)) != len(set().union(*starts)) and not self._union(i):
-                    raise SchemaError("anyOf: its alternatives must begin differently (a string or null, say), "
+                    raise SchemaError("anyOf/oneOf: its alternatives must begin differently (a string or null, say), "
                                       "so that the first byte of a value picks one, or be objects whose first "
                                       "property is a required const of its own (a tagged union)")
         if self.nodes[root][0] not in (OBJECT, UNION):
@@ -103,13 +103,16 @@ class Grammar:
             raise SchemaError(f"the schema has more than {MAX_NODES} parts")
         if "$ref" in schema:
             return self._ref(schema["$ref"], where)
-        if "anyOf" in schema or isinstance(schema.get("type"), list):
-            rest = {k: v for k, v in schema.items() if k not in ("anyOf", "type")}
-            alts = schema.get("anyOf") or [{**rest, "type": kind} for kind in schema["type"]]
+        if "anyOf" in schema or "oneOf" in schema or isinstance(schema.get("type"), list):
+            word = "oneOf" if "oneOf" in schema else "anyOf"
+            if "anyOf" in schema and "oneOf" in schema:
+                raise SchemaError(f"{where}: anyOf and oneOf together are not supported")
+            rest = {k: v for k, v in schema.items() if k not in (word, "type")}
+            alts = schema[word] if word in schema else [{**rest, "type": kind} for kind in schema["type"]]
             if not isinstance(alts, list) or not alts:
-                raise SchemaError(f"{where}.anyOf must be a non-empty list")
+                raise SchemaError(f"{where}.{word if word in schema else 'type'} must be a non-empty list")
             node = self._add(None)
-            self.nodes[node] = (ANY_OF, tuple(self._compile(alt, f"{where}.anyOf[{i}]") for i, alt in enumerate(alts)))
+            self.nodes[node] = (ANY_OF, tuple(self._compile(alt, f"{where}.{word}[{i}]") for i, alt in enumerate(alts)))
             return node
         if "enum" in schema or "const" in schema:
             values = schema["enum"] if "enum" in schema else [schema["const"]]
