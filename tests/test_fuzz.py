@@ -55,6 +55,12 @@ WRONG = {
     "repetition_penalty": [0, -1, 1e400, float("nan"), "1.2", None],
     "logit_bias": [[1], "a", 5, {"x": 1}, {"-5": 1}, {"99999999": 1}, {"5": 101}, {"5": "1"}, {"5": True},
                    {"5": None}, {"\ud800": 1}, {"\u0665": 1}],
+    "response_format": ["json", 5, {"type": "xml"}, {"type": "json_schema"}, {"type": "json_object", "x": 1},
+                        *({"type": "json_schema", "json_schema": {"name": "x", "schema": schema}} for schema in (
+                            {"type": "array"}, {"type": "object", "$defs": [1]}, {"type": "object", "required": [[1]]},
+                            {"type": "object", "properties": {"a": {"$ref": {}}}},
+                            {"type": "object", "properties": {"a": {"anyOf": []}}}))],
+    "prediction": [5, ["a"], {"type": "content", "content": "x"}, "\ud800", "word " * 3000],
 }
 
 

@@ -11,7 +11,7 @@ import torch
 
 from llmserve.config import EngineConfig
 from llmserve.engine import Engine
-from llmserve.json_mode import DONE, MAX_INDENT, Grammar, JsonVocab, SchemaError, response_schema, token_bytes
+from llmserve.json_mode import DONE, KEYWORDS, MAX_INDENT, Grammar, JsonVocab, SchemaError, response_schema, token_bytes
 from llmserve.request import Request, SamplingParams
 
 ANY = Grammar()
@@ -123,6 +123,9 @@ def test_a_schema_s_automaton_takes_its_objects_and_no_others(text, ok):
     ({"type": "object", "properties": {"a": {"oneOf": []}}}, "oneOf"), ({"type": "objects"}, "type"),
     ({"type": "object", "properties": {"a": {"anyOf": []}}}, "anyOf must be"),
     ({"type": "object", "properties": {"a": {"type": []}}}, "type must be"),
+    ({"type": "object", "properties": {"a": {"$ref": {"x": 1}}}}, "ref"), ({"type": "object", "$defs": [1]}, "defs"),
+    ({"type": "object", "properties": {"a": {"type": {"x": 1}}}}, "type must be"),
+    ({"type": "object", "properties": {"a": {}}, "required": [["a"]]}, "required"),
     ({"type": "object", "properties": {"a": {"anyOf": [{"type": "object"}, {"type": "object", "properties": {}}]}}},
      "begin differently"), ({"type": "object", "properties": {"a": {"type": ["integer", "number"]}}}, "begin differently"),
     ({"type": "object", "properties": {"a": {"$ref": "#/$defs/B"}}}, "ref"),
@@ -137,6 +140,40 @@ def test_a_schema_s_automaton_takes_its_objects_and_no_others(text, ok):
 def test_a_schema_outside_the_subset_is_refused_by_name(schema, words):
     with pytest.raises(SchemaError, match=words):
         response_schema({"type": "json_schema", "json_schema": {"name": "x", "schema": schema}})
+
+
+def random_schema(rng: random.Random, depth: int = 0):
+    """A schema built of the subset's keywords with values of any JSON type, nested at random."""
+    values = [0, -1, 2 ** 70, 1.5, None, True, "", "x", "#/$defs/A", "#/definitions/A", "object", "integer", [],
+              ["string", "null"], ["a"], [["a"]], {"a": 1}]
+    schema = {}
+    for _ in range(rng.randrange(4)):
+        key = rng.choice(sorted(KEYWORDS))
+        if key in ("properties", "$defs") and depth < 3:
+            schema[key] = {name: random_schema(rng, depth + 1) for name in rng.sample("Aab", rng.randrange(3))}
+        elif key in ("anyOf", "oneOf", "items") and depth < 3:
+            alts = [random_schema(rng, depth + 1) for _ in range(rng.randrange(3))]
+            schema[key] = alts if key != "items" else (alts or [{}])[0]
+        else:
+            schema[key] = rng.choice(values)
+    return schema
+
+
+def test_any_schema_is_taken_or_refused_with_a_schema_error():
+    """Seeded random schemas: each one compiles or raises SchemaError (a 400 naming response_format),
+    never another exception (a 500: a non-string $ref, $defs not an object, type an object, ...
+    did), and the automaton of each one taken steps through any bytes."""
+    rng = random.Random(0)
+    for _ in range(3000):
+        schema = random_schema(rng)
+        if rng.random() < 0.7:
+            schema = {**schema, "type": "object"}
+        try:
+            grammar = Grammar(schema)
+        except SchemaError:
+            continue
+        data = bytes(rng.choice(b'{}[]":,0123456789-.eEtrufalsn \nab\\') for _ in range(rng.randrange(30)))
+        grammar.feed(grammar.initial, b'{"a": ' + data)
 
 
 def test_response_format_values():

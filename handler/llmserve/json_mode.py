@@ -76,6 +76,8 @@ class Grammar:
         self.nodes: list[tuple] = [(ANY,), (OBJECT, None), (ARRAY, ANY_VALUE, 0, None)]
         schema = {"type": "object"} if schema is None else schema
         self.defs = schema.get("$defs", schema.get("definitions", {})) if isinstance(schema, dict) else {}
+        if not isinstance(self.defs, dict):
+            raise SchemaError(f"$defs must be an object of named schemas, got {json.dumps(self.defs)[:100]}")
         self.refs: dict[str, int] = {}                       # $ref -> its node (compiled once: recursion)
         root = self._compile(schema, "schema")
         if any(node is None for node in self.nodes):
@@ -122,13 +124,13 @@ class Grammar:
         kind = schema.get("type")
         if kind is None and not set(schema) - ANNOTATIONS:
             return ANY_VALUE                                 # {}: any value
-        if kind not in TYPES:
+        if not isinstance(kind, str) or kind not in TYPES:
             raise SchemaError(f"{where}.type must be one of {sorted(TYPES)}, got {json.dumps(kind)}")
         if TYPES[kind] == OBJECT:
             props = schema.get("properties")
             required = schema.get("required", [])
             if not isinstance(required, list) or props is not None and not isinstance(props, dict) \
-                    or any(name not in (props or {}) for name in required):
+                    or any(not isinstance(name, str) or name not in (props or {}) for name in required):
                 raise SchemaError(f"{where}: required must list names of its properties")
             if props is None:
                 return ANY_OBJECT
@@ -164,9 +166,9 @@ class Grammar:
 
     def _ref(self, ref, where: str) -> int:
         """A local reference, "#/$defs/<name>" (pydantic's) or "#/definitions/<name>"."""
-        if ref not in self.refs:
+        if not isinstance(ref, str) or ref not in self.refs:
             name = ref.split("/", 2)[-1] if isinstance(ref, str) and ref.startswith(("#/$defs/", "#/definitions/")) else None
-            if name not in self.defs:
+            if name is None or name not in self.defs:
                 raise SchemaError(f"{where}.$ref: only references to the schema's own $defs are supported, got {json.dumps(ref)}")
             self.refs[ref] = self._add(None)                 # its place, for a reference to itself
             self.nodes[self.refs[ref]] = self.nodes[self._compile(self.defs[name], f"$defs.{name}")]
