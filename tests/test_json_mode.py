@@ -5,6 +5,7 @@ beside a request it must not change."""
 
 import json
 import random
+from fractions import Fraction
 
 import pytest
 import torch
@@ -232,10 +233,41 @@ def test_an_integer_s_bounds_hold_every_prefix_to_a_value_within_them():
                 reachable = any(str(w).startswith(text[:n]) for w in (inside if len(inside) < 10 ** 5 else range(-400, 401)))
                 if len(inside) < 10 ** 5:
                     assert (grammar.feed(grammar.initial, ('{"n": ' + text[:n]).encode()) is not None) == reachable, (schema, text[:n])
-    with pytest.raises(SchemaError, match="integers"):
-        Grammar({"type": "object", "properties": {"x": {"type": "number", "minimum": 0}}})
     with pytest.raises(SchemaError, match="no integer"):
         Grammar({"type": "object", "properties": {"x": {"type": "integer", "minimum": 3, "exclusiveMaximum": 3}}})
+    with pytest.raises(SchemaError, match="no integer"):
+        Grammar({"type": "object", "properties": {"x": {"type": "integer", "minimum": 3.2, "maximum": 3.9}}})
+    between = Grammar({"type": "object", "properties": {"x": {"type": "integer", "minimum": 0.5, "exclusiveMaximum": 9.5}}})
+    assert [v for v in range(-3, 13) if is_object('{"x": %d}' % v, between)] == list(range(1, 10))
+
+
+def test_a_number_s_bounds_hold_every_prefix_to_a_value_within_them():
+    """minimum / maximum (and the exclusive ones) on numbers, decimals as written: a prefix stands
+    while some number it begins is within, and the value ends only within; no exponent where
+    bounded. Checked against every decimal below 12 with up to 2 decimals and their prefixes."""
+    values = sorted({f"{sign}{i}" + (f".{f:0{n}d}" if n else "") for sign in ("", "-") for i in range(0, 12)
+                     for n in range(4) for f in range(10 ** n if n else 1)})
+    for bounds in [{"minimum": 0, "maximum": 1}, {"exclusiveMinimum": 0}, {"minimum": -1.5, "maximum": 2.25},
+                   {"maximum": -0.25}, {"exclusiveMinimum": 0.5, "exclusiveMaximum": 0.75}]:
+        grammar = Grammar({"type": "object", "properties": {"x": {"type": "number", **bounds}}, "required": ["x"]})
+        def within(text):
+            v = Fraction(text)
+            return all((v >= Fraction(repr(b)) if k == "minimum" else v > Fraction(repr(b)) if k == "exclusiveMinimum"
+                        else v <= Fraction(repr(b)) if k == "maximum" else v < Fraction(repr(b))) for k, b in bounds.items())
+        inside = [v for v in values if within(v) and not (v.startswith("-") and Fraction(v) == 0)]   # -0: not written
+        begun = {v[:n] for v in inside for n in range(1, len(v) + 1)}
+        for text in values:
+            if (text.count(".") == 0 or len(text.partition(".")[2]) <= 2) and not (text.startswith("-") and Fraction(text) == 0):
+                assert is_object('{"x": ' + text + "}", grammar) == within(text), (bounds, text)
+                for n in range(1, len(text) + 1):
+                    assert (grammar.feed(grammar.initial, ('{"x": ' + text[:n]).encode()) is not None) == (text[:n] in begun), \
+                        (bounds, text[:n])
+        assert not is_object('{"x": 1e-1}', grammar) and is_object('{"x": 1e-1}', Grammar(
+            {"type": "object", "properties": {"x": {"type": "number"}}}))
+    with pytest.raises(SchemaError, match="no number"):
+        Grammar({"type": "object", "properties": {"x": {"type": "number", "minimum": 3, "exclusiveMaximum": 3}}})
+    with pytest.raises(SchemaError, match="finite number"):
+        Grammar({"type": "object", "properties": {"x": {"type": "number", "minimum": "3"}}})
 
 
 CALL = {"anyOf": [{"type": "object", "properties": {"name": {"const": name}, "arguments": arguments},

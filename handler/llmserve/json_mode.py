@@ -14,8 +14,8 @@ answer always parses; one cut short by max_new_tokens is a prefix of one (finish
 The schema subset (what OpenAI's strict mode and most extraction schemas use): "type" object (its
 "properties" in the order given, "required" ones present, the others optional; no other keys; an
 object without "properties" takes any keys and values), array ("items", "minItems", "maxItems"),
-string ("minLength", "maxLength": characters), number, integer ("minimum", "maximum" and their
-exclusive forms), boolean, null; "enum" and "const"
+string ("minLength", "maxLength": characters), number and integer ("minimum", "maximum" and their
+exclusive forms; a bounded number is written without an exponent), boolean, null; "enum" and "const"
 of any JSON values; "anyOf" or "oneOf" (the same here: alternatives the first bytes tell apart
 match one at most), or a list of types, whose alternatives begin differently (pydantic's Optional: a type or null) or are objects
 whose first property is one required name holding a constant of each one's own; "$ref" to
@@ -24,13 +24,15 @@ the schema's own "$defs" (pydantic's nested models, recursion included). Annotat
 read and not enforced; any other keyword ("pattern", "allOf", ...) is refused with a SchemaError."""
 
 import json
+import math
 from collections import OrderedDict
+from fractions import Fraction
 
 import torch
 
 # schema nodes (Grammar.nodes): (ANY,), (OBJECT, properties: ((name bytes, node, required), ...) or
-# None for any keys), (ARRAY, items node, min, max or None), (STRING, min, max or None), (NUMBER, integer?, min, max)
-# (bounds on integers only, else None),
+# None for any keys), (ARRAY, items node, min, max or None), (STRING, min, max or None), (NUMBER, integer?,
+# limits: (min, min exclusive?, max, max exclusive?) with None for no bound, or None for none at all),
 # (BOOLEAN,), (NULL,), (ENUM, (value bytes, ...)), (ANY_OF, (node, ...)), (UNION, tag name bytes, tag
 # ENUM node, {tag value bytes: object node}): objects told apart by their first property's constant;
 # node 0 is any value, node 1 any object, node 2 any array
@@ -152,16 +154,7 @@ class Grammar:
                 raise SchemaError(f"{where}: minLength and maxLength must be integers, 0 <= minLength <= maxLength")
             return self._add((STRING, lo, hi))
         if TYPES[kind] == NUMBER:
-            bounds = [schema.get(k) for k in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")]
-            if any(v is not None for v in bounds) and (kind != "integer" or not all(
-                    v is None or isinstance(v, int) and not isinstance(v, bool) for v in bounds)):
-                raise SchemaError(f"{where}: minimum and maximum are taken on integers, with integer bounds")
-            lo, hi, xlo, xhi = bounds
-            lo = max([v for v in (lo, None if xlo is None else xlo + 1) if v is not None], default=None)
-            hi = min([v for v in (hi, None if xhi is None else xhi - 1) if v is not None], default=None)
-            if lo is not None and hi is not None and lo > hi:
-                raise SchemaError(f"{where}: no integer lies between its minimum and maximum")
-            return self._add((NUMBER, kind == "integer", lo, hi))
+            return self._add((NUMBER, kind == "integer", _limits(schema, kind == "integer", where)))
         return self._add((TYPES[kind],))
 
     def _ref(self, ref, where: str) -> int:
@@ -261,11 +254,10 @@ class Grammar:
             return (IN_STRING, stack, (0, False, length), 0)
         if (b == ord("-") or b in DIGITS) and kind in (ANY, NUMBER):
             place = NUM_SIGN if b == ord("-") else NUM_ZERO if b == ord("0") else NUM_INT
-            if kind == NUMBER and (node[2] is not None or node[3] is not None):   # a bounded integer: its digits kept
-                digits = "" if b == ord("-") else chr(b)
-                sign = -1 if b == ord("-") else 1
-                return (IN_NUMBER, stack, (place, True, (node[2], node[3], sign, digits)), 0) \
-                    if _may_reach(node[2], node[3], sign, digits) else None
+            if kind == NUMBER and node[2] is not None:       # a bounded number: its text kept
+                text, sign = ("", -1) if b == ord("-") else (chr(b), 1)
+                return (IN_NUMBER, stack, (place, node[1], (node[2], sign, text)), 0) \
+                    if _may_reach(node[2], sign, text) else None
             return (IN_NUMBER, stack, (place, kind == NUMBER and node[1], None), 0)
         if b in LITERALS and (kind == ANY or kind == BOOLEAN and b != ord("n") or kind == NULL and b == ord("n")):
             return (IN_LITERAL, stack, LITERALS[b], 0)
@@ -296,15 +288,15 @@ class Grammar:
                 return (IN_STRING, stack, (0, is_key, length), 0) if b in ESCAPES else None
             return (IN_STRING, stack, (escape - 1 if escape > 3 else 0, is_key, length), 0) if b in HEX else None
         if mode == IN_NUMBER:
-            place, integer, bounds = aux                     # bounds: (min, max, sign, digits) of a bounded integer
-            nxt = _number(place, b, integer)
+            place, integer, bounds = aux                     # bounds: (limits, sign, text) of a bounded number
+            nxt = _number(place, b, integer, exponent=bounds is None)
             if nxt is not None:
                 if bounds is None:
                     return (IN_NUMBER, stack, (nxt, integer, None), 0)
-                lo, hi, sign, digits = bounds
-                return (IN_NUMBER, stack, (nxt, integer, (lo, hi, sign, digits + chr(b))), 0) \
-                    if _may_reach(lo, hi, sign, digits + chr(b)) else None
-            if place not in NUM_ENDS or bounds and not _within(bounds[0], bounds[1], bounds[2] * int(bounds[3])):
+                limits, sign, text = bounds
+                return (IN_NUMBER, stack, (nxt, integer, (limits, sign, text + chr(b))), 0) \
+                    if _may_reach(limits, sign, text + chr(b)) else None
+            if place not in NUM_ENDS or bounds and not _within(bounds[0], bounds[1] * Fraction(bounds[2])):
                 return None
             return self.step(self._closed(stack), b)
         if mode == IN_LITERAL:
@@ -383,32 +375,73 @@ class Grammar:
         return state
 
 
-def _within(lo: int | None, hi: int | None, value: int) -> bool:
-    return (lo is None or value >= lo) and (hi is None or value <= hi)
+def _limits(schema: dict, integer: bool, where: str) -> tuple | None:
+    """A number's bounds as (min, min exclusive?, max, max exclusive?), None where it has none: exact
+    fractions of the decimals written (0.1 is 1/10), an integer's as the inclusive integers within."""
+    values = [schema.get(k) for k in ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum")]
+    if all(v is None for v in values):
+        return None
+    for name, v in zip(("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum"), values):
+        if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v)):
+            raise SchemaError(f"{where}.{name} must be a finite number, got {json.dumps(v)}")
+    lo, xlo, hi, xhi = (None if v is None else Fraction(repr(v)) if isinstance(v, float) else Fraction(v) for v in values)
+    low = max([(v, x) for v, x in ((lo, False), (xlo, True)) if v is not None], default=(None, False))
+    high = min([(v, not x) for v, x in ((hi, False), (xhi, True)) if v is not None], default=(None, True))
+    limits = (low[0], low[1], high[0], not high[1])
+    if integer:                                              # the integers within, inclusive
+        first = None if lo is None and xlo is None else math.floor(low[0]) + 1 if low[1] else math.ceil(low[0])
+        last = None if hi is None and xhi is None else math.ceil(high[0]) - 1 if not high[1] else math.floor(high[0])
+        limits = (first, False, last, False)
+    if not _meets(limits, None, False, None, False):
+        raise SchemaError(f"{where}: no {'integer' if integer else 'number'} lies between its minimum and maximum")
+    return limits
 
 
-def _may_reach(lo: int | None, hi: int | None, sign: int, digits: str) -> bool:
-    """Whether an integer written so far as sign and digits ("" after a "-") can still end within
-    [lo, hi]: as it is, or with k more digits (sign x [d 10^k, d 10^k + 10^k - 1]; none after a 0)."""
-    if not digits:                                           # "-": any negative integer
-        return lo is None or lo <= (-1 if hi is None else min(hi, -1))
-    d = int(digits)
-    if _within(lo, hi, sign * d):
+def _meets(limits: tuple, low, low_closed: bool, high, high_closed: bool) -> bool:
+    """Whether some number in the interval from low to high (None: unbounded) lies within limits."""
+    lo, xlo, hi, xhi = limits
+    if lo is not None and (low is None or lo > low or lo == low and xlo):
+        low, low_closed = lo, not xlo
+    if hi is not None and (high is None or hi < high or hi == high and xhi):
+        high, high_closed = hi, not xhi
+    return low is None or high is None or low < high or low == high and low_closed and high_closed
+
+
+def _within(limits: tuple, value: Fraction) -> bool:
+    return _meets(limits, value, True, value, True)
+
+
+def _may_reach(limits: tuple, sign: int, text: str) -> bool:
+    """Whether a number written so far as sign and text (digits, perhaps a "." and digits; "" after a
+    "-") can still end within limits, with no exponent (a bounded number has none). The values it
+    may take, as magnitudes: [m, m + 10^-n) written with n decimals so far (m itself included), and
+    without a "." also [d 10^k, (d + 1) 10^k) for k more digits (none after a leading 0)."""
+    def meets(a, b) -> bool:                                 # magnitudes [a, b), b None: unbounded
+        if sign > 0:
+            return _meets(limits, a, True, b, False)
+        return _meets(limits, None if b is None else -b, False, -a, True)
+    if not text:                                             # "-": a number below 0 (-0 is not worth writing)
+        return _meets(limits, None, False, Fraction(0), False)
+    whole, dot, decimals = text.partition(".")
+    m = Fraction(whole + "." + decimals) if decimals else Fraction(int(whole))
+    if meets(m, m + Fraction(1, 10 ** len(decimals))):
         return True
-    if d == 0:
+    if dot or int(whole) == 0:
         return False
-    for k in range(1, 20):
-        first, last = sorted((sign * d * 10 ** k, sign * (d * 10 ** k + 10 ** k - 1)))
-        if (hi is None or first <= hi) and (lo is None or last >= lo):
+    d, far = int(whole), limits[2] if sign > 0 else None if limits[0] is None else -limits[0]
+    if far is None:                                          # unbounded that way
+        return True
+    k = 1
+    while d * 10 ** k <= far:
+        if meets(Fraction(d * 10 ** k), Fraction((d + 1) * 10 ** k)):
             return True
-        if sign > 0 and hi is not None and first > hi or sign < 0 and lo is not None and last < lo:
-            return False                                     # longer only goes further out
+        k += 1
     return False
 
 
-def _number(place: int, b: int, integer: bool) -> int | None:
+def _number(place: int, b: int, integer: bool, exponent: bool = True) -> int | None:
     """A number's next place after byte b, or None where b is not part of it (an integer has no
-    fraction or exponent)."""
+    fraction or exponent; a bounded number no exponent)."""
     if place == NUM_SIGN:
         return None if b not in DIGITS else NUM_ZERO if b == ord("0") else NUM_INT
     if place in (NUM_ZERO, NUM_INT, NUM_FRAC):
@@ -418,7 +451,7 @@ def _number(place: int, b: int, integer: bool) -> int | None:
             return None
         if b == ord(".") and place != NUM_FRAC:
             return NUM_DOT
-        return NUM_E if b in b"eE" else None
+        return NUM_E if b in b"eE" and exponent else None
     if place == NUM_DOT:
         return NUM_FRAC if b in DIGITS else None
     if place == NUM_E:
