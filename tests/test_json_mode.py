@@ -120,7 +120,8 @@ def test_a_schema_s_automaton_takes_its_objects_and_no_others(text, ok):
 
 
 @pytest.mark.parametrize("schema, words", [
-    ({"type": "array"}, "top level"), ({"type": "object", "properties": {"a": {"pattern": "x"}}}, "pattern"),
+    ({"type": "array"}, "top level"), ({"type": "object", "properties": {"a": {"type": "string", "pattern": "(x"}}},
+                                       "pattern: unbalanced"), ({"type": "object", "properties": {"a": {"allOf": []}}}, "allOf"),
     ({"type": "object", "properties": {"a": {"oneOf": []}}}, "oneOf"), ({"type": "objects"}, "type"),
     ({"type": "object", "properties": {"a": {"anyOf": []}}}, "anyOf must be"),
     ({"type": "object", "properties": {"a": {"type": []}}}, "type must be"),
@@ -216,6 +217,40 @@ def test_a_string_s_length_is_counted_in_characters(value, ok):
     """minLength and maxLength count characters: a multi-byte UTF-8 one, an escape, once each."""
     assert len(json.loads(value)) in (range(2, 5) if ok else (0, 1, 5))
     assert is_object('{"s": ' + value + '}', Grammar(NAME)) == ok
+
+
+def string_of(pattern=None, fmt=None, **kw) -> Grammar:
+    field = {"type": "string", **({"pattern": pattern} if pattern else {}), **({"format": fmt} if fmt else {}), **kw}
+    return Grammar({"type": "object", "properties": {"p": field}, "required": ["p"]})
+
+
+@pytest.mark.parametrize("grammar, value, ok", [
+    (r"^\d{3}-\d{4}$", '"555-1234"', True), (r"^\d{3}-\d{4}$", '"5551234"', False),
+    (r"^\d{3}-\d{4}$", '"555-12345"', False), (r"^\d{3}-\d{4}$", r'"\u0035\u00355-1234"', True),
+    (r"^[A-Z]{2}$", '"FR"', True), (r"^[A-Z]{2}$", '"Fr"', False), ("ab", '"xxabyy"', True), ("ab", '"ba"', False),
+    (r"^é+\n?$", '"éé"', True), (r"^é+\n?$", r'"\u00e9\n"', True), (r"^é+\n?$", '"e"', False),
+    (r"^a/b$", r'"a\/b"', True), ("^[^@]+$", '"a@b"', False),
+    ("date", '"2024-02-29"', True), ("date", '"2024-13-01"', False), ("date", '"24-01-01"', False),
+    ("date-time", '"2024-01-31T23:59:07Z"', True), ("date-time", '"2024-01-31 23:59"', False),
+    ("time", '"12:30:00.5+02:00"', True), ("uuid", '"123e4567-e89b-12d3-a456-426614174000"', True),
+    ("uuid", '"123e4567e89b12d3a456426614174000"', False), ("email", '"ann@example.org"', True),
+    ("email", '"ann at example.org"', False), ("hostname", '"any text: not enforced"', True)])
+def test_a_string_s_pattern_or_format_holds_its_characters(grammar, value, ok):
+    """pattern (ECMA-262's subset, anywhere in the string unless anchored), and the formats date,
+    time, date-time, uuid and email as patterns: over the characters the JSON text stands for
+    (escapes and UTF-8 decoded); other formats are annotations."""
+    g = string_of(fmt=grammar) if grammar in ("date", "time", "date-time", "uuid", "email", "hostname") else string_of(grammar)
+    assert is_object('{"p": ' + value + "}", g) == ok
+
+
+def test_a_pattern_holds_every_prefix_and_keeps_the_length_bounds():
+    g = string_of(r"^\d{3}-\d{4}$", maxLength=8)
+    assert g.feed(g.initial, b'{"p": "55') is not None and g.feed(g.initial, b'{"p": "55a') is None
+    assert g.feed(g.initial, b'{"p": "555-123"}') is None                     # a closing quote too soon
+    g = string_of("^x*$", minLength=2, maxLength=3)
+    assert [is_object('{"p": "%s"}' % ("x" * n), g) for n in range(5)] == [False, False, True, True, False]
+    g = string_of("^é$")
+    assert g.feed(g.initial, '{"p": "é'.encode()[:-1] + b'"') is None           # a character left unfinished
 
 
 def test_an_integer_s_bounds_hold_every_prefix_to_a_value_within_them():
@@ -472,3 +507,12 @@ def test_a_greedy_json_request_drafts_and_keeps_its_tokens(tiny_model_dir, monke
     for r in drafted:
         grammar = spec.json_vocab.grammar(r.params.response_schema)
         assert grammar.feed(grammar.initial, r.text.encode()) is not None
+
+
+def test_a_pattern_s_mask_is_every_token_that_keeps_the_string_matching(vocab):
+    """Inside a string with a pattern the plain tokens are not valid as a block: each is checked."""
+    g = string_of(r"^\d{3}-\d{4}$")
+    for prefix in (b'{"p": "', b'{"p": "555', b'{"p": "555-1234'):
+        state = g.feed(g.initial, prefix)
+        every = [i for i, piece in enumerate(vocab.pieces) if piece and g.feed(state, piece) is not None]
+        assert vocab.mask(g, state).nonzero().flatten().tolist() == every and 0 < len(every) < 2000

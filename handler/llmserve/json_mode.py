@@ -14,24 +14,28 @@ answer always parses; one cut short by max_new_tokens is a prefix of one (finish
 The schema subset (what OpenAI's strict mode and most extraction schemas use): "type" object (its
 "properties" in the order given, "required" ones present, the others optional; no other keys; an
 object without "properties" takes any keys and values), array ("items", "minItems", "maxItems"),
-string ("minLength", "maxLength": characters), number and integer ("minimum", "maximum" and their
+string ("minLength", "maxLength": characters; "pattern", and "format" date, time, date-time, uuid or
+email as one: patterns.py), number and integer ("minimum", "maximum" and their
 exclusive forms; a bounded number is written without an exponent), boolean, null; "enum" and "const"
 of any JSON values; "anyOf" or "oneOf" (the same here: alternatives the first bytes tell apart
 match one at most), or a list of types, whose alternatives begin differently (pydantic's Optional: a type or null) or are objects
 whose first property is one required name holding a constant of each one's own; "$ref" to
 the schema's own "$defs" (pydantic's nested models, recursion included). Annotations
 ("title", "description", "format", "$schema", "strict", "additionalProperties", "discriminator") are
-read and not enforced; any other keyword ("pattern", "allOf", ...) is refused with a SchemaError."""
+read and not enforced (other formats too); any other keyword ("allOf", ...) is refused with a SchemaError."""
 
 import json
 import math
 from collections import OrderedDict
 from fractions import Fraction
 
+from .patterns import FORMATS, Pattern, PatternError
+
 import torch
 
 # schema nodes (Grammar.nodes): (ANY,), (OBJECT, properties: ((name bytes, node, required), ...) or
-# None for any keys), (ARRAY, items node, min, max or None), (STRING, min, max or None), (NUMBER, integer?,
+# None for any keys), (ARRAY, items node, min, max or None), (STRING, min, max or None, pattern index or
+# None), (NUMBER, integer?,
 # limits: (min, min exclusive?, max, max exclusive?) with None for no bound, or None for none at all),
 # (BOOLEAN,), (NULL,), (ENUM, (value bytes, ...)), (ANY_OF, (node, ...)), (UNION, tag name bytes, tag
 # ENUM node, {tag value bytes: object node}): objects told apart by their first property's constant;
@@ -49,6 +53,8 @@ WHITESPACE = frozenset(b" \t\n\r")
 DIGITS = frozenset(b"0123456789")
 HEX = frozenset(b"0123456789abcdefABCDEF")
 ESCAPES = frozenset(b'"\\/bfnrt')
+UNESCAPED = {ord('"'): 0x22, ord("\\"): 0x5C, ord("/"): 0x2F, ord("b"): 0x08, ord("f"): 0x0C, ord("n"): 0x0A,
+             ord("r"): 0x0D, ord("t"): 0x09}
 # a number's place in JSON's grammar: after "-", after a leading 0, in the integer's digits, after
 # ".", in the fraction, after "e", after the exponent's sign, in the exponent; ENDS may end one
 NUM_SIGN, NUM_ZERO, NUM_INT, NUM_DOT, NUM_FRAC, NUM_E, NUM_E_SIGN, NUM_EXP = range(8)
@@ -60,7 +66,7 @@ ANNOTATIONS = {"title", "description", "format", "$schema", "strict", "additiona
                "$id", "$comment", "discriminator"}
 KEYWORDS = {"type", "properties", "required", "items", "minItems", "maxItems", "minLength", "maxLength", "minimum",
             "maximum", "exclusiveMinimum", "exclusiveMaximum", "enum",
-            "const", "anyOf", "oneOf", "$ref", "$defs", "definitions"} | ANNOTATIONS
+            "const", "anyOf", "oneOf", "$ref", "$defs", "definitions", "pattern"} | ANNOTATIONS
 MAX_NODES = 256
 MASKS_KEPT = 512         # valid-token masks cached, by grammar and state
 
@@ -81,6 +87,7 @@ class Grammar:
         if not isinstance(self.defs, dict):
             raise SchemaError(f"$defs must be an object of named schemas, got {json.dumps(self.defs)[:100]}")
         self.refs: dict[str, int] = {}                       # $ref -> its node (compiled once: recursion)
+        self.patterns: list[Pattern] = []                    # strings' patterns, by index
         root = self._compile(schema, "schema")
         if any(node is None for node in self.nodes):
             raise SchemaError("a $ref refers to itself with no schema in between")
@@ -152,7 +159,15 @@ class Grammar:
             lo, hi = schema.get("minLength", 0), schema.get("maxLength")
             if not isinstance(lo, int) or lo < 0 or hi is not None and (not isinstance(hi, int) or hi < lo):
                 raise SchemaError(f"{where}: minLength and maxLength must be integers, 0 <= minLength <= maxLength")
-            return self._add((STRING, lo, hi))
+            fmt = schema.get("format")
+            source = schema.get("pattern", FORMATS.get(fmt) if isinstance(fmt, str) else None)
+            if source is None:
+                return self._add((STRING, lo, hi, None))
+            try:
+                self.patterns.append(Pattern(source))
+            except PatternError as e:
+                raise SchemaError(f"{where}.pattern: {e}") from None
+            return self._add((STRING, lo, hi, len(self.patterns) - 1))
         if TYPES[kind] == NUMBER:
             return self._add((NUMBER, kind == "integer", _limits(schema, kind == "integer", where)))
         return self._add((TYPES[kind],))
@@ -251,7 +266,8 @@ class Grammar:
             return (ARRAY_OPEN, stack + (("a", node_id if kind == ARRAY else ANY_ARRAY, 0),), 0, 0)
         if b == 0x22 and kind in (ANY, STRING):
             length = (node[1], node[2], 0) if kind == STRING and (node[1] or node[2] is not None) else None
-            return (IN_STRING, stack, (0, False, length), 0)
+            pattern = (node[3], self.patterns[node[3]].start, "") if kind == STRING and node[3] is not None else None
+            return (IN_STRING, stack, (0, False, length, pattern), 0)
         if (b == ord("-") or b in DIGITS) and kind in (ANY, NUMBER):
             place = NUM_SIGN if b == ord("-") else NUM_ZERO if b == ord("0") else NUM_INT
             if kind == NUMBER and node[2] is not None:       # a bounded number: its text kept
@@ -267,10 +283,13 @@ class Grammar:
         """The state after byte b, or None where no object the grammar takes continues so."""
         mode, stack, aux, spaces = state
         if mode == IN_STRING:
-            escape, is_key, length = aux                      # length: (min, max or None, characters so far)
+            # length: (min, max or None, characters so far); pattern: (its index, its states, the bytes of
+            # a character begun as (bytes to come, bits so far), or the hex digits of a \u escape so far)
+            escape, is_key, length, pattern = aux
             if escape == 0:
                 if b == 0x22:
-                    if length and length[2] < length[0]:
+                    if length and length[2] < length[0] or pattern and not (
+                            pattern[2] == "" and self.patterns[pattern[0]].accepts(pattern[1])):
                         return None
                     return (COLON, stack, 0, 0) if is_key else self._closed(stack)
                 if b < 0x20:
@@ -280,13 +299,22 @@ class Grammar:
                         return None
                     length = (length[0], length[1], length[2] + 1)
                 if b == 0x5C:
-                    return (IN_STRING, stack, (1, is_key, length), 0)
-                return (IN_STRING, stack, (0, is_key, length), 0) if length else state
+                    return (IN_STRING, stack, (1, is_key, length, pattern), 0) if not pattern or pattern[2] == "" else None
+                if pattern and (pattern := self._pattern_byte(pattern, b)) is None:
+                    return None
+                return (IN_STRING, stack, (0, is_key, length, pattern), 0) if length or pattern else state
             if escape == 1:
                 if b == ord("u"):
-                    return (IN_STRING, stack, (6, is_key, length), 0)
-                return (IN_STRING, stack, (0, is_key, length), 0) if b in ESCAPES else None
-            return (IN_STRING, stack, (escape - 1 if escape > 3 else 0, is_key, length), 0) if b in HEX else None
+                    return (IN_STRING, stack, (6, is_key, length, pattern), 0)
+                if b not in ESCAPES or pattern and (pattern := self._pattern_code(pattern, UNESCAPED[b])) is None:
+                    return None
+                return (IN_STRING, stack, (0, is_key, length, pattern), 0)
+            if b not in HEX:
+                return None
+            if pattern and (pattern := (pattern[0], pattern[1], pattern[2] + chr(b)) if escape > 3 else
+                            self._pattern_code(pattern, int(pattern[2] + chr(b), 16))) is None:
+                return None
+            return (IN_STRING, stack, (escape - 1 if escape > 3 else 0, is_key, length, pattern), 0)
         if mode == IN_NUMBER:
             place, integer, bounds = aux                     # bounds: (limits, sign, text) of a bounded number
             nxt = _number(place, b, integer, exponent=bounds is None)
@@ -346,7 +374,7 @@ class Grammar:
                 if top[0] == "u":
                     return (KEY_MATCH, stack, (((0, self.nodes[top[1]][1]),), b""), 0) if mode == OBJECT_OPEN else None
                 if self.nodes[top[1]][1] is None:
-                    return (IN_STRING, stack, (0, True, None), 0)
+                    return (IN_STRING, stack, (0, True, None, None), 0)
                 keys = self._keys(top)
                 return (KEY_MATCH, stack, (keys, b""), 0) if keys else None
             return self._closed(stack[:-1]) if b == ord("}") and mode == OBJECT_OPEN and self._may_close(top) else None
@@ -365,6 +393,26 @@ class Grammar:
             _, items, _, hi = self.nodes[top[1]]
             return None if hi is not None and top[2] >= hi else (VALUE, stack, items, 0)
         return self._closed(stack[:-1]) if b == ord("]") and self._may_close(top) else None
+
+    def _pattern_byte(self, pattern: tuple, b: int) -> tuple | None:
+        """A string's pattern state after byte b of its text (UTF-8, a character's bytes gathered)."""
+        index, states, pending = pattern
+        if b < 0x80 or b >= 0xC0:
+            if pending != "":                                # a character left unfinished
+                return None
+            if b < 0x80:
+                return self._pattern_code(pattern, b)
+            need = 1 if b < 0xE0 else 2 if b < 0xF0 else 3
+            return (index, states, (need, b & (0x3F >> need)))
+        if pending == "":                                    # a continuation byte with no lead
+            return None
+        need, bits = pending
+        bits = bits << 6 | (b & 0x3F)
+        return self._pattern_code((index, states, ""), bits) if need == 1 else (index, states, (need - 1, bits))
+
+    def _pattern_code(self, pattern: tuple, code: int) -> tuple | None:
+        states = self.patterns[pattern[0]].step(pattern[1], code)
+        return (pattern[0], states, "") if states else None
 
     def feed(self, state: tuple | None, data: bytes) -> tuple | None:
         """The state after data, or None."""
@@ -553,7 +601,7 @@ class JsonVocab:
         if key in self.masks:
             self.masks.move_to_end(key)
             return self.masks[key]
-        if state[0] == IN_STRING and state[2][0] == 0:
+        if state[0] == IN_STRING and state[2][0] == 0 and state[2][3] is None:   # no pattern: plain text, a block
             length = state[2][2]
             room = None if length is None or length[1] is None else length[1] - length[2]
             mask = self.plain.clone() if room is None else self.plain & (self.characters <= room)
