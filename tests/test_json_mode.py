@@ -516,3 +516,29 @@ def test_a_pattern_s_mask_is_every_token_that_keeps_the_string_matching(vocab):
         state = g.feed(g.initial, prefix)
         every = [i for i, piece in enumerate(vocab.pieces) if piece and g.feed(state, piece) is not None]
         assert vocab.mask(g, state).nonzero().flatten().tolist() == every and 0 < len(every) < 2000
+
+
+@pytest.mark.parametrize("text, ok", [
+    ('{"scores": {"ann": 3, "bo": -1}, "point": [1, "a"], "rest": {}}', True),
+    ('{"scores": {}, "point": [1, "a", true, false], "rest": {}}', True),
+    ('{"scores": {"ann": "3"}, "point": [1, "a"], "rest": {}}', False),
+    ('{"scores": {}, "point": ["a", 1], "rest": {}}', False), ('{"scores": {}, "point": [1], "rest": {}}', False),
+    ('{"scores": {}, "point": [1, "a", 2], "rest": {}}', False),
+    ('{"scores": {}, "point": [1, "a"], "rest": {"x": 1}}', False)])
+def test_dicts_take_one_schema_of_values_and_tuples_one_of_each_place(text, ok):
+    """additionalProperties as a schema where there are no properties (pydantic's dict[str, int]),
+    false (no keys); prefixItems (pydantic's tuple[int, str]) and items after them; an allOf of one."""
+    g = Grammar({"type": "object", "required": ["scores", "point", "rest"], "properties": {
+        "scores": {"type": "object", "additionalProperties": {"type": "integer"}},
+        "point": {"allOf": [{"$ref": "#/$defs/Pair"}], "description": "a pair, then flags"},
+        "rest": {"type": "object", "additionalProperties": False}},
+        "$defs": {"Pair": {"type": "array", "prefixItems": [{"type": "integer"}, {"type": "string"}],
+                           "items": {"type": "boolean"}, "minItems": 2}}})
+    assert is_object(text, g) == ok
+    pair = Grammar({"type": "object", "properties": {"p": {"type": "array", "prefixItems": [{"type": "integer"}] * 2,
+                                                           "items": False}}})
+    assert [is_object('{"p": %s}' % v, pair) for v in ("[1, 2]", "[1]", "[1, 2, 3]", "[]")] == [True, True, False, True]
+    with pytest.raises(SchemaError, match="allOf"):
+        Grammar({"type": "object", "properties": {"a": {"allOf": [{"type": "integer"}, {"minimum": 1}]}}})
+    with pytest.raises(SchemaError, match="additionalProperties"):
+        Grammar({"type": "object", "additionalProperties": 3})

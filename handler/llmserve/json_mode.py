@@ -13,16 +13,18 @@ answer always parses; one cut short by max_new_tokens is a prefix of one (finish
 
 The schema subset (what OpenAI's strict mode and most extraction schemas use): "type" object (its
 "properties" in the order given, "required" ones present, the others optional; no other keys; an
-object without "properties" takes any keys and values), array ("items", "minItems", "maxItems"),
-string ("minLength", "maxLength": characters; "pattern", and "format" date, time, date-time, uuid or
-email as one: patterns.py), number and integer ("minimum", "maximum" and their
-exclusive forms; a bounded number is written without an exponent), boolean, null; "enum" and "const"
-of any JSON values; "anyOf" or "oneOf" (the same here: alternatives the first bytes tell apart
-match one at most), or a list of types, whose alternatives begin differently (pydantic's Optional: a type or null) or are objects
-whose first property is one required name holding a constant of each one's own; "$ref" to
-the schema's own "$defs" (pydantic's nested models, recursion included). Annotations
-("title", "description", "format", "$schema", "strict", "additionalProperties", "discriminator") are
-read and not enforced (other formats too); any other keyword ("allOf", ...) is refused with a SchemaError."""
+object without "properties" takes any keys, their values of "additionalProperties" if it is a schema,
+none if it is false), array ("items", "prefixItems", "minItems", "maxItems"), string ("minLength",
+"maxLength": characters; "pattern", and "format" date, time, date-time, uuid or email as one:
+patterns.py), number and integer ("minimum", "maximum" and their exclusive forms; a bounded number
+is written without an exponent), boolean, null; "enum" and "const" of any JSON values; "anyOf" or
+"oneOf" (the same here: alternatives the first bytes tell apart match one at most), or a list of
+types, whose alternatives begin differently (pydantic's Optional: a type or null) or are objects
+whose first property is one required name holding a constant of each one's own; "allOf" of one
+schema; "$ref" to the schema's own "$defs" (pydantic's nested models, recursion included).
+Annotations ("title", "description", "format", "$schema", "strict", "additionalProperties" beside
+properties, "discriminator") are read and not enforced; any other keyword ("multipleOf", ...) is
+refused with a SchemaError."""
 
 import json
 import math
@@ -34,7 +36,7 @@ from .patterns import FORMATS, Pattern, PatternError
 import torch
 
 # schema nodes (Grammar.nodes): (ANY,), (OBJECT, properties: ((name bytes, node, required), ...) or
-# None for any keys), (ARRAY, items node, min, max or None), (STRING, min, max or None, pattern index or
+# None for any keys, the node of their values), (ARRAY, items node, min, max or None, the first items' nodes), (STRING, min, max or None, pattern index or
 # None), (NUMBER, integer?,
 # limits: (min, min exclusive?, max, max exclusive?) with None for no bound, or None for none at all),
 # (BOOLEAN,), (NULL,), (ENUM, (value bytes, ...)), (ANY_OF, (node, ...)), (UNION, tag name bytes, tag
@@ -64,7 +66,7 @@ TYPES = {"object": OBJECT, "array": ARRAY, "string": STRING, "number": NUMBER, "
          "boolean": BOOLEAN, "null": NULL}
 ANNOTATIONS = {"title", "description", "format", "$schema", "strict", "additionalProperties", "default", "examples",
                "$id", "$comment", "discriminator"}
-KEYWORDS = {"type", "properties", "required", "items", "minItems", "maxItems", "minLength", "maxLength", "minimum",
+KEYWORDS = {"type", "properties", "required", "items", "prefixItems", "allOf", "minItems", "maxItems", "minLength", "maxLength", "minimum",
             "maximum", "exclusiveMinimum", "exclusiveMaximum", "enum",
             "const", "anyOf", "oneOf", "$ref", "$defs", "definitions", "pattern"} | ANNOTATIONS
 MAX_NODES = 256
@@ -81,7 +83,7 @@ class Grammar:
 
     def __init__(self, schema: dict | None = None, key: str = "null") -> None:
         self.key = key                                       # response_schema()'s text
-        self.nodes: list[tuple] = [(ANY,), (OBJECT, None), (ARRAY, ANY_VALUE, 0, None)]
+        self.nodes: list[tuple] = [(ANY,), (OBJECT, None, ANY_VALUE), (ARRAY, ANY_VALUE, 0, None, ())]
         schema = {"type": "object"} if schema is None else schema
         self.defs = schema.get("$defs", schema.get("definitions", {})) if isinstance(schema, dict) else {}
         if not isinstance(self.defs, dict):
@@ -112,6 +114,12 @@ class Grammar:
             raise SchemaError(f"{where}: {unknown[0]!r} is not supported (supported: {sorted(KEYWORDS - ANNOTATIONS)})")
         if len(self.nodes) >= MAX_NODES:
             raise SchemaError(f"the schema has more than {MAX_NODES} parts")
+        if "allOf" in schema:                                # one schema (a $ref with notes beside it, say)
+            parts = schema["allOf"]
+            if not isinstance(parts, list) or len(parts) != 1 or not isinstance(parts[0], dict) \
+                    or set(parts[0]) & set(schema) - ANNOTATIONS:
+                raise SchemaError(f"{where}.allOf: only one schema is supported, with no keyword beside it that it has too")
+            return self._compile({**{k: v for k, v in schema.items() if k != "allOf"}, **parts[0]}, where)
         if "$ref" in schema:
             return self._ref(schema["$ref"], where)
         if "anyOf" in schema or "oneOf" in schema or isinstance(schema.get("type"), list):
@@ -141,19 +149,34 @@ class Grammar:
             if not isinstance(required, list) or props is not None and not isinstance(props, dict) \
                     or any(not isinstance(name, str) or name not in (props or {}) for name in required):
                 raise SchemaError(f"{where}: required must list names of its properties")
-            if props is None:
-                return ANY_OBJECT
+            extra = schema.get("additionalProperties", True)   # beside properties, none are taken
             node = self._add(None)                           # its place, before its properties'
-            self.nodes[node] = (OBJECT, tuple((json.dumps(name, ensure_ascii=False)[1:-1].encode(),
-                                               self._compile(sub, f"{where}.properties.{name}"), name in required)
-                                              for name, sub in props.items()))
+            if props is not None:
+                self.nodes[node] = (OBJECT, tuple((json.dumps(name, ensure_ascii=False)[1:-1].encode(),
+                                                   self._compile(sub, f"{where}.properties.{name}"), name in required)
+                                                  for name, sub in props.items()), None)
+            elif isinstance(extra, bool):                    # any keys, or none
+                self.nodes[node] = (OBJECT, None if extra else (), ANY_VALUE)
+            elif isinstance(extra, dict):                    # any keys, values of one schema (pydantic's dict[str, X])
+                self.nodes[node] = (OBJECT, None, self._compile(extra, f"{where}.additionalProperties"))
+            else:
+                raise SchemaError(f"{where}.additionalProperties must be true, false or a schema")
             return node
         if TYPES[kind] == ARRAY:
             lo, hi = schema.get("minItems", 0), schema.get("maxItems")
             if not isinstance(lo, int) or lo < 0 or hi is not None and (not isinstance(hi, int) or hi < lo):
                 raise SchemaError(f"{where}: minItems and maxItems must be integers, 0 <= minItems <= maxItems")
+            first = schema.get("prefixItems", [])             # pydantic's tuple[X, Y]
+            items = schema.get("items", {})
+            if not isinstance(first, list) or not all(isinstance(f, dict) for f in first):
+                raise SchemaError(f"{where}.prefixItems must be a list of schemas")
+            if items is False:                               # nothing after them
+                items, hi = {}, len(first) if hi is None else min(hi, len(first))
+                if hi < lo:
+                    raise SchemaError(f"{where}: minItems is more than prefixItems and items: false allow")
             node = self._add(None)
-            self.nodes[node] = (ARRAY, self._compile(schema.get("items", {}), f"{where}.items"), lo, hi)
+            self.nodes[node] = (ARRAY, self._compile(items, f"{where}.items"), lo, hi,
+                                tuple(self._compile(f, f"{where}.prefixItems[{i}]") for i, f in enumerate(first)))
             return node
         if TYPES[kind] == STRING:
             lo, hi = schema.get("minLength", 0), schema.get("maxLength")
@@ -291,7 +314,7 @@ class Grammar:
                     if length and length[2] < length[0] or pattern and not (
                             pattern[2] == "" and self.patterns[pattern[0]].accepts(pattern[1])):
                         return None
-                    return (COLON, stack, 0, 0) if is_key else self._closed(stack)
+                    return (COLON, stack, self.nodes[stack[-1][1]][2], 0) if is_key else self._closed(stack)
                 if b < 0x20:
                     return None
                 if length and not 0x80 <= b <= 0xBF:              # a character begins (not a UTF-8 continuation)
@@ -381,8 +404,8 @@ class Grammar:
         if mode == ARRAY_OPEN:
             if b == ord("]"):
                 return self._closed(stack[:-1]) if self._may_close(top) else None
-            _, items, _, hi = self.nodes[top[1]]
-            return None if hi == 0 else self._value(items, stack, b)
+            _, items, _, hi, first = self.nodes[top[1]]
+            return None if hi == 0 else self._value(first[0] if first else items, stack, b)
         # AFTER: a value inside the container on top of the stack
         if top[0] == "o":
             if b == ord(","):
@@ -390,8 +413,10 @@ class Grammar:
                 return (KEY_NEXT, stack, 0, 0) if props is None or top[2] < len(props) else None
             return self._closed(stack[:-1]) if b == ord("}") and self._may_close(top) else None
         if b == ord(","):
-            _, items, _, hi = self.nodes[top[1]]
-            return None if hi is not None and top[2] >= hi else (VALUE, stack, items, 0)
+            _, items, _, hi, first = self.nodes[top[1]]
+            if hi is not None and top[2] >= hi:
+                return None
+            return (VALUE, stack, first[top[2]] if top[2] < len(first) else items, 0)
         return self._closed(stack[:-1]) if b == ord("]") and self._may_close(top) else None
 
     def _pattern_byte(self, pattern: tuple, b: int) -> tuple | None:
