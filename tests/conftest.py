@@ -53,3 +53,33 @@ def person_model():
         boss: Optional["Person"] = None
 
     return Person, to_strict_json_schema(Person)
+
+
+@pytest.fixture(scope="session")
+def meeting_model():
+    """A pydantic model of what a schema now holds beyond the basics (a datetime, a pattern, float
+    bounds, a dict, a tuple, a discriminated union), and the strict schema the openai client sends."""
+    import datetime
+    from typing import Literal, Union
+
+    import pydantic
+    from openai.lib._pydantic import to_strict_json_schema
+
+    class Cat(pydantic.BaseModel):
+        kind: Literal["cat"]
+        meows: int
+
+    class Dog(pydantic.BaseModel):
+        kind: Literal["dog"]
+        barks: bool
+
+    class Meeting(pydantic.BaseModel):
+        topic: str
+        starts: datetime.datetime
+        room: str = pydantic.Field(pattern=r"^[A-Z]\d{2}$")
+        confidence: float = pydantic.Field(ge=0, le=1)
+        votes: dict[str, int]
+        span: tuple[int, int]
+        pet: Union[Cat, Dog] = pydantic.Field(discriminator="kind")
+
+    return Meeting, to_strict_json_schema(Meeting)

@@ -256,7 +256,7 @@ def openai_client(server, model="llm", **kw) -> openai.OpenAI:
                          max_retries=0, timeout=300, **kw)
 
 
-def test_openai_client_plain_and_streamed(server, tokenizer, person_model):
+def test_openai_client_plain_and_streamed(server, tokenizer, person_model, meeting_model):
     client = openai_client(server)
     messages = FRANCE["messages"]
     plain = client.chat.completions.create(model="llm", messages=messages, max_tokens=24)
@@ -324,6 +324,17 @@ def test_openai_client_plain_and_streamed(server, tokenizer, person_model):
     except openai.LengthFinishReasonError as e:          # a small model may list pets until the cut: a prefix
         grammar = Grammar(schema)
         assert grammar.feed(grammar.initial, e.completion.choices[0].message.content.encode()) is not None
+    # ... a datetime, a pattern, float bounds, a dict, a tuple, a discriminated union
+    Meeting, schema = meeting_model
+    try:
+        meeting = parse(model="llm", max_tokens=200, response_format=Meeting, messages=[{"role": "user", "content":
+                        "The budget meeting is in room B12 on 2025-06-12 at 14:30 UTC; Ann and Bo voted 3 and 4, it "
+                        "spans 2 to 3 hours, and Rex the dog barks there. Give it as JSON."}]).choices[0].message.parsed
+        assert meeting.starts.year == 2025 and 0 <= meeting.confidence <= 1 and meeting.pet.kind in ("cat", "dog")
+    except openai.LengthFinishReasonError as e:          # the small model fills the dict until the cut
+        cut = e.completion.choices[0].message.content
+        grammar = Grammar(schema)
+        assert grammar.feed(grammar.initial, cut.encode()) is not None and '"room": "B12"' in cut
     # a forced tool call: the function named, its arguments of its parameters' schema
     weather = {"type": "function", "function": {"name": "get_weather", "description": "the weather in a city",
                "parameters": {"type": "object", "properties": {"city": {"type": "string"},
