@@ -527,7 +527,7 @@ def test_a_pattern_s_mask_is_every_token_that_keeps_the_string_matching(vocab):
     ('{"scores": {}, "point": [1, "a"], "rest": {"x": 1}}', False)])
 def test_dicts_take_one_schema_of_values_and_tuples_one_of_each_place(text, ok):
     """additionalProperties as a schema where there are no properties (pydantic's dict[str, int]),
-    false (no keys); prefixItems (pydantic's tuple[int, str]) and items after them; an allOf of one."""
+    false (no keys), min/maxProperties (dict's min_length/max_length); prefixItems (pydantic's tuple[int, str]) and items after them; an allOf of one."""
     g = Grammar({"type": "object", "required": ["scores", "point", "rest"], "properties": {
         "scores": {"type": "object", "additionalProperties": {"type": "integer"}},
         "point": {"allOf": [{"$ref": "#/$defs/Pair"}], "description": "a pair, then flags"},
@@ -542,3 +542,9 @@ def test_dicts_take_one_schema_of_values_and_tuples_one_of_each_place(text, ok):
         Grammar({"type": "object", "properties": {"a": {"allOf": [{"type": "integer"}, {"minimum": 1}]}}})
     with pytest.raises(SchemaError, match="additionalProperties"):
         Grammar({"type": "object", "additionalProperties": 3})
+    few = Grammar({"type": "object", "properties": {"d": {"type": "object", "additionalProperties": {"type": "integer"},
+                                                          "minProperties": 1, "maxProperties": 2}}})
+    assert [is_object('{"d": %s}' % v, few) for v in ('{}', '{"a": 1}', '{"a": 1, "b": 2}', '{"a": 1, "b": 2, "c": 3}')] \
+        == [False, True, True, False]
+    with pytest.raises(SchemaError, match="without properties"):
+        Grammar({"type": "object", "properties": {"a": {}}, "maxProperties": 1})

@@ -14,7 +14,7 @@ answer always parses; one cut short by max_new_tokens is a prefix of one (finish
 The schema subset (what OpenAI's strict mode and most extraction schemas use): "type" object (its
 "properties" in the order given, "required" ones present, the others optional; no other keys; an
 object without "properties" takes any keys, their values of "additionalProperties" if it is a schema,
-none if it is false), array ("items", "prefixItems", "minItems", "maxItems"), string ("minLength",
+none if it is false, "minProperties" to "maxProperties" of them), array ("items", "prefixItems", "minItems", "maxItems"), string ("minLength",
 "maxLength": characters; "pattern", and "format" date, time, date-time, uuid or email as one:
 patterns.py), number and integer ("minimum", "maximum" and their exclusive forms; a bounded number
 is written without an exponent), boolean, null; "enum" and "const" of any JSON values; "anyOf" or
@@ -36,7 +36,7 @@ from .patterns import FORMATS, Pattern, PatternError
 import torch
 
 # schema nodes (Grammar.nodes): (ANY,), (OBJECT, properties: ((name bytes, node, required), ...) or
-# None for any keys, the node of their values), (ARRAY, items node, min, max or None, the first items' nodes), (STRING, min, max or None, pattern index or
+# None for any keys, the node of their values and their least and most number), (ARRAY, items node, min, max or None, the first items' nodes), (STRING, min, max or None, pattern index or
 # None), (NUMBER, integer?,
 # limits: (min, min exclusive?, max, max exclusive?) with None for no bound, or None for none at all),
 # (BOOLEAN,), (NULL,), (ENUM, (value bytes, ...)), (ANY_OF, (node, ...)), (UNION, tag name bytes, tag
@@ -66,7 +66,7 @@ TYPES = {"object": OBJECT, "array": ARRAY, "string": STRING, "number": NUMBER, "
          "boolean": BOOLEAN, "null": NULL}
 ANNOTATIONS = {"title", "description", "format", "$schema", "strict", "additionalProperties", "default", "examples",
                "$id", "$comment", "discriminator"}
-KEYWORDS = {"type", "properties", "required", "items", "prefixItems", "allOf", "minItems", "maxItems", "minLength", "maxLength", "minimum",
+KEYWORDS = {"type", "properties", "required", "items", "prefixItems", "allOf", "minProperties", "maxProperties", "minItems", "maxItems", "minLength", "maxLength", "minimum",
             "maximum", "exclusiveMinimum", "exclusiveMaximum", "enum",
             "const", "anyOf", "oneOf", "$ref", "$defs", "definitions", "pattern"} | ANNOTATIONS
 MAX_NODES = 256
@@ -83,7 +83,7 @@ class Grammar:
 
     def __init__(self, schema: dict | None = None, key: str = "null") -> None:
         self.key = key                                       # response_schema()'s text
-        self.nodes: list[tuple] = [(ANY,), (OBJECT, None, ANY_VALUE), (ARRAY, ANY_VALUE, 0, None, ())]
+        self.nodes: list[tuple] = [(ANY,), (OBJECT, None, ANY_VALUE, 0, None), (ARRAY, ANY_VALUE, 0, None, ())]
         schema = {"type": "object"} if schema is None else schema
         self.defs = schema.get("$defs", schema.get("definitions", {})) if isinstance(schema, dict) else {}
         if not isinstance(self.defs, dict):
@@ -150,15 +150,20 @@ class Grammar:
                     or any(not isinstance(name, str) or name not in (props or {}) for name in required):
                 raise SchemaError(f"{where}: required must list names of its properties")
             extra = schema.get("additionalProperties", True)   # beside properties, none are taken
+            lo, hi = schema.get("minProperties", 0), schema.get("maxProperties")
+            if not isinstance(lo, int) or lo < 0 or hi is not None and (not isinstance(hi, int) or hi < lo) \
+                    or props is not None and (lo or hi is not None):
+                raise SchemaError(f"{where}: minProperties and maxProperties must be integers, 0 <= min <= max, "
+                                  "on an object without properties")
             node = self._add(None)                           # its place, before its properties'
             if props is not None:
                 self.nodes[node] = (OBJECT, tuple((json.dumps(name, ensure_ascii=False)[1:-1].encode(),
                                                    self._compile(sub, f"{where}.properties.{name}"), name in required)
                                                   for name, sub in props.items()), None)
             elif isinstance(extra, bool):                    # any keys, or none
-                self.nodes[node] = (OBJECT, None if extra else (), ANY_VALUE)
+                self.nodes[node] = (OBJECT, None, ANY_VALUE, lo, hi) if extra else (OBJECT, (), None)
             elif isinstance(extra, dict):                    # any keys, values of one schema (pydantic's dict[str, X])
-                self.nodes[node] = (OBJECT, None, self._compile(extra, f"{where}.additionalProperties"))
+                self.nodes[node] = (OBJECT, None, self._compile(extra, f"{where}.additionalProperties"), lo, hi)
             else:
                 raise SchemaError(f"{where}.additionalProperties must be true, false or a schema")
             return node
@@ -264,13 +269,22 @@ class Grammar:
                 break
         return tuple(out)
 
+    def _may_add(self, frame: tuple) -> bool:
+        """Whether an object may name one key more: below its most keys, or properties left."""
+        node = self.nodes[frame[1]]
+        if node[1] is None:
+            return node[4] is None or frame[2] < node[4]
+        return frame[2] < len(node[1])
+
     def _may_close(self, frame: tuple) -> bool:
         node = self.nodes[frame[1]]
         if frame[0] == "a":
             return frame[2] >= node[2]
         if frame[0] == "u":                                  # its tag comes first
             return False
-        return node[1] is None or not any(p[2] for p in node[1][frame[2]:])
+        if node[1] is None:                                  # keys so far, at least its least number
+            return frame[2] >= node[3]
+        return not any(p[2] for p in node[1][frame[2]:])
 
     def _value(self, node_id: int, stack: tuple, b: int) -> tuple | None:
         """The state after byte b starts a value of node_id's schema."""
@@ -314,7 +328,10 @@ class Grammar:
                     if length and length[2] < length[0] or pattern and not (
                             pattern[2] == "" and self.patterns[pattern[0]].accepts(pattern[1])):
                         return None
-                    return (COLON, stack, self.nodes[stack[-1][1]][2], 0) if is_key else self._closed(stack)
+                    if is_key:                               # one key more
+                        top = stack[-1]
+                        return (COLON, stack[:-1] + (("o", top[1], top[2] + 1),), self.nodes[top[1]][2], 0)
+                    return self._closed(stack)
                 if b < 0x20:
                     return None
                 if length and not 0x80 <= b <= 0xBF:              # a character begins (not a UTF-8 continuation)
@@ -397,7 +414,7 @@ class Grammar:
                 if top[0] == "u":
                     return (KEY_MATCH, stack, (((0, self.nodes[top[1]][1]),), b""), 0) if mode == OBJECT_OPEN else None
                 if self.nodes[top[1]][1] is None:
-                    return (IN_STRING, stack, (0, True, None, None), 0)
+                    return (IN_STRING, stack, (0, True, None, None), 0) if self._may_add(top) else None
                 keys = self._keys(top)
                 return (KEY_MATCH, stack, (keys, b""), 0) if keys else None
             return self._closed(stack[:-1]) if b == ord("}") and mode == OBJECT_OPEN and self._may_close(top) else None
@@ -410,7 +427,7 @@ class Grammar:
         if top[0] == "o":
             if b == ord(","):
                 props = self.nodes[top[1]][1]
-                return (KEY_NEXT, stack, 0, 0) if props is None or top[2] < len(props) else None
+                return (KEY_NEXT, stack, 0, 0) if self._may_add(top) else None
             return self._closed(stack[:-1]) if b == ord("}") and self._may_close(top) else None
         if b == ord(","):
             _, items, _, hi, first = self.nodes[top[1]]
