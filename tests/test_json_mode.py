@@ -12,7 +12,9 @@ import torch
 
 from llmserve.config import EngineConfig
 from llmserve.engine import Engine
-from llmserve.json_mode import DONE, KEYWORDS, MAX_INDENT, Grammar, JsonVocab, SchemaError, response_schema, token_bytes
+from llmserve.json_mode import DONE, MAX_INDENT, Grammar
+from llmserve.json_schema import KEYWORDS, SchemaError, response_schema
+from llmserve.json_vocab import JsonVocab, token_bytes
 from llmserve.request import Request, SamplingParams
 
 ANY = Grammar()

@@ -13,7 +13,7 @@ from dataclasses import replace
 import torch
 
 from .config import EngineConfig
-from .json_mode import JsonVocab, token_bytes
+from .json_vocab import JsonVocab, token_bytes
 from .kv_cache import KVCache
 from .load import ModelFacts, load_model
 from .prefix_cache import BLOCK, PrefixCache

@@ -9,7 +9,7 @@ from dataclasses import replace
 from itertools import accumulate
 
 from .config import EngineConfig
-from .json_mode import SchemaError, response_schema
+from .json_schema import SchemaError, response_schema
 from .request import Request, RequestError, decode_body, parse_request
 
 CHAT, COMPLETIONS, MODELS = "v1/chat/completions", "v1/completions", "v1/models"
@@ -184,7 +184,7 @@ def _parameters(function: dict) -> dict:
 
 def _call_schema(tools: list[dict]) -> dict:
     """What the answer is held to: one function's arguments; for one of several, {"name": <a tool's>,
-    "arguments": <that tool's>} (a union the name decides: json_mode's UNION)."""
+    "arguments": <that tool's>} (a union the name decides: json_schema's UNION)."""
     if len(tools) == 1:
         return tools[0]["parameters"]
     return {"anyOf": [{"type": "object", "properties": {"name": {"const": t["name"]}, "arguments": t["parameters"]},

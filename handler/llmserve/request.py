@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass, field
 
 from .config import EngineConfig
-from .json_mode import SchemaError, response_schema
+from .json_schema import SchemaError, response_schema
 
 KNOWN_FIELDS = ("prompt", "messages", "max_new_tokens", "temperature", "top_p", "top_k", "min_p", "seed",
                 "stop", "stream", "ignore_eos", "min_tokens", "timeout_s", "presence_penalty",
@@ -51,7 +51,7 @@ class SamplingParams:
                                       # positive, multiplied if not; applied before the two above
     logit_bias: tuple[tuple[int, float], ...] = ()   # OpenAI's: (token id, bias) added to its logit first
     response_schema: str | None = None   # OpenAI's response_format: the output is held to a JSON object ("null")
-                                         # or to one its schema takes (json_mode.response_schema); None: text
+                                         # or to one its schema takes (json_schema.response_schema); None: text
 
     @property
     def max_stop_len(self) -> int:
@@ -268,7 +268,7 @@ def _logit_bias(body: dict, tokenizer) -> tuple[tuple[int, float], ...]:
 
 def _response_schema(body: dict) -> str | None:
     """response_format: absent or {"type": "text"}, {"type": "json_object"}, or {"type": "json_schema",
-    "json_schema": {"name", "schema"}} with a schema json_mode takes."""
+    "json_schema": {"name", "schema"}} with a schema json_schema.py takes."""
     try:
         return response_schema(body.get("response_format"))
     except SchemaError as e:
