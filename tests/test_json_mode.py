@@ -12,7 +12,7 @@ import torch
 
 from llmserve.config import EngineConfig
 from llmserve.engine import Engine
-from llmserve.json_mode import DONE, MAX_INDENT, Grammar
+from llmserve.json_mode import DONE, MAX_INDENT, MULTI, Grammar
 from llmserve.json_schema import KEYWORDS, SchemaError, response_schema
 from llmserve.json_vocab import JsonVocab, token_bytes
 from llmserve.request import Request, SamplingParams
@@ -130,8 +130,9 @@ def test_a_schema_s_automaton_takes_its_objects_and_no_others(text, ok):
     ({"type": "object", "properties": {"a": {"$ref": {"x": 1}}}}, "ref"), ({"type": "object", "$defs": [1]}, "defs"),
     ({"type": "object", "properties": {"a": {"type": {"x": 1}}}}, "type must be"),
     ({"type": "object", "properties": {"a": {}}, "required": [["a"]]}, "required"),
-    ({"type": "object", "properties": {"a": {"anyOf": [{"type": "object"}, {"type": "object", "properties": {}}]}}},
-     "begin differently"), ({"type": "object", "properties": {"a": {"type": ["integer", "number"]}}}, "begin differently"),
+    ({"type": "object", "properties": {"a": {"oneOf": [{"type": "object"}, {"type": "object", "properties": {}}]}}},
+     "begin differently"), ({"type": "object", "properties": {"a": {"oneOf": [{"type": "integer"}, {"type": "number"}]}}},
+                            "begin differently"),
     ({"type": "object", "properties": {"a": {"$ref": "#/$defs/B"}}}, "ref"),
     ({"type": "object", "properties": {"a": {"$ref": "http://example.com/b.json"}}}, "ref"),
     ({"type": "object", "properties": {"a": {"$ref": "#/$defs/A"}}, "$defs": {"A": {"$ref": "#/$defs/A"}}}, "itself"),
@@ -322,7 +323,7 @@ def test_objects_told_apart_by_a_first_constant_are_a_union_the_constant_decides
     required name holding a constant of its own (tool calls, tagged unions): its value picks the rest."""
     assert is_object(text, Grammar(CALL)) == ok
     with pytest.raises(SchemaError, match="tagged union"):
-        Grammar({"anyOf": [{"type": "object", "properties": {"name": {"const": "a"}}},
+        Grammar({"oneOf": [{"type": "object", "properties": {"name": {"const": "a"}}},
                            {"type": "object", "properties": {"name": {"const": "b"}}, "required": ["name"]}]})
 
 
@@ -550,3 +551,39 @@ def test_dicts_take_one_schema_of_values_and_tuples_one_of_each_place(text, ok):
         == [False, True, True, False]
     with pytest.raises(SchemaError, match="without properties"):
         Grammar({"type": "object", "properties": {"a": {}}, "maxProperties": 1})
+
+
+# pydantic's Union[Cat, Dog] without a discriminator, and int | float: alternatives that begin alike
+PETS = {"type": "object", "required": ["pet", "n"], "properties": {
+    "pet": {"anyOf": [{"type": "object", "properties": {"name": {"type": "string"}, "meows": {"type": "integer"}},
+                       "required": ["name", "meows"]},
+                      {"type": "object", "properties": {"name": {"type": "string"}, "barks": {"type": "boolean"}},
+                       "required": ["name", "barks"]},
+                      {"type": "array", "items": {"type": "integer"}}]},
+    "n": {"anyOf": [{"type": "integer", "maximum": 9}, {"type": "number", "minimum": 100}]}}}
+
+
+@pytest.mark.parametrize("text, ok", [
+    ('{"pet": {"name": "Tom", "meows": 3}, "n": 5}', True), ('{"pet": {"name": "Rex", "barks": true}, "n": 5}', True),
+    ('{"pet": [1, 2], "n": 150.5}', True), ('{"pet": {"name": "Tom", "meows": true}, "n": 5}', False),
+    ('{"pet": {"name": "Rex", "barks": 3}, "n": 5}', False), ('{"pet": {"name": "Tom"}, "n": 5}', False),
+    ('{"pet": [1], "n": 50}', False), ('{"pet": [1], "n": 5.5}', False), ('{"pet": [1], "n": 9}', True)])
+def test_an_any_of_whose_alternatives_begin_alike_follows_them_side_by_side(text, ok):
+    """anyOf takes alternatives that begin alike: each one the output can still be is followed (a
+    state of several), and they become one again where the value closes."""
+    g = Grammar(PETS)
+    assert is_object(text, g) == ok
+    if ok:
+        state = g.feed(g.initial, text.encode())
+        assert state[0] == DONE
+    state = g.feed(g.initial, b'{"pet": {"name": "T')
+    assert state[0] == MULTI and len(state[2]) == 2                   # a cat or a dog, so far
+    assert g.feed(g.initial, b'{"pet": {"name": "Tom", "m')[0] != MULTI   # a cat
+
+
+def test_a_state_of_several_alternatives_masks_every_token_one_of_them_takes(vocab):
+    g = Grammar(PETS)
+    for prefix in (b'{"pet": ', b'{"pet": {"name": "T', b'{"pet": {"name": "Tom", ', b'{"pet": [1], "n": 1'):
+        state = g.feed(g.initial, prefix)
+        every = [i for i, piece in enumerate(vocab.pieces) if piece and g.feed(state, piece) is not None]
+        assert vocab.mask(g, state).nonzero().flatten().tolist() == every and every

@@ -21,6 +21,7 @@ from .json_schema import ANY, ANY_ARRAY, ANY_OBJECT, ANY_OF, ARRAY, BOOLEAN, ENU
 # whitespace just before, outside strings: 0 none, -1 a space, n a newline and n - 1 spaces or tabs
 START, VALUE, OBJECT_OPEN, KEY_NEXT, KEY_MATCH, COLON, AFTER, ARRAY_OPEN, DONE, IN_STRING, IN_NUMBER, \
     IN_LITERAL, IN_ENUM = range(13)
+MULTI = 13               # (MULTI, (), frozenset of states, 0): an anyOf's alternatives that begin alike, side by side
 MAX_INDENT = 20          # spaces or tabs after a newline outside strings (a small model can indent forever)
 WHITESPACE = frozenset(b" \t\n\r")
 DIGITS = frozenset(b"0123456789")
@@ -84,8 +85,8 @@ class Grammar(Schema):
         """The state after byte b starts a value of node_id's schema."""
         node = self.nodes[node_id]
         kind = node[0]
-        if kind == ANY_OF:                                   # the one alternative b begins (checked at compile time)
-            return next((st for alt in node[1] if (st := self._value(alt, stack, b)) is not None), None)
+        if kind == ANY_OF:                                   # each alternative b begins
+            return _one(self._value(alt, stack, b) for alt in node[1])
         if kind == ENUM:
             return (IN_ENUM, stack, (node_id, bytes([b])), 0) if any(v[:1] == bytes([b]) for v in node[1]) else None
         if b == ord("{") and kind == UNION:                  # its tag first
@@ -113,6 +114,8 @@ class Grammar(Schema):
     def step(self, state: tuple, b: int) -> tuple | None:
         """The state after byte b, or None where no object the grammar takes continues so."""
         mode, stack, aux, spaces = state
+        if mode == MULTI:
+            return _one(self.step(s, b) for s in aux)
         if mode == IN_STRING:
             # length: (min, max or None, characters so far); pattern: (its index, its states, the bytes of
             # a character begun as (bytes to come, bits so far), or the hex digits of a \u escape so far)
@@ -257,6 +260,16 @@ class Grammar(Schema):
                 return None
             state = self.step(state, b)
         return state
+
+
+def _one(states) -> tuple | None:
+    """Of the states an anyOf's alternatives reached: None where none did, the one, or the several
+    side by side (MULTI; they merge into one where they meet, once their value is closed)."""
+    out = set()
+    for st in states:
+        if st is not None:
+            out |= st[2] if st[0] == MULTI else {st}
+    return None if not out else next(iter(out)) if len(out) == 1 else (MULTI, (), frozenset(out), 0)
 
 
 def _within(limits: tuple, value: Fraction) -> bool:

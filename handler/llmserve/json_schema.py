@@ -8,10 +8,11 @@ object without "properties" takes any keys, their values of "additionalPropertie
 none if it is false, "minProperties" to "maxProperties" of them), array ("items", "prefixItems", "minItems", "maxItems"), string ("minLength",
 "maxLength": characters; "pattern", and "format" date, time, date-time, uuid or email as one:
 patterns.py), number and integer ("minimum", "maximum" and their exclusive forms; a bounded number
-is written without an exponent), boolean, null; "enum" and "const" of any JSON values; "anyOf" or
-"oneOf" (the same here: alternatives the first bytes tell apart match one at most), or a list of
-types, whose alternatives begin differently (pydantic's Optional: a type or null) or are objects
-whose first property is one required name holding a constant of each one's own; "allOf" of one
+is written without an exponent), boolean, null; "enum" and "const" of any JSON values; "anyOf" (or
+a list of types), any alternatives (those that begin alike followed side by side: pydantic's
+Union[Cat, Dog], int | float); "oneOf" where its alternatives begin differently (so that at most one
+matches) or are objects whose first property is one required name holding a constant of each one's
+own (pydantic's discriminated unions; anyOf's are kept so too: one followed); "allOf" of one
 schema; "$ref" to the schema's own "$defs" (pydantic's nested models, recursion included).
 Annotations ("title", "description", "format", "$schema", "strict", "additionalProperties" beside
 properties, "discriminator") are read and not enforced; any other keyword ("multipleOf", ...) is
@@ -27,7 +28,7 @@ from .patterns import FORMATS, Pattern, PatternError
 # None for any keys, the node of their values and their least and most number), (ARRAY, items node, min, max or None, the first items' nodes), (STRING, min, max or None, pattern index or
 # None), (NUMBER, integer?,
 # limits: (min, min exclusive?, max, max exclusive?) with None for no bound, or None for none at all),
-# (BOOLEAN,), (NULL,), (ENUM, (value bytes, ...)), (ANY_OF, (node, ...)), (UNION, tag name bytes, tag
+# (BOOLEAN,), (NULL,), (ENUM, (value bytes, ...)), (ANY_OF, (node, ...), oneOf?), (UNION, tag name bytes, tag
 # ENUM node, {tag value bytes: object node}): objects told apart by their first property's constant;
 # node 0 is any value, node 1 any object, node 2 any array
 ANY, OBJECT, ARRAY, STRING, NUMBER, BOOLEAN, NULL, ENUM, ANY_OF, UNION = range(10)
@@ -66,12 +67,15 @@ class Schema:
                 if self._loops(i, set()):
                     raise SchemaError("anyOf/oneOf: an alternative leads back to it with no value in between")
                 starts = [self._starts(alt, set()) for alt in node[1]]
-                if sum(map(len, starts)) != len(set().union(*starts)) and not self._union(i):
-                    raise SchemaError("anyOf/oneOf: its alternatives must begin differently (a string or null, say), "
+                if sum(map(len, starts)) != len(set().union(*starts)) and not self._union(i) and node[2]:
+                    raise SchemaError("oneOf: its alternatives must begin differently (a string or null, say), "
                                       "so that the first byte of a value picks one, or be objects whose first "
-                                      "property is a required const of its own (a tagged union)")
-        if self.nodes[root][0] not in (OBJECT, UNION):
-            raise SchemaError('the schema\'s top level must be {"type": "object", ...}')
+                                      "property is a required const of its own (a tagged union); anyOf takes "
+                                      "alternatives that begin alike")
+        top = self.nodes[root]
+        if top[0] not in (OBJECT, UNION) and not (top[0] == ANY_OF and all(self.nodes[alt][0] in (OBJECT, UNION)
+                                                                             for alt in top[1])):
+            raise SchemaError('the schema\'s top level must be {"type": "object", ...} (or objects\' anyOf)')
         self.root = root
 
 
@@ -100,7 +104,8 @@ class Schema:
             if not isinstance(alts, list) or not alts:
                 raise SchemaError(f"{where}.{word if word in schema else 'type'} must be a non-empty list")
             node = self._add(None)
-            self.nodes[node] = (ANY_OF, tuple(self._compile(alt, f"{where}.{word}[{i}]") for i, alt in enumerate(alts)))
+            self.nodes[node] = (ANY_OF, tuple(self._compile(alt, f"{where}.{word}[{i}]") for i, alt in enumerate(alts)),
+                                word == "oneOf")
             return node
         if "enum" in schema or "const" in schema:
             values = schema["enum"] if "enum" in schema else [schema["const"]]
