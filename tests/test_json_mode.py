@@ -587,3 +587,12 @@ def test_a_state_of_several_alternatives_masks_every_token_one_of_them_takes(voc
         state = g.feed(g.initial, prefix)
         every = [i for i, piece in enumerate(vocab.pieces) if piece and g.feed(state, piece) is not None]
         assert vocab.mask(g, state).nonzero().flatten().tolist() == every and every
+
+
+def test_pydantic_s_set_and_bytes_fields_are_taken_their_notes_read_only():
+    """set[str] is an array with uniqueItems (a list with repeats validates as the set), bytes a
+    string with a format no pattern stands for: annotations, not refusals."""
+    g = Grammar({"type": "object", "required": ["tags", "data"], "properties": {
+        "tags": {"type": "array", "items": {"type": "string"}, "uniqueItems": True},
+        "data": {"type": "string", "format": "binary", "deprecated": True}}})
+    assert is_object('{"tags": ["a", "a"], "data": "xx"}', g) and not is_object('{"tags": [1], "data": "xx"}', g)

@@ -15,7 +15,7 @@ matches) or are objects whose first property is one required name holding a cons
 own (pydantic's discriminated unions; anyOf's are kept so too: one followed); "allOf" of one
 schema; "$ref" to the schema's own "$defs" (pydantic's nested models, recursion included).
 Annotations ("title", "description", "format", "$schema", "strict", "additionalProperties" beside
-properties, "discriminator") are read and not enforced; any other keyword ("multipleOf", ...) is
+properties, "discriminator", "uniqueItems", ...) are read and not enforced; any other keyword ("multipleOf", ...) is
 refused with a SchemaError."""
 
 import json
@@ -36,11 +36,14 @@ STARTS = {OBJECT: b"{", ARRAY: b"[", STRING: b'"', NUMBER: b"-0123456789", BOOLE
 ANY_VALUE, ANY_OBJECT, ANY_ARRAY = 0, 1, 2
 TYPES = {"object": OBJECT, "array": ARRAY, "string": STRING, "number": NUMBER, "integer": NUMBER,
          "boolean": BOOLEAN, "null": NULL}
+# read and not enforced: uniqueItems too (pydantic's set[X]: a list with repeats validates as the set)
 ANNOTATIONS = {"title", "description", "format", "$schema", "strict", "additionalProperties", "default", "examples",
-               "$id", "$comment", "discriminator"}
-KEYWORDS = {"type", "properties", "required", "items", "prefixItems", "allOf", "minProperties", "maxProperties", "minItems", "maxItems", "minLength", "maxLength", "minimum",
-            "maximum", "exclusiveMinimum", "exclusiveMaximum", "enum",
-            "const", "anyOf", "oneOf", "$ref", "$defs", "definitions", "pattern"} | ANNOTATIONS
+               "$id", "$comment", "discriminator", "uniqueItems", "deprecated", "readOnly", "writeOnly",
+               "contentEncoding", "contentMediaType"}
+KEYWORDS = {"type", "properties", "required", "additionalProperties", "minProperties", "maxProperties", "items",
+            "prefixItems", "minItems", "maxItems", "minLength", "maxLength", "pattern", "minimum", "maximum",
+            "exclusiveMinimum", "exclusiveMaximum", "enum", "const", "anyOf", "oneOf", "allOf", "$ref", "$defs",
+            "definitions"} | ANNOTATIONS
 MAX_NODES = 256
 
 
