@@ -277,6 +277,11 @@ def test_an_integer_s_bounds_hold_every_prefix_to_a_value_within_them():
         Grammar({"type": "object", "properties": {"x": {"type": "integer", "minimum": 3.2, "maximum": 3.9}}})
     between = Grammar({"type": "object", "properties": {"x": {"type": "integer", "minimum": 0.5, "exclusiveMaximum": 9.5}}})
     assert [v for v in range(-3, 13) if is_object('{"x": %d}' % v, between)] == list(range(1, 10))
+    fives = Grammar({"type": "object", "properties": {"x": {"type": "integer", "multipleOf": 2.5, "maximum": 30}}})
+    assert [v for v in range(-12, 40) if is_object('{"x": %d}' % v, fives)] == list(range(-10, 31, 5))
+    assert fives.feed(fives.initial, b'{"x": 4') is None and fives.feed(fives.initial, b'{"x": 3') is not None   # 30
+    with pytest.raises(SchemaError, match="multiple"):
+        Grammar({"type": "object", "properties": {"x": {"type": "integer", "multipleOf": 7, "minimum": 1, "maximum": 6}}})
 
 
 def test_a_number_s_bounds_hold_every_prefix_to_a_value_within_them():
@@ -286,12 +291,14 @@ def test_a_number_s_bounds_hold_every_prefix_to_a_value_within_them():
     values = sorted({f"{sign}{i}" + (f".{f:0{n}d}" if n else "") for sign in ("", "-") for i in range(0, 12)
                      for n in range(4) for f in range(10 ** n if n else 1)})
     for bounds in [{"minimum": 0, "maximum": 1}, {"exclusiveMinimum": 0}, {"minimum": -1.5, "maximum": 2.25},
-                   {"maximum": -0.25}, {"exclusiveMinimum": 0.5, "exclusiveMaximum": 0.75}]:
+                   {"maximum": -0.25}, {"exclusiveMinimum": 0.5, "exclusiveMaximum": 0.75},
+                   {"multipleOf": 0.25, "minimum": -2, "exclusiveMaximum": 3}, {"multipleOf": 0.1, "maximum": 10}]:
         grammar = Grammar({"type": "object", "properties": {"x": {"type": "number", **bounds}}, "required": ["x"]})
         def within(text):
             v = Fraction(text)
             return all((v >= Fraction(repr(b)) if k == "minimum" else v > Fraction(repr(b)) if k == "exclusiveMinimum"
-                        else v <= Fraction(repr(b)) if k == "maximum" else v < Fraction(repr(b))) for k, b in bounds.items())
+                        else v <= Fraction(repr(b)) if k == "maximum" else v < Fraction(repr(b)) if k == "exclusiveMaximum"
+                        else v % Fraction(repr(b)) == 0) for k, b in bounds.items())
         inside = [v for v in values if within(v) and not (v.startswith("-") and Fraction(v) == 0)]   # -0: not written
         begun = {v[:n] for v in inside for n in range(1, len(v) + 1)}
         for text in values:

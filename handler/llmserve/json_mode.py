@@ -284,7 +284,7 @@ def _may_reach(limits: tuple, sign: int, text: str) -> bool:
     def reached(a, b) -> bool:                               # magnitudes [a, b), b None: unbounded
         if sign > 0:
             return meets(limits, a, True, b, False)
-        return meets(limits, None if b is None else -b, False, -a, True)
+        return meets(limits, None if b is None else -b, False, -a, a != 0)    # below 0: -0 is not written
     if not text:                                             # "-": a number below 0 (-0 is not worth writing)
         return meets(limits, None, False, Fraction(0), False)
     whole, dot, decimals = text.partition(".")

@@ -7,15 +7,15 @@ The schema subset (what OpenAI's strict mode and most extraction schemas use): "
 object without "properties" takes any keys, their values of "additionalProperties" if it is a schema,
 none if it is false, "minProperties" to "maxProperties" of them), array ("items", "prefixItems", "minItems", "maxItems"), string ("minLength",
 "maxLength": characters; "pattern", and "format" date, time, date-time, uuid or email as one:
-patterns.py), number and integer ("minimum", "maximum" and their exclusive forms; a bounded number
-is written without an exponent), boolean, null; "enum" and "const" of any JSON values; "anyOf" (or
+patterns.py), number and integer ("minimum", "maximum" and their exclusive forms, "multipleOf"; a
+bounded number is written without an exponent), boolean, null; "enum" and "const" of any JSON values; "anyOf" (or
 a list of types), any alternatives (those that begin alike followed side by side: pydantic's
 Union[Cat, Dog], int | float); "oneOf" where its alternatives begin differently (so that at most one
 matches) or are objects whose first property is one required name holding a constant of each one's
 own (pydantic's discriminated unions; anyOf's are kept so too: one followed); "allOf" of one
 schema; "$ref" to the schema's own "$defs" (pydantic's nested models, recursion included).
 Annotations ("title", "description", "format", "$schema", "strict", "additionalProperties" beside
-properties, "discriminator", "uniqueItems", ...) are read and not enforced; any other keyword ("multipleOf", ...) is
+properties, "discriminator", "uniqueItems", ...) are read and not enforced; any other keyword ("propertyNames", ...) is
 refused with a SchemaError."""
 
 import json
@@ -42,7 +42,7 @@ ANNOTATIONS = {"title", "description", "format", "$schema", "strict", "additiona
                "contentEncoding", "contentMediaType"}
 KEYWORDS = {"type", "properties", "required", "additionalProperties", "minProperties", "maxProperties", "items",
             "prefixItems", "minItems", "maxItems", "minLength", "maxLength", "pattern", "minimum", "maximum",
-            "exclusiveMinimum", "exclusiveMaximum", "enum", "const", "anyOf", "oneOf", "allOf", "$ref", "$defs",
+            "exclusiveMinimum", "exclusiveMaximum", "multipleOf", "enum", "const", "anyOf", "oneOf", "allOf", "$ref", "$defs",
             "definitions"} | ANNOTATIONS
 MAX_NODES = 256
 
@@ -228,34 +228,45 @@ class Schema:
 
 
 def _limits(schema: dict, integer: bool, where: str) -> tuple | None:
-    """A number's bounds as (min, min exclusive?, max, max exclusive?), None where it has none: exact
-    fractions of the decimals written (0.1 is 1/10), an integer's as the inclusive integers within."""
-    values = [schema.get(k) for k in ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum")]
+    """A number's bounds as (min, min exclusive?, max, max exclusive?, multipleOf), None where it has
+    none: exact fractions of the decimals written (0.1 is 1/10); an integer's as the inclusive
+    integers within, its step the integers that are multiples (of 5/2: of 5)."""
+    names = ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum", "multipleOf")
+    values = [schema.get(k) for k in names]
     if all(v is None for v in values):
         return None
-    for name, v in zip(("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum"), values):
-        if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v)):
-            raise SchemaError(f"{where}.{name} must be a finite number, got {json.dumps(v)}")
-    lo, xlo, hi, xhi = (None if v is None else Fraction(repr(v)) if isinstance(v, float) else Fraction(v) for v in values)
+    for name, v in zip(names, values):
+        if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v)
+                              or name == "multipleOf" and v <= 0):
+            raise SchemaError(f"{where}.{name} must be a finite number{' above 0' if name == 'multipleOf' else ''}, "
+                              f"got {json.dumps(v)}")
+    lo, xlo, hi, xhi, step = (None if v is None else Fraction(repr(v)) if isinstance(v, float) else Fraction(v)
+                              for v in values)
     low = max([(v, x) for v, x in ((lo, False), (xlo, True)) if v is not None], default=(None, False))
     high = min([(v, not x) for v, x in ((hi, False), (xhi, True)) if v is not None], default=(None, True))
-    limits = (low[0], low[1], high[0], not high[1])
+    limits = (low[0], low[1], high[0], not high[1], step)
     if integer:                                              # the integers within, inclusive
         first = None if lo is None and xlo is None else math.floor(low[0]) + 1 if low[1] else math.ceil(low[0])
         last = None if hi is None and xhi is None else math.ceil(high[0]) - 1 if not high[1] else math.floor(high[0])
-        limits = (first, False, last, False)
+        limits = (first, False, last, False, None if step is None else Fraction(step.numerator))
     if not meets(limits, None, False, None, False):
-        raise SchemaError(f"{where}: no {'integer' if integer else 'number'} lies between its minimum and maximum")
+        raise SchemaError(f"{where}: no {'integer' if integer else 'number'} lies between its minimum and maximum"
+                          f"{' that is a multiple of its multipleOf' if step is not None else ''}")
     return limits
 
 
 def meets(limits: tuple, low, low_closed: bool, high, high_closed: bool) -> bool:
-    """Whether some number in the interval from low to high (None: unbounded) lies within limits."""
-    lo, xlo, hi, xhi = limits
+    """Whether some number in the interval from low to high (None: unbounded) lies within limits
+    (and is a multiple of their step)."""
+    lo, xlo, hi, xhi, step = limits
     if lo is not None and (low is None or lo > low or lo == low and xlo):
         low, low_closed = lo, not xlo
     if hi is not None and (high is None or hi < high or hi == high and xhi):
         high, high_closed = hi, not xhi
+    if step is not None and low is not None and high is not None:   # the first multiple from low
+        first = math.ceil(low / step) * step
+        first += step if first == low and not low_closed else 0
+        low, low_closed = first, True
     return low is None or high is None or low < high or low == high and low_closed and high_closed
 
 
