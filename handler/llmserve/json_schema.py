@@ -4,19 +4,20 @@ response_format) where they are not in the subset. Knows no tokens and no bytes 
 
 The schema subset (what OpenAI's strict mode and most extraction schemas use): "type" object (its
 "properties" in the order given, "required" ones present, the others optional; no other keys; an
-object without "properties" takes any keys, their values of "additionalProperties" if it is a schema,
-none if it is false, "minProperties" to "maxProperties" of them), array ("items", "prefixItems", "minItems", "maxItems"), string ("minLength",
-"maxLength": characters; "pattern", and "format" date, time, date-time, uuid or email as one:
-patterns.py), number and integer ("minimum", "maximum" and their exclusive forms, "multipleOf"; a
-bounded number is written without an exponent), boolean, null; "enum" and "const" of any JSON values; "anyOf" (or
-a list of types), any alternatives (those that begin alike followed side by side: pydantic's
-Union[Cat, Dog], int | float); "oneOf" where its alternatives begin differently (so that at most one
-matches) or are objects whose first property is one required name holding a constant of each one's
-own (pydantic's discriminated unions; anyOf's are kept so too: one followed); "allOf" of one
-schema; "$ref" to the schema's own "$defs" (pydantic's nested models, recursion included).
-Annotations ("title", "description", "format", "$schema", "strict", "additionalProperties" beside
-properties, "discriminator", "uniqueItems", ...) are read and not enforced; any other keyword ("propertyNames", ...) is
-refused with a SchemaError."""
+object without "properties" takes any keys, their values of "additionalProperties" if it is a
+schema, none if it is false, "minProperties" to "maxProperties" of them), array ("items",
+"prefixItems", "minItems", "maxItems"), string ("minLength", "maxLength": characters; "pattern",
+and "format" date, time, date-time, uuid or email as one: patterns.py), number and integer
+("minimum", "maximum" and their exclusive forms, "multipleOf"; a bounded number is written without
+an exponent), boolean, null; "enum" and "const" of any JSON values; "anyOf" (or a list of types) of
+any alternatives (those that begin alike followed side by side: pydantic's Union[Cat, Dog],
+int | float); "oneOf" where its alternatives begin differently (so that at most one matches) or are
+objects whose first property is one required name holding a constant of each one's own (pydantic's
+discriminated unions; anyOf's are kept so too: one followed); "allOf" of one schema; "$ref" to the
+schema's own "$defs" (pydantic's nested models, recursion included). Annotations ("title",
+"description", "format", "$schema", "strict", "additionalProperties" beside properties,
+"discriminator", "uniqueItems", ...) are read and not enforced; any other keyword
+("propertyNames", ...) is refused with a SchemaError."""
 
 import json
 import math
