@@ -27,6 +27,7 @@ from llmserve.engine import Engine, Overloaded
 from llmserve.exchange import JSON, Exchange, error_json
 from llmserve.openai_api import CHAT, COMPLETIONS, MODELS, ROUTES, Formatter, models_body, parse_openai
 from llmserve.request import TIERS, Request, RequestError, parse_request
+from llmserve.responses_api import RESPONSES, parse_responses
 from llmserve.tenants import ANONYMOUS, RateLimited, Tenants
 
 logger = logging.getLogger(__name__)
@@ -100,16 +101,19 @@ class LLMHandler(BaseHandler):
             request_id = context.get_request_id(idx) or f"req-{idx}"
             if route == MODELS:
                 return self._reply(context, idx, 200, json.dumps(models_body(self.model_name, self.started)))
-            if route not in ("", CHAT, COMPLETIONS):
+            if route not in ("", CHAT, COMPLETIONS, RESPONSES):
                 raise RequestError("url_path", f"no route /{route}: the routes are /predictions/{self.model_name} "
-                                   f"and, after the version, {['/' + r for r in ROUTES]}", status=404)
+                                   f"and, after the version, {['/' + r for r in (*ROUTES, RESPONSES)]}", status=404)
             tenant, tier = self.tenants.identify(context.get_all_request_header(idx))
             self.engine.check_room(tier)
             self.tenants.admit(tenant, time.monotonic())
             body = row.get("body") if row.get("body") is not None else row.get("data")
             if body is None and row:
                 raise RequestError("body", "no JSON body found; send a JSON object with Content-Type: application/json")
-            if is_openai:
+            if route == RESPONSES:
+                r, formatter = parse_responses(request_id, body, self.model_name, self.engine.config, self.engine.tokenizer)
+                ex = Exchange([r], formatter)
+            elif is_openai:
                 requests, options = parse_openai(route, request_id, body, self.model_name, self.engine.config,
                                                  self.engine.tokenizer)
                 ex = Exchange(requests, Formatter(route, requests, self.model_name, self._token_text, **options))

@@ -268,6 +268,12 @@ def test_openai_client_plain_and_streamed(server, tokenizer, person_model, meeti
     assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
     tokens = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
     assert len(tokens) == plain.usage.completion_tokens and all(len(t.top_logprobs) == 3 for t in tokens)
+    # the Responses API: the chat's answer, whole and as typed events
+    answer = client.responses.create(model="llm", input=messages[0]["content"], max_output_tokens=24)
+    assert answer.status == "completed" and answer.output_text == plain.choices[0].message.content
+    events = list(client.responses.create(model="llm", input=messages[0]["content"], max_output_tokens=24, stream=True))
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == answer.output_text
+    assert events[-1].type == "response.completed" and events[-1].response.usage.output_tokens == answer.usage.output_tokens
     # predicted outputs: the answer again, drafted from itself, the same text
     predicted = client.chat.completions.create(model="llm", messages=messages, max_tokens=24, store=False,
                                                prediction={"type": "content", "content": plain.choices[0].message.content})

@@ -440,6 +440,38 @@ def test_openai_chat_and_completions_plain_and_streamed(continuous):
     assert whole(responses["models"])["data"][0]["id"] == "llm"
 
 
+def test_openai_responses_plain_and_streamed_are_the_chat_routes_answer(continuous):
+    """/v1/responses: input and instructions as the chat's messages, max_output_tokens as max_tokens;
+    the answer as a `response` object (cut short: "incomplete"), streamed as typed events whose
+    deltas add up to its text; errors name the Responses' own parameters."""
+    h, ctx = continuous
+    chat = {"model": "llm", "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}],
+            "max_tokens": 8, "ignore_eos": True}
+    ask = {"model": "llm", "instructions": "Be brief.", "input": [{"role": "user", "content": [
+        {"type": "input_text", "text": "Hel"}, {"type": "input_text", "text": "lo"}]}], "max_output_tokens": 8}
+    responses = openai_run(h, ctx, {0: {
+        "chat": ("v1/chat/completions", chat), "resp": ("v1/responses", ask),
+        "resp-s": ("v1/responses", {**ask, "stream": True}),
+        "bad-in": ("v1/responses", {**ask, "input": [{"type": "function_call", "name": "f"}]}),
+        "bad-max": ("v1/responses", {**ask, "max_output_tokens": 0}),
+        "bad-prev": ("v1/responses", {**ask, "previous_response_id": "resp_1"})}})
+    text = whole(responses["chat"])["choices"][0]["message"]["content"]
+    body = whole(responses["resp"])
+    assert body["object"] == "response" and body["status"] == "incomplete" and body["output"][0]["content"][0]["text"] == text
+    assert body["usage"]["output_tokens"] == 8 and body["incomplete_details"] == {"reason": "max_output_tokens"}
+    events = [json.loads(line[len("data: "):]) for r, *_ in responses["resp-s"] for line in r.split("\n") if line.startswith("data: ")]
+    kinds = [e["type"] for e in events]
+    assert kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added", "response.content_part.added"]
+    assert kinds[-4:] == ["response.output_text.done", "response.content_part.done", "response.output_item.done",
+                          "response.incomplete"]
+    assert "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta") == text
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    assert events[-1]["response"]["output"][0]["content"][0]["text"] == text == events[-4]["text"]
+    for name, param in (("bad-in", "input"), ("bad-max", "max_output_tokens"), ("bad-prev", "previous_response_id")):
+        (out, code, _), = responses[name]
+        assert code == 400 and json.loads(out)["error"]["param"] == param
+
+
 def test_openai_penalties_are_the_native_apis(continuous):
     """presence_penalty, frequency_penalty (OpenAI's) and repetition_penalty (vLLM's) reach the
     engine as the native API's fields do: the same text, not the unpenalized one."""
