@@ -16,13 +16,11 @@ RESPONSES = "v1/responses"
 # the chat route's names for the Responses' own, to name a field in an error the way it was sent
 CHAT_NAMES = {"messages": "input", "max_tokens": "max_output_tokens", "response_format": "text"}
 PASSED = ("model", "temperature", "top_p", "stream", "user", "parallel_tool_calls", "prediction")
-# accepted only at a value that changes nothing here (store: nothing is kept either way)
+IGNORED = ("metadata", "store")          # about keeping the response: nothing is kept either way
+# accepted only at a value that changes nothing here, and why not another
 NEUTRAL = {"tools": [], "tool_choice": ("none", "auto"), "reasoning": None, "truncation": ("disabled",),
-           "include": [], "metadata": None, "store": (True, False), "previous_response_id": None,
-           "background": (False,)}
-
-
-WHY = {"previous_response_id": ": nothing is stored", "store": "", "reasoning": ": the model does not reason",
+           "include": [], "previous_response_id": None, "background": (False,)}
+WHY = {"previous_response_id": ": nothing is stored", "reasoning": ": the model does not reason",
        "tools": ": a forced call is /v1/chat/completions' tool_choice"}
 
 
@@ -31,9 +29,9 @@ def parse_responses(request_id: str, body, model: str, config: EngineConfig, tok
     Responses parameter."""
     body = decode_body(body)
     for name, value in body.items():
-        if name not in (*PASSED, *NEUTRAL, "input", "instructions", "max_output_tokens", "text"):
+        if name not in (*PASSED, *IGNORED, *NEUTRAL, "input", "instructions", "max_output_tokens", "text"):
             raise RequestError(name, f"unknown or unsupported parameter {name!r} for /{RESPONSES}")
-        allowed = NEUTRAL.get(name, value)
+        allowed = NEUTRAL.get(name, value)                   # PASSED and IGNORED ones: any value here
         if value is not None and value != allowed and not (isinstance(allowed, tuple) and value in allowed):
             raise RequestError(name, f"{name}={json.dumps(value)[:80]} is not supported on /{RESPONSES}"
                                      + WHY.get(name, ""))
@@ -97,8 +95,8 @@ class Responses:
                          "temperature": self.request.params.temperature, "top_p": self.request.params.top_p,
                          "parallel_tool_calls": body.get("parallel_tool_calls", True),
                          "tool_choice": body.get("tool_choice") or "auto", "tools": [],
-                         "text": body.get("text") or {"format": {"type": "text"}}, "metadata": body.get("metadata") or {},
-                         "store": False}
+                         "text": body.get("text") or {"format": {"type": "text"}},
+                         "metadata": body.get("metadata") if isinstance(body.get("metadata"), dict) else {}, "store": False}
         self.sequence = 0                                    # events sent
         self.text = ""                                       # text streamed so far
         self.is_closed = False                               # its closing events went out
