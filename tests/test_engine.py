@@ -347,7 +347,7 @@ def test_a_long_prompt_beside_a_decoding_one_is_prefilled_in_chunks_to_the_same_
     both answer their alone tokens."""
     small = Engine.from_config(EngineConfig(model_path=str(tiny_model_dir), quantization="fp32", max_model_len=128,
                                             max_num_seqs=4, prefix_cache_tokens=512, prefill_chunk_tokens=BLOCK))
-    long_prompt = " ".join([PROMPTS[3]] * 2)
+    long_prompt = " ".join([PROMPTS[3]] * 4)                   # ~80 tokens: over 8 chunks of BLOCK, so chunks of 2
     expected = [alone(small, PROMPTS[1], max_new=30), alone(small, long_prompt, max_new=8)]
     small.prefix = PrefixCache(small.cache, 512)   # nothing of the alone runs cached
     running, long = make(small, "running", PROMPTS[1], max_new=30), make(small, "long", long_prompt, max_new=8)
@@ -361,8 +361,10 @@ def test_a_long_prompt_beside_a_decoding_one_is_prefilled_in_chunks_to_the_same_
         small.check_invariants()
         chunked.append(long.num_chunked_tokens)
         assert len(running.output_ids) == before + 1
-    assert chunked[:-1] == [BLOCK * (i + 1) for i in range(len(chunked) - 1)] and len(chunked) >= 3
-    assert 0 < len(long.prompt_ids) - chunked[-1] <= BLOCK and long.num_cached_tokens == 0
+    size = small.scheduler.chunk_tokens(long)
+    assert size == 2 * BLOCK
+    assert chunked[:-1] == [size * (i + 1) for i in range(len(chunked) - 1)] and len(chunked) >= 3
+    assert 0 < len(long.prompt_ids) - chunked[-1] <= size and long.num_cached_tokens == 0
     assert long.status == "running" and not running.is_finished   # admitted beside it, its rest a chunk at most
     while small.has_unfinished():
         small.step()

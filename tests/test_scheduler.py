@@ -250,6 +250,24 @@ def test_request_level_ignores_tiers():
     assert s.schedule(now=0).preempted == []
 
 
+def test_a_prompt_longer_than_eight_chunks_goes_in_larger_ones():
+    """A chunk is prefill_chunk_tokens, or the multiple of it that takes a longer prompt in about
+    CHUNKS_PER_PROMPT steps; a prompt that fits in its chunk goes whole."""
+    s = Scheduler(8, 1000, 10_000, prefill_cost=lambda r: r.num_tokens - r.num_chunked_tokens,
+                  prefill_chunk_tokens=64, max_chunked_tokens=2000)
+    assert [s.chunk_tokens(req("x", n)) for n in (100, 512, 513, 1100, 1411)] == [64, 64, 128, 192, 192]
+    assert Scheduler(8, 1000, 10_000).chunk_tokens(req("x", 1100)) == 0
+    first, long = req("first", 5), req("long", 1100)
+    s.add(first)
+    s.schedule(now=0)
+    s.add(long)
+    steps = 0
+    while s.schedule(now=0).chunk is long:
+        long.num_chunked_tokens += s.chunk_tokens(long)
+        steps += 1
+    assert steps == 5 and long.status == "running" and long.num_tokens - long.num_chunked_tokens <= 192
+
+
 def test_a_long_prompt_beside_decoding_ones_is_prefilled_a_chunk_a_step_below_premium():
     """Chunked prefill: in a step that decodes, a standard prompt costing more than a chunk gets one
     chunk and keeps its place (those behind it wait), until the rest fits in a chunk; a premium

@@ -299,14 +299,14 @@ class Engine:
         return len(tokens)
 
     def _prefill_chunk(self, r: Request, t0: float) -> int:
-        """The next prefill_chunk_tokens of waiting r's prompt, computed in the free row after the
+        """The next chunk of waiting r's prompt (scheduler.chunk_tokens), computed in the free row after the
         running ones (after its cached prefix, copied there) and kept in the prefix cache, where its
         next chunk or its prefill finds them; r keeps its place in the queue. The tokens computed."""
         t1 = time.perf_counter()
         tokens = r.prompt_ids + r.output_ids
         keys = self.prefix.match(tokens)
         done = len(keys) * BLOCK
-        end = done + self.config.prefill_chunk_tokens     # short of the end: the scheduler chunks longer ones only
+        end = done + self.scheduler.chunk_tokens(r)      # short of the end: the scheduler chunks longer ones only
         row = len(self.rows)
         self.prefix.load(keys, row, 0)
         self.runner.prefill(slice(row, row + 1), [tokens[:end]], num_cached=[done])
