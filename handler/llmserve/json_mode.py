@@ -13,7 +13,7 @@ one (finish_reason "length"), as OpenAI's is."""
 
 from fractions import Fraction
 
-from .json_schema import ANY, ANY_ARRAY, ANY_OBJECT, ANY_OF, ARRAY, BOOLEAN, ENUM, NULL, NUMBER, OBJECT, STRING, UNION, \
+from .json_schema import ANY, ANY_ARRAY, ANY_OBJECT, ANY_OF, ARRAY, BOOLEAN, ENUM, NULL, NUMBER, OBJECT, STRING, \
     Schema, meets
 
 # modes of a state (mode, stack, aux, spaces): stack holds the open containers as frames, ("o",
@@ -75,8 +75,6 @@ class Grammar(Schema):
         node = self.nodes[frame[1]]
         if frame[0] == "a":
             return frame[2] >= node[2]
-        if frame[0] == "u":                                  # its tag comes first
-            return False
         if node[1] is None:                                  # keys so far, at least its least number
             return frame[2] >= node[3]
         return not any(p[2] for p in node[1][frame[2]:])
@@ -89,8 +87,6 @@ class Grammar(Schema):
             return _one(self._value(alt, stack, b) for alt in node[1])
         if kind == ENUM:
             return (IN_ENUM, stack, (node_id, bytes([b])), 0) if any(v[:1] == bytes([b]) for v in node[1]) else None
-        if b == ord("{") and kind == UNION:                  # its tag first
-            return (OBJECT_OPEN, stack + (("u", node_id, 0),), 0, 0)
         if b == ord("{") and kind in (ANY, OBJECT):
             frame = ("o", node_id if kind == OBJECT else ANY_OBJECT, 0)
             return (OBJECT_OPEN, stack + (frame,), 0, 0)
@@ -175,8 +171,6 @@ class Grammar(Schema):
                 return (IN_ENUM, stack, (node_id, longer), 0)
             if sofar not in self.nodes[node_id][1]:
                 return None
-            if stack and stack[-1][0] == "u":               # a union's tag: the rest is its object's
-                stack = stack[:-1] + (("o", self.nodes[stack[-1][1]][3][sofar], 1),)
             return self.step(self._closed(stack), b)
         if mode == KEY_MATCH:
             keys, sofar = aux
@@ -185,8 +179,6 @@ class Grammar(Schema):
                 if not match:
                     return None
                 top = stack[-1]
-                if top[0] == "u":
-                    return (COLON, stack, self.nodes[top[1]][2], 0)
                 value = self.nodes[top[1]][1][match[0]][1]
                 return (COLON, stack[:-1] + (("o", top[1], match[0] + 1),), value, 0)
             longer = sofar + bytes([b])
@@ -208,8 +200,6 @@ class Grammar(Schema):
         top = stack[-1]
         if mode in (OBJECT_OPEN, KEY_NEXT):
             if b == 0x22:
-                if top[0] == "u":
-                    return (KEY_MATCH, stack, (((0, self.nodes[top[1]][1]),), b""), 0) if mode == OBJECT_OPEN else None
                 if self.nodes[top[1]][1] is None:
                     return (IN_STRING, stack, (0, True, None, None), 0) if self._may_add(top) else None
                 keys = self._keys(top)

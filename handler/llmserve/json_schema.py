@@ -13,7 +13,7 @@ an exponent), boolean, null; "enum" and "const" of any JSON values; "anyOf" (or 
 any alternatives (those that begin alike followed side by side: pydantic's Union[Cat, Dog],
 int | float); "oneOf" where its alternatives begin differently (so that at most one matches) or are
 objects whose first property is one required name holding a constant of each one's own (pydantic's
-discriminated unions; anyOf's are kept so too: one followed); "allOf" of one schema; "$ref" to the
+discriminated unions); "allOf" of one schema; "$ref" to the
 schema's own "$defs" (pydantic's nested models, recursion included). Annotations ("title",
 "description", "format", "$schema", "strict", "additionalProperties" beside properties,
 "discriminator", "uniqueItems", ...) are read and not enforced; any other keyword
@@ -25,14 +25,13 @@ from fractions import Fraction
 
 from .patterns import FORMATS, Pattern, PatternError
 
-# schema nodes (Schema.nodes): (ANY,), (OBJECT, properties: ((name bytes, node, required), ...) or
-# None for any keys, the node of their values and their least and most number), (ARRAY, items node, min, max or None, the first items' nodes), (STRING, min, max or None, pattern index or
-# None), (NUMBER, integer?,
-# limits: (min, min exclusive?, max, max exclusive?) with None for no bound, or None for none at all),
-# (BOOLEAN,), (NULL,), (ENUM, (value bytes, ...)), (ANY_OF, (node, ...), oneOf?), (UNION, tag name bytes, tag
-# ENUM node, {tag value bytes: object node}): objects told apart by their first property's constant;
+# schema nodes (Schema.nodes): (ANY,), (OBJECT, properties: ((name bytes, node, required), ...) or None
+# for any keys, the node of their values, their least and most number), (ARRAY, items node, min, max or
+# None, the first items' nodes), (STRING, min, max or None, pattern index or None), (NUMBER, integer?,
+# limits: (min, min exclusive?, max, max exclusive?, multipleOf) with None for no bound, or None for
+# none at all), (BOOLEAN,), (NULL,), (ENUM, (value bytes, ...)), (ANY_OF, (node, ...), oneOf?);
 # node 0 is any value, node 1 any object, node 2 any array
-ANY, OBJECT, ARRAY, STRING, NUMBER, BOOLEAN, NULL, ENUM, ANY_OF, UNION = range(10)
+ANY, OBJECT, ARRAY, STRING, NUMBER, BOOLEAN, NULL, ENUM, ANY_OF = range(9)
 STARTS = {OBJECT: b"{", ARRAY: b"[", STRING: b'"', NUMBER: b"-0123456789", BOOLEAN: b"tf", NULL: b"n"}
 ANY_VALUE, ANY_OBJECT, ANY_ARRAY = 0, 1, 2
 TYPES = {"object": OBJECT, "array": ARRAY, "string": STRING, "number": NUMBER, "integer": NUMBER,
@@ -43,8 +42,8 @@ ANNOTATIONS = {"title", "description", "format", "$schema", "strict", "additiona
                "contentEncoding", "contentMediaType"}
 KEYWORDS = {"type", "properties", "required", "additionalProperties", "minProperties", "maxProperties", "items",
             "prefixItems", "minItems", "maxItems", "minLength", "maxLength", "pattern", "minimum", "maximum",
-            "exclusiveMinimum", "exclusiveMaximum", "multipleOf", "enum", "const", "anyOf", "oneOf", "allOf", "$ref", "$defs",
-            "definitions"} | ANNOTATIONS
+            "exclusiveMinimum", "exclusiveMaximum", "multipleOf", "enum", "const", "anyOf", "oneOf", "allOf", "$ref",
+            "$defs", "definitions"} | ANNOTATIONS
 MAX_NODES = 256
 
 
@@ -71,17 +70,15 @@ class Schema:
                 if self._loops(i, set()):
                     raise SchemaError("anyOf/oneOf: an alternative leads back to it with no value in between")
                 starts = [self._starts(alt, set()) for alt in node[1]]
-                if sum(map(len, starts)) != len(set().union(*starts)) and not self._union(i) and node[2]:
+                if node[2] and sum(map(len, starts)) != len(set().union(*starts)) and not self._tagged(i):
                     raise SchemaError("oneOf: its alternatives must begin differently (a string or null, say), "
                                       "so that the first byte of a value picks one, or be objects whose first "
                                       "property is a required const of its own (a tagged union); anyOf takes "
                                       "alternatives that begin alike")
         top = self.nodes[root]
-        if top[0] not in (OBJECT, UNION) and not (top[0] == ANY_OF and all(self.nodes[alt][0] in (OBJECT, UNION)
-                                                                             for alt in top[1])):
+        if top[0] != OBJECT and not (top[0] == ANY_OF and all(self.nodes[alt][0] == OBJECT for alt in top[1])):
             raise SchemaError('the schema\'s top level must be {"type": "object", ...} (or objects\' anyOf)')
         self.root = root
-
 
     def _compile(self, schema, where: str) -> int:
         if not isinstance(schema, dict):
@@ -128,11 +125,9 @@ class Schema:
                     or any(not isinstance(name, str) or name not in (props or {}) for name in required):
                 raise SchemaError(f"{where}: required must list names of its properties")
             extra = schema.get("additionalProperties", True)   # beside properties, none are taken
-            lo, hi = schema.get("minProperties", 0), schema.get("maxProperties")
-            if not isinstance(lo, int) or lo < 0 or hi is not None and (not isinstance(hi, int) or hi < lo) \
-                    or props is not None and (lo or hi is not None):
-                raise SchemaError(f"{where}: minProperties and maxProperties must be integers, 0 <= min <= max, "
-                                  "on an object without properties")
+            lo, hi = _counts(schema, "Properties", where)
+            if props is not None and (lo or hi is not None):
+                raise SchemaError(f"{where}: minProperties and maxProperties are taken on an object without properties")
             node = self._add(None)                           # its place, before its properties'
             if props is not None:
                 self.nodes[node] = (OBJECT, tuple((json.dumps(name, ensure_ascii=False)[1:-1].encode(),
@@ -146,9 +141,7 @@ class Schema:
                 raise SchemaError(f"{where}.additionalProperties must be true, false or a schema")
             return node
         if TYPES[kind] == ARRAY:
-            lo, hi = schema.get("minItems", 0), schema.get("maxItems")
-            if not isinstance(lo, int) or lo < 0 or hi is not None and (not isinstance(hi, int) or hi < lo):
-                raise SchemaError(f"{where}: minItems and maxItems must be integers, 0 <= minItems <= maxItems")
+            lo, hi = _counts(schema, "Items", where)
             first = schema.get("prefixItems", [])             # pydantic's tuple[X, Y]
             items = schema.get("items", {})
             if not isinstance(first, list) or not all(isinstance(f, dict) for f in first):
@@ -162,9 +155,7 @@ class Schema:
                                 tuple(self._compile(f, f"{where}.prefixItems[{i}]") for i, f in enumerate(first)))
             return node
         if TYPES[kind] == STRING:
-            lo, hi = schema.get("minLength", 0), schema.get("maxLength")
-            if not isinstance(lo, int) or lo < 0 or hi is not None and (not isinstance(hi, int) or hi < lo):
-                raise SchemaError(f"{where}: minLength and maxLength must be integers, 0 <= minLength <= maxLength")
+            lo, hi = _counts(schema, "Length", where)
             fmt = schema.get("format")
             source = schema.get("pattern", FORMATS.get(fmt) if isinstance(fmt, str) else None)
             if source is None:
@@ -188,20 +179,16 @@ class Schema:
             self.nodes[self.refs[ref]] = self.nodes[self._compile(self.defs[name], f"$defs.{name}")]
         return self.refs[ref]
 
-    def _union(self, node_id: int) -> bool:
-        """Make anyOf node_id a UNION if its alternatives are objects whose first property has one name,
-        is required and is a constant of each one's own (tool calls' "name", pydantic's tagged unions)."""
+    def _tagged(self, node_id: int) -> bool:
+        """Whether oneOf node_id's alternatives are objects whose first property has one name, is
+        required and is a constant of each one's own (pydantic's tagged unions): at most one matches."""
         alts = [self.nodes[alt] for alt in self.nodes[node_id][1]]
         if not all(a[0] == OBJECT and a[1] for a in alts):
             return False
         firsts = [a[1][0] for a in alts]
         tags = [self.nodes[node][1] for _, node, _ in firsts if self.nodes[node][0] == ENUM]
-        if len(tags) < len(alts) or len({name for name, _, _ in firsts}) > 1 or not all(req for _, _, req in firsts) \
-                or any(len(t) > 1 for t in tags) or len({t[0] for t in tags}) < len(tags):
-            return False
-        tag = self._add((ENUM, tuple(t[0] for t in tags)))
-        self.nodes[node_id] = (UNION, firsts[0][0], tag, {t[0]: alt for t, alt in zip(tags, self.nodes[node_id][1])})
-        return True
+        return not (len(tags) < len(alts) or len({name for name, _, _ in firsts}) > 1 or not all(r for _, _, r in firsts)
+                    or any(len(t) > 1 for t in tags) or len({t[0] for t in tags}) < len(tags))
 
     def _loops(self, node_id: int, seen: set) -> bool:
         """Whether anyOf node_id reaches itself through alternatives alone (a value would never begin)."""
@@ -216,8 +203,6 @@ class Schema:
             return {v[0] for v in node[1]}
         if node[0] == ANY:
             return set(b"".join(STARTS.values()))
-        if node[0] == UNION:
-            return {ord("{")}
         if node[0] == ANY_OF:
             seen = seen | {node_id}
             return set().union(*(self._starts(alt, seen) for alt in node[1] if alt not in seen))
@@ -226,6 +211,14 @@ class Schema:
     def _add(self, node) -> int:
         self.nodes.append(node)
         return len(self.nodes) - 1
+
+
+def _counts(schema: dict, what: str, where: str) -> tuple[int, int | None]:
+    """min<what> and max<what> (Items, Length, Properties): integers, 0 <= least <= most (None: no most)."""
+    lo, hi = schema.get(f"min{what}", 0), schema.get(f"max{what}")
+    if not isinstance(lo, int) or lo < 0 or hi is not None and (not isinstance(hi, int) or hi < lo):
+        raise SchemaError(f"{where}: min{what} and max{what} must be integers, 0 <= min{what} <= max{what}")
+    return lo, hi
 
 
 def _limits(schema: dict, integer: bool, where: str) -> tuple | None:

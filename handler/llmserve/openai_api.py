@@ -184,7 +184,7 @@ def _parameters(function: dict) -> dict:
 
 def _call_schema(tools: list[dict]) -> dict:
     """What the answer is held to: one function's arguments; for one of several, {"name": <a tool's>,
-    "arguments": <that tool's>} (a union the name decides: json_schema's UNION)."""
+    "arguments": <that tool's>} (an anyOf whose alternatives the name's constant tells apart)."""
     if len(tools) == 1:
         return tools[0]["parameters"]
     return {"anyOf": [{"type": "object", "properties": {"name": {"const": t["name"]}, "arguments": t["parameters"]},
@@ -221,15 +221,20 @@ def _messages(messages) -> list[dict]:
             m["content"] = ("Tool result: " + m["content"]) if isinstance(m["content"], str) else m["content"]
         if not isinstance(m, dict) or not {"role", "content"} <= set(m) or set(m) - {"role", "content", "name"}:
             raise RequestError("messages", f"messages[{i}] must have role and content (and optionally name) only")
-        content = m["content"]
-        if isinstance(content, list):
-            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                       for p in content):
-                raise RequestError("messages", f"messages[{i}].content: only text parts are supported")
-            content = "".join(p["text"] for p in content)
+        content = joined_text(m["content"], ("text",), "messages", f"messages[{i}].content")
         role = "system" if m["role"] == "developer" else m["role"]
         out.append({"role": role, "content": content})
     return out
+
+
+def joined_text(content, kinds: tuple[str, ...], field: str, where: str):
+    """A message's content given as parts of these kinds (text parts), as one text; any other
+    content as it is (checked where it is used)."""
+    if not isinstance(content, list):
+        return content
+    if not all(isinstance(p, dict) and p.get("type") in kinds and isinstance(p.get("text"), str) for p in content):
+        raise RequestError(field, f"{where}: only {' and '.join(kinds)} parts are supported")
+    return "".join(p["text"] for p in content)
 
 
 def _prediction(prediction) -> str:
@@ -237,9 +242,8 @@ def _prediction(prediction) -> str:
     expected to repeat; drafts come from it first (speculative.py). It changes no token, only how
     many a step may keep."""
     content = prediction.get("content") if isinstance(prediction, dict) and prediction.get("type") == "content" else None
-    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                                         for p in content):
-        content = "".join(p["text"] for p in content)
+    if isinstance(content, list):
+        content = joined_text(content, ("text",), "prediction", "prediction.content")
     if not isinstance(content, str) or set(prediction) != {"type", "content"}:
         raise RequestError("prediction", 'prediction must be {"type": "content", "content": text or a list of '
                                          f'text parts}}, got {json.dumps(prediction)[:100]}')

@@ -9,7 +9,7 @@ import json
 import time
 
 from .config import EngineConfig
-from .openai_api import CHAT, parse_openai
+from .openai_api import CHAT, joined_text, parse_openai
 from .request import Request, RequestError, decode_body
 
 RESPONSES = "v1/responses"
@@ -63,12 +63,7 @@ def _messages(items, instructions) -> list[dict]:
         if not isinstance(item, dict) or item.get("type", "message") != "message" or "role" not in item:
             raise RequestError("input", f"input[{i}] must be a message item ({{role, content}}); other item "
                                         "types (function calls, images, reasoning) are not supported")
-        content = item.get("content")
-        if isinstance(content, list):
-            if not all(isinstance(p, dict) and p.get("type") in ("input_text", "output_text")
-                       and isinstance(p.get("text"), str) for p in content):
-                raise RequestError("input", f"input[{i}].content: only input_text and output_text parts are supported")
-            content = "".join(p["text"] for p in content)
+        content = joined_text(item.get("content"), ("input_text", "output_text"), "input", f"input[{i}].content")
         out.append({"role": item["role"], "content": content})
     return out
 

@@ -24,8 +24,8 @@ from .request import Request
 MAX_ALONE_STEPS = 2
 # A chunked prompt goes in about this many chunks at most, each a multiple of prefill_chunk_tokens:
 # a 1,400-token one in 64-token chunks took 22 steps, each decoding the running rows beside 64 rows
-# and copying its cached chunks back in; in 192-token ones, at 4 users on the engine alone, its
-# answers' first tokens came ~45 % sooner (the message of the commit that made it so)
+# and copying its cached chunks back in; in 192-token ones, at 4 users on the engine alone, TTFT p50
+# went 4.17 / 2.88 / 4.69 -> 2.24 / 1.82 / 2.33 s (three turns each, cab9bc8's message)
 CHUNKS_PER_PROMPT = 8
 
 
